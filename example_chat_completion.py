@@ -1,0 +1,89 @@
+"""Answer a few chat dialogs with a Llama 2 chat model (the built-in demo model when no checkpoint is given).
+
+    python example_chat_completion.py
+    torchrun --nproc_per_node 1 example_chat_completion.py llama-2-7b-chat/ tokenizer.model
+"""
+
+from typing import List, Optional
+
+import fire
+
+from llama import Dialog, Llama
+from llama.cli import parse_dtype, resolve_model, setup_logging
+from llama.distributed import is_main_process
+
+
+def main(
+    ckpt_dir: Optional[str] = None,
+    tokenizer_path: Optional[str] = None,
+    temperature: float = 0.6,
+    top_p: float = 0.9,
+    max_seq_len: int = 512,
+    max_batch_size: int = 8,
+    max_gen_len: Optional[int] = None,
+    device: Optional[str] = None,
+    dtype: Optional[str] = None,
+) -> None:
+    """Answer the example dialogs below and print each dialog with the model's reply.
+
+    Dialogs are sent in batches of at most max_batch_size, so any batch size works.
+
+    Args:
+        ckpt_dir: folder with params.json and consolidated.NN.pth; omit both paths for the demo model.
+        tokenizer_path: the tokenizer.model of the checkpoint.
+        temperature: sampling temperature; 0 is greedy.
+        top_p: nucleus sampling threshold.
+        max_seq_len: longest dialog plus answer.
+        max_batch_size: most dialogs per batch.
+        max_gen_len: most tokens per answer; defaults to max_seq_len - 1.
+        device: "cpu", "cuda" or "cuda:N"; defaults to cuda:LOCAL_RANK when CUDA is available.
+        dtype: "float32", "float16" or "bfloat16"; defaults to float16 on CUDA and bfloat16 on CPU.
+    """
+    setup_logging()
+    ckpt_dir, tokenizer_path, name = resolve_model(ckpt_dir, tokenizer_path)
+    if is_main_process():
+        print(f"Using {name}")
+    generator = Llama.build(
+        ckpt_dir=ckpt_dir,
+        tokenizer_path=tokenizer_path,
+        max_seq_len=max_seq_len,
+        max_batch_size=max_batch_size,
+        device=device,
+        dtype=parse_dtype(dtype),
+    )
+
+    dialogs: List[Dialog] = [
+        [{"role": "user", "content": "What should I pack for a weekend of hiking?"}],
+        [
+            {"role": "user", "content": "Can you suggest a name for a grey cat?"},
+            {"role": "assistant", "content": "How about Pebble? It is short, friendly and fits a grey coat."},
+            {"role": "user", "content": "Nice. Give me two more in the same style."},
+        ],
+        [
+            {"role": "system", "content": "Answer in one short sentence."},
+            {"role": "user", "content": "Why is the sky blue?"},
+        ],
+        [
+            {"role": "system", "content": "You are a patient teacher who explains with everyday examples."},
+            {"role": "user", "content": "What is compound interest?"},
+        ],
+        [
+            {"role": "system", "content": "Reply only with rhyming couplets."},
+            {"role": "user", "content": "Describe a rainy morning."},
+        ],
+        [{"role": "user", "content": "Write a haiku about the sea."}],
+    ]
+    for start in range(0, len(dialogs), max_batch_size):
+        batch = dialogs[start : start + max_batch_size]
+        results = generator.chat_completion(batch, max_gen_len=max_gen_len, temperature=temperature, top_p=top_p)
+        if is_main_process():
+            for dialog, result in zip(batch, results):
+                for msg in dialog:
+                    print(f"{msg['role'].capitalize()}: {msg['content']}\n")
+                reply = result["generation"]
+                print(f"> {reply['role'].capitalize()}: {reply['content']}")
+                print("\n==================================\n")
+
+
+if __name__ == "__main__":
+    fire.Fire(main)

@@ -1,0 +1,309 @@
+"""The Llama 2 transformer, written to match Meta's reference implementation.
+
+Parameter names follow Meta's checkpoints (``tok_embeddings``, ``layers.N.attention.wq`` ...), so a
+``consolidated.NN.pth`` loads with strict key checking. The numerics are the reference's: RMSNorm, RoPE and
+the attention softmax run in fp32, and logits are returned as fp32.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, fields
+from typing import Any, Mapping, Optional
+
+import fairscale.nn.model_parallel.initialize as fs_init
+import torch
+import torch.nn.functional as F
+from fairscale.nn.model_parallel.layers import (
+    ColumnParallelLinear,
+    ParallelEmbedding,
+    RowParallelLinear,
+)
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class ModelArgs:
+    dim: int = 4096
+    n_layers: int = 32
+    n_heads: int = 32
+    n_kv_heads: Optional[int] = None
+    vocab_size: int = -1  # filled in from the tokenizer by Llama.build
+    multiple_of: int = 256  # SwiGLU hidden size is rounded up to a multiple of this
+    ffn_dim_multiplier: Optional[float] = None
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+
+    max_batch_size: int = 32
+    max_seq_len: int = 2048
+
+    def __post_init__(self) -> None:
+        for name in ("dim", "n_layers", "n_heads", "multiple_of", "max_batch_size", "max_seq_len"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"ModelArgs.{name} must be a positive integer, got {value!r}")
+        if self.n_kv_heads is not None and (not isinstance(self.n_kv_heads, int) or self.n_kv_heads < 1):
+            raise ValueError(f"ModelArgs.n_kv_heads must be a positive integer or None, got {self.n_kv_heads!r}")
+        if self.dim % self.n_heads != 0:
+            raise ValueError(f"dim ({self.dim}) must be divisible by n_heads ({self.n_heads})")
+        if (self.dim // self.n_heads) % 2 != 0:
+            raise ValueError(
+                f"head dim dim/n_heads = {self.dim // self.n_heads} must be even for rotary embeddings"
+            )
+        if self.n_heads % self.kv_heads != 0:
+            raise ValueError(f"n_kv_heads ({self.n_kv_heads}) must divide n_heads ({self.n_heads})")
+        if self.ffn_dim_multiplier is not None and self.ffn_dim_multiplier <= 0:
+            raise ValueError(f"ffn_dim_multiplier must be positive, got {self.ffn_dim_multiplier}")
+        if self.norm_eps <= 0:
+            raise ValueError(f"norm_eps must be positive, got {self.norm_eps}")
+        if self.rope_theta <= 0:
+            raise ValueError(f"rope_theta must be positive, got {self.rope_theta}")
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_heads if self.n_kv_heads is None else self.n_kv_heads
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+    @classmethod
+    def from_params(cls, params: Mapping[str, Any], **overrides: Any) -> ModelArgs:
+        """Build from a ``params.json`` dict; keys this class does not know are logged and ignored."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(params) - known)
+        if unknown:
+            logger.warning("ignoring unknown params.json keys: %s", ", ".join(unknown))
+        kwargs = {k: v for k, v in params.items() if k in known}
+        kwargs.update(overrides)
+        return cls(**kwargs)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def _norm(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in fp32 (the reference's precision island), then scale in the input dtype.
+        return self._norm(x.float()).type_as(x) * self.weight
+
+
+def precompute_freqs_cis(dim: int, end: int, theta: float = 10000.0) -> torch.Tensor:
+    """Rotations e^{i * t * theta^(-2k/dim)} for positions t < end, as complex64 of shape (end, dim // 2)."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2)[: dim // 2].float() / dim))
+    t = torch.arange(end, dtype=torch.float32)
+    angles = torch.outer(t, inv_freq)  # (end, dim // 2)
+    return torch.polar(torch.ones_like(angles), angles)
+
+
+def reshape_for_broadcast(freqs_cis: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    # freqs_cis: (seqlen, head_dim // 2); x: (bsz, seqlen, n_heads, head_dim // 2) -> (1, seqlen, 1, head_dim // 2)
+    if freqs_cis.shape != (x.shape[1], x.shape[-1]):
+        raise ValueError(f"freqs_cis shape {tuple(freqs_cis.shape)} does not fit input shape {tuple(x.shape)}")
+    shape = [d if i in (1, x.ndim - 1) else 1 for i, d in enumerate(x.shape)]
+    return freqs_cis.view(*shape)
+
+
+def apply_rotary_emb(
+    xq: torch.Tensor, xk: torch.Tensor, freqs_cis: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotate adjacent pairs (x[2k], x[2k+1]) of q and k, viewed as complex numbers, in fp32."""
+    xq_ = torch.view_as_complex(xq.float().reshape(*xq.shape[:-1], -1, 2))
+    xk_ = torch.view_as_complex(xk.float().reshape(*xk.shape[:-1], -1, 2))
+    freqs_cis = reshape_for_broadcast(freqs_cis, xq_)
+    xq_out = torch.view_as_real(xq_ * freqs_cis).flatten(3)
+    xk_out = torch.view_as_real(xk_ * freqs_cis).flatten(3)
+    return xq_out.type_as(xq), xk_out.type_as(xk)
+
+
+def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
+    """(bsz, seqlen, n_kv_heads, head_dim) -> (bsz, seqlen, n_kv_heads * n_rep, head_dim), each head n_rep times."""
+    bsz, seqlen, n_kv_heads, head_dim = x.shape
+    if n_rep == 1:
+        return x
+    return (
+        x[:, :, :, None, :]
+        .expand(bsz, seqlen, n_kv_heads, n_rep, head_dim)
+        .reshape(bsz, seqlen, n_kv_heads * n_rep, head_dim)
+    )
+
+
+def _keep(x: torch.Tensor) -> torch.Tensor:
+    # The checkpoint provides every weight, so the parallel layers need no random initialisation.
+    return x
+
+
+def causal_mask(seqlen: int, start_pos: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """Additive mask of shape (seqlen, start_pos + seqlen) for queries at positions start_pos..start_pos+seqlen-1.
+
+    Every query sees all cached positions (zeros over the first start_pos columns) and the causal triangle of the
+    new ones. The older reference mask, ``triu(full((seqlen, seqlen)), diagonal=start_pos + 1)``, had the wrong
+    width whenever seqlen > 1 and start_pos > 0 (chunked prefill); this one does not.
+    """
+    mask = torch.full((seqlen, seqlen), float("-inf"), device=device)
+    mask = torch.triu(mask, diagonal=1)
+    mask = torch.hstack([torch.zeros((seqlen, start_pos), device=device), mask])
+    return mask.to(dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        mp_size = fs_init.get_model_parallel_world_size()
+        self.n_kv_heads = args.kv_heads
+        self.n_local_heads = args.n_heads // mp_size
+        self.n_local_kv_heads = self.n_kv_heads // mp_size
+        self.n_rep = self.n_local_heads // self.n_local_kv_heads
+        self.head_dim = args.head_dim
+
+        q_dim, kv_dim = args.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
+        self.wq = ColumnParallelLinear(args.dim, q_dim, bias=False, gather_output=False, init_method=_keep)
+        self.wk = ColumnParallelLinear(args.dim, kv_dim, bias=False, gather_output=False, init_method=_keep)
+        self.wv = ColumnParallelLinear(args.dim, kv_dim, bias=False, gather_output=False, init_method=_keep)
+        self.wo = RowParallelLinear(q_dim, args.dim, bias=False, input_is_parallel=True, init_method=_keep)
+
+        # The KV cache follows the module through .to(device, dtype) and never enters state_dict().
+        cache_shape = (args.max_batch_size, args.max_seq_len, self.n_local_kv_heads, self.head_dim)
+        self.register_buffer("cache_k", torch.zeros(cache_shape), persistent=False)
+        self.register_buffer("cache_v", torch.zeros(cache_shape), persistent=False)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        start_pos: int,
+        freqs_cis: torch.Tensor,
+        mask: Optional[torch.Tensor],
+    ) -> torch.Tensor:
+        bsz, seqlen, _ = x.shape
+        xq, xk, xv = self.wq(x), self.wk(x), self.wv(x)
+        xq = xq.view(bsz, seqlen, self.n_local_heads, self.head_dim)
+        xk = xk.view(bsz, seqlen, self.n_local_kv_heads, self.head_dim)
+        xv = xv.view(bsz, seqlen, self.n_local_kv_heads, self.head_dim)
+        xq, xk = apply_rotary_emb(xq, xk, freqs_cis)
+
+        self.cache_k[:bsz, start_pos : start_pos + seqlen] = xk
+        self.cache_v[:bsz, start_pos : start_pos + seqlen] = xv
+        keys = self.cache_k[:bsz, : start_pos + seqlen]  # (bsz, cache_len + seqlen, n_local_kv_heads, head_dim)
+        values = self.cache_v[:bsz, : start_pos + seqlen]
+        keys = repeat_kv(keys, self.n_rep)  # (bsz, cache_len + seqlen, n_local_heads, head_dim)
+        values = repeat_kv(values, self.n_rep)
+
+        xq = xq.transpose(1, 2)  # (bsz, n_local_heads, seqlen, head_dim)
+        keys = keys.transpose(1, 2)
+        values = values.transpose(1, 2)
+        scores = torch.matmul(xq, keys.transpose(2, 3)) / math.sqrt(self.head_dim)
+        if mask is not None:
+            scores = scores + mask  # (bsz, n_local_heads, seqlen, cache_len + seqlen)
+        scores = F.softmax(scores.float(), dim=-1).type_as(xq)
+        output = torch.matmul(scores, values)  # (bsz, n_local_heads, seqlen, head_dim)
+        output = output.transpose(1, 2).contiguous().view(bsz, seqlen, -1)
+        return self.wo(output)
+
+
+def ffn_hidden_dim(dim: int, multiple_of: int, ffn_dim_multiplier: Optional[float]) -> int:
+    """The reference's SwiGLU hidden size: 2/3 of 4*dim, optionally scaled, rounded up to multiple_of."""
+    hidden_dim = int(2 * (4 * dim) / 3)
+    if ffn_dim_multiplier is not None:
+        hidden_dim = int(ffn_dim_multiplier * hidden_dim)
+    return multiple_of * ((hidden_dim + multiple_of - 1) // multiple_of)
+
+
+class FeedForward(nn.Module):
+    def __init__(self, dim: int, hidden_dim: int):
+        super().__init__()
+        self.w1 = ColumnParallelLinear(dim, hidden_dim, bias=False, gather_output=False, init_method=_keep)
+        self.w2 = RowParallelLinear(hidden_dim, dim, bias=False, input_is_parallel=True, init_method=_keep)
+        self.w3 = ColumnParallelLinear(dim, hidden_dim, bias=False, gather_output=False, init_method=_keep)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, layer_id: int, args: ModelArgs):
+        super().__init__()
+        self.layer_id = layer_id
+        self.attention = Attention(args)
+        self.feed_forward = FeedForward(args.dim, ffn_hidden_dim(args.dim, args.multiple_of, args.ffn_dim_multiplier))
+        self.attention_norm = RMSNorm(args.dim, eps=args.norm_eps)
+        self.ffn_norm = RMSNorm(args.dim, eps=args.norm_eps)
+
+    def forward(
+        self, x: torch.Tensor, start_pos: int, freqs_cis: torch.Tensor, mask: Optional[torch.Tensor]
+    ) -> torch.Tensor:
+        h = x + self.attention(self.attention_norm(x), start_pos, freqs_cis, mask)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+class Transformer(nn.Module):
+    def __init__(self, params: ModelArgs):
+        super().__init__()
+        if params.vocab_size < 1:
+            raise ValueError(
+                f"vocab_size must be set to the tokenizer's size before building the model, got {params.vocab_size}"
+            )
+        check_model_parallel_fit(params, fs_init.get_model_parallel_world_size())
+        self.params = params
+        self.vocab_size = params.vocab_size
+        self.n_layers = params.n_layers
+
+        self.tok_embeddings = ParallelEmbedding(params.vocab_size, params.dim, init_method=_keep)
+        self.layers = nn.ModuleList(TransformerBlock(i, params) for i in range(params.n_layers))
+        self.norm = RMSNorm(params.dim, eps=params.norm_eps)
+        self.output = ColumnParallelLinear(params.dim, params.vocab_size, bias=False, init_method=_keep)
+
+        # Positions up to 2 * max_seq_len, as the reference. Kept out of the buffers on purpose: Module.to(dtype)
+        # would cast this complex tensor to a real dtype and drop its imaginary part.
+        self.freqs_cis = precompute_freqs_cis(params.head_dim, params.max_seq_len * 2, params.rope_theta)
+
+    @torch.inference_mode()
+    def forward(self, tokens: torch.Tensor, start_pos: int) -> torch.Tensor:
+        """Logits (bsz, seqlen, vocab_size) in fp32 for tokens (bsz, seqlen) placed at positions start_pos...
+
+        Keys and values of these positions are written to the KV cache, so later calls can continue from
+        start_pos + seqlen.
+        """
+        bsz, seqlen = tokens.shape
+        h = self.tok_embeddings(tokens)
+        if self.freqs_cis.device != h.device:
+            self.freqs_cis = self.freqs_cis.to(h.device)
+        freqs_cis = self.freqs_cis[start_pos : start_pos + seqlen]
+
+        mask = None
+        if seqlen > 1:
+            mask = causal_mask(seqlen, start_pos, tokens.device, h.dtype)
+        for layer in self.layers:
+            h = layer(h, start_pos, freqs_cis, mask)
+        h = self.norm(h)
+        return self.output(h).float()
+
+
+def check_model_parallel_fit(params: ModelArgs, mp_size: int) -> None:
+    """Raise a ValueError naming the usable sizes when the model cannot be split over mp_size ranks.
+
+    Heads, KV heads, dim (embedding columns), the SwiGLU hidden size and the vocabulary (output rows) are
+    all split across model-parallel ranks, so each must divide evenly.
+    """
+    sizes = {
+        "n_heads": params.n_heads,
+        "n_kv_heads": params.kv_heads,
+        "dim": params.dim,
+        "ffn hidden size": ffn_hidden_dim(params.dim, params.multiple_of, params.ffn_dim_multiplier),
+        "vocab_size": params.vocab_size,
+    }
+    bad = [f"{name}={size}" for name, size in sizes.items() if size % mp_size != 0]
+    if not bad:
+        return
+    usable = [n for n in range(1, params.kv_heads + 1) if all(size % n == 0 for size in sizes.values())]
+    raise ValueError(
+        f"the model cannot be split over {mp_size} model-parallel processes ({', '.join(bad)} not divisible); "
+        f"use a model-parallel size in {usable}"
+    )

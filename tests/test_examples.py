@@ -1,0 +1,58 @@
+"""The example scripts end to end, as subprocesses: plain python, and torchrun with 1 and 2 processes."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+from conftest import REPO
+
+pytestmark = pytest.mark.slow
+SEPARATOR = "=================================="
+
+
+def run(cmd: list[str]) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, (proc.stdout[-2000:], proc.stderr[-4000:])
+    return proc
+
+
+def launcher(nproc: int) -> list[str]:
+    if nproc == 0:
+        return [sys.executable]
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+
+
+@pytest.mark.parametrize("nproc", [0, 1, 2], ids=["python", "torchrun-1", "torchrun-2"])
+def test_text_example(make_checkpoint, tokenizer_path, nproc):
+    ckpt = make_checkpoint("gqa", n_shards=max(nproc, 1))
+    out = run(
+        launcher(nproc)
+        + ["example_text_completion.py", str(ckpt), str(tokenizer_path), "--max_gen_len=8", "--dtype=float32"]
+    ).stdout
+    assert out.count(SEPARATOR) == 4  # printed once, by rank 0 only
+    assert "The best advice I ever received was\n> " in out
+    assert f"Using {ckpt}" in out
+
+
+@pytest.mark.parametrize("nproc", [0, 2], ids=["python", "torchrun-2"])
+def test_chat_example(make_checkpoint, tokenizer_path, nproc):
+    ckpt = make_checkpoint("gqa", n_shards=max(nproc, 1))
+    out = run(
+        launcher(nproc)
+        + ["example_chat_completion.py", str(ckpt), str(tokenizer_path), "--max_gen_len=8",
+           "--max_batch_size=4"]
+    ).stdout  # fmt: skip
+    assert out.count(SEPARATOR) == 6  # six dialogs, in two batches of at most 4
+    assert "> Assistant: " in out
+    assert "User: Why is the sky blue?" in out
+
+
+def test_example_rejects_half_a_model():
+    proc = subprocess.run(
+        [sys.executable, "example_text_completion.py", "--ckpt_dir=/nonexistent"],
+        cwd=REPO, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode != 0
+    assert "give both ckpt_dir and tokenizer_path" in proc.stderr
