@@ -149,6 +149,33 @@ def check_state_dict(
         raise ValueError(f"checkpoint {source} does not fit the model: " + " | ".join(problems))
 
 
+def load_weights(
+    model: torch.nn.Module,
+    shard_paths: Sequence[Path],
+    rank: int,
+    world_size: int,
+    device: torch.device,
+    dtype: torch.dtype,
+) -> None:
+    """Assign rank `rank`'s slice of the checkpoint's weights to `model`, checking every key and shape.
+
+    Shards are memory-mapped, so only the slices this rank needs are read from disk; tensors are cast and
+    moved only where their dtype or device differs.
+    """
+    shards = [load_shard(p) for p in shard_paths]
+    source = str(shard_paths[0].parent)
+    for path, shard in zip(shard_paths, shards):
+        if set(shard) != set(shards[0]):
+            diff = sorted(set(shard) ^ set(shards[0]))
+            raise ValueError(f"shard {str(path)!r} does not hold the same keys as the others: {', '.join(diff)}")
+    keys = [k for k in shards[0] if k not in IGNORED_KEYS]
+    state = {k: slice_for_rank(shards, k, rank, world_size) for k in keys}
+    expected = {k: v.shape for k, v in model.state_dict().items()}
+    check_state_dict(state, expected, repr(source))
+    state = {k: v.to(device=device, dtype=dtype).contiguous() for k, v in state.items()}
+    model.load_state_dict(state, strict=True, assign=True)
+
+
 def split_state_dict(state: Mapping[str, torch.Tensor], world_size: int) -> list[dict[str, torch.Tensor]]:
     """Cut a full (one-shard) state dict into world_size model-parallel shards."""
     return [

@@ -6,7 +6,6 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Iterator, List, Literal, Optional, Sequence, TypedDict
 
 import torch
@@ -159,7 +158,7 @@ class Llama:
         check_model_parallel_fit(model_args, mp_size)
         with torch.device(device), default_dtype_scope(dtype):
             model = Transformer(model_args)
-        load_weights(model, shard_paths, model_parallel_rank(), mp_size, device, dtype)
+        checkpoint.load_weights(model, shard_paths, model_parallel_rank(), mp_size, device, dtype)
         if is_main_process():
             logger.info(
                 "loaded %s (%d shard(s) on %d rank(s), %s, %s) in %.2f s",
@@ -363,33 +362,6 @@ class Llama:
                 result["logprobs"] = generation_logprobs[i]
             results.append(result)
         return results
-
-
-def load_weights(
-    model: Transformer,
-    shard_paths: Sequence[Path],
-    rank: int,
-    world_size: int,
-    device: torch.device,
-    dtype: torch.dtype,
-) -> None:
-    """Assign rank `rank`'s slice of the checkpoint's weights to `model`, checking every key and shape.
-
-    Shards are memory-mapped, so only the slices this rank needs are read from disk; tensors are cast and
-    moved only where their dtype or device differs.
-    """
-    shards = [checkpoint.load_shard(p) for p in shard_paths]
-    source = str(shard_paths[0].parent)
-    for path, shard in zip(shard_paths, shards):
-        if set(shard) != set(shards[0]):
-            diff = sorted(set(shard) ^ set(shards[0]))
-            raise ValueError(f"shard {str(path)!r} does not hold the same keys as the others: {', '.join(diff)}")
-    keys = [k for k in shards[0] if k not in checkpoint.IGNORED_KEYS]
-    state = {k: checkpoint.slice_for_rank(shards, k, rank, world_size) for k in keys}
-    expected = {k: v.shape for k, v in model.state_dict().items()}
-    checkpoint.check_state_dict(state, expected, repr(source))
-    state = {k: v.to(device=device, dtype=dtype).contiguous() for k, v in state.items()}
-    model.load_state_dict(state, strict=True, assign=True)
 
 
 def has_special_tags(dialog: Dialog) -> bool:
