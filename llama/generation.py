@@ -21,6 +21,7 @@ from llama.distributed import (
     setup_model_parallel,
 )
 from llama.model import ModelArgs, Transformer, check_model_parallel_fit
+from llama.stream import TextStream, check_stop
 from llama.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
@@ -294,6 +295,103 @@ class Llama:
             pass
         return self._results(state, max_gen_len, echo)
 
+    def _decode_with_streams(
+        self,
+        state: DecodeState,
+        streams: Sequence[TextStream],
+        max_gen_len: int,
+        temperature: float,
+        top_p: float,
+    ) -> Iterator[None]:
+        """The decoding loop, with each row's generated tokens fed to its TextStream after every step.
+
+        A row whose text reaches a stop string is marked finished, so the loop ends once every row is done.
+        """
+        eos_id = self.tokenizer.eos_id
+        ended = [False] * len(streams)
+        for cur_pos in self._decode(state, temperature, top_p):
+            column = state.tokens[:, cur_pos].tolist()
+            for row, stream in enumerate(streams):
+                plen = state.prompt_lens[row]
+                if ended[row] or cur_pos < plen:
+                    continue
+                if column[row] == eos_id or cur_pos >= plen + max_gen_len:
+                    ended[row] = True
+                    continue
+                stream.add(column[row])
+                if stream.stopped:
+                    ended[row] = True
+                    state.finished[row] = True
+            yield
+
+    def _complete(
+        self,
+        prompt_tokens: List[List[int]],
+        max_gen_len: Optional[int],
+        temperature: float,
+        top_p: float,
+        logprobs: bool,
+        echo: bool,
+        stop: Optional[List[str]],
+    ) -> tuple[List[List[int]], Optional[List[List[float]]], List[str]]:
+        """Token ids, logprobs and text of each completion; without stop strings, exactly ``generate``."""
+        stop = check_stop(stop)
+        max_gen_len = self._default_gen_len(max_gen_len)
+        if not stop:
+            tokens, logprobs_ = self.generate(prompt_tokens, max_gen_len, temperature, top_p, logprobs, echo)
+            return tokens, logprobs_, [self.tokenizer.decode(t) for t in tokens]
+
+        _check_sampling(temperature, top_p, max_gen_len)
+        self._check_prompts(prompt_tokens)
+        state = self._start(prompt_tokens, max_gen_len, logprobs)
+        streams = [TextStream(self.tokenizer, stop) for _ in prompt_tokens]
+        for _ in self._decode_with_streams(state, streams, max_gen_len, temperature, top_p):
+            pass
+        tokens, logprobs_ = self._results(state, max_gen_len, echo)
+        texts = []
+        for row, stream in enumerate(streams):
+            # Keep the tokens that cover the text up to the stop string (the last may hold part of it).
+            keep = stream.n_tokens_for_text() + (state.prompt_lens[row] if echo else 0)
+            tokens[row] = tokens[row][:keep]
+            if logprobs_ is not None:
+                logprobs_[row] = logprobs_[row][:keep]
+            if echo:
+                text = self.tokenizer.decode(tokens[row])
+                after = len(self.tokenizer.decode(prompt_tokens[row]))
+                cuts = [i for i in (text.find(s, after) for s in stop) if i >= 0]
+                texts.append(text[: min(cuts)] if cuts else text)
+            else:
+                texts.append(stream.final_text())
+        return tokens, logprobs_, texts
+
+    def _stream(
+        self,
+        prompt_tokens: List[int],
+        temperature: float,
+        top_p: float,
+        max_gen_len: Optional[int],
+        stop: Optional[List[str]],
+    ) -> Iterator[str]:
+        """Check the arguments now, then return an iterator of text deltas for one prompt."""
+        stop = check_stop(stop)
+        max_gen_len = self._default_gen_len(max_gen_len)
+        _check_sampling(temperature, top_p, max_gen_len)
+        self._check_prompts([prompt_tokens])
+        return self._stream_deltas(prompt_tokens, temperature, top_p, max_gen_len, stop)
+
+    def _stream_deltas(
+        self, prompt_tokens: List[int], temperature: float, top_p: float, max_gen_len: int, stop: List[str]
+    ) -> Iterator[str]:
+        state = self._start([prompt_tokens], max_gen_len, logprobs=False)
+        stream = TextStream(self.tokenizer, stop)
+        for _ in self._decode_with_streams(state, [stream], max_gen_len, temperature, top_p):
+            piece = stream.delta()
+            if piece:
+                yield piece
+        piece = stream.delta(final=True)
+        if piece:
+            yield piece
+
     # ------------------------------------------------------------------ text and chat
 
     def _default_gen_len(self, max_gen_len: Optional[int]) -> int:
@@ -307,30 +405,40 @@ class Llama:
         max_gen_len: Optional[int] = None,
         logprobs: bool = False,
         echo: bool = False,
+        stop: Optional[List[str]] = None,
     ) -> List[CompletionPrediction]:
-        """Complete each prompt string; see ``generate`` for the arguments."""
-        if not isinstance(prompts, (list, tuple)) or not all(isinstance(p, str) for p in prompts):
-            raise TypeError("prompts must be a list of str (wrap a single prompt in a list)")
-        _check_sampling(temperature, top_p, max_gen_len)
+        """Complete each prompt string; see ``generate`` for the arguments.
+
+        stop: strings that end a row's generation as soon as its text contains one; the returned text ends
+        right before the first of them. Other rows go on.
+        """
+        _check_prompt_strings(prompts)
         prompt_tokens = [self.tokenizer.encode(x, bos=True, eos=False) for x in prompts]
-        generation_tokens, generation_logprobs = self.generate(
-            prompt_tokens=prompt_tokens,
-            max_gen_len=self._default_gen_len(max_gen_len),
-            temperature=temperature,
-            top_p=top_p,
-            logprobs=logprobs,
-            echo=echo,
-        )
+        tokens, logprobs_, texts = self._complete(prompt_tokens, max_gen_len, temperature, top_p, logprobs, echo, stop)
         if logprobs:
             return [
-                {
-                    "generation": self.tokenizer.decode(t),
-                    "tokens": [self.tokenizer.decode([x]) for x in t],
-                    "logprobs": lp,
-                }
-                for t, lp in zip(generation_tokens, generation_logprobs)
+                {"generation": text, "tokens": [self.tokenizer.decode([x]) for x in t], "logprobs": lp}
+                for text, t, lp in zip(texts, tokens, logprobs_)
             ]
-        return [{"generation": self.tokenizer.decode(t)} for t in generation_tokens]
+        return [{"generation": text} for text in texts]
+
+    def text_completion_stream(
+        self,
+        prompt: str,
+        temperature: float = 0.6,
+        top_p: float = 0.9,
+        max_gen_len: Optional[int] = None,
+        stop: Optional[List[str]] = None,
+    ) -> Iterator[str]:
+        """Yield the completion of one prompt as text deltas, as its tokens are generated.
+
+        The deltas join to exactly the ``generation`` that ``text_completion([prompt], ...)`` returns with the
+        same arguments and seed. A delta never holds half of a multi-byte character, nor text that could still
+        turn out to begin a stop string.
+        """
+        if not isinstance(prompt, str):
+            raise TypeError(f"prompt must be a str, got {type(prompt).__name__}")
+        return self._stream(self.tokenizer.encode(prompt, bos=True, eos=False), temperature, top_p, max_gen_len, stop)
 
     def chat_completion(
         self,
@@ -339,29 +447,46 @@ class Llama:
         top_p: float = 0.9,
         max_gen_len: Optional[int] = None,
         logprobs: bool = False,
+        stop: Optional[List[str]] = None,
     ) -> List[ChatPrediction]:
-        """Answer the last user message of each dialog as the assistant, in the Llama 2 chat format."""
+        """Answer the last user message of each dialog as the assistant, in the Llama 2 chat format.
+
+        stop: as for ``text_completion``.
+        """
         if not isinstance(dialogs, (list, tuple)):
             raise TypeError("dialogs must be a list of dialogs (each a list of {'role', 'content'} messages)")
-        _check_sampling(temperature, top_p, max_gen_len)
         prompt_tokens = [encode_dialog(self.tokenizer, dialog) for dialog in dialogs]
         unsafe_requests = [has_special_tags(dialog) for dialog in dialogs]
-        generation_tokens, generation_logprobs = self.generate(
-            prompt_tokens=prompt_tokens,
-            max_gen_len=self._default_gen_len(max_gen_len),
-            temperature=temperature,
-            top_p=top_p,
-            logprobs=logprobs,
-        )
+        tokens, logprobs_, texts = self._complete(prompt_tokens, max_gen_len, temperature, top_p, logprobs, False, stop)
         results: List[ChatPrediction] = []
-        for i, t in enumerate(generation_tokens):
-            content = UNSAFE_ERROR if unsafe_requests[i] else self.tokenizer.decode(t)
+        for i, t in enumerate(tokens):
+            content = UNSAFE_ERROR if unsafe_requests[i] else texts[i]
             result: ChatPrediction = {"generation": {"role": "assistant", "content": content}}
             if logprobs:
                 result["tokens"] = [self.tokenizer.decode([x]) for x in t]
-                result["logprobs"] = generation_logprobs[i]
+                result["logprobs"] = logprobs_[i]
             results.append(result)
         return results
+
+    def chat_completion_stream(
+        self,
+        dialog: Dialog,
+        temperature: float = 0.6,
+        top_p: float = 0.9,
+        max_gen_len: Optional[int] = None,
+        stop: Optional[List[str]] = None,
+    ) -> Iterator[str]:
+        """Yield the assistant's answer to one dialog as text deltas; they join to the ``chat_completion`` content."""
+        prompt_tokens = encode_dialog(self.tokenizer, dialog)
+        if has_special_tags(dialog):
+            check_stop(stop)
+            return iter([UNSAFE_ERROR])
+        return self._stream(prompt_tokens, temperature, top_p, max_gen_len, stop)
+
+
+def _check_prompt_strings(prompts: List[str]) -> None:
+    if not isinstance(prompts, (list, tuple)) or not all(isinstance(p, str) for p in prompts):
+        raise TypeError("prompts must be a list of str (wrap a single prompt in a list)")
 
 
 def has_special_tags(dialog: Dialog) -> bool:

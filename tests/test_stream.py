@@ -1,0 +1,197 @@
+"""Streaming and stop strings: streamed text equals the batch API's, stops cut the text and end only their row."""
+
+import pytest
+import torch
+
+from llama import Llama
+from llama.stream import REPLACEMENT_CHAR, TextStream, check_stop
+from llama.tokenizer import Tokenizer
+
+PROMPTS = ["The quick brown fox", "Llamas live in", "Café naïve"]
+DIALOG = [
+    {"role": "system", "content": "Be brief."},
+    {"role": "user", "content": "What is a llama?"},
+    {"role": "assistant", "content": "An animal."},
+    {"role": "user", "content": "Where does it live?"},
+]
+
+
+@pytest.fixture(scope="module")
+def generator(make_checkpoint, tokenizer_path) -> Llama:
+    g = Llama.build(
+        str(make_checkpoint("gqa", seed=11)), str(tokenizer_path), max_seq_len=64, max_batch_size=4,
+        device="cpu", dtype=torch.float32,
+    )  # fmt: skip
+    # A random model picks raw byte pieces (ids 3..258) as often as words, so greedy text is mostly U+FFFD.
+    # Zero their logits: greedy text is then made of real pieces, while sampling still draws bytes.
+    with torch.no_grad():
+        g.model.output.weight[3:259] = 0.0
+    return g
+
+
+def seeded(fn, *args, **kwargs):
+    torch.manual_seed(1234)
+    return fn(*args, **kwargs)
+
+
+def stream_text(fn, *args, **kwargs):
+    torch.manual_seed(1234)
+    # Deltas are never taken back, so equality of the joined text also proves that no delta showed a
+    # character that later changed (the random model's invalid byte runs stay U+FFFD in both).
+    return "".join(fn(*args, **kwargs))
+
+
+# ---------------------------------------------------------------- TextStream on its own
+
+
+def feed(tok: Tokenizer, text: str, stop=()) -> tuple[TextStream, list[str]]:
+    stream, deltas = TextStream(tok, stop), []
+    for t in tok.encode(text, bos=False, eos=False):
+        stream.add(t)
+        deltas.append(stream.delta())
+    deltas.append(stream.delta(final=True))
+    return stream, deltas
+
+
+def test_multibyte_characters_are_never_split(tokenizer_path):
+    tok = Tokenizer(tokenizer_path)
+    text = "snow ☃ and music 𝄞 done"
+    ids = tok.encode(text, bos=False, eos=False)
+    assert sum(3 <= i < 259 for i in ids) >= 7  # the test really goes through byte-fallback pieces
+    stream, deltas = feed(tok, text)
+    assert "".join(deltas) == tok.decode(ids) == text
+    assert not any(REPLACEMENT_CHAR in d for d in deltas)
+    assert "☃" in "".join(d for d in deltas if "☃" in d)  # the snowman comes out whole, in one delta
+
+
+def test_leading_space_matches_full_decode(tokenizer_path):
+    tok = Tokenizer(tokenizer_path)
+    _, deltas = feed(tok, "  two leading spaces")
+    assert "".join(deltas) == tok.decode(tok.encode("  two leading spaces", bos=False, eos=False))
+
+
+def test_stop_spanning_tokens_is_held_back_then_cut(tokenizer_path):
+    tok = Tokenizer(tokenizer_path)
+    text = "The quick brown fox jumps over the lazy dog"
+    stream, deltas = feed(tok, text, stop=["fox jum"])
+    assert stream.stopped and stream.final_text() == "The quick brown "
+    assert "".join(deltas) == "The quick brown "  # nothing of the stop string was ever shown
+    assert tok.decode(stream.tokens[: stream.n_tokens_for_text()]).startswith("The quick brown")
+
+
+def test_earliest_of_several_stops_wins(tokenizer_path):
+    tok = Tokenizer(tokenizer_path)
+    stream, _ = feed(tok, "one two three four", stop=["four", "two", "three"])
+    assert stream.final_text() == "one "
+
+
+def test_text_that_only_looks_like_a_stop_is_released(tokenizer_path):
+    tok = Tokenizer(tokenizer_path)
+    stream, deltas = feed(tok, "the cat sat on the mat", stop=["the end"])
+    assert not stream.stopped and "".join(deltas) == "the cat sat on the mat"
+
+
+@pytest.mark.parametrize("bad, error", [("stop", TypeError), ([1], TypeError), ([""], ValueError)])
+def test_check_stop(bad, error):
+    with pytest.raises(error):
+        check_stop(bad)
+
+
+# ---------------------------------------------------------------- streamed == batch
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0], ids=["greedy", "sampled"])
+@pytest.mark.parametrize("prompt", PROMPTS)
+def test_text_stream_equals_text_completion(generator, prompt, temperature):
+    kwargs = dict(temperature=temperature, top_p=0.95, max_gen_len=30)
+    batch = seeded(generator.text_completion, [prompt], **kwargs)[0]["generation"]
+    assert stream_text(generator.text_completion_stream, prompt, **kwargs) == batch
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0], ids=["greedy", "sampled"])
+def test_chat_stream_equals_chat_completion(generator, temperature):
+    kwargs = dict(temperature=temperature, top_p=0.95, max_gen_len=20)
+    batch = seeded(generator.chat_completion, [DIALOG], **kwargs)[0]["generation"]["content"]
+    assert stream_text(generator.chat_completion_stream, DIALOG, **kwargs) == batch
+
+
+def test_sampled_streams_go_through_byte_fallback(generator):
+    """At temperature 1 the random model emits raw byte pieces: the stream must still match the batch text."""
+    seen_bytes = False
+    for seed in range(6):
+        torch.manual_seed(seed)
+        out = generator.text_completion(["x"], temperature=1.0, top_p=1.0, max_gen_len=40, logprobs=True)[0]
+        torch.manual_seed(seed)
+        streamed = "".join(generator.text_completion_stream("x", temperature=1.0, top_p=1.0, max_gen_len=40))
+        assert streamed == out["generation"]
+        seen_bytes |= any(t.startswith("<0x") or REPLACEMENT_CHAR in t for t in out["tokens"])
+    assert seen_bytes
+
+
+def test_special_tags_stream_the_unsafe_error(generator):
+    from llama.generation import UNSAFE_ERROR
+
+    assert list(generator.chat_completion_stream([{"role": "user", "content": "[INST] hi"}])) == [UNSAFE_ERROR]
+
+
+def test_stream_checks_arguments_before_the_first_token(generator):
+    with pytest.raises(ValueError, match="temperature"):
+        generator.text_completion_stream("hi", temperature=-1)
+    with pytest.raises(TypeError, match="prompt must be a str"):
+        generator.text_completion_stream(["hi"])
+    with pytest.raises(ValueError, match="alternating"):
+        generator.chat_completion_stream([{"role": "assistant", "content": "hi"}])
+
+
+# ---------------------------------------------------------------- stop strings in the batch API
+
+
+def middle_of(text: str) -> str:
+    """A stop string from the middle of text that straddles at least one word boundary."""
+    assert len(text) >= 12, text
+    return text[len(text) // 3 : len(text) // 3 + 5]
+
+
+def test_stop_cuts_text_and_ends_generation_early(generator, monkeypatch):
+    plain = generator.text_completion([PROMPTS[0]], temperature=0, max_gen_len=30)[0]["generation"]
+    stop = middle_of(plain)
+    calls = []
+    forward = generator.model.forward
+    monkeypatch.setattr(generator.model, "forward", lambda *a: calls.append(1) or forward(*a))
+    out = generator.text_completion([PROMPTS[0]], temperature=0, max_gen_len=30, stop=[stop], logprobs=True)[0]
+    assert out["generation"] == plain[: plain.index(stop)]
+    assert len(calls) < 30  # it stopped generating at the stop string, not at max_gen_len
+    assert len(out["tokens"]) == len(out["logprobs"])
+    assert "".join(out["tokens"]).replace("▁", " ").strip().startswith(out["generation"].strip()[:3])
+    streamed = "".join(generator.text_completion_stream(PROMPTS[0], temperature=0, max_gen_len=30, stop=[stop]))
+    assert streamed == out["generation"]
+
+
+def test_stop_in_one_row_leaves_the_others(generator):
+    plain = [r["generation"] for r in generator.text_completion(PROMPTS, temperature=0, max_gen_len=30)]
+    stop = middle_of(plain[1])
+    assert all(stop not in p for i, p in enumerate(plain) if i != 1), "pick another seed"
+    stopped = [r["generation"] for r in generator.text_completion(PROMPTS, temperature=0, max_gen_len=30, stop=[stop])]
+    assert stopped[1] == plain[1][: plain[1].index(stop)]
+    assert stopped[0] == plain[0] and stopped[2] == plain[2]
+
+
+def test_several_stops_and_echo(generator):
+    plain = generator.text_completion([PROMPTS[0]], temperature=0, max_gen_len=30)[0]["generation"]
+    early, late = plain[4:7], plain[15:19]
+    out = generator.text_completion([PROMPTS[0]], temperature=0, max_gen_len=30, stop=[late, early])[0]
+    assert out["generation"] == plain[: min(plain.index(early), plain.index(late))]
+
+    full = generator.text_completion([PROMPTS[0]], temperature=0, max_gen_len=30, echo=True)[0]["generation"]
+    echoed = generator.text_completion([PROMPTS[0]], temperature=0, max_gen_len=30, stop=[late, early], echo=True)
+    after = len(PROMPTS[0])  # stops are looked for in the generated part only
+    assert echoed[0]["generation"] == full[: min(full.index(early, after), full.index(late, after))]
+
+
+def test_chat_stop(generator):
+    dialogs = [[{"role": "user", "content": f"Tell me about llamas, part {i}."}] for i in range(4)]
+    answers = [r["generation"]["content"] for r in generator.chat_completion(dialogs, temperature=0, max_gen_len=30)]
+    i = next(i for i, a in enumerate(answers) if len(a) >= 12)  # short answers (early EOS) make poor tests
+    stop = middle_of(answers[i])
+    out = generator.chat_completion([dialogs[i]], temperature=0, max_gen_len=30, stop=[stop])
+    assert out[0]["generation"]["content"] == answers[i][: answers[i].index(stop)]
