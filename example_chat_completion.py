@@ -11,6 +11,7 @@ import fire
 from llama import Dialog, Llama
 from llama.cli import parse_dtype, resolve_model, setup_logging
 from llama.distributed import is_main_process
+from llama.interactive import chat_loop
 
 
 def main(
@@ -23,8 +24,10 @@ def main(
     max_gen_len: Optional[int] = None,
     device: Optional[str] = None,
     dtype: Optional[str] = None,
+    interactive: bool = False,
+    system: Optional[str] = None,
 ) -> None:
-    """Answer the example dialogs below and print each dialog with the model's reply.
+    """Answer the example dialogs below and print each dialog with the model's reply, or chat interactively.
 
     Dialogs are sent in batches of at most max_batch_size, so any batch size works.
 
@@ -38,6 +41,8 @@ def main(
         max_gen_len: most tokens per answer; defaults to max_seq_len - 1.
         device: "cpu", "cuda" or "cuda:N"; defaults to cuda:LOCAL_RANK when CUDA is available.
         dtype: "float32", "float16" or "bfloat16"; defaults to float16 on CUDA and bfloat16 on CPU.
+        interactive: chat in the terminal instead, streaming each answer (/reset, /exit, Ctrl-C, Ctrl-D).
+        system: a system prompt for the interactive chat.
     """
     setup_logging()
     ckpt_dir, tokenizer_path, name = resolve_model(ckpt_dir, tokenizer_path)
@@ -51,6 +56,9 @@ def main(
         device=device,
         dtype=parse_dtype(dtype),
     )
+    if interactive:
+        chat_loop(generator, system=system, temperature=temperature, top_p=top_p, max_gen_len=max_gen_len)
+        return
 
     dialogs: List[Dialog] = [
         [{"role": "user", "content": "What should I pack for a weekend of hiking?"}],

@@ -1,0 +1,109 @@
+"""The interactive chat: in a pseudo-terminal end to end, and its interrupt handling in-process."""
+
+import io
+import os
+import signal
+import sys
+
+import pytest
+import torch
+from conftest import REPO
+
+from llama import Llama
+from llama.interactive import chat_loop
+
+pexpect = pytest.importorskip("pexpect", reason="install the test extra: pip install -e '.[test]'")
+
+
+def spawn(ckpt, tokenizer_path, *extra, nproc=0):
+    launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] if nproc else []
+    args = [*launcher, "example_chat_completion.py", str(ckpt), str(tokenizer_path), "--interactive", "--temperature=0",
+            "--max_gen_len=8", "--max_seq_len=96", "--dtype=float32", *extra]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return pexpect.spawn(sys.executable, args, cwd=str(REPO), env=env, encoding="utf-8", timeout=120)
+
+
+@pytest.mark.slow
+def test_chat_session_in_a_terminal(make_checkpoint, tokenizer_path):
+    child = spawn(make_checkpoint("gqa"), tokenizer_path, "--system=Answer briefly.")
+    child.expect("You: ")
+    child.sendline("Hello there, llama.")
+    child.expect("Assistant: ")
+    child.expect("You: ")
+    child.sendline("Where do llamas live?")
+    child.expect("Assistant: ")
+    child.expect("You: ")
+
+    child.sendline("/reset")
+    child.expect(r"\[dialog cleared\]")
+    child.expect("You: ")
+
+    # Each exchange takes ~40 of the 96 positions, so the third one no longer fits with the first.
+    long_message = "Tell me more about the mountains of South America and the animals there."
+    dropped = False
+    for _ in range(3):
+        child.sendline(long_message)
+        if child.expect([r"\[dropped the \d+ oldest", "Assistant: "]) == 0:
+            dropped = True
+            child.expect("Assistant: ")
+        child.expect("You: ")
+    assert dropped
+
+    child.sendline("word " * 100)
+    child.expect("too long for max_seq_len=96")
+    child.expect("You: ")
+
+    child.sendintr()  # Ctrl-C at the prompt: a fresh prompt, not an exit
+    child.expect("You: ")
+    child.sendline("/exit")
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 0
+
+
+@pytest.mark.slow
+def test_chat_under_torchrun_with_two_processes(make_checkpoint, tokenizer_path):
+    child = spawn(make_checkpoint("gqa", n_shards=2), tokenizer_path, nproc=2)
+    child.expect("You: ")
+    child.sendline("Hello there, llama.")
+    child.expect("Assistant: ")
+    child.expect("You: ")  # rank 0 read the line, both ranks generated, rank 0 printed once
+    assert "Assistant" not in child.before
+    child.sendline("/exit")
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 0
+
+
+@pytest.mark.slow
+def test_ctrl_d_exits_cleanly(make_checkpoint, tokenizer_path):
+    child = spawn(make_checkpoint("gqa"), tokenizer_path)
+    child.expect("You: ")
+    child.sendeof()
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 0
+
+
+def test_ctrl_c_stops_the_answer_and_returns_to_the_prompt(make_checkpoint, tokenizer_path, monkeypatch):
+    generator = Llama.build(
+        str(make_checkpoint("gqa")), str(tokenizer_path), max_seq_len=96, max_batch_size=1,
+        device="cpu", dtype=torch.float32,
+    )  # fmt: skip
+    dialogs = []
+
+    def endless_answer(dialog, *args, **kwargs):
+        dialogs.append(dialog)
+        yield "first"
+        os.kill(os.getpid(), signal.SIGINT)  # the user presses Ctrl-C mid-answer
+        for _ in range(1000):
+            yield " more"
+
+    monkeypatch.setattr(generator, "chat_completion_stream", endless_answer)
+    lines = iter(["hi", "again", "/exit"])
+    out = io.StringIO()
+    chat_loop(generator, read=lambda prompt: next(lines), out=out)
+    text = out.getvalue()
+    assert text.count("first more [interrupted]") == 2 and " more more" not in text
+    # the partial answer stays in the dialog, so the next turn sees what was shown
+    assert dialogs[1][-2] == {"role": "assistant", "content": "first more"}
