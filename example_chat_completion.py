@@ -24,6 +24,7 @@ def main(
     max_gen_len: Optional[int] = None,
     device: Optional[str] = None,
     dtype: Optional[str] = None,
+    compile: bool = False,
     interactive: bool = False,
     system: Optional[str] = None,
 ) -> None:
@@ -41,6 +42,7 @@ def main(
         max_gen_len: most tokens per answer; defaults to max_seq_len - 1.
         device: "cpu", "cuda" or "cuda:N"; defaults to cuda:LOCAL_RANK when CUDA is available.
         dtype: "float32", "float16" or "bfloat16"; defaults to float16 on CUDA and bfloat16 on CPU.
+        compile: decode on the opt-in fast path (static shapes, torch.compile); same tokens, faster.
         interactive: chat in the terminal instead, streaming each answer (/reset, /exit, Ctrl-C, Ctrl-D).
         system: a system prompt for the interactive chat.
     """
@@ -55,6 +57,7 @@ def main(
         max_batch_size=max_batch_size,
         device=device,
         dtype=parse_dtype(dtype),
+        compile=compile,
     )
     if interactive:
         chat_loop(generator, system=system, temperature=temperature, top_p=top_p, max_gen_len=max_gen_len)

@@ -20,6 +20,7 @@ from llama.distributed import (
     model_parallel_rank,
     setup_model_parallel,
 )
+from llama.fast import FastDecoder
 from llama.model import ModelArgs, Transformer, check_model_parallel_fit
 from llama.stream import TextStream, check_stop
 from llama.tokenizer import Tokenizer
@@ -67,7 +68,7 @@ def sample_top_p(probs: torch.Tensor, p: float) -> torch.Tensor:
     probs_sort, probs_idx = torch.sort(probs, dim=-1, descending=True)
     probs_sum = torch.cumsum(probs_sort, dim=-1)
     mask = probs_sum - probs_sort > p  # mass strictly before this token already exceeds p
-    probs_sort[mask] = 0.0
+    probs_sort.masked_fill_(mask, 0.0)  # not probs_sort[mask] = 0: boolean indexing would sync with the host
     probs_sort.div_(probs_sort.sum(dim=-1, keepdim=True))
     next_token = torch.multinomial(probs_sort, num_samples=1)
     return torch.gather(probs_idx, -1, next_token)
@@ -135,6 +136,8 @@ class Llama:
             seed: torch seed, the same on every rank so sampling agrees across ranks.
             device: defaults to ``cuda:LOCAL_RANK`` with CUDA, else ``cpu``.
             dtype: weight dtype; defaults to float16 on CUDA (as the reference) and bfloat16 on CPU.
+            compile: decode with the opt-in fast path (``llama.fast``): static shapes, no per-step host sync,
+                ``torch.compile``. Same tokens as the default path; one model-parallel rank only.
         """
         for name, value in (("max_seq_len", max_seq_len), ("max_batch_size", max_batch_size)):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -165,11 +168,12 @@ class Llama:
                 "loaded %s (%d shard(s) on %d rank(s), %s, %s) in %.2f s",
                 ckpt_dir, len(shard_paths), mp_size, device, dtype, time.time() - start,
             )
-        return Llama(model, tokenizer)
+        return Llama(model, tokenizer, fast=FastDecoder(model) if compile else None)
 
-    def __init__(self, model: Transformer, tokenizer: Tokenizer):
+    def __init__(self, model: Transformer, tokenizer: Tokenizer, fast: Optional[FastDecoder] = None):
         self.model = model
         self.tokenizer = tokenizer
+        self.fast = fast  # decode steps on the static-shape path when set
 
     @property
     def device(self) -> torch.device:
@@ -234,8 +238,12 @@ class Llama:
                 state.token_logprobs[:, 1:] = token_logprobs_of(logits[:, :-1], tokens[:, 1:])
             return
         prev_pos = 0
-        for cur_pos in range(state.filled, total_len):
-            logits = self.model.forward(tokens[:, prev_pos:cur_pos], prev_pos)  # (bsz, cur - prev, vocab)
+        check_every = 1 if self.fast is None else self.fast.eos_check_every
+        for step, cur_pos in enumerate(range(state.filled, total_len), start=1):
+            if self.fast is not None and prev_pos > 0:  # one new token per row: the static-shape step
+                logits = self.fast(tokens[:, prev_pos:cur_pos], prev_pos)
+            else:
+                logits = self.model.forward(tokens[:, prev_pos:cur_pos], prev_pos)  # (bsz, cur - prev, vocab)
             next_token = select_next_token(logits[:, -1], temperature, top_p)
             # Where the prompt still has a token at cur_pos, keep it.
             next_token = torch.where(state.is_prompt[:, cur_pos], tokens[:, cur_pos], next_token)
@@ -249,7 +257,9 @@ class Llama:
             prev_pos = cur_pos
             state.filled = cur_pos + 1
             yield cur_pos
-            if bool(state.finished.all()):
+            # The reference asks every step; the fast path only every few steps, as the answer costs a host
+            # sync. Extra steps only add tokens after every row's EOS, which _results cuts off.
+            if step % check_every == 0 and bool(state.finished.all()):
                 break
 
     def _results(

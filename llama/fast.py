@@ -1,0 +1,110 @@
+"""The opt-in fast decoding path (``Llama.build(..., compile=True)``).
+
+Decoding one token per step is bound by reading the weights, so the faithful path loses its time elsewhere:
+the KV cache is sliced to a new length every step (a new shape every step, so nothing can be compiled or
+captured), the host waits on the device every step, and hundreds of small kernels run eagerly. This path
+keeps the math and removes that overhead:
+
+- static shapes: the step writes its keys and values into the preallocated cache at the current position
+  (``index_copy_``) and attends over the whole cache, with the unwritten positions masked;
+- RoPE with real cos/sin tables taken from the complex ``freqs_cis`` (proven equal in the tests);
+- ``torch.compile`` of the whole step (inductor on CPU; CUDA graphs on GPU via "reduce-overhead").
+
+Prefill stays on the faithful eager path. The decoding loop in ``Llama._decode`` also keeps sampling on the
+device and checks for EOS only every few steps. The numbers are the faithful path's within fp32 rounding:
+the tests compare logits and greedy tokens.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import fairscale.nn.model_parallel.initialize as fs_init
+import torch
+import torch.nn.functional as F
+
+from llama.model import Transformer, precompute_freqs_cis, repeat_kv
+
+
+def rope_cos_sin(head_dim: int, end: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin (end, head_dim // 2) of the rotation angles, exactly those of ``precompute_freqs_cis``."""
+    freqs_cis = precompute_freqs_cis(head_dim, end, theta)
+    return freqs_cis.real.contiguous(), freqs_cis.imag.contiguous()
+
+
+def apply_rotary_emb_real(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate adjacent pairs (x[2k], x[2k+1]) by the angles whose cos/sin are given, in fp32.
+
+    x: (bsz, seqlen, n_heads, head_dim); cos, sin: (seqlen, head_dim // 2).
+    """
+    xf = x.float().unflatten(-1, (-1, 2))
+    even, odd = xf[..., 0], xf[..., 1]  # (bsz, seqlen, n_heads, head_dim // 2)
+    cos, sin = cos[None, :, None, :], sin[None, :, None, :]
+    out = torch.stack([even * cos - odd * sin, even * sin + odd * cos], dim=-1)
+    return out.flatten(-2).type_as(x)
+
+
+def decode_step(
+    model: Transformer, tokens: torch.Tensor, pos: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+) -> torch.Tensor:
+    """Logits (bsz, 1, vocab) in fp32 for tokens (bsz, 1) at position pos (a 1-element long tensor).
+
+    Every shape is fixed by (bsz, max_seq_len), so the step compiles once per batch size.
+    """
+    bsz = tokens.shape[0]
+    h = F.embedding(tokens, model.tok_embeddings.weight)  # (bsz, 1, dim)
+    c, s = cos.index_select(0, pos), sin.index_select(0, pos)  # (1, head_dim // 2)
+    first = model.layers[0].attention
+    max_len = first.cache_k.shape[1]
+    # Positions after pos hold stale or zero keys: mask them out. (1, max_len), broadcast over batch and heads.
+    visible = torch.arange(max_len, device=tokens.device)[None, :] <= pos
+    mask = torch.zeros(visible.shape, device=tokens.device).masked_fill(~visible, float("-inf")).to(h.dtype)
+    for layer in model.layers:
+        attn = layer.attention
+        x = layer.attention_norm(h)
+        xq = F.linear(x, attn.wq.weight).view(bsz, 1, attn.n_local_heads, attn.head_dim)
+        xk = F.linear(x, attn.wk.weight).view(bsz, 1, attn.n_local_kv_heads, attn.head_dim)
+        xv = F.linear(x, attn.wv.weight).view(bsz, 1, attn.n_local_kv_heads, attn.head_dim)
+        xq, xk = apply_rotary_emb_real(xq, c, s), apply_rotary_emb_real(xk, c, s)
+        cache_k, cache_v = attn.cache_k[:bsz], attn.cache_v[:bsz]  # (bsz, max_len, n_kv_heads, head_dim)
+        cache_k.index_copy_(1, pos, xk)
+        cache_v.index_copy_(1, pos, xv)
+        keys = repeat_kv(cache_k, attn.n_rep).transpose(1, 2)  # (bsz, n_heads, max_len, head_dim)
+        values = repeat_kv(cache_v, attn.n_rep).transpose(1, 2)
+        scores = torch.matmul(xq.transpose(1, 2), keys.transpose(2, 3)) / math.sqrt(attn.head_dim) + mask
+        scores = F.softmax(scores.float(), dim=-1).type_as(xq)  # (bsz, n_heads, 1, max_len)
+        out = torch.matmul(scores, values).transpose(1, 2).reshape(bsz, 1, -1)
+        h = h + F.linear(out, attn.wo.weight)
+        ff = layer.feed_forward
+        x = layer.ffn_norm(h)
+        h = h + F.linear(F.silu(F.linear(x, ff.w1.weight)) * F.linear(x, ff.w3.weight), ff.w2.weight)
+    return F.linear(model.norm(h), model.output.weight).float()
+
+
+class FastDecoder:
+    """Runs decode steps (one new token per row) of `model` on the static-shape path, compiled if asked."""
+
+    # The fast loop asks the device whether every row has ended only this often.
+    eos_check_every = 16
+
+    def __init__(self, model: Transformer, compile: bool = True):
+        if fs_init.model_parallel_is_initialized() and fs_init.get_model_parallel_world_size() != 1:
+            raise ValueError(
+                "the fast path (compile=True) runs with one model-parallel rank; load the checkpoint on one "
+                "process (any shard count works) or use the default path under torchrun"
+            )
+        self.model = model
+        device = model.tok_embeddings.weight.device
+        params = model.params
+        cos, sin = rope_cos_sin(params.head_dim, 2 * params.max_seq_len, params.rope_theta)
+        self.cos, self.sin = cos.to(device), sin.to(device)
+        self.step: Callable[..., torch.Tensor] = decode_step
+        if compile:
+            mode = "reduce-overhead" if device.type == "cuda" else None  # CUDA graphs on GPU
+            self.step = torch.compile(decode_step, dynamic=False, mode=mode)
+
+    @torch.inference_mode()
+    def __call__(self, tokens: torch.Tensor, start_pos: int) -> torch.Tensor:
+        pos = torch.tensor([start_pos], dtype=torch.long, device=tokens.device)
+        return self.step(self.model, tokens, pos, self.cos, self.sin)

@@ -1,0 +1,114 @@
+"""The opt-in fast path gives the faithful path's logits (fp32 tolerance) and exactly its greedy tokens."""
+
+import pytest
+import torch
+from conftest import random_model
+from torch.testing import assert_close
+
+import llama.generation as generation
+from llama import Llama, Tokenizer
+from llama.fast import FastDecoder, apply_rotary_emb_real, rope_cos_sin
+from llama.model import apply_rotary_emb, precompute_freqs_cis
+
+PROMPTS = ["The quick brown fox", "Llamas live in", "A journey of a thousand miles begins with a single step"]
+
+
+def pair(tiny_args, tokenizer_path, name="gqa", seed=3, compile=False):
+    tokenizer = Tokenizer(tokenizer_path)
+    model = random_model(tiny_args(name, vocab_size=tokenizer.n_words), seed=seed)
+    with torch.no_grad():
+        model.output.weight[3:259] = 0.0  # keep greedy text away from raw byte pieces, as in test_stream
+    return Llama(model, tokenizer), Llama(model, tokenizer, fast=FastDecoder(model, compile=compile))
+
+
+def test_real_rope_equals_complex_rope():
+    torch.manual_seed(0)
+    xq, xk = torch.randn(2, 5, 4, 16), torch.randn(2, 5, 2, 16)
+    freqs = precompute_freqs_cis(16, 64, 500.0)[20:25]
+    cos, sin = rope_cos_sin(16, 64, 500.0)
+    q, k = apply_rotary_emb(xq, xk, freqs)
+    assert_close(apply_rotary_emb_real(xq, cos[20:25], sin[20:25]), q)
+    assert_close(apply_rotary_emb_real(xk, cos[20:25], sin[20:25]), k)
+
+
+@pytest.mark.parametrize("name", ["mha", "gqa", "mqa", "odd_multiple_of"])
+def test_decode_step_logits_equal_faithful(tiny_args, tokenizer_path, name):
+    faithful, fast = pair(tiny_args, tokenizer_path, name)
+    tokens = torch.randint(3, 300, (3, 14), generator=torch.Generator().manual_seed(0))
+    expected = faithful.model.forward(tokens, 0)
+    fast.model.forward(tokens[:, :6], 0)  # prefill on the faithful path, as the loop does
+    steps = [fast.fast(tokens[:, p : p + 1], p) for p in range(6, 14)]
+    assert_close(torch.cat(steps, dim=1), expected[:, 6:], rtol=1e-5, atol=1e-5)
+
+
+def test_greedy_tokens_and_logprobs_equal_faithful(tiny_args, tokenizer_path):
+    faithful, fast = pair(tiny_args, tokenizer_path)
+    prompts = [faithful.tokenizer.encode(p, bos=True, eos=False) for p in PROMPTS]
+    a, lp_a = faithful.generate(prompts, max_gen_len=30, temperature=0, logprobs=True, echo=True)
+    b, lp_b = fast.generate(prompts, max_gen_len=30, temperature=0, logprobs=True, echo=True)
+    assert a == b
+    for x, y in zip(lp_a, lp_b):
+        assert_close(torch.tensor(y), torch.tensor(x), rtol=1e-4, atol=1e-4)
+
+
+def test_sampled_tokens_equal_faithful_with_the_same_seed(tiny_args, tokenizer_path):
+    faithful, fast = pair(tiny_args, tokenizer_path)
+    torch.manual_seed(5)
+    a = faithful.text_completion(PROMPTS, temperature=0.7, top_p=0.9, max_gen_len=20)
+    torch.manual_seed(5)
+    b = fast.text_completion(PROMPTS, temperature=0.7, top_p=0.9, max_gen_len=20)
+    assert a == b
+
+
+def test_eos_in_some_rows(tiny_args, tokenizer_path, monkeypatch):
+    faithful, fast = pair(tiny_args, tokenizer_path)
+    eos = faithful.tokenizer.eos_id
+    greedy = generation.select_next_token
+
+    def eos_after(limit):
+        steps = []
+
+        def select(last_logits, temperature, top_p):
+            nxt = greedy(last_logits, temperature, top_p)
+            nxt[nxt == eos] = 3
+            steps.append(1)
+            if len(steps) >= 3:
+                nxt[0] = eos  # row 0 ends at step 3, row 2 at step `limit`, row 1 never
+            if len(steps) >= limit:
+                nxt[2] = eos
+            return nxt
+
+        return select
+
+    prompts = [faithful.tokenizer.encode(p, bos=True, eos=False) for p in PROMPTS]
+    monkeypatch.setattr(generation, "select_next_token", eos_after(14))
+    a, _ = faithful.generate(prompts, max_gen_len=25, temperature=0)
+    monkeypatch.setattr(generation, "select_next_token", eos_after(14))
+    b, _ = fast.generate(prompts, max_gen_len=25, temperature=0)
+    assert a == b
+    assert len(a[1]) == 25 and len(a[0]) < 25 and len(a[2]) < 25  # only row 1 runs to max_gen_len
+
+
+def test_fast_path_stops_soon_after_every_row_ends(tiny_args, tokenizer_path, monkeypatch):
+    _, fast = pair(tiny_args, tokenizer_path)
+    eos = fast.tokenizer.eos_id
+    calls = []
+    monkeypatch.setattr(generation, "select_next_token", lambda *a: calls.append(1) or torch.full((1,), eos))
+    tokens, _ = fast.generate([[1, 5, 6]], max_gen_len=50, temperature=0)
+    assert tokens == [[]]
+    assert len(calls) == FastDecoder.eos_check_every  # checked every 16 steps, not run to max_gen_len
+
+
+@pytest.mark.slow
+def test_compiled_path_equals_faithful_and_is_reused(tiny_args, tokenizer_path):
+    faithful, fast = pair(tiny_args, tokenizer_path, compile=True)
+    prompts = [faithful.tokenizer.encode(p, bos=True, eos=False) for p in PROMPTS]
+    expected, _ = faithful.generate(prompts, max_gen_len=12, temperature=0)
+    assert fast.generate(prompts, max_gen_len=12, temperature=0)[0] == expected
+
+    from torch._dynamo.utils import counters
+
+    compiled_before = counters["stats"]["unique_graphs"]
+    _, again = pair(tiny_args, tokenizer_path, seed=4, compile=True)  # a second model of the same shape
+    again.generate(prompts, max_gen_len=12, temperature=0)
+    assert counters["stats"]["unique_graphs"] == compiled_before  # nothing was compiled again
