@@ -107,4 +107,5 @@ class FastDecoder:
     @torch.inference_mode()
     def __call__(self, tokens: torch.Tensor, start_pos: int) -> torch.Tensor:
         pos = torch.tensor([start_pos], dtype=torch.long, device=tokens.device)
-        return self.step(self.model, tokens, pos, self.cos, self.sin)
+        # clone: a column view of the token grid carries the grid's stride, which would force a recompile
+        return self.step(self.model, tokens.clone(), pos, self.cos, self.sin)
