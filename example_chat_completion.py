@@ -8,8 +8,8 @@ from typing import List, Optional
 
 import fire
 
-from llama import Dialog, Llama
-from llama.cli import parse_dtype, resolve_model, setup_logging
+from llama import Dialog
+from llama.cli import build_generator
 from llama.distributed import is_main_process
 from llama.interactive import chat_loop
 
@@ -46,19 +46,7 @@ def main(
         interactive: chat in the terminal instead, streaming each answer (/reset, /exit, Ctrl-C, Ctrl-D).
         system: a system prompt for the interactive chat.
     """
-    setup_logging()
-    ckpt_dir, tokenizer_path, name = resolve_model(ckpt_dir, tokenizer_path)
-    if is_main_process():
-        print(f"Using {name}")
-    generator = Llama.build(
-        ckpt_dir=ckpt_dir,
-        tokenizer_path=tokenizer_path,
-        max_seq_len=max_seq_len,
-        max_batch_size=max_batch_size,
-        device=device,
-        dtype=parse_dtype(dtype),
-        compile=compile,
-    )
+    generator = build_generator(ckpt_dir, tokenizer_path, max_seq_len, max_batch_size, device, dtype, compile)
     if interactive:
         chat_loop(generator, system=system, temperature=temperature, top_p=top_p, max_gen_len=max_gen_len)
         return

@@ -8,8 +8,7 @@ from typing import Optional
 
 import fire
 
-from llama import Llama
-from llama.cli import parse_dtype, resolve_model, setup_logging
+from llama.cli import build_generator
 from llama.distributed import is_main_process
 
 
@@ -39,19 +38,7 @@ def main(
         dtype: "float32", "float16" or "bfloat16"; defaults to float16 on CUDA and bfloat16 on CPU.
         compile: decode on the opt-in fast path (static shapes, torch.compile); same tokens, faster.
     """
-    setup_logging()
-    ckpt_dir, tokenizer_path, name = resolve_model(ckpt_dir, tokenizer_path)
-    if is_main_process():
-        print(f"Using {name}")
-    generator = Llama.build(
-        ckpt_dir=ckpt_dir,
-        tokenizer_path=tokenizer_path,
-        max_seq_len=max_seq_len,
-        max_batch_size=max_batch_size,
-        device=device,
-        dtype=parse_dtype(dtype),
-        compile=compile,
-    )
+    generator = build_generator(ckpt_dir, tokenizer_path, max_seq_len, max_batch_size, device, dtype, compile)
 
     prompts = [
         # Open-ended: the model picks the direction.

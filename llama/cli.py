@@ -8,6 +8,7 @@ from typing import Optional
 import torch
 
 from llama.distributed import is_main_process
+from llama.generation import Llama
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -32,6 +33,28 @@ def resolve_model(ckpt_dir: Optional[str], tokenizer_path: Optional[str]) -> tup
     return ckpt_dir, tokenizer_path, ckpt_dir
 
 
-def setup_logging() -> None:
-    """INFO logs on rank 0, warnings only elsewhere."""
+def build_generator(
+    ckpt_dir: Optional[str],
+    tokenizer_path: Optional[str],
+    max_seq_len: int,
+    max_batch_size: int,
+    device: Optional[str],
+    dtype: Optional[str],
+    compile: bool,
+) -> Llama:
+    """Llama.build from the example scripts' arguments; rank 0 logs at INFO and says which model it uses."""
+    ckpt_dir, tokenizer_path, name = resolve_model(ckpt_dir, tokenizer_path)
+    generator = Llama.build(
+        ckpt_dir=ckpt_dir,
+        tokenizer_path=tokenizer_path,
+        max_seq_len=max_seq_len,
+        max_batch_size=max_batch_size,
+        device=device,
+        dtype=parse_dtype(dtype),
+        compile=compile,
+    )
+    # After build, so that the process group exists and only rank 0 speaks.
     logging.basicConfig(level=logging.INFO if is_main_process() else logging.WARNING, format="%(message)s")
+    if is_main_process():
+        print(f"Using {name}")
+    return generator
