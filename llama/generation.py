@@ -120,6 +120,7 @@ class Llama:
         *,
         device: Optional[str | torch.device] = None,
         dtype: Optional[torch.dtype] = None,
+        compile: bool = False,
     ) -> Llama:
         """Load a Meta checkpoint folder and its tokenizer, ready to generate.
 

@@ -112,3 +112,13 @@ def test_compiled_path_equals_faithful_and_is_reused(tiny_args, tokenizer_path):
     _, again = pair(tiny_args, tokenizer_path, seed=4, compile=True)  # a second model of the same shape
     again.generate(prompts, max_gen_len=12, temperature=0)
     assert counters["stats"]["unique_graphs"] == compiled_before  # nothing was compiled again
+
+
+@pytest.mark.slow
+def test_build_with_compile(make_checkpoint, tokenizer_path):
+    kwargs = dict(max_seq_len=64, max_batch_size=4, device="cpu", dtype=torch.float32)
+    faithful = Llama.build(str(make_checkpoint("gqa")), str(tokenizer_path), **kwargs)
+    fast = Llama.build(str(make_checkpoint("gqa")), str(tokenizer_path), compile=True, **kwargs)
+    assert faithful.fast is None and isinstance(fast.fast, FastDecoder)
+    expected = faithful.text_completion(PROMPTS, temperature=0, max_gen_len=10)
+    assert fast.text_completion(PROMPTS, temperature=0, max_gen_len=10) == expected
