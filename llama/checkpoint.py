@@ -2,21 +2,26 @@
 
 Each shard holds one model-parallel rank's slice of every weight. The slice is taken along one dimension per
 weight kind (see ``shard_dim``), so any checkpoint can be re-cut for any number of ranks the heads allow.
+Shards are opened memory-mapped: a weight is read from disk only when a slice of it is used.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import pickle
 import re
+import secrets
 import shutil
-import tempfile
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Optional, Sequence
+from typing import Any, Callable, Iterable, Iterator, Mapping, Optional, Sequence
 
 import torch
+
+from llama.model import ModelArgs, ffn_hidden_dim
 
 logger = logging.getLogger(__name__)
 
@@ -39,6 +44,28 @@ def shard_dim(key: str) -> Optional[int]:
     if len(parts) >= 2 and parts[-1] == "weight":
         return _SPLIT_DIMS.get(parts[-2])
     return None
+
+
+def full_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:
+    """The shape of every weight of a whole (one-shard) Meta checkpoint for `args` (vocab_size must be set)."""
+    dim, q_dim, kv_dim = args.dim, args.n_heads * args.head_dim, args.kv_heads * args.head_dim
+    hidden = ffn_hidden_dim(args.dim, args.multiple_of, args.ffn_dim_multiplier)
+    shapes = {"tok_embeddings.weight": (args.vocab_size, dim)}
+    for i in range(args.n_layers):
+        shapes.update({
+            f"layers.{i}.attention.wq.weight": (q_dim, dim),
+            f"layers.{i}.attention.wk.weight": (kv_dim, dim),
+            f"layers.{i}.attention.wv.weight": (kv_dim, dim),
+            f"layers.{i}.attention.wo.weight": (dim, q_dim),
+            f"layers.{i}.feed_forward.w1.weight": (hidden, dim),
+            f"layers.{i}.feed_forward.w2.weight": (dim, hidden),
+            f"layers.{i}.feed_forward.w3.weight": (hidden, dim),
+            f"layers.{i}.attention_norm.weight": (dim,),
+            f"layers.{i}.ffn_norm.weight": (dim,),
+        })  # fmt: skip
+    shapes["norm.weight"] = (dim,)
+    shapes["output.weight"] = (args.vocab_size, dim)
+    return shapes
 
 
 def read_params(ckpt_dir: str | os.PathLike) -> dict[str, Any]:
@@ -100,23 +127,69 @@ def load_shard(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     return state
 
 
+def check_shards_agree(paths: Sequence[Path], shards: Sequence[Mapping[str, torch.Tensor]]) -> None:
+    """Raise a ValueError naming the file and the key where shards do not fit together.
+
+    Every shard must hold the same keys, each split weight must have its split dimension, and shapes must be
+    equal except along that dimension (replicated weights: equal everywhere).
+    """
+    first, first_name = shards[0], paths[0].name
+    for path, shard in zip(paths, shards):
+        if set(shard) != set(first):
+            diff = sorted(set(shard) ^ set(first))
+            raise ValueError(
+                f"shard {str(path)!r} does not hold the same keys as {first_name}; "
+                f"keys in only one of them: {', '.join(diff)}"
+            )
+        for key, tensor in shard.items():
+            dim = shard_dim(key)
+            if dim is not None and tensor.ndim <= dim:
+                raise ValueError(
+                    f"shard {str(path)!r}: {key!r} has shape {tuple(tensor.shape)}, but it must have a dimension "
+                    f"{dim} to be split across model-parallel ranks"
+                )
+            ref = first[key].shape
+            if tensor.ndim != len(ref) or any(a != b for i, (a, b) in enumerate(zip(tensor.shape, ref)) if i != dim):
+                raise ValueError(
+                    f"shard {str(path)!r}: {key!r} has shape {tuple(tensor.shape)}, which does not fit "
+                    f"{tuple(ref)} in {first_name}"
+                )
+
+
+def merged_shapes(shards: Sequence[Mapping[str, torch.Tensor]]) -> dict[str, tuple[int, ...]]:
+    """The shape each weight has once the shards are joined (no data is read). Shards must agree."""
+    shapes = {}
+    for key, tensor in shards[0].items():
+        shape = list(tensor.shape)
+        dim = shard_dim(key)
+        if dim is not None:
+            shape[dim] = sum(s[key].shape[dim] for s in shards)
+        shapes[key] = tuple(shape)
+    return shapes
+
+
+def rank_bounds(key: str, size: int, rank: int, world_size: int) -> tuple[int, int]:
+    """[lo, hi): the part of the `size` rows/columns of weight `key` that rank `rank` of `world_size` holds."""
+    if size % world_size:
+        dim = shard_dim(key)
+        raise ValueError(f"weight {key!r} of size {size} along dim {dim} cannot be split into {world_size} parts")
+    width = size // world_size
+    return rank * width, (rank + 1) * width
+
+
 def slice_for_rank(
     shards: Sequence[Mapping[str, torch.Tensor]], key: str, rank: int, world_size: int
 ) -> torch.Tensor:
     """Rank `rank`'s slice (of `world_size`) of weight `key`, cut from a checkpoint split into len(shards) parts.
 
     Only the parts of the shards that overlap the slice are read, so with memory-mapped shards a rank touches
-    little more than its own slice.
+    little more than its own slice. The result may be a view of a shard.
     """
     dim = shard_dim(key)
     if dim is None:
         return shards[0][key]
     sizes = [s[key].shape[dim] for s in shards]
-    total = sum(sizes)
-    if total % world_size:
-        raise ValueError(f"weight {key!r} of size {total} along dim {dim} cannot be split into {world_size} parts")
-    width = total // world_size
-    lo, hi = rank * width, (rank + 1) * width
+    lo, hi = rank_bounds(key, sum(sizes), rank, world_size)
     pieces, offset = [], 0
     for shard, size in zip(shards, sizes):
         a, b = max(lo, offset), min(hi, offset + size)
@@ -127,10 +200,13 @@ def slice_for_rank(
 
 
 def check_state_dict(
-    state: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Size], source: str
+    shapes: Mapping[str, Sequence[int]], expected: Mapping[str, Sequence[int]], source: str
 ) -> None:
-    """Raise a ValueError naming every missing, unexpected or mis-shaped key of `state`."""
-    keys = set(state) - IGNORED_KEYS
+    """Raise a ValueError naming every missing, unexpected or mis-shaped key.
+
+    shapes: key -> shape of what the checkpoint holds; expected: key -> shape the model needs.
+    """
+    keys = set(shapes) - IGNORED_KEYS
     missing = sorted(set(expected) - keys)
     unexpected = sorted(keys - set(expected))
     problems = []
@@ -139,14 +215,68 @@ def check_state_dict(
     if unexpected:
         problems.append(f"unexpected keys: {', '.join(unexpected)}")
     wrong = [
-        f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(expected[k])}"
+        f"{k}: checkpoint {tuple(shapes[k])} vs model {tuple(expected[k])}"
         for k in sorted(keys & set(expected))
-        if tuple(state[k].shape) != tuple(expected[k])
+        if tuple(shapes[k]) != tuple(expected[k])
     ]
     if wrong:
         problems.append("shape mismatches (does params.json match the weights?): " + "; ".join(wrong))
     if problems:
         raise ValueError(f"checkpoint {source} does not fit the model: " + " | ".join(problems))
+
+
+@dataclass
+class Checkpoint:
+    """An opened, checked checkpoint folder. Shards are memory-mapped; nothing is read until sliced."""
+
+    folder: Path
+    params: dict[str, Any]  # params.json as written
+    args: ModelArgs  # from params.json, with vocab_size taken from the weights
+    paths: list[Path]
+    shards: list[dict[str, torch.Tensor]]
+
+    @property
+    def keys(self) -> list[str]:
+        """Every key of the shards, in file order (including ignored ones such as rope.freqs)."""
+        return list(self.shards[0])
+
+
+def open_checkpoint(ckpt_dir: str | os.PathLike) -> Checkpoint:
+    """Open a Meta checkpoint folder and check that its shards fit together and fit params.json.
+
+    params.json holds vocab_size -1 (the tokenizer decides), so the vocabulary size is read from the weights.
+    """
+    folder = Path(ckpt_dir)
+    params = read_params(folder)
+    paths = find_shards(folder)
+    shards = [load_shard(p) for p in paths]
+    check_shards_agree(paths, shards)
+    shapes = merged_shapes(shards)
+    if "output.weight" not in shapes:
+        raise ValueError(f"checkpoint {str(folder)!r} does not fit the model: missing keys: output.weight")
+    vocab_size = shapes["output.weight"][0]
+    if params.get("vocab_size", -1) not in (-1, vocab_size):
+        raise ValueError(
+            f"{str(folder / 'params.json')!r} says vocab_size={params['vocab_size']}, but output.weight has "
+            f"{vocab_size} rows"
+        )
+    try:
+        args = ModelArgs.from_params({**params, "vocab_size": vocab_size})
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{str(folder / 'params.json')!r} is not a valid model configuration: {e}") from e
+    check_state_dict(shapes, full_shapes(args), repr(str(folder)))
+    return Checkpoint(folder, params, args, paths, shards)
+
+
+def release_parameters(model: torch.nn.Module) -> None:
+    """Swap every parameter of `model` for a data-less meta tensor of the same shape and dtype.
+
+    The model's constructor allocated (and with fairscale under model parallelism, also wrote) weights that the
+    checkpoint is about to replace; freeing them first keeps peak memory at one copy of the weights.
+    """
+    for module in model.modules():
+        for name, param in list(module.named_parameters(recurse=False)):
+            setattr(module, name, torch.nn.Parameter(param.to("meta"), requires_grad=param.requires_grad))
 
 
 def load_weights(
@@ -159,20 +289,27 @@ def load_weights(
 ) -> None:
     """Assign rank `rank`'s slice of the checkpoint's weights to `model`, checking every key and shape.
 
-    Shards are memory-mapped, so only the slices this rank needs are read from disk; tensors are cast and
-    moved only where their dtype or device differs.
+    Shards are memory-mapped, and the model's own weights are released before any slice is made, so host memory
+    stays at one copy of this rank's weights. Tensors are copied only where their dtype or device differs, or
+    where a slice spans shards; otherwise the model's weights are the memory-mapped file itself, read from disk
+    (or the page cache) the first time they are used.
     """
     shards = [load_shard(p) for p in shard_paths]
-    source = str(shard_paths[0].parent)
-    for path, shard in zip(shard_paths, shards):
-        if set(shard) != set(shards[0]):
-            diff = sorted(set(shard) ^ set(shards[0]))
-            raise ValueError(f"shard {str(path)!r} does not hold the same keys as the others: {', '.join(diff)}")
-    keys = [k for k in shards[0] if k not in IGNORED_KEYS]
-    state = {k: slice_for_rank(shards, k, rank, world_size) for k in keys}
-    expected = {k: v.shape for k, v in model.state_dict().items()}
-    check_state_dict(state, expected, repr(source))
-    state = {k: v.to(device=device, dtype=dtype).contiguous() for k, v in state.items()}
+    source = repr(str(shard_paths[0].parent))
+    check_shards_agree(shard_paths, shards)
+    expected = {}  # key -> full (all ranks) shape the model needs
+    for key, value in model.state_dict().items():
+        shape, dim = list(value.shape), shard_dim(key)
+        if dim is not None:
+            shape[dim] *= world_size
+        expected[key] = tuple(shape)
+    check_state_dict(merged_shapes(shards), expected, source)
+    release_parameters(model)
+    state = {
+        key: slice_for_rank(shards, key, rank, world_size).to(device=device, dtype=dtype).contiguous()
+        for key in shards[0]
+        if key not in IGNORED_KEYS
+    }
     model.load_state_dict(state, strict=True, assign=True)
 
 
@@ -188,30 +325,66 @@ def merge_shards(shards: Sequence[Mapping[str, torch.Tensor]]) -> dict[str, torc
     return {k: slice_for_rank(shards, k, 0, 1) for k in shards[0]}
 
 
-def save_checkpoint(
-    out_dir: str | os.PathLike,
-    shards: Iterable[Mapping[str, torch.Tensor]],
-    params: Mapping[str, Any],
-    extra_files: Iterable[str | os.PathLike] = (),
-) -> Path:
-    """Write shards and params.json as a Meta checkpoint folder.
+def compact(tensor: torch.Tensor) -> torch.Tensor:
+    """`tensor` itself if it owns exactly its storage, else a contiguous copy.
 
-    Everything goes to a temporary folder next to out_dir that is renamed at the end, so an interrupted write
-    leaves no half checkpoint behind. out_dir must not exist yet.
+    torch.save writes a tensor's whole storage, so saving a slice (a view) of a larger tensor as is would write
+    the larger tensor.
+    """
+    whole = tensor.untyped_storage().nbytes() == tensor.numel() * tensor.element_size()
+    if whole and tensor.is_contiguous() and tensor.storage_offset() == 0:
+        return tensor
+    return tensor.clone(memory_format=torch.contiguous_format)
+
+
+@contextlib.contextmanager
+def atomic_output_dir(out_dir: str | os.PathLike) -> Iterator[Path]:
+    """Yield a new, empty temporary folder next to out_dir; rename it to out_dir when the block succeeds.
+
+    If the block raises (or is interrupted), the temporary folder is removed, so no half-written output is left.
+    out_dir must not exist yet.
     """
     out_dir = Path(out_dir)
     if out_dir.exists():
         raise FileExistsError(f"{str(out_dir)!r} already exists; choose a new output folder or remove it")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    tmp = out_dir.parent / f".{out_dir.name}.tmp-{secrets.token_hex(4)}"
+    tmp.mkdir()  # unlike tempfile.mkdtemp, honours the umask, so the final folder gets the usual permissions
     try:
-        for rank, shard in enumerate(shards):
-            torch.save({k: v.contiguous() for k, v in shard.items()}, tmp / f"consolidated.{rank:02d}.pth")
-        (tmp / "params.json").write_text(json.dumps(dict(params), indent=2) + "\n")
-        for extra in extra_files:
-            shutil.copy2(extra, tmp / Path(extra).name)
+        yield tmp
+        if out_dir.exists():
+            raise FileExistsError(f"{str(out_dir)!r} appeared while it was being written; remove it and retry")
         tmp.rename(out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return out_dir
+
+
+def save_checkpoint(
+    out_dir: str | os.PathLike,
+    shards: Iterable[Mapping[str, torch.Tensor]],
+    params: Mapping[str, Any] | str | os.PathLike,
+    extra_files: Iterable[str | os.PathLike] = (),
+    on_shard_saved: Optional[Callable[[Path], None]] = None,
+) -> Path:
+    """Write shards and params.json as a Meta checkpoint folder.
+
+    `shards` may be a generator: each shard is saved, and released, before the next one is asked for, so memory
+    holds one shard at a time. `params` is the params.json content, or a params.json file to copy as is.
+    Everything goes to a temporary folder next to out_dir that is renamed at the end, so an interrupted write
+    leaves no half checkpoint behind. out_dir must not exist yet.
+    """
+    with atomic_output_dir(out_dir) as tmp:
+        for rank, shard in enumerate(shards):
+            path = tmp / f"consolidated.{rank:02d}.pth"
+            torch.save({k: compact(v) for k, v in shard.items()}, path)
+            del shard  # or it would stay alive while a generator builds the next one
+            if on_shard_saved is not None:
+                on_shard_saved(path)
+        if isinstance(params, Mapping):
+            (tmp / "params.json").write_text(json.dumps(dict(params), indent=2) + "\n")
+        else:
+            shutil.copyfile(params, tmp / "params.json")
+        for extra in extra_files:
+            shutil.copy2(extra, tmp / Path(extra).name)
+    return Path(out_dir)

@@ -1,9 +1,14 @@
+import json
+import os
+import shutil
+import weakref
+
 import pytest
 import torch
 from conftest import random_model
 
 from llama import checkpoint
-from llama.model import check_model_parallel_fit
+from llama.model import Transformer, check_model_parallel_fit
 
 
 def test_shard_dims_follow_fairscale_layers():
@@ -66,3 +71,114 @@ def test_load_shard_refuses_non_tensor_entries(tmp_path):
     torch.save([torch.zeros(1)], tmp_path / "consolidated.01.pth")
     with pytest.raises(ValueError, match="must hold a dict of tensors"):
         checkpoint.load_shard(tmp_path / "consolidated.01.pth")
+
+
+# ---------------------------------------------------------------- loading: memory and bad shards
+
+
+def build(ckpt_dir, tokenizer_path, dtype=torch.float32):
+    from llama import Llama
+
+    return Llama.build(str(ckpt_dir), str(tokenizer_path), max_seq_len=32, max_batch_size=2, device="cpu",
+                       dtype=dtype)  # fmt: skip
+
+
+def mapped_ranges(path) -> list[tuple[int, int]]:
+    """Address ranges of this process that map the file at path (from /proc/self/maps)."""
+    ranges = []
+    for line in open("/proc/self/maps"):
+        fields = line.split()
+        if len(fields) >= 6 and fields[5] == str(path):
+            lo, hi = (int(x, 16) for x in fields[0].split("-"))
+            ranges.append((lo, hi))
+    return ranges
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="reads /proc/self/maps (Linux)")
+def test_weights_of_the_right_dtype_are_the_mapped_file_itself(make_checkpoint, tokenizer_path):
+    ckpt = make_checkpoint("gqa")  # float32 weights
+    model = build(ckpt, tokenizer_path).model
+    ranges = mapped_ranges(ckpt / "consolidated.00.pth")
+    for name, param in model.named_parameters():
+        ptr = param.data_ptr()
+        assert any(lo <= ptr < hi for lo, hi in ranges), f"{name} was copied"
+
+
+def test_load_weights_frees_the_constructed_weights(tiny_args, tmp_path):
+    args = tiny_args("gqa")
+    checkpoint.save_checkpoint(tmp_path / "ckpt", [random_model(args).state_dict()], {})
+    model = Transformer(args)
+    constructed = [weakref.ref(p) for p in model.parameters()]
+    checkpoint.load_weights(model, checkpoint.find_shards(tmp_path / "ckpt"), 0, 1, torch.device("cpu"),
+                            torch.bfloat16)  # fmt: skip
+    assert all(ref() is None for ref in constructed)
+    assert all(p.dtype == torch.bfloat16 and p.device.type == "cpu" for p in model.parameters())
+
+
+def damaged_copy(src, dst, shard: int, change) -> None:
+    shutil.copytree(src, dst)
+    path = dst / f"consolidated.{shard:02d}.pth"
+    state = torch.load(path, weights_only=True)
+    change(state)
+    torch.save(state, path)
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda s: s.pop("layers.1.ffn_norm.weight"),
+         r"consolidated.01.pth' does not hold the same keys as consolidated.00.pth; .*: layers.1.ffn_norm.weight"),
+        (lambda s: s.update({"layers.0.attention.wk.weight": torch.zeros(16, 48)}),
+         r"consolidated.01.pth': 'layers.0.attention.wk.weight' has shape \(16, 48\), which does not fit \(16, 64\)"),
+        (lambda s: s.update({"norm.weight": torch.zeros(65)}),
+         r"consolidated.01.pth': 'norm.weight' has shape \(65,\), which does not fit \(64,\)"),
+        (lambda s: s.update({"tok_embeddings.weight": torch.zeros(512)}),
+         r"consolidated.01.pth': 'tok_embeddings.weight' has shape \(512,\), but it must have a dimension 1"),
+    ],
+)  # fmt: skip
+def test_shards_that_do_not_fit_together_name_the_file_and_key(
+    make_checkpoint, tokenizer_path, tmp_path, change, message
+):
+    damaged_copy(make_checkpoint("gqa", n_shards=2), tmp_path / "ckpt", 1, change)
+    with pytest.raises(ValueError, match=message):
+        build(tmp_path / "ckpt", tokenizer_path)
+    with pytest.raises(ValueError, match=message):
+        checkpoint.open_checkpoint(tmp_path / "ckpt")
+
+
+def test_multi_shard_params_mismatch_names_the_keys(make_checkpoint, tokenizer_path, tmp_path):
+    shutil.copytree(make_checkpoint("gqa", n_shards=2), tmp_path / "ckpt")
+    params = json.loads((tmp_path / "ckpt" / "params.json").read_text())
+    (tmp_path / "ckpt" / "params.json").write_text(json.dumps({**params, "n_kv_heads": 4}))
+    message = r"shape mismatches \(does params.json match the weights\?\): layers.0.attention.wk.weight: checkpoint"
+    with pytest.raises(ValueError, match=message):
+        build(tmp_path / "ckpt", tokenizer_path)
+    with pytest.raises(ValueError, match=message):
+        checkpoint.open_checkpoint(tmp_path / "ckpt")
+
+
+@pytest.mark.parametrize("damage", ["truncate", "empty"])
+def test_damaged_second_shard_names_the_file(make_checkpoint, tokenizer_path, tmp_path, damage):
+    shutil.copytree(make_checkpoint("gqa", n_shards=2), tmp_path / "ckpt")
+    shard = tmp_path / "ckpt" / "consolidated.01.pth"
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 3] if damage == "truncate" else b"")
+    with pytest.raises(ValueError, match="cannot read checkpoint shard .*consolidated.01.pth"):
+        build(tmp_path / "ckpt", tokenizer_path)
+
+
+def test_open_checkpoint_reads_the_vocabulary_from_the_weights(make_checkpoint, tmp_path):
+    ckpt = checkpoint.open_checkpoint(make_checkpoint("gqa", n_shards=2))
+    assert ckpt.args.vocab_size == 512 and ckpt.params["vocab_size"] == -1 and len(ckpt.paths) == 2
+    shutil.copytree(make_checkpoint("gqa"), tmp_path / "ckpt")
+    params = json.loads((tmp_path / "ckpt" / "params.json").read_text())
+    (tmp_path / "ckpt" / "params.json").write_text(json.dumps({**params, "vocab_size": 500}))
+    with pytest.raises(ValueError, match="params.json' says vocab_size=500, but output.weight has 512 rows"):
+        checkpoint.open_checkpoint(tmp_path / "ckpt")
+
+
+def test_saving_a_slice_writes_only_the_slice(tmp_path):
+    big = torch.randn(1000, 100)
+    checkpoint.save_checkpoint(tmp_path / "ckpt", [{"a": big[:10], "b": big[:, :5]}], {})
+    saved = torch.load(tmp_path / "ckpt" / "consolidated.00.pth", weights_only=True)
+    assert torch.equal(saved["a"], big[:10]) and torch.equal(saved["b"], big[:, :5])
+    assert (tmp_path / "ckpt" / "consolidated.00.pth").stat().st_size < 30_000  # 24 kB of slices, not 400 kB

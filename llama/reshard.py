@@ -1,0 +1,96 @@
+"""Re-cut a Meta checkpoint for another model-parallel size: ``python -m llama.reshard --help``.
+
+    python -m llama.reshard --ckpt_dir weights/llama-2-13b --out_dir weights/llama-2-13b-mp1 --model_parallel_size 1
+
+``Llama.build`` already loads any shard count on any world size the heads allow, so resharding is never required.
+It pays off when a checkpoint is loaded often with one size: each rank then reads exactly one file.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from typing import Callable, Iterator, Optional, TextIO
+
+import fire
+import torch
+
+from llama import checkpoint
+from llama.model import check_model_parallel_fit
+
+logger = logging.getLogger(__name__)
+
+
+class ProgressLine:
+    """A one-line text progress bar on stderr, e.g. ``reshard [######......] 2/4 consolidated.01.pth``.
+
+    Called once per finished item. On a terminal the line is redrawn in place; elsewhere (a log file) each
+    update is a line of its own.
+    """
+
+    def __init__(self, label: str, total: int, stream: Optional[TextIO] = None, width: int = 24):
+        self.label, self.total, self.width, self.done = label, total, width, 0
+        self.stream = stream if stream is not None else sys.stderr
+
+    def __call__(self, item: str | Path) -> None:
+        self.done += 1
+        filled = self.width * self.done // self.total
+        bar = "#" * filled + "." * (self.width - filled)
+        line = f"{self.label} [{bar}] {self.done}/{self.total} {Path(item).name}"
+        if self.stream.isatty():
+            end = "\n" if self.done == self.total else ""
+            self.stream.write(f"\r{line}\x1b[K{end}")
+        else:
+            self.stream.write(line + "\n")
+        self.stream.flush()
+
+
+def reshard(
+    ckpt_dir: str | Path,
+    out_dir: str | Path,
+    model_parallel_size: int,
+    on_shard_saved: Optional[Callable[[Path], None]] = None,
+) -> Path:
+    """Write a copy of the checkpoint in ckpt_dir split into model_parallel_size shards; return out_dir.
+
+    Output shards are cut one at a time from the memory-mapped input shards and written before the next one is
+    made, so memory holds about one output shard. params.json is copied as is, and tokenizer.model too when
+    the folder has one. Everything is checked before anything is written, and an interrupted run leaves
+    nothing behind (see ``checkpoint.save_checkpoint``).
+    """
+    out_dir = Path(out_dir)
+    if out_dir.exists():  # fail before reading anything; save_checkpoint checks again
+        raise FileExistsError(f"{str(out_dir)!r} already exists; choose a new output folder or remove it")
+    if not isinstance(model_parallel_size, int) or isinstance(model_parallel_size, bool) or model_parallel_size < 1:
+        raise ValueError(f"model_parallel_size must be a positive integer, got {model_parallel_size!r}")
+    ckpt = checkpoint.open_checkpoint(ckpt_dir)
+    check_model_parallel_fit(ckpt.args, model_parallel_size)
+
+    def shards() -> Iterator[dict[str, torch.Tensor]]:
+        for rank in range(model_parallel_size):
+            yield {key: checkpoint.slice_for_rank(ckpt.shards, key, rank, model_parallel_size) for key in ckpt.keys}
+
+    tokenizer = ckpt.folder / "tokenizer.model"
+    extra = [tokenizer] if tokenizer.is_file() else []
+    return checkpoint.save_checkpoint(out_dir, shards(), ckpt.folder / "params.json", extra, on_shard_saved)
+
+
+def main(ckpt_dir: str, out_dir: str, model_parallel_size: int) -> None:
+    """Write a copy of a Meta checkpoint folder split for a different model-parallel size.
+
+    Args:
+        ckpt_dir: folder with params.json and consolidated.NN.pth (any number of shards).
+        out_dir: new folder to write (must not exist); it gets params.json, consolidated.00.pth ... and
+            tokenizer.model if ckpt_dir has one.
+        model_parallel_size: number of shards to write; must divide the heads, KV heads, dim, FFN hidden size
+            and vocabulary (the error lists the sizes that do).
+    """
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    progress = ProgressLine("reshard", model_parallel_size) if isinstance(model_parallel_size, int) else None
+    out = reshard(ckpt_dir, out_dir, model_parallel_size, on_shard_saved=progress)
+    logger.info("wrote %s (%d shard(s))", out, model_parallel_size)
+
+
+if __name__ == "__main__":
+    fire.Fire(main)

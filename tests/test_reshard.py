@@ -1,0 +1,116 @@
+"""python -m llama.reshard: a resharded copy holds exactly the same model, and failures leave nothing behind."""
+
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import REPO
+from torch.testing import assert_close
+
+from llama import Llama, checkpoint, reshard
+
+PROMPTS = ["The quick brown fox", "Llamas live in"]
+
+
+def build(ckpt_dir, tokenizer_path) -> Llama:
+    return Llama.build(str(ckpt_dir), str(tokenizer_path), max_seq_len=64, max_batch_size=4, device="cpu",
+                       dtype=torch.float32)  # fmt: skip
+
+
+def assert_same_model(a: Llama, b: Llama) -> None:
+    tokens = torch.tensor([a.tokenizer.encode(PROMPTS[0], bos=True, eos=False)])
+    assert_close(b.model.forward(tokens, 0), a.model.forward(tokens, 0), rtol=0, atol=0)
+    greedy = dict(temperature=0, max_gen_len=8)
+    assert b.text_completion(PROMPTS, **greedy) == a.text_completion(PROMPTS, **greedy)
+
+
+@pytest.mark.parametrize("src_shards, n", [(1, 2), (2, 1), (2, 4)])
+def test_reshard_gives_the_same_model(make_checkpoint, tokenizer_path, tmp_path, src_shards, n):
+    src = make_checkpoint("mha", n_shards=src_shards)
+    reshard.main(str(src), str(tmp_path / "out"), n)
+    out = tmp_path / "out"
+    assert sorted(p.name for p in out.iterdir()) == [f"consolidated.{r:02d}.pth" for r in range(n)] + ["params.json"]
+    assert (out / "params.json").read_bytes() == (src / "params.json").read_bytes()
+    # Each new shard is exactly rank r's cut of the full weights.
+    full = checkpoint.merge_shards([checkpoint.load_shard(p) for p in checkpoint.find_shards(src)])
+    for rank, path in enumerate(checkpoint.find_shards(out)):
+        shard = torch.load(path, weights_only=True)
+        assert shard.keys() == full.keys()
+        for key, tensor in shard.items():
+            assert torch.equal(tensor, checkpoint.slice_for_rank([full], key, rank, n)), (rank, key)
+    assert_same_model(build(src, tokenizer_path), build(out, tokenizer_path))
+
+
+@pytest.mark.slow
+def test_cli_copies_tokenizer_and_shows_progress(make_checkpoint, tokenizer_path, tmp_path):
+    src = tmp_path / "src"
+    shutil.copytree(make_checkpoint("mha", n_shards=2), src)
+    shutil.copy(tokenizer_path, src / "tokenizer.model")
+    cmd = [sys.executable, "-m", "llama.reshard", "--ckpt_dir", str(src), "--out_dir", str(tmp_path / "out"),
+           "--model_parallel_size", "4"]  # fmt: skip
+    result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "reshard [" in result.stderr and "4/4 consolidated.03.pth" in result.stderr
+    out = tmp_path / "out"
+    assert (out / "tokenizer.model").read_bytes() == tokenizer_path.read_bytes()
+    assert_same_model(build(src, tokenizer_path), build(out, out / "tokenizer.model"))
+
+
+@pytest.mark.parametrize(
+    "n, message",
+    [
+        (4, r"n_kv_heads=2 not divisible\); use a model-parallel size in \[1, 2\]"),
+        (3, r"n_heads=4, n_kv_heads=2, dim=64, vocab_size=512 not divisible"),
+        (0, "must be a positive integer"),
+        ("2", "must be a positive integer"),
+    ],
+)
+def test_impossible_size_is_refused_before_writing(make_checkpoint, tmp_path, n, message):
+    with pytest.raises(ValueError, match=message):
+        reshard.reshard(make_checkpoint("gqa"), tmp_path / "out", n)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_interrupted_write_leaves_nothing(make_checkpoint, tmp_path, monkeypatch):
+    real_save, saved = torch.save, []
+
+    def save_then_fail(obj, path, *args, **kwargs):
+        if saved:
+            raise OSError("disk full")
+        saved.append(path)
+        real_save(obj, path, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", save_then_fail)
+    with pytest.raises(OSError, match="disk full"):
+        reshard.reshard(make_checkpoint("mha"), tmp_path / "out", 2)
+    assert len(saved) == 1 and list(tmp_path.iterdir()) == []  # neither out nor the temporary folder
+
+
+def test_existing_output_is_refused(make_checkpoint, tmp_path):
+    (tmp_path / "out").mkdir()
+    with pytest.raises(FileExistsError, match="already exists"):
+        reshard.reshard(make_checkpoint("mha"), tmp_path / "out", 2)
+    assert list(tmp_path.iterdir()) == [tmp_path / "out"]
+
+
+def test_bad_source_is_refused_naming_the_file(make_checkpoint, tmp_path):
+    src = tmp_path / "src"
+    shutil.copytree(make_checkpoint("mha", n_shards=2), src)
+    state = torch.load(src / "consolidated.01.pth", weights_only=True)
+    state["layers.0.attention.wq.weight"] = state["layers.0.attention.wq.weight"][:, :32].clone()
+    torch.save(state, src / "consolidated.01.pth")
+    with pytest.raises(ValueError, match=r"consolidated.01.pth.*'layers.0.attention.wq.weight' has shape \(32, 32\)"):
+        reshard.reshard(src, tmp_path / "out", 1)
+    assert not (tmp_path / "out").exists()
+
+
+def test_progress_line(capsys):
+    progress = reshard.ProgressLine("reshard", 4, width=8)
+    progress("a/consolidated.00.pth")
+    progress("a/consolidated.01.pth")
+    assert capsys.readouterr().err.splitlines() == [
+        "reshard [##......] 1/4 consolidated.00.pth",
+        "reshard [####....] 2/4 consolidated.01.pth",
+    ]
