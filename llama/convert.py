@@ -7,10 +7,27 @@ Meta's RoPE rotates adjacent pairs (x[2k], x[2k+1]); Hugging Face rotates the tw
 
 from __future__ import annotations
 
+import json
+import logging
+import math
+import os
 import re
-from typing import Mapping
+import shutil
+from pathlib import Path
+from typing import Any, Iterator, Mapping, Optional, Sequence
 
+import fire
+import safetensors
+import safetensors.torch
 import torch
+
+from llama import checkpoint
+from llama.cli import parse_dtype
+from llama.model import ModelArgs, check_model_parallel_fit, ffn_hidden_dim
+from llama.reshard import ProgressLine
+from llama.tokenizer import Tokenizer
+
+logger = logging.getLogger(__name__)
 
 # Meta name -> Hugging Face name; "{i}" is the layer index.
 META_TO_HF = {
@@ -86,3 +103,418 @@ def hf_to_meta_state_dict(state: Mapping[str, torch.Tensor], n_heads: int, n_kv_
             tensor = permute_qk(tensor, n_kv_heads, inverse=True)
         out[meta] = tensor
     return out
+
+
+# ---------------------------------------------------------------------------------------------- whole folders
+
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+
+
+def hf_config(args: ModelArgs, bos_id: int, eos_id: int, dtype: torch.dtype, max_position_embeddings: int) -> dict:
+    """The config.json of Hugging Face's LlamaForCausalLM for a model of `args` (vocab_size must be set).
+
+    Only the fields that transformers 4.x and 5.x both read are written (rope_theta, torch_dtype), so either
+    loads it.
+    """
+    return {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_size": args.dim,
+        "intermediate_size": ffn_hidden_dim(args.dim, args.multiple_of, args.ffn_dim_multiplier),
+        "num_hidden_layers": args.n_layers,
+        "num_attention_heads": args.n_heads,
+        "num_key_value_heads": args.kv_heads,
+        "head_dim": args.head_dim,
+        "hidden_act": "silu",
+        "rms_norm_eps": args.norm_eps,
+        "rope_theta": args.rope_theta,
+        "vocab_size": args.vocab_size,
+        "max_position_embeddings": max_position_embeddings,
+        "tie_word_embeddings": False,
+        "attention_bias": False,
+        "mlp_bias": False,
+        "bos_token_id": bos_id,
+        "eos_token_id": eos_id,
+        "torch_dtype": str(dtype).removeprefix("torch."),
+        "use_cache": True,
+    }
+
+
+# (multiple_of, ffn_dim_multiplier) of Meta's released models, tried first when recovering params.json.
+KNOWN_FFN_PARAMS = [(256, None), (4096, 1.3), (1024, 1.3), (4096, 1.2), (256, 1.5), (256, 1.0)]
+
+
+def ffn_params_for(dim: int, intermediate_size: int) -> tuple[int, Optional[float]]:
+    """(multiple_of, ffn_dim_multiplier) with which ``ffn_hidden_dim`` gives exactly intermediate_size.
+
+    Tried in order: the values of Meta's released models; the smallest power of two as multiple_of; multiple_of
+    = intermediate_size (which works when it is at least the unscaled 8*dim/3); and for a smaller size, a
+    multiplier with multiple_of 1. Many pairs give the same size, so a Meta -> HF -> Meta round trip returns
+    the original pair only when it is the first one found here; the model is the same either way.
+    """
+    candidates = list(KNOWN_FFN_PARAMS)
+    candidates += [(2**k, None) for k in range(intermediate_size.bit_length())]
+    candidates.append((intermediate_size, None))
+    base = int(2 * (4 * dim) / 3)
+    ratio = intermediate_size / base
+    candidates += [(1, round(ratio, digits)) for digits in range(1, 8)] + [(1, (intermediate_size + 0.5) / base)]
+    for multiple_of, multiplier in candidates:
+        if ffn_hidden_dim(dim, multiple_of, multiplier) == intermediate_size:
+            return multiple_of, multiplier
+    raise ValueError(f"no (multiple_of, ffn_dim_multiplier) gives intermediate_size={intermediate_size} for dim={dim}")
+
+
+def params_from_hf_config(config: Mapping[str, Any], source: str = "config.json") -> dict[str, Any]:
+    """Meta's params.json for a Hugging Face Llama config.json; a ValueError for features Llama 2 lacks."""
+    if config.get("model_type") != "llama":
+        raise ValueError(f"{source}: model_type is {config.get('model_type')!r}; only 'llama' can be converted")
+    unsupported = {
+        "attention_bias": bool(config.get("attention_bias")),
+        "mlp_bias": bool(config.get("mlp_bias")),
+        "hidden_act": config.get("hidden_act", "silu") != "silu",
+        "rope_scaling": bool(config.get("rope_scaling")),
+        "rope_parameters.rope_type": (config.get("rope_parameters") or {}).get("rope_type", "default") != "default",
+    }
+    bad = [name for name, is_bad in unsupported.items() if is_bad]
+    if bad:
+        raise ValueError(f"{source}: {', '.join(bad)} not supported by Meta's Llama 2 layout")
+    try:
+        dim, n_heads = int(config["hidden_size"]), int(config["num_attention_heads"])
+        n_layers, intermediate = int(config["num_hidden_layers"]), int(config["intermediate_size"])
+    except KeyError as e:
+        raise ValueError(f"{source} lacks {e.args[0]!r}") from e
+    if config.get("head_dim") not in (None, dim // n_heads):
+        raise ValueError(f"{source}: head_dim {config['head_dim']} != hidden_size / num_attention_heads")
+    n_kv_heads = int(config.get("num_key_value_heads") or n_heads)
+    rope_theta = config.get("rope_theta", (config.get("rope_parameters") or {}).get("rope_theta", 10000.0))
+    multiple_of, multiplier = ffn_params_for(dim, intermediate)
+    params: dict[str, Any] = {"dim": dim, "n_layers": n_layers, "n_heads": n_heads}
+    if n_kv_heads != n_heads:
+        params["n_kv_heads"] = n_kv_heads
+    params["multiple_of"] = multiple_of
+    if multiplier is not None:
+        params["ffn_dim_multiplier"] = multiplier
+    params["norm_eps"] = float(config.get("rms_norm_eps", 1e-6))  # LlamaConfig's default
+    params["rope_theta"] = float(rope_theta)
+    params["vocab_size"] = -1  # as Meta writes it: the tokenizer decides
+    return params
+
+
+def sentencepiece_model_type(serialized: bytes) -> int:
+    """trainer_spec.model_type of a serialized SentencePiece ModelProto: 1 unigram, 2 BPE, 3 word, 4 char.
+
+    A few lines of protobuf wire format (ModelProto field 2 is trainer_spec, TrainerSpec field 3 is model_type),
+    so that no protobuf package is needed.
+    """
+
+    def varint(buf: bytes, pos: int) -> tuple[int, int]:
+        value = shift = 0
+        while True:
+            byte = buf[pos]
+            value |= (byte & 0x7F) << shift
+            pos, shift = pos + 1, shift + 7
+            if byte < 0x80:
+                return value, pos
+
+    def fields(buf: bytes) -> Iterator[tuple[int, Any]]:
+        pos = 0
+        while pos < len(buf):
+            key, pos = varint(buf, pos)
+            number, wire = key >> 3, key & 7
+            if wire == 0:
+                value, pos = varint(buf, pos)
+            elif wire == 2:
+                size, pos = varint(buf, pos)
+                value, pos = buf[pos : pos + size], pos + size
+            elif wire in (1, 5):
+                size = 8 if wire == 1 else 4
+                value, pos = buf[pos : pos + size], pos + size
+            else:
+                raise ValueError(f"unexpected protobuf wire type {wire}")
+            yield number, value
+
+    for number, value in fields(serialized):
+        if number == 2:
+            return next((v for n, v in fields(value) if n == 3), 1)  # model_type defaults to UNIGRAM
+    return 1
+
+
+def tokenizer_json(tokenizer: Tokenizer) -> Optional[dict[str, Any]]:
+    """A ``tokenizers`` tokenizer.json for a SentencePiece BPE model such as Llama's; None for other models.
+
+    transformers 5 turns a bare tokenizer.model into its fast tokenizer only with protobuf installed; with this
+    file next to it, AutoTokenizer needs neither. SentencePiece's BPE joins, at each step, the adjacent pair whose
+    joined piece scores highest; a merge list ordered by the joined piece's score does the same.
+    """
+    sp = tokenizer.sp_model
+    if sentencepiece_model_type(sp.serialized_model_proto()) != 2:
+        return None
+    pieces = [sp.id_to_piece(i) for i in range(sp.vocab_size())]
+    special = [i for i in range(len(pieces)) if sp.is_control(i) or sp.is_unknown(i)]
+    normal = [i for i in range(len(pieces)) if not (i in special or sp.is_byte(i) or sp.is_unused(i))]
+    vocab = {piece: i for i, piece in enumerate(pieces)}
+    mergeable = {pieces[i] for i in normal}
+    merges = []
+    for i in sorted(normal, key=lambda i: -sp.get_score(i)):  # best first; sorted() keeps id order for ties
+        piece = pieces[i]
+        merges += [[piece[:j], piece[j:]] for j in range(1, len(piece)) if {piece[:j], piece[j:]} <= mergeable]
+    bos, unk = pieces[tokenizer.bos_id], pieces[sp.unk_id()]
+    return {
+        "version": "1.0",
+        "truncation": None,
+        "padding": None,
+        "added_tokens": [
+            {"id": i, "content": pieces[i], "single_word": False, "lstrip": False, "rstrip": False,
+             "normalized": False, "special": True}
+            for i in special
+        ],  # fmt: skip
+        # As SentencePiece with Llama's settings: "▁" before the text (add_dummy_prefix), and for every space.
+        "normalizer": {
+            "type": "Sequence",
+            "normalizers": [
+                {"type": "Prepend", "prepend": "▁"},
+                {"type": "Replace", "pattern": {"String": " "}, "content": "▁"},
+            ],
+        },
+        "pre_tokenizer": None,
+        "post_processor": {
+            "type": "TemplateProcessing",
+            "single": [{"SpecialToken": {"id": bos, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
+            "pair": [
+                {"SpecialToken": {"id": bos, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}},
+                {"SpecialToken": {"id": bos, "type_id": 1}}, {"Sequence": {"id": "B", "type_id": 1}},
+            ],  # fmt: skip
+            "special_tokens": {bos: {"id": bos, "ids": [tokenizer.bos_id], "tokens": [bos]}},
+        },
+        "decoder": {
+            "type": "Sequence",
+            "decoders": [
+                {"type": "Replace", "pattern": {"String": "▁"}, "content": " "},
+                {"type": "ByteFallback"},
+                {"type": "Fuse"},
+                {"type": "Strip", "content": " ", "start": 1, "stop": 0},
+            ],
+        },
+        "model": {
+            "type": "BPE", "dropout": None, "unk_token": unk, "continuing_subword_prefix": None,
+            "end_of_word_suffix": None, "fuse_unk": True, "byte_fallback": True, "ignore_merges": False,
+            "vocab": vocab, "merges": merges,
+        },  # fmt: skip
+    }
+
+
+def write_hf_tokenizer(tokenizer: Tokenizer, tokenizer_path: str | os.PathLike, out_dir: Path, max_length: int) -> None:
+    """Copy tokenizer.model into out_dir with the tokenizer_config.json (and tokenizer.json) that HF reads."""
+    sp = tokenizer.sp_model
+    shutil.copyfile(tokenizer_path, out_dir / "tokenizer.model")
+    config = {
+        "tokenizer_class": "LlamaTokenizer",
+        "bos_token": sp.id_to_piece(tokenizer.bos_id),
+        "eos_token": sp.id_to_piece(tokenizer.eos_id),
+        "unk_token": sp.id_to_piece(sp.unk_id()),
+        "pad_token": None,  # Llama has no padding piece
+        "add_bos_token": True,
+        "add_eos_token": False,
+        "legacy": False,
+        "clean_up_tokenization_spaces": False,
+        "model_max_length": max_length,
+    }
+    (out_dir / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
+    fast = tokenizer_json(tokenizer)
+    if fast is None:
+        logger.warning("%s is not a BPE model: wrote no tokenizer.json (HF then needs protobuf)", tokenizer_path)
+    else:
+        (out_dir / "tokenizer.json").write_text(json.dumps(fast, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def to_hf(
+    ckpt_dir: str,
+    tokenizer_path: str,
+    out_dir: str,
+    max_position_embeddings: int = 4096,
+    dtype: Optional[str] = None,
+    max_file_gb: float = 5.0,
+) -> Path:
+    """Write a Meta checkpoint (any number of shards) as a Hugging Face folder that
+    ``transformers.AutoModelForCausalLM.from_pretrained(out_dir)`` and ``AutoTokenizer`` load.
+
+    Args:
+        ckpt_dir: Meta checkpoint folder (params.json, consolidated.NN.pth).
+        tokenizer_path: its tokenizer.model (Meta keeps it one folder up).
+        out_dir: new folder (must not exist): config.json, model*.safetensors, tokenizer files.
+        max_position_embeddings: context length written to config.json (Llama 2: 4096).
+        dtype: float32, float16 or bfloat16; default: the checkpoint's own (bfloat16 for Meta's).
+        max_file_gb: largest safetensors file; bigger models get several files and an index. Memory holds
+            about one file's worth of weights at a time.
+    """
+    ckpt = checkpoint.open_checkpoint(ckpt_dir)
+    args = ckpt.args
+    tokenizer = Tokenizer(tokenizer_path)
+    if tokenizer.n_words != args.vocab_size:
+        raise ValueError(
+            f"{tokenizer_path!r} has {tokenizer.n_words} pieces but the checkpoint's vocabulary has "
+            f"{args.vocab_size} rows; is it the tokenizer of this model?"
+        )
+    keys = [k for k in ckpt.keys if k not in checkpoint.IGNORED_KEYS]
+    out_dtype = parse_dtype(dtype) or ckpt.shards[0][keys[0]].dtype
+    shapes = checkpoint.full_shapes(args)
+    files = _plan_files(keys, shapes, out_dtype.itemsize, max_file_gb)
+
+    def hf_tensor(key: str) -> torch.Tensor:  # the whole weight, in HF's layout and the output dtype
+        tensor = checkpoint.slice_for_rank(ckpt.shards, key, 0, 1)
+        if key.endswith("attention.wq.weight"):
+            tensor = permute_qk(tensor, args.n_heads)
+        elif key.endswith("attention.wk.weight"):
+            tensor = permute_qk(tensor, args.kv_heads)
+        return tensor.to(out_dtype).contiguous()
+
+    progress = ProgressLine("to_hf", len(files))
+    umask = os.umask(0)
+    os.umask(umask)
+    file_mode = 0o666 & ~umask
+    with checkpoint.atomic_output_dir(out_dir) as tmp:
+        weight_map = {}
+        for name, file_keys in files.items():
+            tensors = {meta_to_hf_name(k): hf_tensor(k) for k in file_keys}
+            safetensors.torch.save_file(tensors, tmp / name, metadata={"format": "pt"})
+            os.chmod(tmp / name, file_mode)  # safetensors creates its files private (0600)
+            weight_map.update(dict.fromkeys(tensors, name))
+            del tensors
+            progress(name)
+        if len(files) > 1:
+            total = sum(math.prod(shapes[k]) for k in keys) * out_dtype.itemsize
+            index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+            (tmp / SAFETENSORS_INDEX).write_text(json.dumps(index, indent=2) + "\n")
+        write_hf_tokenizer(tokenizer, tokenizer_path, tmp, max_position_embeddings)
+        config = hf_config(args, tokenizer.bos_id, tokenizer.eos_id, out_dtype, max_position_embeddings)
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    return Path(out_dir)
+
+
+def _plan_files(
+    keys: Sequence[str], shapes: Mapping[str, Sequence[int]], itemsize: int, max_file_gb: float
+) -> dict[str, list[str]]:
+    """Group keys, in order, into safetensors files of at most max_file_gb each: file name -> keys."""
+    limit, groups, size = max_file_gb * 1e9, [[]], 0
+    for key in keys:
+        nbytes = math.prod(shapes[key]) * itemsize
+        if groups[-1] and size + nbytes > limit:
+            groups.append([])
+            size = 0
+        groups[-1].append(key)
+        size += nbytes
+    if len(groups) == 1:
+        return {"model.safetensors": groups[0]}
+    n = len(groups)
+    return {f"model-{i + 1:05d}-of-{n:05d}.safetensors": group for i, group in enumerate(groups)}
+
+
+class _HFWeights:
+    """The weights of a Hugging Face folder, opened lazily (safetensors reads only the slices asked for)."""
+
+    def __init__(self, hf_dir: Path):
+        index = hf_dir / SAFETENSORS_INDEX
+        if index.is_file():
+            weight_map = json.loads(index.read_text())["weight_map"]
+            files = sorted(set(weight_map.values()))
+        else:
+            files = sorted(p.name for p in hf_dir.glob("*.safetensors"))
+            if not files:
+                found = ", ".join(sorted(p.name for p in hf_dir.glob("*.bin"))) or "none"
+                raise FileNotFoundError(
+                    f"no *.safetensors weights in {str(hf_dir)!r} (pickled *.bin files: {found}); only the "
+                    "safetensors format is read, as it cannot run code"
+                )
+        self.handles, self.file_of = {}, {}
+        for name in files:
+            path = hf_dir / name
+            try:
+                handle = safetensors.safe_open(str(path), framework="pt")
+            except Exception as e:  # safetensors raises its own error types for corrupt headers
+                raise ValueError(f"cannot read {str(path)!r} (corrupt or truncated?): {e}") from e
+            self.handles[name] = handle
+            for key in handle.keys():
+                self.file_of[key] = name
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self.handles[self.file_of[name]].get_slice(name).get_shape())
+
+    def read(self, name: str, dim: Optional[int] = None, lo: int = 0, hi: int = 0) -> torch.Tensor:
+        """Weight `name`, or only [lo, hi) along dim."""
+        handle = self.handles[self.file_of[name]]
+        if dim is None:
+            return handle.get_tensor(name)
+        part = handle.get_slice(name)
+        return part[lo:hi] if dim == 0 else part[:, lo:hi]
+
+
+def from_hf(hf_dir: str, out_dir: str, model_parallel_size: int = 1, dtype: Optional[str] = None) -> Path:
+    """Write a Hugging Face Llama folder (config.json, *.safetensors) as a Meta checkpoint folder.
+
+    Args:
+        hf_dir: folder with config.json and model.safetensors (or model-*.safetensors and their index).
+        out_dir: new folder (must not exist): params.json, consolidated.NN.pth, and tokenizer.model when
+            hf_dir has one.
+        model_parallel_size: number of shards to write (Meta's: 1 for 7B, 2 for 13B, 8 for 70B).
+        dtype: float32, float16 or bfloat16; default: the weights' own.
+    """
+    hf = Path(hf_dir)
+    config_path = hf / "config.json"
+    if not config_path.is_file():
+        raise FileNotFoundError(f"{str(config_path)!r} not found: a Hugging Face model folder holds config.json")
+    try:
+        config = json.loads(config_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{str(config_path)!r} is not valid JSON: {e}") from e
+    params = params_from_hf_config(config, str(config_path))
+    weights = _HFWeights(hf)
+    tied = bool(config.get("tie_word_embeddings")) and "lm_head.weight" not in weights.file_of
+
+    def hf_name(key: str) -> str:
+        return "model.embed_tokens.weight" if tied and key == "output.weight" else meta_to_hf_name(key)
+
+    try:
+        args = ModelArgs.from_params({**params, "vocab_size": 1})  # vocab_size: read from the weights below
+    except ValueError as e:
+        raise ValueError(f"{str(config_path)!r} is not a valid Llama configuration: {e}") from e
+    names = {k: hf_name(k) for k in checkpoint.full_shapes(args)}
+    missing = sorted(n for n in names.values() if n not in weights.file_of)
+    unknown = sorted(n for n in weights.file_of if n not in names.values() and not n.endswith("rotary_emb.inv_freq"))
+    if missing or unknown:
+        raise ValueError(
+            f"the weights in {str(hf)!r} do not fit its config.json: missing {', '.join(missing) or 'none'}; "
+            f"unexpected {', '.join(unknown) or 'none'}"
+        )
+    vocab_size = weights.shape(names["output.weight"])[0]
+    args.vocab_size = vocab_size
+    shapes = {key: weights.shape(name) for key, name in names.items()}
+    checkpoint.check_state_dict(shapes, checkpoint.full_shapes(args), repr(str(hf)))
+    if not isinstance(model_parallel_size, int) or isinstance(model_parallel_size, bool) or model_parallel_size < 1:
+        raise ValueError(f"model_parallel_size must be a positive integer, got {model_parallel_size!r}")
+    check_model_parallel_fit(args, model_parallel_size)
+    out_dtype = parse_dtype(dtype)
+    n = model_parallel_size
+
+    def meta_slice(key: str, rank: int) -> torch.Tensor:
+        # Ranks split q/k by whole heads, and the permutation stays inside each head, so a rank's rows can be
+        # read in HF's layout and permuted on their own.
+        dim = checkpoint.shard_dim(key)
+        lo, hi = checkpoint.rank_bounds(key, shapes[key][dim], rank, n) if dim is not None else (0, 0)
+        tensor = weights.read(names[key], dim, lo, hi)
+        if key.endswith("attention.wq.weight"):
+            tensor = permute_qk(tensor, args.n_heads // n, inverse=True)
+        elif key.endswith("attention.wk.weight"):
+            tensor = permute_qk(tensor, args.kv_heads // n, inverse=True)
+        return tensor.to(out_dtype) if out_dtype is not None else tensor
+
+    def shards() -> Iterator[dict[str, torch.Tensor]]:
+        for rank in range(n):
+            yield {key: meta_slice(key, rank) for key in names}
+
+    tokenizer = hf / "tokenizer.model"
+    extra = [tokenizer] if tokenizer.is_file() else []
+    return checkpoint.save_checkpoint(out_dir, shards(), params, extra, ProgressLine("from_hf", n))
+
+
+if __name__ == "__main__":
+    fire.Fire({"to_hf": to_hf, "from_hf": from_hf})
