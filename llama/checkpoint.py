@@ -240,6 +240,11 @@ class Checkpoint:
         """Every key of the shards, in file order (including ignored ones such as rope.freqs)."""
         return list(self.shards[0])
 
+    def remap(self) -> list[dict[str, torch.Tensor]]:
+        """The shards mapped afresh. Pages read through a mapping count in this process's memory until the
+        mapping goes, so a tool that reads the checkpoint piece by piece takes fresh mappings for each piece."""
+        return [load_shard(p) for p in self.paths]
+
 
 def open_checkpoint(ckpt_dir: str | os.PathLike) -> Checkpoint:
     """Open a Meta checkpoint folder and check that its shards fit together and fit params.json.

@@ -360,8 +360,9 @@ def to_hf(
     shapes = checkpoint.full_shapes(args)
     files = _plan_files(keys, shapes, out_dtype.itemsize, max_file_gb)
 
-    def hf_tensor(key: str) -> torch.Tensor:  # the whole weight, in HF's layout and the output dtype
-        tensor = checkpoint.slice_for_rank(ckpt.shards, key, 0, 1)
+    def hf_tensor(inputs: list[dict[str, torch.Tensor]], key: str) -> torch.Tensor:
+        """The whole weight, in HF's layout and the output dtype."""
+        tensor = checkpoint.slice_for_rank(inputs, key, 0, 1)
         if key.endswith("attention.wq.weight"):
             tensor = permute_qk(tensor, args.n_heads)
         elif key.endswith("attention.wk.weight"):
@@ -375,11 +376,12 @@ def to_hf(
     with checkpoint.atomic_output_dir(out_dir) as tmp:
         weight_map = {}
         for name, file_keys in files.items():
-            tensors = {meta_to_hf_name(k): hf_tensor(k) for k in file_keys}
+            inputs = ckpt.remap()  # so the input pages read for one file leave memory with it
+            tensors = {meta_to_hf_name(k): hf_tensor(inputs, k) for k in file_keys}
             safetensors.torch.save_file(tensors, tmp / name, metadata={"format": "pt"})
             os.chmod(tmp / name, file_mode)  # safetensors creates its files private (0600)
             weight_map.update(dict.fromkeys(tensors, name))
-            del tensors
+            del tensors, inputs
             progress(name)
         if len(files) > 1:
             total = sum(math.prod(shapes[k]) for k in keys) * out_dtype.itemsize
@@ -495,7 +497,7 @@ def from_hf(hf_dir: str, out_dir: str, model_parallel_size: int = 1, dtype: Opti
     out_dtype = parse_dtype(dtype)
     n = model_parallel_size
 
-    def meta_slice(key: str, rank: int) -> torch.Tensor:
+    def meta_slice(weights: _HFWeights, key: str, rank: int) -> torch.Tensor:
         # Ranks split q/k by whole heads, and the permutation stays inside each head, so a rank's rows can be
         # read in HF's layout and permuted on their own.
         dim = checkpoint.shard_dim(key)
@@ -509,7 +511,8 @@ def from_hf(hf_dir: str, out_dir: str, model_parallel_size: int = 1, dtype: Opti
 
     def shards() -> Iterator[dict[str, torch.Tensor]]:
         for rank in range(n):
-            yield {key: meta_slice(key, rank) for key in names}
+            weights = _HFWeights(hf)  # opened afresh, so the pages read for one shard leave memory with it
+            yield {key: meta_slice(weights, key, rank) for key in names}
 
     tokenizer = hf / "tokenizer.model"
     extra = [tokenizer] if tokenizer.is_file() else []

@@ -55,9 +55,10 @@ def reshard(
     """Write a copy of the checkpoint in ckpt_dir split into model_parallel_size shards; return out_dir.
 
     Output shards are cut one at a time from the memory-mapped input shards and written before the next one is
-    made, so memory holds about one output shard. params.json is copied as is, and tokenizer.model too when
-    the folder has one. Everything is checked before anything is written, and an interrupted run leaves
-    nothing behind (see ``checkpoint.save_checkpoint``).
+    made, so memory holds about one output shard, plus the input pages it was cut from (clean page cache, which
+    the kernel can reclaim). params.json is copied as is, and tokenizer.model too when the folder has one.
+    Everything is checked before anything is written, and an interrupted run leaves nothing behind (see
+    ``checkpoint.save_checkpoint``).
     """
     out_dir = Path(out_dir)
     if out_dir.exists():  # fail before reading anything; save_checkpoint checks again
@@ -69,7 +70,8 @@ def reshard(
 
     def shards() -> Iterator[dict[str, torch.Tensor]]:
         for rank in range(model_parallel_size):
-            yield {key: checkpoint.slice_for_rank(ckpt.shards, key, rank, model_parallel_size) for key in ckpt.keys}
+            inputs = ckpt.remap()  # so the input pages read for one output shard leave memory with it
+            yield {key: checkpoint.slice_for_rank(inputs, key, rank, model_parallel_size) for key in ckpt.keys}
 
     tokenizer = ckpt.folder / "tokenizer.model"
     extra = [tokenizer] if tokenizer.is_file() else []
