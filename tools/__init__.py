@@ -1,0 +1,1 @@
+"""Maintenance scripts of the repository (data fetching, demo model training and evaluation); not installed."""
