@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import os
 from typing import Iterator, Optional
@@ -60,6 +61,9 @@ def setup_model_parallel(model_parallel_size: Optional[int], device: torch.devic
             dist.init_process_group(backend)
         else:
             dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+        # We made the group, so we take it down: a gloo group left to interpreter teardown sometimes aborts
+        # a rank at exit ("terminate called without an active exception"), failing a finished torchrun job.
+        atexit.register(_destroy_process_group)
     world_size = dist.get_world_size()
     if model_parallel_size is None:
         model_parallel_size = world_size
@@ -78,6 +82,11 @@ def setup_model_parallel(model_parallel_size: Optional[int], device: torch.devic
     if device.type == "cuda":
         torch.cuda.set_device(device)
     return model_parallel_size
+
+
+def _destroy_process_group() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def model_parallel_rank() -> int:

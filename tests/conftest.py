@@ -16,6 +16,10 @@ from llama.model import ModelArgs, Transformer
 
 REPO = Path(__file__).resolve().parent.parent
 
+# Tiny models gain nothing from threads, and on a shared 2-core machine threads fighting another job make
+# in-process tests many times slower.
+torch.set_num_threads(1)
+
 # name -> tiny ModelArgs covering each variant the reference supports
 TINY_CONFIGS = {
     "mha": dict(dim=64, n_layers=2, n_heads=4),
