@@ -18,7 +18,7 @@ DATA = Path(__file__).resolve().parent / "data"
 
 # Perplexity of the demo model on the first demo_eval.TEST_MAX_TOKENS tokens of tests/data/demo_heldout.txt, as
 # reported in MODEL_CARD.md ("test sample"), with a 10% margin for other CPUs' float rounding.
-MODEL_CARD_SAMPLE_PPL = 96.65
+MODEL_CARD_SAMPLE_PPL = 91.60
 PPL_LIMIT = MODEL_CARD_SAMPLE_PPL * 1.1
 
 PROMPTS = ["A computer is", "The meaning of life is", "Never trust a man who"]
