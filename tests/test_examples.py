@@ -56,3 +56,26 @@ def test_example_rejects_half_a_model():
     )  # fmt: skip
     assert proc.returncode != 0
     assert "give both ckpt_dir and tokenizer_path" in proc.stderr
+
+
+def generations(out: str) -> list[str]:
+    """The text after "> " in each printed block."""
+    return [block.split("\n> ", 1)[1].strip() for block in out.split(SEPARATOR)[:-1]]
+
+
+def test_text_example_without_arguments_uses_the_demo_model():
+    """No arguments: the built-in demo model; greedy output is the same under python and torchrun."""
+    plain = run([sys.executable, "example_text_completion.py", "--temperature=0"]).stdout
+    launched = run(launcher(1) + ["example_text_completion.py", "--temperature=0"]).stdout
+    assert "Using the built-in demo model" in plain
+    assert len(generations(plain)) == 4 and all(len(g) > 5 for g in generations(plain))
+    assert sum(w.isalpha() for w in " ".join(generations(plain)).split()) >= 20
+    assert plain.split("Using", 1)[1] == launched.split("Using", 1)[1]
+
+
+def test_chat_example_without_arguments_answers_in_english():
+    out = run([sys.executable, "example_chat_completion.py", "--max_gen_len=24"]).stdout
+    answers = [line for line in out.splitlines() if line.startswith("> Assistant: ")]
+    assert len(answers) == 6
+    words = " ".join(answers).replace("> Assistant: ", " ").split()
+    assert sum(w.isalpha() for w in words) >= len(answers) * 2
