@@ -13,6 +13,29 @@ from llama.cli import build_generator
 from llama.distributed import is_main_process
 from llama.interactive import chat_loop
 
+# The dialogs this example answers (tools/finetune_demo_chat.py samples the demo model on them too).
+DIALOGS: List[Dialog] = [
+    [{"role": "user", "content": "What should I pack for a weekend of hiking?"}],
+    [
+        {"role": "user", "content": "Can you suggest a name for a grey cat?"},
+        {"role": "assistant", "content": "How about Pebble? It is short, friendly and fits a grey coat."},
+        {"role": "user", "content": "Nice. Give me two more in the same style."},
+    ],
+    [
+        {"role": "system", "content": "Answer in one short sentence."},
+        {"role": "user", "content": "Why is the sky blue?"},
+    ],
+    [
+        {"role": "system", "content": "You are a patient teacher who explains with everyday examples."},
+        {"role": "user", "content": "What is compound interest?"},
+    ],
+    [
+        {"role": "system", "content": "Reply only with rhyming couplets."},
+        {"role": "user", "content": "Describe a rainy morning."},
+    ],
+    [{"role": "user", "content": "Write a haiku about the sea."}],
+]
+
 
 def main(
     ckpt_dir: Optional[str] = None,
@@ -51,29 +74,8 @@ def main(
         chat_loop(generator, system=system, temperature=temperature, top_p=top_p, max_gen_len=max_gen_len)
         return
 
-    dialogs: List[Dialog] = [
-        [{"role": "user", "content": "What should I pack for a weekend of hiking?"}],
-        [
-            {"role": "user", "content": "Can you suggest a name for a grey cat?"},
-            {"role": "assistant", "content": "How about Pebble? It is short, friendly and fits a grey coat."},
-            {"role": "user", "content": "Nice. Give me two more in the same style."},
-        ],
-        [
-            {"role": "system", "content": "Answer in one short sentence."},
-            {"role": "user", "content": "Why is the sky blue?"},
-        ],
-        [
-            {"role": "system", "content": "You are a patient teacher who explains with everyday examples."},
-            {"role": "user", "content": "What is compound interest?"},
-        ],
-        [
-            {"role": "system", "content": "Reply only with rhyming couplets."},
-            {"role": "user", "content": "Describe a rainy morning."},
-        ],
-        [{"role": "user", "content": "Write a haiku about the sea."}],
-    ]
-    for start in range(0, len(dialogs), max_batch_size):
-        batch = dialogs[start : start + max_batch_size]
+    for start in range(0, len(DIALOGS), max_batch_size):
+        batch = DIALOGS[start : start + max_batch_size]
         results = generator.chat_completion(batch, max_gen_len=max_gen_len, temperature=temperature, top_p=top_p)
         if is_main_process():
             for dialog, result in zip(batch, results):

@@ -43,6 +43,7 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:  # run as a script: make llama and tools importable
     sys.path.insert(0, str(REPO))
 
+from example_chat_completion import DIALOGS  # noqa: E402
 from llama import Dialog, Llama  # noqa: E402
 from llama.generation import encode_dialog  # noqa: E402
 from llama.model import ModelArgs  # noqa: E402
@@ -123,29 +124,7 @@ FOLLOW_UPS = [
     "Nice! Give me another.",
 ]
 
-# The dialogs of example_chat_completion.py (none of these prompts is in the training mix), for the samples in
-# the metrics and MODEL_CARD.md.
-EVAL_DIALOGS: list[Dialog] = [
-    [{"role": "user", "content": "What should I pack for a weekend of hiking?"}],
-    [
-        {"role": "user", "content": "Can you suggest a name for a grey cat?"},
-        {"role": "assistant", "content": "How about Pebble? It is short, friendly and fits a grey coat."},
-        {"role": "user", "content": "Nice. Give me two more in the same style."},
-    ],
-    [
-        {"role": "system", "content": "Answer in one short sentence."},
-        {"role": "user", "content": "Why is the sky blue?"},
-    ],
-    [
-        {"role": "system", "content": "You are a patient teacher who explains with everyday examples."},
-        {"role": "user", "content": "What is compound interest?"},
-    ],
-    [
-        {"role": "system", "content": "Reply only with rhyming couplets."},
-        {"role": "user", "content": "Describe a rainy morning."},
-    ],
-    [{"role": "user", "content": "Write a haiku about the sea."}],
-]
+EVAL_DIALOGS: list[Dialog] = DIALOGS  # the example script's dialogs; none of them is in the training mix
 
 SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z\"'])")
 
