@@ -24,7 +24,7 @@ import fairscale.nn.model_parallel.initialize as fs_init
 import torch
 import torch.nn.functional as F
 
-from llama.model import Transformer, precompute_freqs_cis, repeat_kv
+from llama.model import Transformer, precompute_freqs_cis
 
 
 def rope_cos_sin(head_dim: int, end: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -70,11 +70,15 @@ def decode_step(
         cache_k, cache_v = attn.cache_k[:bsz], attn.cache_v[:bsz]  # (bsz, max_len, n_kv_heads, head_dim)
         cache_k.index_copy_(1, pos, xk)
         cache_v.index_copy_(1, pos, xv)
-        keys = repeat_kv(cache_k, attn.n_rep).transpose(1, 2)  # (bsz, n_heads, max_len, head_dim)
-        values = repeat_kv(cache_v, attn.n_rep).transpose(1, 2)
-        scores = torch.matmul(xq.transpose(1, 2), keys.transpose(2, 3)) / math.sqrt(attn.head_dim) + mask
-        scores = F.softmax(scores.float(), dim=-1).type_as(xq)  # (bsz, n_heads, 1, max_len)
-        out = torch.matmul(scores, values).transpose(1, 2).reshape(bsz, 1, -1)
+        # Attention in fp32, with the query heads grouped by the KV head they share instead of repeat_kv
+        # copies: torch's half-precision batched matmuls with one query row are slow on CPUs, and fp32 is
+        # the reference's own precision for the softmax. Head h = kv * n_rep + r, as in repeat_kv.
+        q = xq.view(bsz, attn.n_local_kv_heads, attn.n_rep, attn.head_dim).float()
+        keys = cache_k.transpose(1, 2).float()  # (bsz, n_kv_heads, max_len, head_dim)
+        values = cache_v.transpose(1, 2).float()
+        scores = torch.matmul(q, keys.transpose(2, 3)) / math.sqrt(attn.head_dim) + mask.float()
+        scores = F.softmax(scores, dim=-1)  # (bsz, n_kv_heads, n_rep, max_len)
+        out = torch.matmul(scores, values).reshape(bsz, 1, -1).type_as(xq)
         h = h + F.linear(out, attn.wo.weight)
         ff = layer.feed_forward
         x = layer.ffn_norm(h)
