@@ -43,6 +43,7 @@ def build_generator(
     compile: bool,
 ) -> Llama:
     """Llama.build from the example scripts' arguments; rank 0 logs at INFO and says which model it uses."""
+    logging.basicConfig(level=logging.INFO if is_main_process() else logging.WARNING, format="%(message)s")
     ckpt_dir, tokenizer_path, name = resolve_model(ckpt_dir, tokenizer_path)
     generator = Llama.build(
         ckpt_dir=ckpt_dir,
@@ -53,8 +54,6 @@ def build_generator(
         dtype=parse_dtype(dtype),
         compile=compile,
     )
-    # After build, so that the process group exists and only rank 0 speaks.
-    logging.basicConfig(level=logging.INFO if is_main_process() else logging.WARNING, format="%(message)s")
     if is_main_process():
         print(f"Using {name}")
     return generator

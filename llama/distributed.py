@@ -94,5 +94,7 @@ def model_parallel_rank() -> int:
 
 
 def is_main_process() -> bool:
-    """True on global rank 0, or when no process group exists."""
-    return not dist.is_initialized() or dist.get_rank() == 0
+    """True on global rank 0; before a process group exists, on the process the launcher made rank 0."""
+    if dist.is_initialized():
+        return dist.get_rank() == 0
+    return int(os.environ.get("RANK", 0)) == 0

@@ -61,7 +61,7 @@ def decode_step(
     max_len = first.cache_k.shape[1]
     # Positions after pos hold stale or zero keys: mask them out. (1, max_len), broadcast over batch and heads.
     visible = torch.arange(max_len, device=tokens.device)[None, :] <= pos
-    mask = torch.zeros(visible.shape, device=tokens.device).masked_fill(~visible, float("-inf")).to(h.dtype)
+    mask = torch.zeros(visible.shape, device=tokens.device).masked_fill(~visible, float("-inf"))  # fp32
     for layer in model.layers:
         attn = layer.attention
         x = layer.attention_norm(h)
@@ -78,7 +78,7 @@ def decode_step(
         q = xq.view(bsz, attn.n_local_kv_heads, attn.n_rep, attn.head_dim).float()
         keys = cache_k.transpose(1, 2).float()  # (bsz, n_kv_heads, max_len, head_dim)
         values = cache_v.transpose(1, 2).float()
-        scores = torch.matmul(q, keys.transpose(2, 3)) / math.sqrt(attn.head_dim) + mask.float()
+        scores = torch.matmul(q, keys.transpose(2, 3)) / math.sqrt(attn.head_dim) + mask
         scores = F.softmax(scores, dim=-1)  # (bsz, n_kv_heads, n_rep, max_len)
         out = torch.matmul(scores, values).reshape(bsz, 1, -1).type_as(xq)
         h = h + F.linear(out, attn.wo.weight)

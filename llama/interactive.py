@@ -40,17 +40,19 @@ def _catch_interrupt() -> Iterator[Callable[[], bool]]:
 
 def fit_dialog(
     generator: Llama, system: Optional[str], turns: List[Message], answer_room: int
-) -> tuple[List[Message], int]:
+) -> tuple[List[Message], Dialog, int, int]:
     """Drop the oldest (user, assistant) pairs until the prompt leaves answer_room tokens in max_seq_len.
 
-    Returns the turns that fit and how many pairs were dropped; the last user message is never dropped here.
+    Returns the turns kept, the dialog to send (system message first), its length in tokens, and how many
+    pairs were dropped. The last user message is never dropped here.
     """
     max_seq_len = generator.model.params.max_seq_len
     dropped = 0
     while True:
         dialog: Dialog = ([{"role": "system", "content": system}] if system else []) + turns
-        if len(encode_dialog(generator.tokenizer, dialog)) + answer_room <= max_seq_len or len(turns) <= 1:
-            return turns, dropped
+        prompt_len = len(encode_dialog(generator.tokenizer, dialog))
+        if prompt_len + answer_room <= max_seq_len or len(turns) <= 1:
+            return turns, dialog, prompt_len, dropped
         turns = turns[2:]
         dropped += 1
 
@@ -97,11 +99,10 @@ def chat_loop(
             say("[dialog cleared]")
             continue
 
-        turns, dropped = fit_dialog(generator, system, turns + [{"role": "user", "content": line}], answer_room)
+        message: Message = {"role": "user", "content": line}
+        turns, dialog, prompt_len, dropped = fit_dialog(generator, system, turns + [message], answer_room)
         if dropped:
             say(f"[dropped the {dropped} oldest exchange(s) to fit max_seq_len={max_seq_len}]")
-        dialog: Dialog = ([{"role": "system", "content": system}] if system else []) + turns
-        prompt_len = len(encode_dialog(generator.tokenizer, dialog))
         if prompt_len + answer_room > max_seq_len:
             say(f"[that message is too long for max_seq_len={max_seq_len}; please shorten it]")
             turns = turns[:-1]

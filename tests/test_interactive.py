@@ -23,6 +23,14 @@ def spawn(ckpt, tokenizer_path, *extra, nproc=0):
     return pexpect.spawn(sys.executable, args, cwd=str(REPO), env=env, encoding="utf-8", timeout=120)
 
 
+def exit_cleanly(child) -> None:
+    """/exit ends the chat with exit status 0."""
+    child.sendline("/exit")
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 0
+
+
 @pytest.mark.slow
 def test_chat_session_in_a_terminal(make_checkpoint, tokenizer_path):
     child = spawn(make_checkpoint("gqa"), tokenizer_path, "--system=Answer briefly.")
@@ -55,10 +63,7 @@ def test_chat_session_in_a_terminal(make_checkpoint, tokenizer_path):
 
     child.sendintr()  # Ctrl-C at the prompt: a fresh prompt, not an exit
     child.expect("You: ")
-    child.sendline("/exit")
-    child.expect(pexpect.EOF)
-    child.close()
-    assert child.exitstatus == 0
+    exit_cleanly(child)
 
 
 @pytest.mark.slow
@@ -69,10 +74,7 @@ def test_chat_under_torchrun_with_two_processes(make_checkpoint, tokenizer_path)
     child.expect("Assistant: ")
     child.expect("You: ")  # rank 0 read the line, both ranks generated, rank 0 printed once
     assert "Assistant" not in child.before
-    child.sendline("/exit")
-    child.expect(pexpect.EOF)
-    child.close()
-    assert child.exitstatus == 0
+    exit_cleanly(child)
 
 
 @pytest.mark.slow
