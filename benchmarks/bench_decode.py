@@ -7,6 +7,9 @@ hard floor on the time per token, and each result is reported as a percentage of
     python benchmarks/bench_decode.py                         # CPU: the 0.85B shape in bfloat16
     python benchmarks/bench_decode.py --device cuda           # GPU: the Llama-2-7B shape, batches 1, 8, 32
     python benchmarks/bench_decode.py --dim 512 --n_layers 4  # any shape
+
+On a CPU with bf16 weights the fast path runs its linear layers through the C kernel of llama/cpu_gemv.py;
+the row "fast, torch GEMV" is the same path with torch's kernels, to show what the kernel brings.
 """
 
 from __future__ import annotations
@@ -145,6 +148,10 @@ def main(argv: Optional[list[str]] = None) -> None:
     faithful = Llama(model, tokenizer)  # type: ignore[arg-type]
     start = time.perf_counter()
     fast = Llama(model, tokenizer, fast=FastDecoder(model, compile=True))  # type: ignore[arg-type]
+    fast_torch_gemv = None
+    if fast.fast.use_cpu_gemv:
+        decoder = FastDecoder(model, compile=True, use_cpu_gemv=False)
+        fast_torch_gemv = Llama(model, tokenizer, fast=decoder)  # type: ignore[arg-type]
     results: dict[str, object] = {"shape": shape, "dtype": opts.dtype, "device": str(device),
                                   "torch": torch.__version__, "bandwidth_GBps": bandwidth / 1e9,
                                   "limit_ms_per_token": floor_ms, "decode": [], "prefill": []}  # fmt: skip
@@ -164,6 +171,9 @@ def main(argv: Optional[list[str]] = None) -> None:
         row = {"batch": bsz}
         row["faithful"] = decode_ms_per_token(ours(faithful), device, opts.gen_short, opts.gen_long, opts.repeat)
         row["fast"] = decode_ms_per_token(ours(fast), device, opts.gen_short, opts.gen_long, opts.repeat)
+        if fast_torch_gemv is not None and bsz == 1:  # the kernel only serves one row
+            gen = ours(fast_torch_gemv)
+            row["fast, torch GEMV"] = decode_ms_per_token(gen, device, opts.gen_short, opts.gen_long, opts.repeat)
         if hf is not None:
             ids = torch.tensor(prompts, device=device)
 
@@ -173,16 +183,16 @@ def main(argv: Optional[list[str]] = None) -> None:
 
             row["transformers"] = decode_ms_per_token(hf_generate, device, opts.gen_short, opts.gen_long, opts.repeat)
         results["decode"].append(row)
-        print(f"\nbatch {bsz}: ms/token   tok/s    vs transformers   % of bandwidth limit")
-        for name in ("faithful", "fast", "transformers"):
+        print(f"\nbatch {bsz}:{'':14s}ms/token   tok/s    vs transformers   % of bandwidth limit")
+        for name in ("faithful", "fast", "fast, torch GEMV", "transformers"):
             if name in row:
                 ms = row[name]
                 vs = f"{row['transformers'] / ms:5.2f}x" if "transformers" in row else "   - "
                 pct = floor_ms / ms * 100 if bsz == 1 else float("nan")
-                print(f"  {name:12s} {ms:8.1f} {bsz * 1e3 / ms:8.1f}   {vs}            {pct:5.0f}%")
+                print(f"  {name:18s} {ms:8.1f} {bsz * 1e3 / ms:8.1f}   {vs}            {pct:5.0f}%")
 
     # Prefill needs a cache as long as the prompt: a second model sharing the same weight tensors.
-    fast = hf = None  # free their memory
+    fast = fast_torch_gemv = hf = None  # free their memory
     long_args = ModelArgs(**shape, max_batch_size=1, max_seq_len=max(prefill_lens + [max_seq_len]))
     with torch.device(device), default_dtype_scope(dtype):
         long_model = Transformer(long_args)

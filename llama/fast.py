@@ -8,7 +8,9 @@ keeps the math and removes that overhead:
 - static shapes: the step writes its keys and values into the preallocated cache at the current position
   (``index_copy_``) and attends over the whole cache, with the unwritten positions masked;
 - RoPE with real cos/sin tables taken from the complex ``freqs_cis`` (proven equal in the tests);
-- ``torch.compile`` of the whole step (inductor on CPU; CUDA graphs on GPU via "reduce-overhead").
+- ``torch.compile`` of the whole step (inductor on CPU; CUDA graphs on GPU via "reduce-overhead");
+- on CPUs with bf16 weights and one row, the linear layers run through ``llama.cpu_gemv``'s C kernel, which
+  streams the weights faster than torch's bf16 kernel does.
 
 Prefill stays on the faithful eager path. The decoding loop in ``Llama._decode`` also keeps sampling on the
 device and checks for EOS only every few steps. In fp32 the numbers are the faithful path's within rounding;
@@ -26,6 +28,7 @@ import fairscale.nn.model_parallel.initialize as fs_init
 import torch
 import torch.nn.functional as F
 
+from llama import cpu_gemv
 from llama.model import Transformer, precompute_freqs_cis
 
 
@@ -48,13 +51,20 @@ def apply_rotary_emb_real(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor)
 
 
 def decode_step(
-    model: Transformer, tokens: torch.Tensor, pos: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+    model: Transformer,
+    tokens: torch.Tensor,
+    pos: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    use_cpu_gemv: bool = False,
 ) -> torch.Tensor:
     """Logits (bsz, 1, vocab) in fp32 for tokens (bsz, 1) at position pos (a 1-element long tensor).
 
-    Every shape is fixed by (bsz, max_seq_len), so the step compiles once per batch size.
+    Every shape is fixed by (bsz, max_seq_len), so the step compiles once per batch size. use_cpu_gemv: run
+    the linear layers through ``cpu_gemv.linear_bf16`` when bsz is 1 (the caller checks it applies).
     """
     bsz = tokens.shape[0]
+    linear = torch.ops.llama.linear_bf16 if use_cpu_gemv and bsz == 1 else F.linear
     h = F.embedding(tokens, model.tok_embeddings.weight)  # (bsz, 1, dim)
     c, s = cos.index_select(0, pos), sin.index_select(0, pos)  # (1, head_dim // 2)
     first = model.layers[0].attention
@@ -65,9 +75,9 @@ def decode_step(
     for layer in model.layers:
         attn = layer.attention
         x = layer.attention_norm(h)
-        xq = F.linear(x, attn.wq.weight).view(bsz, 1, attn.n_local_heads, attn.head_dim)
-        xk = F.linear(x, attn.wk.weight).view(bsz, 1, attn.n_local_kv_heads, attn.head_dim)
-        xv = F.linear(x, attn.wv.weight).view(bsz, 1, attn.n_local_kv_heads, attn.head_dim)
+        xq = linear(x, attn.wq.weight).view(bsz, 1, attn.n_local_heads, attn.head_dim)
+        xk = linear(x, attn.wk.weight).view(bsz, 1, attn.n_local_kv_heads, attn.head_dim)
+        xv = linear(x, attn.wv.weight).view(bsz, 1, attn.n_local_kv_heads, attn.head_dim)
         xq, xk = apply_rotary_emb_real(xq, c, s), apply_rotary_emb_real(xk, c, s)
         cache_k, cache_v = attn.cache_k[:bsz], attn.cache_v[:bsz]  # (bsz, max_len, n_kv_heads, head_dim)
         cache_k.index_copy_(1, pos, xk)
@@ -81,11 +91,11 @@ def decode_step(
         scores = torch.matmul(q, keys.transpose(2, 3)) / math.sqrt(attn.head_dim) + mask
         scores = F.softmax(scores, dim=-1)  # (bsz, n_kv_heads, n_rep, max_len)
         out = torch.matmul(scores, values).reshape(bsz, 1, -1).type_as(xq)
-        h = h + F.linear(out, attn.wo.weight)
+        h = h + linear(out, attn.wo.weight)
         ff = layer.feed_forward
         x = layer.ffn_norm(h)
-        h = h + F.linear(F.silu(F.linear(x, ff.w1.weight)) * F.linear(x, ff.w3.weight), ff.w2.weight)
-    return F.linear(model.norm(h), model.output.weight).float()
+        h = h + linear(F.silu(linear(x, ff.w1.weight)) * linear(x, ff.w3.weight), ff.w2.weight)
+    return linear(model.norm(h), model.output.weight).float()
 
 
 class FastDecoder:
@@ -94,7 +104,7 @@ class FastDecoder:
     # The fast loop asks the device whether every row has ended only this often.
     eos_check_every = 16
 
-    def __init__(self, model: Transformer, compile: bool = True):
+    def __init__(self, model: Transformer, compile: bool = True, use_cpu_gemv: bool = True):
         if fs_init.model_parallel_is_initialized() and fs_init.get_model_parallel_world_size() != 1:
             raise ValueError(
                 "the fast path (compile=True) runs with one model-parallel rank; load the checkpoint on one "
@@ -105,6 +115,9 @@ class FastDecoder:
         params = model.params
         cos, sin = rope_cos_sin(params.head_dim, 2 * params.max_seq_len, params.rope_theta)
         self.cos, self.sin = cos.to(device), sin.to(device)
+        # All weights share one dtype and device. use_cpu_gemv=False keeps torch's kernels (the benchmark
+        # compares both).
+        self.use_cpu_gemv = use_cpu_gemv and cpu_gemv.applies(1, model.output.weight)
         self.step: Callable[..., torch.Tensor] = decode_step
         if compile:
             mode = "reduce-overhead" if device.type == "cuda" else None  # CUDA graphs on GPU
@@ -114,4 +127,4 @@ class FastDecoder:
     def __call__(self, tokens: torch.Tensor, start_pos: int) -> torch.Tensor:
         pos = torch.tensor([start_pos], dtype=torch.long, device=tokens.device)
         # clone: a column view of the token grid carries the grid's stride, which would force a recompile
-        return self.step(self.model, tokens.clone(), pos, self.cos, self.sin)
+        return self.step(self.model, tokens.clone(), pos, self.cos, self.sin, self.use_cpu_gemv)

@@ -1,0 +1,151 @@
+"""A faster bf16 matrix-vector product for batch-1 decoding on CPUs, used by the fast path (``llama.fast``).
+
+Decoding one token reads every weight once, so its speed is the speed at which the linear layers stream
+their weights. torch's bf16 kernel for one input row reads them at about half the machine's memory
+bandwidth on the CPUs we measured (benchmarks/RESULTS.md). ``csrc/gemv_bf16.c`` is a plain C loop that the
+compiler vectorizes for the CPU at hand and that OpenMP splits across the cores; it streams the weights at
+close to the full bandwidth.
+
+It is compiled on first use with the system C compiler (``$CC``, else ``cc``) into a cache folder
+(``$LLAMA_KERNEL_CACHE``, else ``~/.cache/llama/kernels``), keyed by the source, the compiler and the CPU,
+and loaded with ctypes. It runs as the torch operator ``llama::linear_bf16``, which ``torch.compile`` treats
+as one opaque call. Without a working compiler, ``linear`` warns once and uses ``F.linear``.
+
+Numerics: products of bf16 values are exact in fp32, the sums run in fp32 (in another order than torch's,
+so they can differ in the last fp32 bits), and the result is rounded to bf16 to nearest-even, as torch does.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+logger = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).parent / "csrc" / "gemv_bf16.c"
+SYMBOL = "llama_gemv_bf16"
+# -fassociative-math (with the two flags it needs) lets the compiler split the dot product over vector lanes.
+BASE_FLAGS = ["-O3", "-march=native", "-fassociative-math", "-fno-signed-zeros", "-fno-trapping-math"]
+BASE_FLAGS += ["-shared", "-fPIC"]
+
+_lock = threading.Lock()
+_state: dict[str, object] = {}  # "fn": the loaded function, or None once loading has failed
+
+
+def cache_dir() -> Path:
+    if "LLAMA_KERNEL_CACHE" in os.environ:
+        return Path(os.environ["LLAMA_KERNEL_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "llama" / "kernels"
+
+
+def _cpu_signature() -> str:
+    """What -march=native depends on: the CPU's model and feature flags where the OS tells them."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return platform.machine() + platform.processor()
+    keep = ("model name", "flags", "Features", "CPU part")
+    return "\n".join(sorted({line for line in lines if line.split(":")[0].strip() in keep}))
+
+
+def _compile(compiler: str, flags: list[str], out: Path) -> Optional[str]:
+    """Compile SOURCE into `out` atomically; None on success, else the compiler's complaint."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=out.parent, suffix=".so.tmp")
+    os.close(fd)
+    try:
+        proc = subprocess.run([compiler, *flags, str(SOURCE), "-o", tmp], capture_output=True, text=True)
+        if proc.returncode != 0:
+            return proc.stderr.strip()[-2000:] or f"{compiler} exited with {proc.returncode}"
+        os.replace(tmp, out)  # a concurrent process writing the same file writes the same bytes
+        return None
+    except OSError as e:
+        return str(e)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def _load() -> Optional[ctypes._CFuncPtr]:
+    compiler = os.environ.get("CC", "cc")
+    if shutil.which(compiler) is None:
+        logger.warning("no C compiler %r on PATH (set CC): the fast path uses torch's bf16 GEMV", compiler)
+        return None
+    version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
+    problems = []
+    # OpenMP first; a compiler without it (Apple clang) still gives a one-thread kernel, better than nothing.
+    for flags in (BASE_FLAGS + ["-fopenmp"], BASE_FLAGS):
+        key = hashlib.sha256(
+            "\0".join([SOURCE.read_text(), compiler, version, " ".join(flags), _cpu_signature()]).encode()
+        ).hexdigest()[:20]
+        path = cache_dir() / f"gemv_bf16-{key}.so"
+        if not path.exists():
+            problem = _compile(compiler, flags, path)
+            if problem is not None:
+                problems.append(problem)
+                continue
+        try:
+            fn = getattr(ctypes.CDLL(str(path)), SYMBOL)
+        except OSError as e:
+            problems.append(str(e))
+            continue
+        fn.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 3
+        fn.restype = None
+        if "-fopenmp" not in flags:
+            logger.warning("%s has no OpenMP: the bf16 GEMV kernel runs on one thread", compiler)
+        return fn
+    logger.warning("could not build the bf16 GEMV kernel, the fast path uses torch's:\n%s", problems[-1])
+    return None
+
+
+def kernel() -> Optional[ctypes._CFuncPtr]:
+    """The compiled kernel, building it on first call; None where it cannot be built (warned once)."""
+    with _lock:
+        if "fn" not in _state:
+            _state["fn"] = _load()
+        return _state["fn"]  # type: ignore[return-value]
+
+
+def available() -> bool:
+    return kernel() is not None
+
+
+@torch.library.custom_op("llama::linear_bf16", mutates_args=())
+def linear_bf16(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``F.linear(x, weight)`` for bf16 CPU tensors, through the C kernel. x: (..., k), weight: (n, k)."""
+    if x.dtype != torch.bfloat16 or weight.dtype != torch.bfloat16 or x.device.type != "cpu":
+        raise TypeError(f"linear_bf16 takes bf16 CPU tensors, got x {x.dtype} on {x.device}, weight {weight.dtype}")
+    fn = kernel()
+    if fn is None:
+        return F.linear(x, weight)
+    k, n = weight.shape[1], weight.shape[0]
+    x2 = x.reshape(-1, k).float().contiguous()  # exact: every bf16 value is an fp32 value
+    w = weight.contiguous()
+    y = torch.empty(x2.shape[0], n, dtype=torch.bfloat16)
+    fn(x2.data_ptr(), w.data_ptr(), y.data_ptr(), x2.shape[0], n, k)
+    return y.view(*x.shape[:-1], n)
+
+
+@linear_bf16.register_fake
+def _(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    return x.new_empty(*x.shape[:-1], weight.shape[0])
+
+
+def applies(x_rows: int, weight: torch.Tensor) -> bool:
+    """Whether the kernel is the faster choice: bf16 weights on the CPU, one input row, and a built kernel.
+
+    With more rows it reads each weight row once per input row from cache, and torch's kernels win.
+    """
+    return x_rows == 1 and weight.device.type == "cpu" and weight.dtype == torch.bfloat16 and available()

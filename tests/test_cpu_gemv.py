@@ -1,0 +1,126 @@
+"""The C bf16 GEMV kernel of the fast path: exact where it can be, cached, optional, and really used."""
+
+import logging
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import random_model
+from torch.testing import assert_close
+
+from llama import cpu_gemv
+from llama.fast import FastDecoder
+
+needs_kernel = pytest.mark.skipif(not cpu_gemv.available(), reason="no C compiler could build the kernel here")
+
+
+def bf16(*shape, seed=0):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)).to(torch.bfloat16)
+
+
+@needs_kernel
+@pytest.mark.parametrize("rows,n,k", [(1, 1, 1), (1, 37, 29), (1, 300, 2048), (3, 65, 130), (2, 1, 4096)])
+def test_equals_the_exact_product_rounded_to_bf16(rows, n, k):
+    x, w = bf16(rows, k, seed=1), bf16(n, k, seed=2)
+    exact = x.double() @ w.double().T  # bf16 products are exact in fp32; only the fp32 sums round
+    y = cpu_gemv.linear_bf16(x, w)
+    assert y.dtype == torch.bfloat16 and y.shape == (rows, n)
+    # within one bf16 rounding of the exact value (plus the fp32 sums' own error, far smaller)
+    assert_close(y.double(), exact, rtol=2**-8, atol=1e-6 * k)
+    assert_close(y, F.linear(x, w), rtol=2**-7, atol=1e-5 * k)  # and torch's kernel, which rounds once too
+
+
+@needs_kernel
+def test_rounds_to_nearest_even_and_keeps_nan_and_inf():
+    x = torch.tensor([[1.0, 1.0]], dtype=torch.bfloat16)
+    # 1 + 2^-8 is halfway between two bf16 values: the even one (1.0) wins; 1 + 2^-7 + 2^-8 rounds up.
+    w = torch.tensor([[1.0, 2**-8], [1.0 + 2**-7, 2**-8], [1.0, 2**-9], [float("inf"), 1.0], [float("nan"), 1.0]])
+    y = cpu_gemv.linear_bf16(x, w.to(torch.bfloat16))[0]
+    assert y[:3].tolist() == [1.0, 1.0 + 2**-6, 1.0]
+    assert y[3].item() == float("inf") and torch.isnan(y[4])
+
+
+@needs_kernel
+def test_batched_leading_dims_and_noncontiguous_inputs():
+    x, w = bf16(2, 1, 64, seed=3), bf16(48, 64, seed=4)
+    assert_close(cpu_gemv.linear_bf16(x, w), F.linear(x, w), rtol=2**-7, atol=1e-3)
+    wt = bf16(64, 48, seed=5).T  # a transposed (non-contiguous) weight
+    assert_close(cpu_gemv.linear_bf16(x, wt), F.linear(x, wt), rtol=2**-7, atol=1e-3)
+
+
+def test_rejects_other_dtypes():
+    with pytest.raises(TypeError, match="bf16 CPU tensors"):
+        cpu_gemv.linear_bf16(torch.randn(1, 8), torch.randn(4, 8))
+
+
+@needs_kernel
+def test_compiled_once_then_loaded_from_the_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("LLAMA_KERNEL_CACHE", str(tmp_path))
+    monkeypatch.setattr(cpu_gemv, "_state", {})
+    assert cpu_gemv.available()
+    (built,) = tmp_path.glob("gemv_bf16-*.so")
+    stamp = built.stat().st_mtime_ns
+    monkeypatch.setattr(cpu_gemv, "_state", {})
+    monkeypatch.setattr(cpu_gemv, "_compile", lambda *a: pytest.fail("compiled again despite the cache"))
+    assert cpu_gemv.available()
+    assert built.stat().st_mtime_ns == stamp and not list(tmp_path.glob("*.tmp"))
+
+
+@pytest.mark.parametrize("compiler", ["no-such-compiler-xyz", "false"])
+def test_without_a_working_compiler_falls_back_to_torch(tmp_path, monkeypatch, caplog, compiler):
+    monkeypatch.setenv("LLAMA_KERNEL_CACHE", str(tmp_path))
+    monkeypatch.setenv("CC", compiler)  # `false` exists but fails every compile
+    monkeypatch.setattr(cpu_gemv, "_state", {})
+    with caplog.at_level(logging.WARNING, logger="llama.cpu_gemv"):
+        assert not cpu_gemv.available()
+    assert "torch's" in caplog.text
+    assert list(tmp_path.iterdir()) == []  # nothing half-written
+    x, w = bf16(1, 16), bf16(8, 16)
+    assert torch.equal(cpu_gemv.linear_bf16(x, w), F.linear(x, w))
+
+
+def bf16_pair(tiny_args, name="gqa"):
+    model = random_model(tiny_args(name, vocab_size=512), seed=7).to(torch.bfloat16)
+    return model, FastDecoder(model, compile=False, use_cpu_gemv=False), FastDecoder(model, compile=False)
+
+
+@needs_kernel
+@pytest.mark.parametrize("name", ["gqa", "odd_multiple_of"])
+def test_decode_steps_with_the_kernel_equal_torch_kernels(tiny_args, name):
+    model, plain, kernel = bf16_pair(tiny_args, name)
+    assert kernel.use_cpu_gemv and not plain.use_cpu_gemv
+    tokens = torch.randint(3, 500, (1, 12), generator=torch.Generator().manual_seed(0))
+    model.forward(tokens[:, :4], 0)
+    for p in range(4, 12):
+        expected = plain(tokens[:, p : p + 1], p)  # both steps write the same K/V into the cache
+        # bf16 activations: a last-bit difference in one layer can move later ones by a bf16 step
+        assert_close(kernel(tokens[:, p : p + 1], p), expected, rtol=0.02, atol=0.02)
+
+
+@needs_kernel
+def test_compiled_step_calls_the_kernel_only_for_one_row(tiny_args, monkeypatch):
+    model = random_model(tiny_args("gqa", vocab_size=512), seed=7).to(torch.bfloat16)
+    fast = FastDecoder(model, compile=True)
+    calls = []
+    real = cpu_gemv.kernel()
+
+    def counting(*args):
+        calls.append(args[3:])  # (rows, n, k)
+        real(*args)
+
+    monkeypatch.setitem(cpu_gemv._state, "fn", counting)
+
+    def kernel_calls(bsz):
+        calls.clear()
+        model.forward(torch.full((bsz, 3), 4), 0)
+        fast(torch.full((bsz, 1), 5), 3)
+        return len(calls)
+
+    assert kernel_calls(1) == 7 * model.params.n_layers + 1  # q k v o w1 w3 w2 per layer, and the output
+    assert calls[-1] == (1, 512, model.params.dim)
+    assert kernel_calls(2) == 0
+
+
+def test_not_used_for_fp32_models(tiny_args):
+    model = random_model(tiny_args("gqa"))
+    assert not FastDecoder(model, compile=False).use_cpu_gemv
