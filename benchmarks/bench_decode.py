@@ -91,14 +91,24 @@ def hf_model(model: Transformer, dtype: torch.dtype, device: torch.device):
 
 
 def decode_ms_per_token(
-    generate: Callable[[int], object], device: torch.device, short: int, long: int, repeat: int
-) -> float:
-    """Time per decoded token: the difference of two generation lengths, so prefill and setup cancel out."""
-    generate(short)  # warm-up (first-call allocations, compilation)
-    generate(long)
-    t_short = best_of(lambda: generate(short), device, repeat)
-    t_long = best_of(lambda: generate(long), device, repeat)
-    return (t_long - t_short) / (long - short) * 1e3
+    contenders: dict[str, Callable[[int], object]], device: torch.device, short: int, long: int, repeat: int
+) -> dict[str, float]:
+    """Time per decoded token of each contender (a function generating n tokens), in ms.
+
+    It is the difference of two generation lengths, so prefill and setup cancel out. The contenders run in
+    interleaved rounds, each round timing every one of them once at each length, so that the load of other
+    work on a shared machine, which drifts over minutes, falls on all of them alike; the fastest of the
+    rounds counts.
+    """
+    for generate in contenders.values():  # warm-up (first-call allocations, compilation)
+        generate(short)
+        generate(long)
+    fastest = {name: {short: float("inf"), long: float("inf")} for name in contenders}
+    for _ in range(repeat):
+        for name, generate in contenders.items():
+            for n in (short, long):
+                fastest[name][n] = min(fastest[name][n], best_of(lambda g=generate, n=n: g(n), device, 1))
+    return {name: (t[long] - t[short]) / (long - short) * 1e3 for name, t in fastest.items()}
 
 
 def main(argv: Optional[list[str]] = None) -> None:
@@ -116,7 +126,7 @@ def main(argv: Optional[list[str]] = None) -> None:
         "--max_seq_len", type=int, default=256,
         help="KV cache length for the decode runs (the fast path attends over all of it every step)",
     )  # fmt: skip
-    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--repeat", type=int, default=5, help="interleaved rounds of timing")
     parser.add_argument("--skip_hf", action="store_true")
     parser.add_argument("--json", default=None, help="also write the results to this file")
     opts = parser.parse_args(argv)
@@ -168,12 +178,9 @@ def main(argv: Optional[list[str]] = None) -> None:
             compile_s = time.perf_counter() - start
             print(f"fast path compile + first run: {compile_s:.1f} s")
             results["compile_s"] = compile_s
-        row = {"batch": bsz}
-        row["faithful"] = decode_ms_per_token(ours(faithful), device, opts.gen_short, opts.gen_long, opts.repeat)
-        row["fast"] = decode_ms_per_token(ours(fast), device, opts.gen_short, opts.gen_long, opts.repeat)
+        contenders = {"faithful": ours(faithful), "fast": ours(fast)}
         if fast_torch_gemv is not None and bsz == 1:  # the kernel only serves one row
-            gen = ours(fast_torch_gemv)
-            row["fast, torch GEMV"] = decode_ms_per_token(gen, device, opts.gen_short, opts.gen_long, opts.repeat)
+            contenders["fast, torch GEMV"] = ours(fast_torch_gemv)
         if hf is not None:
             ids = torch.tensor(prompts, device=device)
 
@@ -181,7 +188,8 @@ def main(argv: Optional[list[str]] = None) -> None:
                 with torch.inference_mode():
                     return hf.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
 
-            row["transformers"] = decode_ms_per_token(hf_generate, device, opts.gen_short, opts.gen_long, opts.repeat)
+            contenders["transformers"] = hf_generate
+        row = {"batch": bsz, **decode_ms_per_token(contenders, device, opts.gen_short, opts.gen_long, opts.repeat)}
         results["decode"].append(row)
         print(f"\nbatch {bsz}:{'':14s}ms/token   tok/s    vs transformers   % of bandwidth limit")
         for name in ("faithful", "fast", "fast, torch GEMV", "transformers"):
