@@ -46,6 +46,9 @@ def test_batched_leading_dims_and_noncontiguous_inputs():
     assert_close(cpu_gemv.linear_bf16(x, w), F.linear(x, w), rtol=2**-7, atol=1e-3)
     wt = bf16(64, 48, seed=5).T  # a transposed (non-contiguous) weight
     assert_close(cpu_gemv.linear_bf16(x, wt), F.linear(x, wt), rtol=2**-7, atol=1e-3)
+    xt = bf16(64, 3, seed=6).T  # a transposed input: .float() keeps its strides, the kernel needs rows
+    assert not xt.is_contiguous()
+    assert torch.equal(cpu_gemv.linear_bf16(xt, w), cpu_gemv.linear_bf16(xt.contiguous(), w))
 
 
 def test_rejects_other_dtypes():
