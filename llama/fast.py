@@ -6,7 +6,8 @@ captured), the host waits on the device every step, and hundreds of small kernel
 keeps the math and removes that overhead:
 
 - static shapes: the step writes its keys and values into the preallocated cache at the current position
-  (``index_copy_``) and attends over the whole cache, with the unwritten positions masked;
+  (``index_copy_``) and attends over the whole cache (``F.scaled_dot_product_attention``), with the
+  unwritten positions masked;
 - RoPE with real cos/sin tables taken from the complex ``freqs_cis`` (proven equal in the tests);
 - ``torch.compile`` of the whole step (inductor on CPU; CUDA graphs on GPU via "reduce-overhead");
 - on CPUs with bf16 weights and one row, the linear layers run through ``llama.cpu_gemv``'s C kernel, which
@@ -14,14 +15,13 @@ keeps the math and removes that overhead:
 
 Prefill stays on the faithful eager path. The decoding loop in ``Llama._decode`` also keeps sampling on the
 device and checks for EOS only every few steps. In fp32 the numbers are the faithful path's within rounding;
-the tests compare logits and greedy tokens. In half precision, the attention here is computed in fp32, which
-is more precise than the reference's half-precision matmuls. So where two logits nearly tie, greedy tokens
+the tests compare logits and greedy tokens. In half precision, the attention here sums in fp32, which is
+more precise than the reference's half-precision matmuls. So where two logits nearly tie, greedy tokens
 can differ from the default path's.
 """
 
 from __future__ import annotations
 
-import math
 from typing import Callable
 
 import fairscale.nn.model_parallel.initialize as fs_init
@@ -71,7 +71,6 @@ def decode_step(
     max_len = first.cache_k.shape[1]
     # Positions after pos hold stale or zero keys: mask them out. (1, max_len), broadcast over batch and heads.
     visible = torch.arange(max_len, device=tokens.device)[None, :] <= pos
-    mask = torch.zeros(visible.shape, device=tokens.device).masked_fill(~visible, float("-inf"))  # fp32
     for layer in model.layers:
         attn = layer.attention
         x = layer.attention_norm(h)
@@ -82,15 +81,13 @@ def decode_step(
         cache_k, cache_v = attn.cache_k[:bsz], attn.cache_v[:bsz]  # (bsz, max_len, n_kv_heads, head_dim)
         cache_k.index_copy_(1, pos, xk)
         cache_v.index_copy_(1, pos, xv)
-        # Attention in fp32, with the query heads grouped by the KV head they share instead of repeat_kv
-        # copies: torch's half-precision batched matmuls with one query row are slow on CPUs, and fp32 is
-        # the reference's own precision for the softmax. Head h = kv * n_rep + r, as in repeat_kv.
-        q = xq.view(bsz, attn.n_local_kv_heads, attn.n_rep, attn.head_dim).float()
-        keys = cache_k.transpose(1, 2).float()  # (bsz, n_kv_heads, max_len, head_dim)
-        values = cache_v.transpose(1, 2).float()
-        scores = torch.matmul(q, keys.transpose(2, 3)) / math.sqrt(attn.head_dim) + mask
-        scores = F.softmax(scores, dim=-1)  # (bsz, n_kv_heads, n_rep, max_len)
-        out = torch.matmul(scores, values).reshape(bsz, 1, -1).type_as(xq)
+        # The query heads are grouped by the KV head they share instead of repeat_kv copies: head h = kv *
+        # n_rep + r, as in repeat_kv, and the n_rep heads of a group are the rows of one attention. SDPA's
+        # kernels sum and take the softmax in fp32 whatever the input dtype, so in half precision this is
+        # more precise than the reference's half-precision matmuls, and it reads the cache as it is stored.
+        q = xq.view(bsz, attn.n_local_kv_heads, attn.n_rep, attn.head_dim)
+        keys, values = cache_k.transpose(1, 2), cache_v.transpose(1, 2)  # (bsz, n_kv_heads, max_len, head_dim)
+        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=visible).reshape(bsz, 1, -1)
         h = h + linear(out, attn.wo.weight)
         ff = layer.feed_forward
         x = layer.ffn_norm(h)

@@ -122,3 +122,18 @@ def test_build_with_compile(make_checkpoint, tokenizer_path):
     assert faithful.fast is None and isinstance(fast.fast, FastDecoder)
     expected = faithful.text_completion(PROMPTS, temperature=0, max_gen_len=10)
     assert fast.text_completion(PROMPTS, temperature=0, max_gen_len=10) == expected
+
+
+@pytest.mark.parametrize("name", ["mha", "gqa"])
+def test_bf16_decode_steps_stay_within_bf16_rounding_of_faithful(tiny_args, name):
+    """In bf16 the fast step sums attention in fp32 where the reference rounds to bf16 between matmuls, so the
+    two differ by bf16 roundings: a few hundredths of logits of size ~5 here; a wrong mask or head grouping
+    would move them by whole units."""
+    model = random_model(tiny_args(name, vocab_size=512), seed=2).to(torch.bfloat16)
+    tokens = torch.randint(3, 500, (2, 14), generator=torch.Generator().manual_seed(1))
+    expected = model.forward(tokens, 0)
+    assert expected.abs().max() > 3
+    fast = FastDecoder(model, compile=False, use_cpu_gemv=False)
+    model.forward(tokens[:, :6], 0)
+    steps = torch.cat([fast(tokens[:, p : p + 1], p) for p in range(6, 14)], dim=1)
+    assert_close(steps, expected[:, 6:], rtol=0.0, atol=0.15)
