@@ -10,6 +10,7 @@ hard floor on the time per token, and each result is reported as a percentage of
 
 On a CPU with bf16 weights the fast path runs its linear layers through the C kernel of llama/cpu_gemv.py;
 the row "fast, torch GEMV" is the same path with torch's kernels, to show what the kernel brings.
+`--llama_cpp` adds llama.cpp on the same weights at batch 1 on CPUs (benchmarks/llama_cpp_contender.py).
 """
 
 from __future__ import annotations
@@ -17,7 +18,9 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import tempfile
 import time
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Callable, Optional
 
@@ -128,6 +131,11 @@ def main(argv: Optional[list[str]] = None) -> None:
     )  # fmt: skip
     parser.add_argument("--repeat", type=int, default=5, help="interleaved rounds of timing")
     parser.add_argument("--skip_hf", action="store_true")
+    parser.add_argument(
+        "--llama_cpp", action="store_true",
+        help="CPU, batch 1: also time llama.cpp on the same weights (needs llama-cpp-python and gguf, see "
+        "benchmarks/llama_cpp_contender.py)",
+    )  # fmt: skip
     parser.add_argument("--json", default=None, help="also write the results to this file")
     opts = parser.parse_args(argv)
 
@@ -167,6 +175,7 @@ def main(argv: Optional[list[str]] = None) -> None:
                                   "limit_ms_per_token": floor_ms, "decode": [], "prefill": []}  # fmt: skip
 
     hf = None if opts.skip_hf else hf_model(model, dtype, device)
+    scratch = tempfile.TemporaryDirectory(prefix="bench_decode_")  # llama.cpp's copy of the weights
     for bsz in batch_sizes:
         prompts = [[1] + [100 + i] * (opts.prompt_len - 1) for i in range(bsz)]
 
@@ -189,10 +198,14 @@ def main(argv: Optional[list[str]] = None) -> None:
                     return hf.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
 
             contenders["transformers"] = hf_generate
+        if opts.llama_cpp and bsz == 1 and device.type == "cpu":
+            from llama_cpp_contender import contender
+
+            contenders["llama.cpp"] = contender(model, prompts[0], Path(scratch.name))
         row = {"batch": bsz, **decode_ms_per_token(contenders, device, opts.gen_short, opts.gen_long, opts.repeat)}
         results["decode"].append(row)
         print(f"\nbatch {bsz}:{'':14s}ms/token   tok/s    vs transformers   % of bandwidth limit")
-        for name in ("faithful", "fast", "fast, torch GEMV", "transformers"):
+        for name in ("faithful", "fast", "fast, torch GEMV", "transformers", "llama.cpp"):
             if name in row:
                 ms = row[name]
                 vs = f"{row['transformers'] / ms:5.2f}x" if "transformers" in row else "   - "
@@ -200,7 +213,8 @@ def main(argv: Optional[list[str]] = None) -> None:
                 print(f"  {name:18s} {ms:8.1f} {bsz * 1e3 / ms:8.1f}   {vs}            {pct:5.0f}%")
 
     # Prefill needs a cache as long as the prompt: a second model sharing the same weight tensors.
-    fast = fast_torch_gemv = hf = None  # free their memory
+    fast = fast_torch_gemv = hf = contenders = None  # free their memory
+    scratch.cleanup()
     long_args = ModelArgs(**shape, max_batch_size=1, max_seq_len=max(prefill_lens + [max_seq_len]))
     with torch.device(device), default_dtype_scope(dtype):
         long_model = Transformer(long_args)

@@ -35,9 +35,8 @@ static inline uint16_t float_to_bf16(float f) {
     return (uint16_t)(bits >> 16);
 }
 
-/* out[j * out_stride] = x . w[j] for the `count` (at most BLOCK) weight rows starting at w. */
-static inline void dot_rows(const float *x, const uint16_t *w, int64_t k, int count, uint16_t *out,
-                            int64_t out_stride) {
+/* out[j] = x . w[j] for the `count` (at most BLOCK) weight rows starting at w. */
+static inline void dot_rows(const float *x, const uint16_t *w, int64_t k, int count, uint16_t *out) {
     float acc[BLOCK][LANES] = {{0.0f}};
     int64_t i = 0;
     for (; i + LANES <= k; i += LANES) {
@@ -49,7 +48,7 @@ static inline void dot_rows(const float *x, const uint16_t *w, int64_t k, int co
         float sum = 0.0f;
         for (int l = 0; l < LANES; l++) sum += acc[j][l];
         for (int64_t t = i; t < k; t++) sum += x[t] * bf16_to_float(w[j * k + t]);
-        out[j * out_stride] = float_to_bf16(sum);
+        out[j] = float_to_bf16(sum);
     }
 }
 
@@ -61,9 +60,9 @@ void llama_gemv_bf16(const float *x, const uint16_t *w, uint16_t *y, int64_t row
         const uint16_t *w_block = w + first * k;
         for (int64_t r = 0; r < rows; r++) {
             if (first + BLOCK <= n)
-                dot_rows(x + r * k, w_block, k, BLOCK, y + r * n + first, 1);
+                dot_rows(x + r * k, w_block, k, BLOCK, y + r * n + first);
             else
-                dot_rows(x + r * k, w_block, k, (int)(n - first), y + r * n + first, 1);
+                dot_rows(x + r * k, w_block, k, (int)(n - first), y + r * n + first);
         }
     }
 }

@@ -1,0 +1,111 @@
+"""llama.cpp as a contender in bench_decode.py (``--llama_cpp``): the same random weights, written to a GGUF file.
+
+Needs two packages that the project does not depend on: ``gguf`` (pure Python, writes the file) and
+``llama-cpp-python``, which pip builds from source with the machine's C++ compiler (several minutes):
+
+    CMAKE_ARGS="-DGGML_NATIVE=ON" pip install llama-cpp-python gguf
+
+The GGUF file carries the model's weights unchanged (bf16 stays bf16) with a made-up vocabulary of the
+model's size: the benchmark feeds token ids and never tokenizes text. llama.cpp's RoPE for the "llama"
+architecture rotates adjacent pairs, as Meta's checkpoints expect, so the file holds Meta's layout as is.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from llama.model import Transformer, ffn_hidden_dim
+
+
+def _numpy(t: torch.Tensor):
+    """The tensor as a numpy array and its GGML type: bf16 as raw 16-bit words, since numpy has no bf16."""
+    import gguf
+
+    t = t.detach().cpu().contiguous()
+    if t.dtype == torch.bfloat16:
+        return t.view(torch.int16).numpy().view("uint16"), gguf.GGMLQuantizationType.BF16
+    if t.dtype == torch.float16:
+        return t.numpy(), gguf.GGMLQuantizationType.F16
+    return t.float().numpy(), gguf.GGMLQuantizationType.F32
+
+
+def write_gguf(model: Transformer, path: Path) -> None:
+    """Write `model` (one model-parallel rank) as a GGUF file of the "llama" architecture."""
+    import gguf
+
+    a = model.params
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_context_length(a.max_seq_len)
+    writer.add_embedding_length(a.dim)
+    writer.add_block_count(a.n_layers)
+    writer.add_feed_forward_length(ffn_hidden_dim(a.dim, a.multiple_of, a.ffn_dim_multiplier))
+    writer.add_head_count(a.n_heads)
+    writer.add_head_count_kv(a.kv_heads)
+    writer.add_rope_dimension_count(a.head_dim)
+    writer.add_rope_freq_base(a.rope_theta)
+    writer.add_layer_norm_rms_eps(a.norm_eps)
+    dtype = model.output.weight.dtype
+    file_types = {torch.bfloat16: gguf.LlamaFileType.MOSTLY_BF16, torch.float16: gguf.LlamaFileType.MOSTLY_F16}
+    writer.add_file_type(file_types.get(dtype, gguf.LlamaFileType.ALL_F32))
+
+    # A SentencePiece-style vocabulary: <unk> <s> </s>, the 256 byte pieces, then plain pieces.
+    byte_pieces = [f"<0x{b:02X}>" for b in range(256)]
+    tokens = ["<unk>", "<s>", "</s>"] + byte_pieces
+    tokens += [f"piece{i}" for i in range(a.vocab_size - len(tokens))]
+    types = [gguf.TokenType.UNKNOWN, gguf.TokenType.CONTROL, gguf.TokenType.CONTROL]
+    types += [gguf.TokenType.BYTE] * 256 + [gguf.TokenType.NORMAL] * (a.vocab_size - 259)
+    writer.add_tokenizer_model("llama")
+    writer.add_token_list(tokens)
+    writer.add_token_scores([0.0] * a.vocab_size)
+    writer.add_token_types(types)
+    writer.add_unk_token_id(0)
+    writer.add_bos_token_id(1)
+    writer.add_eos_token_id(2)
+
+    names = {"attention.wq": "attn_q", "attention.wk": "attn_k", "attention.wv": "attn_v",
+             "attention.wo": "attn_output", "feed_forward.w1": "ffn_gate", "feed_forward.w3": "ffn_up",
+             "feed_forward.w2": "ffn_down", "attention_norm": "attn_norm", "ffn_norm": "ffn_norm"}  # fmt: skip
+    tensors = {"token_embd.weight": model.tok_embeddings.weight, "output_norm.weight": model.norm.weight,
+               "output.weight": model.output.weight}  # fmt: skip
+    for i, layer in enumerate(model.layers):
+        for ours, theirs in names.items():
+            module = layer.get_submodule(ours)
+            tensors[f"blk.{i}.{theirs}.weight"] = module.weight
+    for name, t in tensors.items():
+        if t.ndim == 1:
+            t = t.float()  # llama.cpp keeps norm weights in fp32
+        array, ggml_type = _numpy(t)
+        writer.add_tensor(name, array, raw_dtype=ggml_type)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+def contender(model: Transformer, prompt: list[int], folder: Path) -> Callable[[int], object]:
+    """A function that greedily generates n tokens after `prompt` with llama.cpp on the same weights."""
+    try:
+        from llama_cpp import Llama as LlamaCpp
+    except ImportError as e:
+        raise SystemExit(f"--llama_cpp needs llama-cpp-python and gguf ({e}); see {__file__}") from e
+
+    path = folder / "model.gguf"
+    write_gguf(model, path)
+    threads = torch.get_num_threads()
+    llm = LlamaCpp(
+        model_path=str(path), n_ctx=model.params.max_seq_len, n_threads=threads, n_threads_batch=threads,
+        verbose=False,
+    )  # fmt: skip
+
+    def generate(n: int) -> list[int]:
+        out: list[int] = []
+        for token in llm.generate(prompt, top_k=1, temp=0.0, reset=True):
+            out.append(token)
+            if len(out) == n:
+                break
+        return out
+
+    return generate
