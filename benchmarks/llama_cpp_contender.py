@@ -8,8 +8,8 @@ Needs two packages that the project does not depend on: ``gguf`` (pure Python, w
 The GGUF file carries the model's weights unchanged (bf16 stays bf16) with a made-up vocabulary of the
 model's size: the benchmark feeds token ids and never tokenizes text. llama.cpp's RoPE for the "llama"
 architecture rotates adjacent pairs, as Meta's checkpoints expect, so the file holds Meta's layout as is.
-`python benchmarks/llama_cpp_contender.py` checks that: a small random fp32 model must give llama.cpp the
-same greedy tokens as our faithful path.
+`python benchmarks/llama_cpp_contender.py` checks that: a small random model, in fp32 and in bf16, must give
+llama.cpp the same greedy tokens as our faithful path.
 """
 
 from __future__ import annotations
@@ -114,6 +114,7 @@ def contender(model: Transformer, prompt: list[int], folder: Path) -> Callable[[
 
 
 def main() -> None:
+    """Check the export: a small random model gives llama.cpp the same greedy tokens as our faithful path."""
     import tempfile
 
     from llama.distributed import setup_model_parallel
@@ -122,21 +123,23 @@ def main() -> None:
     setup_model_parallel(1, torch.device("cpu"))
     args = ModelArgs(dim=256, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=1000, multiple_of=32,
                      max_batch_size=1, max_seq_len=64)  # fmt: skip
-    torch.manual_seed(0)
-    model = Transformer(args).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.ones_like(p) if p.ndim == 1 else torch.randn_like(p) / p.shape[1] ** 0.25)
     prompt = [1, 300, 301, 302, 303, 304]
-    ours, tokens = [], torch.tensor([prompt])
-    for _ in range(12):
-        ours.append(model.forward(tokens, 0)[0, -1].argmax().item())
-        tokens = torch.cat([tokens, torch.tensor([[ours[-1]]])], dim=1)
-    with tempfile.TemporaryDirectory() as folder:
-        theirs = contender(model, prompt, Path(folder))(12)
-    print(f"ours:      {ours}\nllama.cpp: {theirs}")
-    if ours != theirs:
-        raise SystemExit("llama.cpp's greedy tokens differ from ours: the GGUF export is wrong")
+    for dtype in (torch.float32, torch.bfloat16):
+        torch.manual_seed(0)
+        model = Transformer(args).eval()
+        with torch.no_grad():
+            for p in model.parameters():  # large weights: well-separated logits, so rounding moves no choice
+                p.copy_(torch.ones_like(p) if p.ndim == 1 else torch.randn_like(p) / p.shape[1] ** 0.25)
+        model.to(dtype)
+        ours, tokens = [], torch.tensor([prompt])
+        for _ in range(12):
+            ours.append(model.forward(tokens, 0)[0, -1].argmax().item())
+            tokens = torch.cat([tokens, torch.tensor([[ours[-1]]])], dim=1)
+        with tempfile.TemporaryDirectory() as folder:
+            theirs = contender(model, prompt, Path(folder))(12)
+        print(f"{dtype}\n  ours:      {ours}\n  llama.cpp: {theirs}")
+        if ours != theirs:
+            raise SystemExit(f"llama.cpp's greedy tokens differ from ours in {dtype}: the GGUF export is wrong")
     print("same greedy tokens")
 
 

@@ -9,7 +9,8 @@ close to the full bandwidth.
 It is compiled on first use with the system C compiler (``$CC``, else ``cc``) into a cache folder
 (``$LLAMA_KERNEL_CACHE``, else ``~/.cache/llama/kernels``), keyed by the source, the compiler and the CPU,
 and loaded with ctypes. It runs as the torch operator ``llama::linear_bf16``, which ``torch.compile`` treats
-as one opaque call. Without a working compiler, ``linear`` warns once and uses ``F.linear``.
+as one opaque call; it is for inference (it has no backward). Without a working compiler, loading the kernel
+warns once and ``linear_bf16`` uses ``F.linear``.
 
 Numerics: products of bf16 values are exact in fp32, the sums run in fp32 (in another order than torch's,
 so they can differ in the last fp32 bits), and the result is rounded to bf16 to nearest-even, as torch does.
@@ -45,6 +46,7 @@ _state: dict[str, object] = {}  # "fn": the loaded function, or None once loadin
 
 
 def cache_dir() -> Path:
+    """Where compiled kernels are kept: ``$LLAMA_KERNEL_CACHE``, else ``~/.cache/llama/kernels``."""
     if "LLAMA_KERNEL_CACHE" in os.environ:
         return Path(os.environ["LLAMA_KERNEL_CACHE"])
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "llama" / "kernels"
@@ -119,12 +121,13 @@ def kernel() -> Optional[ctypes._CFuncPtr]:
 
 
 def available() -> bool:
+    """Whether the kernel is built (or can be built now) and loaded."""
     return kernel() is not None
 
 
 # A plain operator definition rather than torch.library.custom_op: the decorator's wrappers cost about 10 us
 # a call, and a decoded token makes over a hundred calls.
-_library = torch.library.Library("llama", "DEF")
+_library = torch.library.Library("llama", "FRAGMENT")
 _library.define("linear_bf16(Tensor x, Tensor weight) -> Tensor")
 
 
@@ -133,8 +136,14 @@ def linear_bf16(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
     Also the torch operator ``torch.ops.llama.linear_bf16``, which ``torch.compile`` calls as one opaque step.
     """
-    if x.dtype != torch.bfloat16 or weight.dtype != torch.bfloat16 or x.device.type != "cpu":
-        raise TypeError(f"linear_bf16 takes bf16 CPU tensors, got x {x.dtype} on {x.device}, weight {weight.dtype}")
+    bf16_cpu = all(t.dtype == torch.bfloat16 and t.device.type == "cpu" for t in (x, weight))
+    if not bf16_cpu:
+        raise TypeError(
+            f"linear_bf16 takes bf16 CPU tensors, got x {x.dtype} on {x.device}, weight {weight.dtype} on "
+            f"{weight.device}"
+        )
+    if weight.ndim != 2 or x.shape[-1] != weight.shape[1]:
+        raise ValueError(f"linear_bf16: x {tuple(x.shape)} does not fit weight {tuple(weight.shape)}")
     fn = _state["fn"] if "fn" in _state else kernel()
     if fn is None:
         return F.linear(x, weight)

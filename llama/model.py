@@ -120,6 +120,18 @@ def apply_rotary_emb(
     return xq_out.type_as(xq), xk_out.type_as(xk)
 
 
+def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
+    """(bsz, seqlen, n_kv_heads, head_dim) -> (bsz, seqlen, n_kv_heads * n_rep, head_dim), each head n_rep times."""
+    bsz, seqlen, n_kv_heads, head_dim = x.shape
+    if n_rep == 1:
+        return x
+    return (
+        x[:, :, :, None, :]
+        .expand(bsz, seqlen, n_kv_heads, n_rep, head_dim)
+        .reshape(bsz, seqlen, n_kv_heads * n_rep, head_dim)
+    )
+
+
 def _keep(x: torch.Tensor) -> torch.Tensor:
     # The checkpoint provides every weight, so the parallel layers need no random initialisation.
     return x
@@ -208,25 +220,20 @@ class Attention(nn.Module):
 
         self.cache_k[:bsz, start_pos : start_pos + seqlen] = xk
         self.cache_v[:bsz, start_pos : start_pos + seqlen] = xv
-        # (bsz, n_local_kv_heads, cache_len + seqlen, head_dim), views of the cache
-        keys = self.cache_k[:bsz, : start_pos + seqlen].transpose(1, 2)
-        values = self.cache_v[:bsz, : start_pos + seqlen].transpose(1, 2)
+        keys = self.cache_k[:bsz, : start_pos + seqlen]  # (bsz, cache_len + seqlen, n_local_kv_heads, head_dim)
+        values = self.cache_v[:bsz, : start_pos + seqlen]
+        keys = repeat_kv(keys, self.n_rep)  # (bsz, cache_len + seqlen, n_local_heads, head_dim)
+        values = repeat_kv(values, self.n_rep)
 
-        # The reference copies each KV head n_rep times (repeat_kv) to pair it with its query heads. Here the
-        # n_rep query heads of a KV head are stacked as rows of one matrix instead: query head h = kv * n_rep
-        # + r, as in repeat_kv. Every score is the same dot product in the same dtype, with no copy of the
-        # cache (tests/test_model.py checks the result against the reference's form bit for bit).
-        groups, n_rep = self.n_local_kv_heads, self.n_rep
-        xq = xq.transpose(1, 2).reshape(bsz, groups, n_rep * seqlen, self.head_dim)
+        xq = xq.transpose(1, 2)  # (bsz, n_local_heads, seqlen, head_dim)
+        keys = keys.transpose(1, 2)
+        values = values.transpose(1, 2)
         scores = torch.matmul(xq, keys.transpose(2, 3)) / math.sqrt(self.head_dim)
-        scores = scores.view(bsz, groups, n_rep, seqlen, -1)
         if mask is not None:
-            scores = scores + mask  # (bsz, groups, n_rep, seqlen, cache_len + seqlen)
+            scores = scores + mask  # (bsz, n_local_heads, seqlen, cache_len + seqlen)
         scores = F.softmax(scores.float(), dim=-1).type_as(xq)
-        output = torch.matmul(scores.view(bsz, groups, n_rep * seqlen, -1), values)
-        # (bsz, groups, n_rep * seqlen, head_dim) -> (bsz, seqlen, n_local_heads * head_dim)
-        output = output.view(bsz, self.n_local_heads, seqlen, self.head_dim).transpose(1, 2)
-        output = output.contiguous().view(bsz, seqlen, -1)
+        output = torch.matmul(scores, values)  # (bsz, n_local_heads, seqlen, head_dim)
+        output = output.transpose(1, 2).contiguous().view(bsz, seqlen, -1)
         return self.wo(output)
 
 

@@ -127,3 +127,8 @@ def test_compiled_step_calls_the_kernel_only_for_one_row(tiny_args, monkeypatch)
 def test_not_used_for_fp32_models(tiny_args):
     model = random_model(tiny_args("gqa"))
     assert not FastDecoder(model, compile=False).use_cpu_gemv
+
+
+def test_rejects_mismatched_shapes():
+    with pytest.raises(ValueError, match="does not fit weight"):
+        cpu_gemv.linear_bf16(bf16(1, 8), bf16(4, 6))

@@ -17,6 +17,7 @@ from llama.model import (
     causal_mask,
     ffn_hidden_dim,
     precompute_freqs_cis,
+    repeat_kv,
 )
 
 
@@ -96,66 +97,12 @@ def test_freqs_cis_covers_twice_max_seq_len(tiny_args):
     assert model.freqs_cis.dtype == torch.complex64
 
 
-def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
-    """The reference's (bsz, seqlen, n_kv_heads, head_dim) -> (bsz, seqlen, n_kv_heads * n_rep, head_dim)."""
-    bsz, seqlen, n_kv_heads, head_dim = x.shape
-    return x[:, :, :, None, :].expand(bsz, seqlen, n_kv_heads, n_rep, head_dim).reshape(bsz, seqlen, -1, head_dim)
-
-
-def reference_attention(self: Attention, x, start_pos, freqs_cis, mask):
-    """Attention.forward as Meta's reference writes it: every KV head copied n_rep times, one matmul per head."""
-    bsz, seqlen, _ = x.shape
-    xq = self.wq(x).view(bsz, seqlen, self.n_local_heads, self.head_dim)
-    xk = self.wk(x).view(bsz, seqlen, self.n_local_kv_heads, self.head_dim)
-    xv = self.wv(x).view(bsz, seqlen, self.n_local_kv_heads, self.head_dim)
-    xq, xk = apply_rotary_emb(xq, xk, freqs_cis)
-    self.cache_k[:bsz, start_pos : start_pos + seqlen] = xk
-    self.cache_v[:bsz, start_pos : start_pos + seqlen] = xv
-    keys = repeat_kv(self.cache_k[:bsz, : start_pos + seqlen], self.n_rep).transpose(1, 2)
-    values = repeat_kv(self.cache_v[:bsz, : start_pos + seqlen], self.n_rep).transpose(1, 2)
-    scores = torch.matmul(xq.transpose(1, 2), keys.transpose(2, 3)) / math.sqrt(self.head_dim)
-    if mask is not None:
-        scores = scores + mask
-    scores = torch.softmax(scores.float(), dim=-1).type_as(xq)
-    output = torch.matmul(scores, values).transpose(1, 2).contiguous().view(bsz, seqlen, -1)
-    return self.wo(output)
-
-
 def test_repeat_kv_repeats_each_head_in_place():
     x = torch.randn(2, 3, 2, 4)
     out = repeat_kv(x, 3)
     assert out.shape == (2, 3, 6, 4)
     for h in range(6):
         assert torch.equal(out[:, :, h], x[:, :, h // 3])
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("name", ["mha", "gqa", "mqa"])
-def test_attention_equals_the_reference_form_bit_for_bit(tiny_args, monkeypatch, name, dtype):
-    """The grouped attention (query heads stacked per KV head, no repeat_kv copies) gives the reference's numbers.
-
-    In bf16, torch's CPU matmuls sum each dot product in the same order whatever the number of rows, so the
-    bits are the same. In fp32 the BLAS picks its summation order by matrix shape: equal within rounding.
-    """
-    args = tiny_args(name)
-    model = random_model(args, seed=5).to(dtype)
-    prompts = torch.randint(0, args.vocab_size, (3, 7), generator=torch.Generator().manual_seed(6))
-
-    def run() -> list[torch.Tensor]:
-        # a prefill in two chunks (the second with a cached prefix), then greedy one-token steps
-        outs = [model(prompts[:, :4], 0), model(prompts[:, 4:], 4)]
-        for pos in range(7, 20):
-            outs.append(model(outs[-1][:, -1:].argmax(-1), pos))
-        return outs
-
-    ours = run()
-    monkeypatch.setattr(Attention, "forward", reference_attention)
-    theirs = run()
-    for a, b in zip(ours, theirs):
-        if dtype == torch.bfloat16:
-            assert torch.equal(a, b)
-        else:
-            assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
 def test_causal_mask_with_cached_prefix():
