@@ -205,12 +205,11 @@ def main(argv: Optional[list[str]] = None) -> None:
         row = {"batch": bsz, **decode_ms_per_token(contenders, device, opts.gen_short, opts.gen_long, opts.repeat)}
         results["decode"].append(row)
         print(f"\nbatch {bsz}:{'':14s}ms/token   tok/s    vs transformers   % of bandwidth limit")
-        for name in ("faithful", "fast", "fast, torch GEMV", "transformers", "llama.cpp"):
-            if name in row:
-                ms = row[name]
-                vs = f"{row['transformers'] / ms:5.2f}x" if "transformers" in row else "   - "
-                pct = floor_ms / ms * 100 if bsz == 1 else float("nan")
-                print(f"  {name:18s} {ms:8.1f} {bsz * 1e3 / ms:8.1f}   {vs}            {pct:5.0f}%")
+        for name in contenders:
+            ms = row[name]
+            vs = f"{row['transformers'] / ms:5.2f}x" if "transformers" in row else "   - "
+            pct = floor_ms / ms * 100 if bsz == 1 else float("nan")
+            print(f"  {name:18s} {ms:8.1f} {bsz * 1e3 / ms:8.1f}   {vs}            {pct:5.0f}%")
 
     # Prefill needs a cache as long as the prompt: a second model sharing the same weight tensors.
     fast = fast_torch_gemv = hf = contenders = None  # free their memory

@@ -114,10 +114,11 @@ def _load() -> Optional[ctypes._CFuncPtr]:
 
 def kernel() -> Optional[ctypes._CFuncPtr]:
     """The compiled kernel, building it on first call; None where it cannot be built (warned once)."""
-    with _lock:
-        if "fn" not in _state:
-            _state["fn"] = _load()
-        return _state["fn"]  # type: ignore[return-value]
+    if "fn" not in _state:  # the lock only guards the first build; later calls (every linear) skip it
+        with _lock:
+            if "fn" not in _state:
+                _state["fn"] = _load()
+    return _state["fn"]  # type: ignore[return-value]
 
 
 def available() -> bool:
@@ -144,7 +145,7 @@ def linear_bf16(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         )
     if weight.ndim != 2 or x.shape[-1] != weight.shape[1]:
         raise ValueError(f"linear_bf16: x {tuple(x.shape)} does not fit weight {tuple(weight.shape)}")
-    fn = _state["fn"] if "fn" in _state else kernel()
+    fn = kernel()
     if fn is None:
         return F.linear(x, weight)
     n, k = weight.shape

@@ -51,9 +51,11 @@ def test_batched_leading_dims_and_noncontiguous_inputs():
     assert torch.equal(cpu_gemv.linear_bf16(xt, w), cpu_gemv.linear_bf16(xt.contiguous(), w))
 
 
-def test_rejects_other_dtypes():
+def test_rejects_other_dtypes_and_devices():
     with pytest.raises(TypeError, match="bf16 CPU tensors"):
         cpu_gemv.linear_bf16(torch.randn(1, 8), torch.randn(4, 8))
+    with pytest.raises(TypeError, match="weight torch.bfloat16 on meta"):  # never a device pointer to C
+        cpu_gemv.linear_bf16(bf16(1, 8), torch.empty(4, 8, dtype=torch.bfloat16, device="meta"))
 
 
 @needs_kernel
