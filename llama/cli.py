@@ -1,25 +1,13 @@
-"""Argument handling shared by the example scripts."""
+"""How the example scripts turn their arguments into a ``Llama`` (argument checks themselves: ``llama.checks``)."""
 
 from __future__ import annotations
 
 import logging
 from typing import Optional
 
-import torch
-
+from llama.checks import parse_dtype
 from llama.distributed import is_main_process
 from llama.generation import Llama
-
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
-def parse_dtype(name: Optional[str]) -> Optional[torch.dtype]:
-    """torch dtype for "float32" / "float16" / "bfloat16"; None keeps Llama.build's default."""
-    if name is None:
-        return None
-    if name not in DTYPES:
-        raise ValueError(f"unknown dtype {name!r}; use one of {', '.join(DTYPES)}")
-    return DTYPES[name]
 
 
 def resolve_model(ckpt_dir: Optional[str], tokenizer_path: Optional[str]) -> tuple[str, str, str]:

@@ -89,6 +89,15 @@ def _destroy_process_group() -> None:
         dist.destroy_process_group()
 
 
+def broadcast_from_main(value):
+    """Global rank 0's value (any picklable object) on every rank; a no-op with one process."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def model_parallel_rank() -> int:
     return fs_init.get_model_parallel_rank()
 

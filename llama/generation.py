@@ -1,17 +1,24 @@
 """Text and chat generation with the reference's API (``Llama.build``, ``generate``, ``text_completion``,
-``chat_completion``), built from small functions that can be tested on their own."""
+``chat_completion``), built from small functions that can be tested on their own.
+
+Where things live: the generation's pieces come from ``llama.families`` (tokenizer, chat format as
+``generator.formatter``, model class); ``Llama._decode`` is the one decoding loop; ``llama.stream.RowEnd`` is the
+one rule for where a row ends; ``llama.stream.TextStream`` the one stop-string search.
+"""
 
 from __future__ import annotations
 
 import logging
 import time
 from dataclasses import dataclass
-from typing import Iterator, List, Literal, Optional, Sequence, TypedDict
+from typing import TYPE_CHECKING, Callable, Iterator, List, Optional, Sequence, TypedDict
 
 import torch
 import torch.nn.functional as F
 
 from llama import checkpoint
+from llama.chat_format import ChatFormat, Dialog, Message
+from llama.checks import check_positive_int, is_int
 from llama.distributed import (
     default_device,
     default_dtype,
@@ -20,19 +27,15 @@ from llama.distributed import (
     model_parallel_rank,
     setup_model_parallel,
 )
-from llama.fast import FastDecoder
+from llama.families import family_of, load_tokenizer
 from llama.model import ModelArgs, Transformer, check_model_parallel_fit
-from llama.stream import TextStream, check_stop
-from llama.tokenizer import Tokenizer
+from llama.stream import RowEnd, TextStream, check_stop
+from llama.tokenizer import TokenizerLike
+
+if TYPE_CHECKING:
+    from llama.fast import FastDecoder
 
 logger = logging.getLogger(__name__)
-
-Role = Literal["system", "user", "assistant"]
-
-
-class Message(TypedDict):
-    role: Role
-    content: str
 
 
 class CompletionPrediction(TypedDict, total=False):
@@ -45,19 +48,6 @@ class ChatPrediction(TypedDict, total=False):
     generation: Message
     tokens: List[str]  # not required
     logprobs: List[float]  # not required
-
-
-Dialog = List[Message]
-
-B_INST, E_INST = "[INST]", "[/INST]"
-B_SYS, E_SYS = "<<SYS>>\n", "\n<</SYS>>\n\n"
-
-SPECIAL_TAGS = [B_INST, E_INST, "<<SYS>>", "<</SYS>>"]
-UNSAFE_ERROR = "Error: special tags are not allowed as part of the prompt."
-ROLE_ERROR = (
-    "model only supports 'system', 'user' and 'assistant' roles, "
-    "starting with 'system', then 'user' and alternating (u/a/u/a/u...)"
-)
 
 
 def sample_top_p(probs: torch.Tensor, p: float) -> torch.Tensor:
@@ -94,9 +84,10 @@ class DecodeState:
     tokens: torch.Tensor  # (bsz, total_len), prompts left-aligned, pad_id beyond them until generated
     prompt_lens: list[int]
     is_prompt: torch.Tensor  # (bsz, total_len) bool: position holds a prompt token
-    finished: torch.Tensor  # (bsz,) bool: row has produced EOS (or was stopped by the caller)
+    finished: torch.Tensor  # (bsz,) bool: row has ended (a stop id, its length, or stopped by a consumer)
     token_logprobs: Optional[torch.Tensor]  # (bsz, total_len) fp32 when logprobs are asked for
     filled: int  # positions [0, filled) are final for every row
+    limits: Optional[torch.Tensor] = None  # (bsz,) prompt_len + max_gen_len: where each row's budget ends
 
 
 def _check_sampling(temperature: float, top_p: float, max_gen_len: Optional[int]) -> None:
@@ -104,8 +95,8 @@ def _check_sampling(temperature: float, top_p: float, max_gen_len: Optional[int]
         raise ValueError(f"temperature must be a number >= 0 (0 means greedy), got {temperature!r}")
     if not isinstance(top_p, (int, float)) or not 0.0 <= top_p <= 1.0:
         raise ValueError(f"top_p must be in [0, 1], got {top_p!r}")
-    if max_gen_len is not None and (not isinstance(max_gen_len, int) or max_gen_len < 1):
-        raise ValueError(f"max_gen_len must be a positive integer or None, got {max_gen_len!r}")
+    if max_gen_len is not None:
+        check_positive_int("max_gen_len", max_gen_len)
 
 
 class Llama:
@@ -126,7 +117,8 @@ class Llama:
 
         Under ``torchrun`` every process holds one model-parallel slice (NCCL on CUDA, gloo on CPU). Without a
         launcher a one-process group is started, so plain ``python`` and notebooks work. A checkpoint saved with
-        any number of shards loads on any number of processes that its heads can be split over.
+        any number of shards loads on any number of processes that its heads can be split over. Which Llama
+        generation it is follows from the tokenizer file (``llama.families``).
 
         Args:
             ckpt_dir: folder with ``params.json`` and ``consolidated.NN.pth``.
@@ -140,9 +132,8 @@ class Llama:
             compile: decode with the opt-in fast path (``llama.fast``): static shapes, no per-step host sync,
                 ``torch.compile``. Same tokens as the default path; one model-parallel rank only.
         """
-        for name, value in (("max_seq_len", max_seq_len), ("max_batch_size", max_batch_size)):
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        max_seq_len = check_positive_int("max_seq_len", max_seq_len)
+        max_batch_size = check_positive_int("max_batch_size", max_batch_size)
         device = torch.device(device) if device is not None else default_device()
         if dtype is None:
             dtype = default_dtype(device)
@@ -152,7 +143,8 @@ class Llama:
         # Check the files before starting any process group, so a typo fails fast and clearly.
         params = checkpoint.read_params(ckpt_dir)
         shard_paths = checkpoint.find_shards(ckpt_dir)
-        tokenizer = Tokenizer(tokenizer_path)
+        tokenizer = load_tokenizer(tokenizer_path)
+        family = family_of(tokenizer)
 
         mp_size = setup_model_parallel(model_parallel_size, device)
         torch.manual_seed(seed)  # same seed on every rank: they must sample the same tokens
@@ -162,19 +154,32 @@ class Llama:
         model_args.vocab_size = tokenizer.n_words
         check_model_parallel_fit(model_args, mp_size)
         with torch.device(device), default_dtype_scope(dtype):
-            model = Transformer(model_args)
+            model = family.model_cls(model_args)
         checkpoint.load_weights(model, shard_paths, model_parallel_rank(), mp_size, device, dtype)
         if is_main_process():
             logger.info(
-                "loaded %s (%d shard(s) on %d rank(s), %s, %s) in %.2f s",
-                ckpt_dir, len(shard_paths), mp_size, device, dtype, time.time() - start,
+                "loaded %s (%s, %d shard(s) on %d rank(s), %s, %s) in %.2f s",
+                ckpt_dir, family.name, len(shard_paths), mp_size, device, dtype, time.time() - start,
             )
-        return Llama(model, tokenizer, fast=FastDecoder(model) if compile else None)
+        fast = None
+        if compile:
+            from llama.fast import FastDecoder  # only when asked for: it registers the C kernel's operator
 
-    def __init__(self, model: Transformer, tokenizer: Tokenizer, fast: Optional[FastDecoder] = None):
+            fast = FastDecoder(model)
+        return Llama(model, tokenizer, fast=fast, formatter=family.chat_format(tokenizer))
+
+    def __init__(
+        self,
+        model: Transformer,
+        tokenizer: TokenizerLike,
+        fast: Optional[FastDecoder] = None,
+        formatter: Optional[ChatFormat] = None,
+    ):
         self.model = model
         self.tokenizer = tokenizer
+        self.formatter: ChatFormat = formatter if formatter is not None else family_of(tokenizer).chat_format(tokenizer)
         self.fast = fast  # decode steps on the static-shape path when set
+        self._stop_ids = torch.tensor(tokenizer.stop_ids, dtype=torch.long, device=self.device)
 
     @property
     def device(self) -> torch.device:
@@ -182,7 +187,8 @@ class Llama:
 
     # ------------------------------------------------------------------ the decoding loop
 
-    def _check_prompts(self, prompt_tokens: Sequence[Sequence[int]]) -> None:
+    def _check_prompts(self, prompt_tokens: Sequence[Sequence[int]]) -> list[list[int]]:
+        """The prompts as lists of Python ints, after checking them against the model's limits."""
         params = self.model.params
         if not isinstance(prompt_tokens, (list, tuple)) or not prompt_tokens:
             raise ValueError("prompt_tokens must be a non-empty list of token-id lists")
@@ -191,6 +197,7 @@ class Llama:
                 f"{len(prompt_tokens)} prompts exceed max_batch_size={params.max_batch_size}; "
                 "pass fewer prompts per call or build with a larger max_batch_size"
             )
+        checked = []
         for i, t in enumerate(prompt_tokens):
             if not isinstance(t, (list, tuple)) or not t:
                 raise ValueError(f"prompt {i} must be a non-empty list of token ids")
@@ -199,8 +206,14 @@ class Llama:
                     f"prompt {i} has {len(t)} tokens, more than max_seq_len={params.max_seq_len}; "
                     "shorten it or build with a larger max_seq_len"
                 )
-            if not all(isinstance(x, int) and 0 <= x < params.vocab_size for x in t):
+            bad = next((x for x in t if not is_int(x)), None)
+            if bad is not None:
+                raise TypeError(f"prompt {i} holds {bad!r} ({type(bad).__name__}); token ids must be integers")
+            ids = [int(x) for x in t]
+            if not all(0 <= x < params.vocab_size for x in ids):
                 raise ValueError(f"prompt {i} holds token ids outside [0, {params.vocab_size})")
+            checked.append(ids)
+        return checked
 
     def _start(self, prompt_tokens: Sequence[Sequence[int]], max_gen_len: int, logprobs: bool) -> DecodeState:
         """Lay the prompts into a (bsz, total_len) grid, as the reference does."""
@@ -212,25 +225,29 @@ class Llama:
         for k, t in enumerate(prompt_tokens):
             tokens[k, : len(t)] = torch.tensor(t, dtype=torch.long, device=self.device)
             is_prompt[k, : len(t)] = True
+        prompt_lens = [len(t) for t in prompt_tokens]
         return DecodeState(
             tokens=tokens,
-            prompt_lens=[len(t) for t in prompt_tokens],
+            prompt_lens=prompt_lens,
             is_prompt=is_prompt,
             finished=torch.zeros(bsz, dtype=torch.bool, device=self.device),
             token_logprobs=torch.zeros_like(tokens, dtype=torch.float) if logprobs else None,
-            filled=min(len(t) for t in prompt_tokens),
+            filled=min(prompt_lens),
+            limits=torch.tensor(prompt_lens, device=self.device) + max_gen_len,
         )
 
     @torch.inference_mode()
-    def _decode(self, state: DecodeState, temperature: float, top_p: float) -> Iterator[int]:
+    def _decode(
+        self, state: DecodeState, temperature: float, top_p: float, on_step: Optional[Callable[[int], None]] = None
+    ) -> Iterator[int]:
         """Run the decoding loop over `state`, yielding each position once every row holds its token there.
 
         Decoding starts at the shortest prompt; longer prompts have their own tokens forced in until they run
-        out. The loop ends at total_len or once every row is finished. A consumer may set rows of
-        ``state.finished`` between steps to stop them early.
+        out. A row ends at one of the tokenizer's stop ids or at its length budget (``state.limits``); the loop
+        ends at total_len or once every row has ended. on_step(cur_pos), when given, is called after each step
+        and may mark rows of ``state.finished`` (a stop string was reached) to end them early.
         """
         tokens, total_len = state.tokens, state.tokens.shape[1]
-        eos_id = self.tokenizer.eos_id
         if state.filled == total_len:
             # Nothing to generate (every prompt fills max_seq_len): only score the prompts if asked. Unlike the
             # reference, token t is scored with the logits of position t - 1, and only when logprobs are wanted.
@@ -247,133 +264,149 @@ class Llama:
                 logits = self.model.forward(tokens[:, prev_pos:cur_pos], prev_pos)  # (bsz, cur - prev, vocab)
             next_token = select_next_token(logits[:, -1], temperature, top_p)
             # Where the prompt still has a token at cur_pos, keep it.
-            next_token = torch.where(state.is_prompt[:, cur_pos], tokens[:, cur_pos], next_token)
+            generated = ~state.is_prompt[:, cur_pos]
+            next_token = torch.where(generated, next_token, tokens[:, cur_pos])
             tokens[:, cur_pos] = next_token
             if state.token_logprobs is not None:
                 # logits at positions prev..cur-1 score the tokens at prev+1..cur
                 state.token_logprobs[:, prev_pos + 1 : cur_pos + 1] = token_logprobs_of(
                     logits, tokens[:, prev_pos + 1 : cur_pos + 1]
                 )
-            state.finished |= ~state.is_prompt[:, cur_pos] & (next_token == eos_id)
+            ended = torch.isin(next_token, self._stop_ids)
+            if state.limits is not None:
+                ended |= cur_pos + 1 >= state.limits
+            state.finished |= generated & ended
             prev_pos = cur_pos
             state.filled = cur_pos + 1
+            if on_step is not None:
+                on_step(cur_pos)
             yield cur_pos
             # The reference asks every step; the fast path only every few steps, as the answer costs a host
-            # sync. Extra steps only add tokens after every row's EOS, which _results cuts off.
+            # sync. Extra steps only add tokens after every row's end, which RowEnd cuts off.
             if step % check_every == 0 and bool(state.finished.all()):
                 break
 
+    def _feed_rows(self, state: DecodeState, rows: Sequence[RowEnd]) -> Callable[[int], None]:
+        """The per-step consumer that gives each row its new token, and ends rows that reach a stop string."""
+
+        def on_step(cur_pos: int) -> None:
+            column = state.tokens[:, cur_pos].tolist()
+            for i, row in enumerate(rows):
+                if cur_pos >= state.prompt_lens[i] and not row.ended and row.add(column[i]):
+                    state.finished[i] = True
+
+        return on_step
+
+    def _end_rows(self, grid: list[list[int]], prompt_lens: Sequence[int], max_gen_len: int) -> list[RowEnd]:
+        """The end of each row of a finished grid, found by feeding its generated tokens to a RowEnd."""
+        rows = [RowEnd(max_gen_len, self.tokenizer.stop_ids) for _ in grid]
+        for row, toks, plen in zip(rows, grid, prompt_lens):
+            for token in toks[plen:]:
+                if row.add(token):
+                    break
+        return rows
+
     def _results(
-        self, state: DecodeState, max_gen_len: int, echo: bool
+        self, state: DecodeState, max_gen_len: int, echo: bool, rows: Optional[Sequence[RowEnd]] = None
     ) -> tuple[list[list[int]], Optional[list[list[float]]]]:
-        """Cut each row to its prompt (if echo) plus at most max_gen_len tokens, ending before its first EOS."""
-        rows = state.tokens[:, : state.filled].tolist()
+        """Each row's prompt (if echo) and generated tokens up to its end, with their logprobs if asked for.
+
+        rows: the RowEnds fed during the loop; without them, each row's tokens are fed to a new one now.
+        Only generated tokens can end a row: unlike the reference, a stop id inside an echoed prompt (an
+        earlier chat turn) does not cut the prompt short.
+        """
+        grid = state.tokens[:, : state.filled].tolist()
+        if rows is None:
+            rows = self._end_rows(grid, state.prompt_lens, max_gen_len)
         all_logprobs = state.token_logprobs[:, : state.filled].tolist() if state.token_logprobs is not None else None
         out_tokens, out_logprobs = [], []
-        for i, toks in enumerate(rows):
-            plen = state.prompt_lens[i]
-            start = 0 if echo else plen
-            end = plen + max_gen_len
-            # Only generated tokens can end a row: unlike the reference, an EOS inside an echoed prompt
-            # (an earlier chat turn) does not cut the prompt short.
-            generated = toks[plen:end]
-            if self.tokenizer.eos_id in generated:
-                end = plen + generated.index(self.tokenizer.eos_id)
-            out_tokens.append(toks[start:end])
+        for i, (row, plen) in enumerate(zip(rows, state.prompt_lens)):
+            start, end = (0 if echo else plen), plen + row.n_kept()
+            out_tokens.append(grid[i][start:end])
             if all_logprobs is not None:
                 out_logprobs.append(all_logprobs[i][start:end])
         return out_tokens, (out_logprobs if all_logprobs is not None else None)
 
+    def _prepare(
+        self,
+        prompt_tokens: Sequence[Sequence[int]],
+        max_gen_len: Optional[int],
+        temperature: float,
+        top_p: float,
+        stop: Optional[Sequence[str]],
+    ) -> tuple[list[list[int]], int, list[str]]:
+        """Check every argument of a generation call; return the prompts, max_gen_len and the stop strings."""
+        stop = check_stop(stop)
+        max_gen_len = self._default_gen_len(max_gen_len)
+        _check_sampling(temperature, top_p, max_gen_len)
+        return self._check_prompts(prompt_tokens), max_gen_len, stop
+
+    def _run(
+        self,
+        prompt_tokens: list[list[int]],
+        max_gen_len: int,
+        temperature: float,
+        top_p: float,
+        logprobs: bool,
+        streams: Optional[Sequence[TextStream]],
+    ) -> tuple[DecodeState, Optional[list[RowEnd]], Iterator[int]]:
+        """Start a batch: its state, its RowEnds, and the loop's steps, which run as they are iterated.
+
+        With streams (one per prompt), every row is followed step by step by a RowEnd that feeds its stream;
+        without, the loop runs on the device alone and rows is None (``_end_rows`` then finds the ends).
+        """
+        state = self._start(prompt_tokens, max_gen_len, logprobs)
+        rows = None
+        on_step = None
+        if streams is not None:
+            rows = [RowEnd(max_gen_len, self.tokenizer.stop_ids, stream) for stream in streams]
+            on_step = self._feed_rows(state, rows)
+        return state, rows, self._decode(state, temperature, top_p, on_step)
+
     def generate(
         self,
         prompt_tokens: List[List[int]],
-        max_gen_len: int,
+        max_gen_len: Optional[int],
         temperature: float = 0.6,
         top_p: float = 0.9,
         logprobs: bool = False,
         echo: bool = False,
     ) -> tuple[List[List[int]], Optional[List[List[float]]]]:
-        """Continue each prompt (a list of token ids) by up to max_gen_len tokens.
+        """Continue each prompt (a list of token ids) by up to max_gen_len tokens (None: up to max_seq_len).
 
-        Returns the generated token ids of each prompt (with the prompt in front if echo), cut at the first EOS,
-        and, if logprobs, the log-probability under the model of each returned token (0.0 for the first prompt
-        token, which nothing predicts).
+        Returns the generated token ids of each prompt (with the prompt in front if echo), cut before the first
+        stop id (Llama 2: EOS), and, if logprobs, the log-probability under the model of each returned token
+        (0.0 for the first prompt token, which nothing predicts).
         """
-        _check_sampling(temperature, top_p, max_gen_len)
-        self._check_prompts(prompt_tokens)
-        state = self._start(prompt_tokens, max_gen_len, logprobs)
-        for _ in self._decode(state, temperature, top_p):
-            pass
-        return self._results(state, max_gen_len, echo)
-
-    def _decode_with_streams(
-        self,
-        state: DecodeState,
-        streams: Sequence[TextStream],
-        max_gen_len: int,
-        temperature: float,
-        top_p: float,
-    ) -> Iterator[None]:
-        """The decoding loop, with each row's generated tokens fed to its TextStream after every step.
-
-        A row whose text reaches a stop string is marked finished, so the loop ends once every row is done.
-        """
-        eos_id = self.tokenizer.eos_id
-        ended = [False] * len(streams)
-        for cur_pos in self._decode(state, temperature, top_p):
-            column = state.tokens[:, cur_pos].tolist()
-            for row, stream in enumerate(streams):
-                plen = state.prompt_lens[row]
-                if ended[row] or cur_pos < plen:
-                    continue
-                if column[row] == eos_id or cur_pos >= plen + max_gen_len:
-                    ended[row] = True
-                    continue
-                stream.add(column[row])
-                if stream.stopped:
-                    ended[row] = True
-                    state.finished[row] = True
-            yield
+        tokens, logprobs_, _, _ = self._complete(prompt_tokens, max_gen_len, temperature, top_p, logprobs, echo, None)
+        return tokens, logprobs_
 
     def _complete(
         self,
-        prompt_tokens: List[List[int]],
+        prompt_tokens: Sequence[Sequence[int]],
         max_gen_len: Optional[int],
         temperature: float,
         top_p: float,
         logprobs: bool,
         echo: bool,
-        stop: Optional[List[str]],
-    ) -> tuple[List[List[int]], Optional[List[List[float]]], List[str]]:
-        """Token ids, logprobs and text of each completion; without stop strings, exactly ``generate``."""
-        stop = check_stop(stop)
-        max_gen_len = self._default_gen_len(max_gen_len)
-        if not stop:
-            tokens, logprobs_ = self.generate(prompt_tokens, max_gen_len, temperature, top_p, logprobs, echo)
-            return tokens, logprobs_, [self.tokenizer.decode(t) for t in tokens]
-
-        _check_sampling(temperature, top_p, max_gen_len)
-        self._check_prompts(prompt_tokens)
-        state = self._start(prompt_tokens, max_gen_len, logprobs)
-        streams = [TextStream(self.tokenizer, stop) for _ in prompt_tokens]
-        for _ in self._decode_with_streams(state, streams, max_gen_len, temperature, top_p):
+        stop: Optional[Sequence[str]],
+    ) -> tuple[List[List[int]], Optional[List[List[float]]], List[RowEnd], Optional[List[TextStream]]]:
+        """Token ids, logprobs, end and (with stop strings) text stream of each completion."""
+        prompts, max_gen_len, stop = self._prepare(prompt_tokens, max_gen_len, temperature, top_p, stop)
+        streams = [TextStream(self.tokenizer, stop, prefix=t if echo else ()) for t in prompts] if stop else None
+        state, rows, steps = self._run(prompts, max_gen_len, temperature, top_p, logprobs, streams)
+        for _ in steps:
             pass
-        tokens, logprobs_ = self._results(state, max_gen_len, echo)
-        texts = []
-        for row, stream in enumerate(streams):
-            # Keep the tokens that cover the text up to the stop string (the last may hold part of it).
-            keep = stream.n_tokens_for_text() + (state.prompt_lens[row] if echo else 0)
-            tokens[row] = tokens[row][:keep]
-            if logprobs_ is not None:
-                logprobs_[row] = logprobs_[row][:keep]
-            if echo:
-                text = self.tokenizer.decode(tokens[row])
-                after = len(self.tokenizer.decode(prompt_tokens[row]))
-                cuts = [i for i in (text.find(s, after) for s in stop) if i >= 0]
-                texts.append(text[: min(cuts)] if cuts else text)
-            else:
-                texts.append(stream.final_text())
-        return tokens, logprobs_, texts
+        if rows is None:
+            rows = self._end_rows(state.tokens[:, : state.filled].tolist(), state.prompt_lens, max_gen_len)
+        tokens, logprobs_ = self._results(state, max_gen_len, echo, rows)
+        return tokens, logprobs_, rows, streams
+
+    def _texts(self, tokens: List[List[int]], streams: Optional[List[TextStream]]) -> List[str]:
+        """The text of each completion: its stream's (cut before a stop string), else its tokens decoded."""
+        if streams is None:
+            return [self.tokenizer.decode(t) for t in tokens]
+        return [stream.final_text() for stream in streams]
 
     def _stream(
         self,
@@ -384,18 +417,14 @@ class Llama:
         stop: Optional[List[str]],
     ) -> Iterator[str]:
         """Check the arguments now, then return an iterator of text deltas for one prompt."""
-        stop = check_stop(stop)
-        max_gen_len = self._default_gen_len(max_gen_len)
-        _check_sampling(temperature, top_p, max_gen_len)
-        self._check_prompts([prompt_tokens])
-        return self._stream_deltas(prompt_tokens, temperature, top_p, max_gen_len, stop)
+        prompts, max_gen_len, stop = self._prepare([prompt_tokens], max_gen_len, temperature, top_p, stop)
+        return self._stream_deltas(prompts, max_gen_len, temperature, top_p, TextStream(self.tokenizer, stop))
 
     def _stream_deltas(
-        self, prompt_tokens: List[int], temperature: float, top_p: float, max_gen_len: int, stop: List[str]
+        self, prompts: list[list[int]], max_gen_len: int, temperature: float, top_p: float, stream: TextStream
     ) -> Iterator[str]:
-        state = self._start([prompt_tokens], max_gen_len, logprobs=False)
-        stream = TextStream(self.tokenizer, stop)
-        for _ in self._decode_with_streams(state, [stream], max_gen_len, temperature, top_p):
+        _, _, steps = self._run(prompts, max_gen_len, temperature, top_p, False, [stream])
+        for _ in steps:
             piece = stream.delta()
             if piece:
                 yield piece
@@ -425,7 +454,10 @@ class Llama:
         """
         _check_prompt_strings(prompts)
         prompt_tokens = [self.tokenizer.encode(x, bos=True, eos=False) for x in prompts]
-        tokens, logprobs_, texts = self._complete(prompt_tokens, max_gen_len, temperature, top_p, logprobs, echo, stop)
+        tokens, logprobs_, _, streams = self._complete(
+            prompt_tokens, max_gen_len, temperature, top_p, logprobs, echo, stop
+        )
+        texts = self._texts(tokens, streams)
         if logprobs:
             return [
                 {"generation": text, "tokens": [self.tokenizer.decode([x]) for x in t], "logprobs": lp}
@@ -460,19 +492,23 @@ class Llama:
         logprobs: bool = False,
         stop: Optional[List[str]] = None,
     ) -> List[ChatPrediction]:
-        """Answer the last user message of each dialog as the assistant, in the Llama 2 chat format.
+        """Answer the last user message of each dialog as the assistant, in the chat format of the model's
+        generation (``generator.formatter``).
 
         stop: as for ``text_completion``.
         """
         if not isinstance(dialogs, (list, tuple)):
             raise TypeError("dialogs must be a list of dialogs (each a list of {'role', 'content'} messages)")
-        prompt_tokens = [encode_dialog(self.tokenizer, dialog) for dialog in dialogs]
-        unsafe_requests = [has_special_tags(dialog) for dialog in dialogs]
-        tokens, logprobs_, texts = self._complete(prompt_tokens, max_gen_len, temperature, top_p, logprobs, False, stop)
+        prompt_tokens = [self.formatter.encode_dialog_prompt(dialog) for dialog in dialogs]
+        refusals = [self.formatter.refusal(dialog) for dialog in dialogs]
+        tokens, logprobs_, _, streams = self._complete(
+            prompt_tokens, max_gen_len, temperature, top_p, logprobs, False, stop
+        )
+        texts = self._texts(tokens, streams)
         results: List[ChatPrediction] = []
         for i, t in enumerate(tokens):
-            content = UNSAFE_ERROR if unsafe_requests[i] else texts[i]
-            result: ChatPrediction = {"generation": {"role": "assistant", "content": content}}
+            answer = refusals[i] if refusals[i] is not None else texts[i]
+            result: ChatPrediction = {"generation": self.formatter.decode_answer(answer)}
             if logprobs:
                 result["tokens"] = [self.tokenizer.decode([x]) for x in t]
                 result["logprobs"] = logprobs_[i]
@@ -488,53 +524,14 @@ class Llama:
         stop: Optional[List[str]] = None,
     ) -> Iterator[str]:
         """Yield the assistant's answer to one dialog as text deltas; they join to the ``chat_completion`` content."""
-        prompt_tokens = encode_dialog(self.tokenizer, dialog)
-        if has_special_tags(dialog):
+        prompt_tokens = self.formatter.encode_dialog_prompt(dialog)
+        refusal = self.formatter.refusal(dialog)
+        if refusal is not None:
             check_stop(stop)
-            return iter([UNSAFE_ERROR])
+            return iter([refusal])
         return self._stream(prompt_tokens, temperature, top_p, max_gen_len, stop)
 
 
 def _check_prompt_strings(prompts: List[str]) -> None:
     if not isinstance(prompts, (list, tuple)) or not all(isinstance(p, str) for p in prompts):
         raise TypeError("prompts must be a list of str (wrap a single prompt in a list)")
-
-
-def has_special_tags(dialog: Dialog) -> bool:
-    return any(tag in msg["content"] for tag in SPECIAL_TAGS for msg in dialog)
-
-
-def encode_dialog(tokenizer: Tokenizer, dialog: Dialog) -> list[int]:
-    """Token ids of a dialog in the Llama 2 chat format.
-
-    A leading system message is folded into the first user message between <<SYS>> tags. Each earlier
-    (user, assistant) pair becomes ``<s>[INST] user [/INST] answer </s>``; the last user message becomes
-    ``<s>[INST] user [/INST]``, which the model continues with its answer.
-    """
-    if not isinstance(dialog, (list, tuple)) or not dialog:
-        raise ValueError("each dialog must be a non-empty list of messages")
-    for msg in dialog:
-        if not isinstance(msg, dict) or "role" not in msg or "content" not in msg:
-            raise TypeError(f"each message must be a dict with 'role' and 'content', got {msg!r}")
-        if not isinstance(msg["content"], str):
-            raise TypeError(f"message content must be a str, got {type(msg['content']).__name__}")
-        if msg["role"] not in ("system", "user", "assistant"):
-            raise ValueError(f"unknown role {msg['role']!r}: {ROLE_ERROR}")
-    if dialog[0]["role"] == "system":
-        if len(dialog) < 2:
-            raise ValueError(f"Last message must be from user, got {dialog[-1]['role']}")
-        merged = B_SYS + dialog[0]["content"] + E_SYS + dialog[1]["content"]
-        dialog = [{"role": dialog[1]["role"], "content": merged}] + list(dialog[2:])
-    if not (
-        all(msg["role"] == "user" for msg in dialog[::2])
-        and all(msg["role"] == "assistant" for msg in dialog[1::2])
-    ):
-        raise ValueError(ROLE_ERROR)
-    if dialog[-1]["role"] != "user":
-        raise ValueError(f"Last message must be from user, got {dialog[-1]['role']}")
-    tokens: list[int] = []
-    for prompt, answer in zip(dialog[::2], dialog[1::2]):
-        text = f"{B_INST} {prompt['content'].strip()} {E_INST} {answer['content'].strip()} "
-        tokens += tokenizer.encode(text, bos=True, eos=True)
-    tokens += tokenizer.encode(f"{B_INST} {dialog[-1]['content'].strip()} {E_INST}", bos=True, eos=False)
-    return tokens

@@ -10,21 +10,11 @@ import signal
 import sys
 from typing import Callable, Iterator, List, Optional, TextIO
 
-import torch.distributed as dist
-
-from llama.distributed import is_main_process
-from llama.generation import Dialog, Llama, Message, encode_dialog
+from llama.chat_format import Dialog, Message
+from llama.distributed import broadcast_from_main, is_main_process
+from llama.generation import Llama
 
 HELP = "Type a message and press Enter. /reset starts over, /exit (or Ctrl-D) quits, Ctrl-C stops an answer."
-
-
-def _share(value):
-    """rank 0's value on every rank (a no-op with one process)."""
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return value
-    box = [value]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
 
 
 @contextlib.contextmanager
@@ -50,7 +40,7 @@ def fit_dialog(
     dropped = 0
     while True:
         dialog: Dialog = ([{"role": "system", "content": system}] if system else []) + turns
-        prompt_len = len(encode_dialog(generator.tokenizer, dialog))
+        prompt_len = len(generator.formatter.encode_dialog_prompt(dialog))
         if prompt_len + answer_room <= max_seq_len or len(turns) <= 1:
             return turns, dialog, prompt_len, dropped
         turns = turns[2:]
@@ -89,7 +79,7 @@ def chat_loop(
             except KeyboardInterrupt:  # Ctrl-C at the prompt: drop the line, ask again
                 say("")
                 line = ""
-        line = _share(line).strip()
+        line = broadcast_from_main(line).strip()
         if not line:
             continue
         if line == "/exit":
@@ -115,7 +105,7 @@ def chat_loop(
             for piece in generator.chat_completion_stream(dialog, temperature, top_p, max_gen_len=room):
                 answer.append(piece)
                 say(piece, end="")
-                if _share(interrupted()):
+                if broadcast_from_main(interrupted()):
                     say(" [interrupted]", end="")
                     break
         say("")

@@ -1,4 +1,11 @@
-"""Incremental detokenization: turn one row's growing token list into text deltas that are safe to show.
+"""Where a generated row ends, and incremental detokenization of its text.
+
+``RowEnd`` is the one rule for when a row ends: at the first of the tokenizer's ``stop_ids``, when its text
+reaches a stop string, or after max_gen_len tokens. The decoding loop feeds it every step when a row is
+streamed or has stop strings, and after the loop otherwise (so that loop needs no host sync per step).
+
+``TextStream`` turns one row's growing token list into text deltas that are safe to show, and is the one place
+that searches for stop strings.
 
 SentencePiece decodes a prefix of a token list to a prefix of the full text, with one exception: a
 byte-fallback piece (<0xE6>, ...) that ends part-way through a multi-byte UTF-8 character decodes to U+FFFD
@@ -13,7 +20,7 @@ from __future__ import annotations
 
 from typing import Optional, Sequence
 
-from llama.tokenizer import Tokenizer
+from llama.tokenizer import TokenizerLike
 
 REPLACEMENT_CHAR = "\ufffd"
 
@@ -30,15 +37,21 @@ def check_stop(stop: Optional[Sequence[str]]) -> list[str]:
 
 
 class TextStream:
-    """The text of one row's generated tokens, fed one token at a time, with stop-string detection."""
+    """The text of one row's generated tokens, fed one token at a time, with stop-string detection.
 
-    def __init__(self, tokenizer: Tokenizer, stop: Sequence[str] = ()):
+    With `prefix` (the prompt, when it is echoed), the text is that of prefix + tokens, and stop strings are
+    searched only in the part after the prefix's text.
+    """
+
+    def __init__(self, tokenizer: TokenizerLike, stop: Sequence[str] = (), prefix: Sequence[int] = ()):
         self.tokenizer = tokenizer
         self.stop = list(stop)
+        self.prefix = list(prefix)
         self.tokens: list[int] = []
-        self.text = ""
+        self.text = tokenizer.decode(self.prefix) if self.prefix else ""
+        self.floor = len(self.text)  # stop strings may begin here at the earliest
         self.stop_at: Optional[int] = None  # index in text where the first stop string begins
-        self.shown = 0  # characters of text already handed out by delta()
+        self.shown = self.floor  # characters of text already handed out by delta()
 
     @property
     def stopped(self) -> bool:
@@ -50,16 +63,16 @@ class TextStream:
             return
         previous = len(self.text)
         self.tokens.append(token)
-        self.text = self.tokenizer.decode(self.tokens)
+        self.text = self.tokenizer.decode(self.prefix + self.tokens)
         if self.stop:
             # A new match can only end in the new text, so it starts at most len(stop) - 1 characters earlier.
-            begin = max(0, previous - max(len(s) for s in self.stop) + 1)
+            begin = max(self.floor, previous - max(len(s) for s in self.stop) + 1)
             hits = [i for i in (self.text.find(s, begin) for s in self.stop) if i >= 0]
             if hits:
                 self.stop_at = min(hits)
 
     def final_text(self) -> str:
-        """The whole generation, cut right before the first stop string."""
+        """The whole text (the prefix's included), cut right before the first stop string."""
         return self.text if self.stop_at is None else self.text[: self.stop_at]
 
     def delta(self, final: bool = False) -> str:
@@ -87,6 +100,48 @@ class TextStream:
             return len(self.tokens)
         target = self.final_text()
         for k in range(len(self.tokens) + 1):
-            if len(self.tokenizer.decode(self.tokens[:k]).rstrip(REPLACEMENT_CHAR)) >= len(target):
+            if len(self.tokenizer.decode(self.prefix + self.tokens[:k]).rstrip(REPLACEMENT_CHAR)) >= len(target):
                 return k
         return len(self.tokens)
+
+
+class RowEnd:
+    """Follows one row's generated tokens and decides where the row ends: the one rule for every call.
+
+    A row ends before the first of `stop_ids` (which is not returned), when its text reaches a stop string
+    (``stream`` set, with stop strings), or after max_gen_len tokens. ``reason`` says which: "stop_id",
+    "stop_string" or "length"; it stays None while the row runs, and when max_seq_len ended it first.
+    """
+
+    def __init__(self, max_gen_len: int, stop_ids: Sequence[int], stream: Optional[TextStream] = None):
+        self.max_gen_len = max_gen_len
+        self.stop_ids = frozenset(stop_ids)
+        self.stream = stream
+        self.tokens: list[int] = []  # generated tokens up to the end (a stop id excluded)
+        self.reason: Optional[str] = None
+        self.stop_id: Optional[int] = None  # the stop id that ended the row
+
+    @property
+    def ended(self) -> bool:
+        return self.reason is not None
+
+    def add(self, token: int) -> bool:
+        """Take the row's next generated token; True once the row has ended (later tokens are ignored)."""
+        if self.ended:
+            return True
+        if token in self.stop_ids:
+            self.reason, self.stop_id = "stop_id", token
+            return True
+        self.tokens.append(token)
+        if self.stream is not None:
+            self.stream.add(token)
+            if self.stream.stopped:
+                self.reason = "stop_string"
+                return True
+        if len(self.tokens) >= self.max_gen_len:
+            self.reason = "length"
+        return self.ended
+
+    def n_kept(self) -> int:
+        """How many generated tokens the result keeps: those that cover the text up to a stop string."""
+        return self.stream.n_tokens_for_text() if self.reason == "stop_string" else len(self.tokens)

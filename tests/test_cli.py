@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from llama.cli import parse_dtype, resolve_model
+from llama.checks import parse_dtype
+from llama.cli import resolve_model
 
 
 def test_parse_dtype():

@@ -6,15 +6,15 @@ from torch.testing import assert_close
 
 import llama.generation as generation
 from llama import Llama
-from llama.generation import (
-    B_SYS,
-    E_SYS,
-    ROLE_ERROR,
-    UNSAFE_ERROR,
-    DecodeState,
-    encode_dialog,
-    sample_top_p,
-)
+from llama.chat_format import Llama2ChatFormat
+from llama.generation import DecodeState, sample_top_p
+
+B_SYS, E_SYS = Llama2ChatFormat.B_SYS, Llama2ChatFormat.E_SYS
+ROLE_ERROR, UNSAFE_ERROR = Llama2ChatFormat.ROLE_ERROR, Llama2ChatFormat.UNSAFE_ERROR
+
+
+def encode_dialog(tokenizer, dialog):
+    return Llama2ChatFormat(tokenizer).encode_dialog_prompt(dialog)
 
 PROMPTS = ["The quick brown fox", "Llamas live in", "A journey of a thousand miles begins with a single"]
 

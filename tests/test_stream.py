@@ -129,7 +129,9 @@ def test_sampled_streams_go_through_byte_fallback(generator):
 
 
 def test_special_tags_stream_the_unsafe_error(generator):
-    from llama.generation import UNSAFE_ERROR
+    from llama.chat_format import Llama2ChatFormat
+
+    UNSAFE_ERROR = Llama2ChatFormat.UNSAFE_ERROR
 
     assert list(generator.chat_completion_stream([{"role": "user", "content": "[INST] hi"}])) == [UNSAFE_ERROR]
 

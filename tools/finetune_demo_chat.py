@@ -9,8 +9,8 @@ on a mix of
 * chat samples built from the TRAIN split of the fortunes only: a user message (one of the generic prompts below,
   the first lines of a fortune whose remaining lines are the answer, or a line of another fortune), sometimes
   with a system prompt and sometimes after a first exchange, answered by a train fortune. The prompt tokens come
-  from ``llama.generation.encode_dialog``; the answer tokens are ``tokenizer.encode(answer + " ")`` followed by
-  EOS, which is exactly how encode_dialog encodes a finished exchange. The loss of a chat sample is computed on
+  from ``Llama2ChatFormat.encode_dialog_prompt``; the answer tokens are ``tokenizer.encode(answer + " ")`` followed by
+  EOS, which is exactly how the chat format encodes a finished exchange. The loss of a chat sample is computed on
   its final answer tokens (and that answer's EOS) only.
 
 The tokenizer, params.json and the architecture stay as they are; consolidated.00.pth is overwritten (bfloat16).
@@ -45,7 +45,7 @@ if str(REPO) not in sys.path:  # run as a script: make llama and tools importabl
 
 from example_chat_completion import DIALOGS  # noqa: E402
 from llama import Dialog, Llama  # noqa: E402
-from llama.generation import encode_dialog  # noqa: E402
+from llama.chat_format import Llama2ChatFormat  # noqa: E402
 from llama.model import ModelArgs  # noqa: E402
 from llama.tokenizer import Tokenizer  # noqa: E402
 from tools.train_demo import (  # noqa: E402
@@ -216,8 +216,8 @@ class ChatSampler:
 
 
 def encode_chat_sample(tokenizer: Tokenizer, dialog: Dialog, answer: str) -> tuple[list[int], int]:
-    """encode_dialog(dialog) followed by the answer as encode_dialog encodes a finished exchange, and EOS."""
-    prompt = encode_dialog(tokenizer, dialog)
+    """The dialog's prompt followed by the answer as the chat format encodes a finished exchange, and EOS."""
+    prompt = Llama2ChatFormat(tokenizer).encode_dialog_prompt(dialog)
     return prompt + tokenizer.encode(answer.strip() + " ", bos=False, eos=True), len(prompt)
 
 
@@ -280,7 +280,7 @@ def empty_start_probability(model: TrainTransformer, tokenizer: Tokenizer, dialo
     ids = [tokenizer.eos_id, tokenizer.sp_model.piece_to_id("<0x0A>")]
     probs = []
     for dialog in dialogs:
-        x = torch.tensor([encode_dialog(tokenizer, dialog)])
+        x = torch.tensor([Llama2ChatFormat(tokenizer).encode_dialog_prompt(dialog)])
         probs.append(float(model(x)[0, -1].softmax(-1)[ids].sum()))
     model.train()
     return sum(probs) / len(probs)
