@@ -4,7 +4,9 @@
 
 - ``encode_dialog_prompt(dialog) -> list[int]``: the prompt that the model continues with the answer;
 - ``refusal(dialog) -> str | None``: text returned instead of generating (Llama 2's special-tag guard);
-- ``decode_answer(text) -> Message``: the assistant message for a generated text.
+- ``stop_reason(stop_id) -> str``: why an answer ended, from the stop id that ended it (None: no stop id did):
+  "end_of_turn", "end_of_message" or "out_of_tokens", as Meta's ``StopReason``;
+- ``decode_answer(text, stop_reason) -> Message``: the assistant message for a generated text.
 
 ``Llama2ChatFormat``: ``<s>[INST] <<SYS>>system<</SYS>> user [/INST] answer </s>``, as Meta's reference.
 """
@@ -33,7 +35,9 @@ class ChatFormat(Protocol):
 
     def refusal(self, dialog: Dialog) -> Optional[str]: ...
 
-    def decode_answer(self, text: str) -> Message: ...
+    def stop_reason(self, stop_id: Optional[int]) -> str: ...
+
+    def decode_answer(self, text: str, stop_reason: str) -> Message: ...
 
 
 def check_messages(dialog: Dialog, roles: tuple[str, ...], role_error: str) -> None:
@@ -69,7 +73,10 @@ class Llama2ChatFormat:
             return self.UNSAFE_ERROR
         return None
 
-    def decode_answer(self, text: str) -> Message:
+    def stop_reason(self, stop_id: Optional[int]) -> str:
+        return "end_of_turn" if stop_id == self.tokenizer.eos_id else "out_of_tokens"
+
+    def decode_answer(self, text: str, stop_reason: str) -> Message:
         return {"role": "assistant", "content": text}
 
     def encode_dialog_prompt(self, dialog: Dialog) -> list[int]:

@@ -501,14 +501,15 @@ class Llama:
             raise TypeError("dialogs must be a list of dialogs (each a list of {'role', 'content'} messages)")
         prompt_tokens = [self.formatter.encode_dialog_prompt(dialog) for dialog in dialogs]
         refusals = [self.formatter.refusal(dialog) for dialog in dialogs]
-        tokens, logprobs_, _, streams = self._complete(
+        tokens, logprobs_, rows, streams = self._complete(
             prompt_tokens, max_gen_len, temperature, top_p, logprobs, False, stop
         )
         texts = self._texts(tokens, streams)
         results: List[ChatPrediction] = []
         for i, t in enumerate(tokens):
             answer = refusals[i] if refusals[i] is not None else texts[i]
-            result: ChatPrediction = {"generation": self.formatter.decode_answer(answer)}
+            stop_reason = self.formatter.stop_reason(rows[i].stop_id)
+            result: ChatPrediction = {"generation": self.formatter.decode_answer(answer, stop_reason)}
             if logprobs:
                 result["tokens"] = [self.tokenizer.decode([x]) for x in t]
                 result["logprobs"] = logprobs_[i]
