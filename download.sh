@@ -84,39 +84,81 @@ fetch() {
     fi
 }
 
-# verify DIR CHECKLIST: check the md5 sums listed in DIR/CHECKLIST
-# ("<md5>  <file>" lines, as md5sum writes them).
-verify() {
-    local dir=$1 list=$2 output status=0 failed="" sum name actual checked=0
-    echo "Checking checksums in $dir/$list"
+# True when $1 is 32 hex digits, the form of an md5 sum.
+is_md5() {
+    [ "${#1}" -eq 32 ] || return 1
+    case $1 in
+        *[!0-9a-fA-F]*) return 1 ;;
+    esac
+    return 0
+}
+
+# True when $1 names a file directly inside the folder being checked: not
+# empty, no '/' (so no absolute path and no sub-folder), not '.' or '..', no
+# leading '-' (it would read as an option), no '\' (md5sum's escape marker).
+is_plain_name() {
+    case $1 in
+        '' | . | .. | */* | -* | *\\*) return 1 ;;
+    esac
+    return 0
+}
+
+# file_md5 FILE: print the md5 sum of FILE.
+file_md5() {
+    local out
+    case $1 in
+        -*) set -- "./$1" ;;    # not an option
+    esac
     if [ "$MD5_TOOL" = md5sum ]; then
-        output=$(cd "$dir" && md5sum -c "$list" 2>&1) || status=$?
-        printf '%s\n' "$output"
-        if [ "$status" -ne 0 ]; then
-            failed=$(printf '%s\n' "$output" | sed -n 's/: FAILED.*$//p' | tr '\n' ' ')
-            failed=${failed:-"(no valid lines in $list)"}
-        fi
+        out=$(md5sum < "$1")
     else
-        # macOS has no md5sum: compare each line against `md5 -r` ("<md5> <file>").
-        while read -r sum name || [ -n "$sum" ]; do
-            [ -n "$sum" ] || continue
-            name=${name%$'\r'}
-            name=${name#\*}    # md5sum's binary-mode marker
-            actual=missing
-            if [ -f "$dir/$name" ]; then
-                actual=$(md5 -r "$dir/$name")
-                actual=${actual%% *}
-            fi
-            if [ "$actual" = "$sum" ]; then
-                echo "$name: OK"
-            else
-                echo "$name: FAILED"
-                failed="$failed$name "
-            fi
-            checked=$((checked + 1))
-        done < "$dir/$list"
-        [ "$checked" -gt 0 ] || failed="(no valid lines in $list)"
+        out=$(md5 -r "$1")    # macOS: "<md5> <file>"
     fi
+    printf '%s' "${out%% *}"
+}
+
+# verify DIR CHECKLIST FILE...: check the md5 sums listed in DIR/CHECKLIST
+# ("<md5>  <file>" lines, as md5sum writes them). Each FILE (what was
+# downloaded into DIR) must be listed there: a checker that only looks at the
+# lines present would call an unlisted file verified. Every listed name must
+# be a plain file name in DIR, so a checklist cannot point outside it.
+verify() {
+    local dir=$1 list=$2 sum name entries="" listed=$'\n' missing="" failed="" f
+    shift 2
+    echo "Checking checksums in $dir/$list"
+    [ -f "$dir/$list" ] || die "Checksum list $dir/$list is missing."
+    while read -r sum name || [ -n "$sum" ]; do
+        [ -n "$sum" ] || continue
+        name=${name%$'\r'}
+        name=${name#\*}    # md5sum's binary-mode marker
+        is_md5 "$sum" && [ -n "$name" ] ||
+            die "Malformed line in $dir/$list: '$sum${name:+ $name}' (expected '<md5>  <file name>').
+The checklist is corrupted: run this script again."
+        is_plain_name "$name" ||
+            die "$dir/$list lists '$name', which is not a plain file name inside $dir (no '/', no '..', no absolute path, no leading '-').
+Refusing to use this checklist: it is corrupted or has been tampered with."
+        entries="$entries$sum $name"$'\n'
+        listed="$listed$name"$'\n'
+    done < "$dir/$list"
+    for f in "$@"; do
+        case $listed in
+            *$'\n'"$f"$'\n'*) ;;
+            *) missing="$missing$f " ;;
+        esac
+    done
+    if [ -n "$missing" ]; then
+        die "$dir/$list has no checksum for: $(trim "$missing")
+Those files cannot be verified, so they are not trusted: the checklist is incomplete or has been tampered with."
+    fi
+    while read -r sum name; do
+        [ -n "$sum" ] || continue
+        if [ -f "$dir/$name" ] && [ "$(file_md5 "$dir/$name")" = "$(printf '%s' "$sum" | LC_ALL=C tr '[:upper:]' '[:lower:]')" ]; then
+            echo "$name: OK"
+        else
+            echo "$name: FAILED"
+            failed="$failed$name "
+        fi
+    done <<< "$entries"
     if [ -n "$failed" ]; then
         die "Checksum verification failed in $dir for: $(trim "$failed")
 The file is corrupted or incomplete: delete it and run this script again."
@@ -199,7 +241,7 @@ fetch USE_POLICY.md
 echo "Downloading tokenizer"
 fetch tokenizer.model
 fetch tokenizer_checklist.chk
-verify "$TARGET_FOLDER" tokenizer_checklist.chk
+verify "$TARGET_FOLDER" tokenizer_checklist.chk tokenizer.model
 
 for m in $MODELS; do
     info=$(model_info "$m")
@@ -207,14 +249,18 @@ for m in $MODELS; do
     shards=${info#* }
     echo "Downloading $m into $TARGET_FOLDER/$folder"
     mkdir -p "$TARGET_FOLDER/$folder"
+    files=""
     s=0
     while [ "$s" -lt "$shards" ]; do
-        fetch "$folder/consolidated.$(printf '%02d' "$s").pth" --continue
+        files="$files consolidated.$(printf '%02d' "$s").pth"
         s=$((s + 1))
     done
-    fetch "$folder/params.json" --continue
-    fetch "$folder/checklist.chk" --continue
-    verify "$TARGET_FOLDER/$folder" checklist.chk
+    files="$files params.json"
+    for f in $files checklist.chk; do
+        fetch "$folder/$f" --continue
+    done
+    # shellcheck disable=SC2086  # the names have no spaces
+    verify "$TARGET_FOLDER/$folder" checklist.chk $files
 done
 
 echo "Done: all files downloaded and verified in $TARGET_FOLDER"

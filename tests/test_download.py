@@ -156,8 +156,14 @@ class FakeCDN:
     def read(self, path: str) -> bytes:
         return (self.root / path).read_bytes()
 
-    def add_model(self, name: str) -> list[str]:
-        """Create a small fake model; returns the paths download.sh must fetch."""
+    def add_model(
+        self, name: str, unlisted: tuple[str, ...] = (), extra: str = ""
+    ) -> list[str]:
+        """Create a small fake model; returns the paths download.sh must fetch.
+
+        Files named in `unlisted` are left out of its checklist.chk, and the
+        `extra` lines are appended to it.
+        """
         folder, shards = MODELS[name]
         files = {
             f"consolidated.{s:02d}.pth": b"PK\x03\x04" + f"{folder}-{s}".encode() * 50
@@ -168,7 +174,8 @@ class FakeCDN:
         )
         for fname, data in files.items():
             self.write(f"{folder}/{fname}", data)
-        self.write(f"{folder}/checklist.chk", checklist(files))
+        listed = {f: data for f, data in files.items() if f not in unlisted}
+        self.write(f"{folder}/checklist.chk", checklist(listed) + extra.encode())
         return [f"{folder}/{fname}" for fname in [*files, "checklist.chk"]]
 
     def close(self) -> None:
@@ -312,6 +319,101 @@ def test_corrupted_tokenizer_fails_before_models(cdn, target):
     assert "checksum" in proc.stderr.lower()
     assert "tokenizer.model" in proc.stderr
     assert not any(p.startswith("llama-2-7b/") for p in fetched(cdn))
+
+
+@pytest.mark.parametrize(
+    ("model", "unlisted"),
+    [
+        ("7B", "consolidated.00.pth"),
+        ("13B", "consolidated.01.pth"),
+        ("7B", "params.json"),
+    ],
+)
+def test_file_left_out_of_checklist_fails(cdn, target, model, unlisted):
+    folder = MODELS[model][0]
+    cdn.add_model(model, unlisted=(unlisted,))
+    # Corrupt it too: a checker that reads only the lines present says OK.
+    cdn.write(f"{folder}/{unlisted}", b"PK\x03\x04 not the real file")
+
+    proc = run_download(cdn, target, model)
+
+    assert proc.returncode != 0, proc.output
+    assert "no checksum for: " + unlisted in proc.stderr
+    assert f"{folder}/checklist.chk" in proc.stderr
+    assert "Done" not in proc.stdout
+
+
+def test_tokenizer_left_out_of_its_checklist_fails(cdn, target):
+    cdn.add_model("7B")
+    cdn.write("tokenizer.model", b"not the tokenizer")
+    cdn.write("tokenizer_checklist.chk", checklist({"LICENSE": cdn.read("LICENSE")}))
+
+    proc = run_download(cdn, target, "7B")
+
+    assert proc.returncode != 0, proc.output
+    assert "no checksum for: tokenizer.model" in proc.stderr
+    assert not any(p.startswith("llama-2-7b/") for p in fetched(cdn))
+
+
+PLANTED = b"a file the checklist should not reach\n"
+
+
+@pytest.mark.parametrize(
+    ("listed", "planted"),
+    [
+        ("../x", "x"),
+        ("{target}/x", "x"),  # an absolute path
+        ("sub/x", "llama-2-7b/sub/x"),
+        ("-x", "llama-2-7b/-x"),
+        ("/etc/passwd", None),
+    ],
+)
+def test_checklist_name_outside_the_model_folder_fails(cdn, target, listed, planted):
+    listed = listed.format(target=target)
+    if planted is None:  # an existing file outside the target folder
+        if not os.access(listed, os.R_OK):
+            pytest.skip(f"{listed} is not readable")
+        data = Path(listed).read_bytes()
+    else:
+        # Plant a matching file where the name leads, so that a checker that
+        # follows the name would report it OK.
+        data = PLANTED
+        (target / planted).parent.mkdir(parents=True, exist_ok=True)
+        (target / planted).write_bytes(data)
+    cdn.add_model("7B", extra=f"{md5(data)}  {listed}\n")
+
+    proc = run_download(cdn, target, "7B")
+
+    assert proc.returncode != 0, proc.output
+    assert f"'{listed}', which is not a plain file name" in proc.stderr
+    assert "llama-2-7b/checklist.chk" in proc.stderr
+    assert "Done" not in proc.stdout
+
+
+def test_checklist_in_md5sum_binary_mode_with_crlf_passes(cdn, target):
+    paths = cdn.add_model("13B")
+    text = cdn.read("llama-2-13b/checklist.chk").decode()
+    lines = [line.split("  ", 1) for line in text.splitlines()]
+    cdn.write(
+        "llama-2-13b/checklist.chk",
+        "".join(f"{s.upper()} *{n}\r\n" for s, n in lines).encode(),
+    )
+
+    proc = run_download(cdn, target, "13B")
+
+    assert proc.returncode == 0, proc.output
+    assert "consolidated.01.pth: OK" in proc.output
+    assert_same_files(cdn, target, paths)
+
+
+def test_malformed_checklist_line_fails(cdn, target):
+    cdn.add_model("7B", extra="not-an-md5  params.json\n")
+
+    proc = run_download(cdn, target, "7B")
+
+    assert proc.returncode != 0, proc.output
+    assert "Malformed line" in proc.stderr
+    assert "not-an-md5" in proc.stderr
 
 
 @pytest.mark.parametrize(
