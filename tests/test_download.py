@@ -39,7 +39,7 @@ S3_ERROR = (
     b"<Error><Code>AccessDenied</Code><Message>Request has expired</Message></Error>\n"
 )
 
-# model name -> (folder, number of shards), as download.sh maps them
+# Llama 2 model name -> (folder, number of shards), as download.sh maps them
 MODELS = {
     "7B": ("llama-2-7b", 1),
     "13B": ("llama-2-13b", 2),
@@ -48,6 +48,55 @@ MODELS = {
     "13B-chat": ("llama-2-13b-chat", 2),
     "70B-chat": ("llama-2-70b-chat", 8),
 }
+
+# Llama 3 and later keep a tokenizer.model in each model's folder, and the
+# server's folder is not always the local one: name -> (server folder, local
+# folder, shards[, "fp8"]).
+# Meta's Llama 3 download.sh, with LLAMA_VERSION=3:
+LLAMA3_MODELS = {
+    "8B": ("8b_pre_trained", "Meta-Llama-3-8B", 1),
+    "8B-instruct": ("8b_instruction_tuned", "Meta-Llama-3-8B-Instruct", 1),
+    "70B": ("70b_pre_trained", "Meta-Llama-3-70B", 8),
+    "70B-instruct": ("70b_instruction_tuned", "Meta-Llama-3-70B-Instruct", 8),
+}
+# llama-models' IDs (pth_file_count and server folders from its sku_list.py):
+LLAMA_MODELS_IDS = {
+    "Llama3.1-8B": ("Llama-3.1-8B", "Llama3.1-8B", 1),
+    "Llama3.1-8B-Instruct": ("Llama-3.1-8B-Instruct", "Llama3.1-8B-Instruct", 1),
+    "Llama3.1-70B": ("Llama-3.1-70B", "Llama3.1-70B", 8),
+    "Llama3.1-70B-Instruct": ("Llama-3.1-70B-Instruct", "Llama3.1-70B-Instruct", 8),
+    "Llama3.1-405B": ("Llama-3.1-405B", "Llama3.1-405B", 8, "fp8"),
+    "Llama3.1-405B-Instruct": ("Llama-3.1-405B-Instruct", "Llama3.1-405B-Instruct", 8, "fp8"),
+    "Llama3.1-405B:bf16-mp8": ("Llama-3.1-405B-MP8", "Llama3.1-405B-bf16-mp8", 8),
+    "Llama3.1-405B-Instruct:bf16-mp8": (
+        "Llama-3.1-405B-Instruct-MP8",
+        "Llama3.1-405B-Instruct-bf16-mp8",
+        8,
+    ),
+    "Llama3.1-405B:bf16-mp16": ("Llama-3.1-405B-MP16", "Llama3.1-405B-bf16-mp16", 16),
+    "Llama3.1-405B-Instruct:bf16-mp16": (
+        "Llama-3.1-405B-Instruct-MP16",
+        "Llama3.1-405B-Instruct-bf16-mp16",
+        16,
+    ),
+    "Llama3.2-1B": ("Llama-3.2-1B", "Llama3.2-1B", 1),
+    "Llama3.2-1B-Instruct": ("Llama-3.2-1B-Instruct", "Llama3.2-1B-Instruct", 1),
+    "Llama3.2-3B": ("Llama-3.2-3B", "Llama3.2-3B", 1),
+    "Llama3.2-3B-Instruct": ("Llama-3.2-3B-Instruct", "Llama3.2-3B-Instruct", 1),
+    "Llama3.3-70B-Instruct": ("Llama-3.3-70B-Instruct", "Llama3.3-70B-Instruct", 8),
+}
+
+
+def spec(name: str, version: int = 2) -> tuple[str, str, int, bool, bool]:
+    """(server folder, local folder, shards, own tokenizer, fp8 scales)."""
+    if name in LLAMA_MODELS_IDS:
+        entry = LLAMA_MODELS_IDS[name]
+    elif version == 3:
+        entry = LLAMA3_MODELS[name]
+    else:
+        folder, shards = MODELS[name]
+        return folder, folder, shards, False, False
+    return entry[0], entry[1], entry[2], True, entry[3:] == ("fp8",)
 
 
 def md5(data: bytes) -> str:
@@ -130,6 +179,7 @@ class FakeCDN:
         # Meta's top-level files; the tokenizer checklist is correct.
         self.write("LICENSE", b"LLAMA 2 COMMUNITY LICENSE AGREEMENT (fake)\n")
         self.write("USE_POLICY.md", b"# Llama 2 Acceptable Use Policy (fake)\n")
+        self.write("USE_POLICY", b"Llama 3 Acceptable Use Policy (fake)\n")
         self.write("tokenizer.model", b"\n\x0e\n\x05<unk>fake-sentencepiece\x00\x01")
         self.write(
             "tokenizer_checklist.chk",
@@ -156,19 +206,33 @@ class FakeCDN:
     def read(self, path: str) -> bytes:
         return (self.root / path).read_bytes()
 
-    def add_model(self, name: str) -> list[str]:
-        """Create a small fake model; returns the paths download.sh must fetch."""
-        folder, shards = MODELS[name]
-        files = {
-            f"consolidated.{s:02d}.pth": b"PK\x03\x04" + f"{folder}-{s}".encode() * 50
-            for s in range(shards)
-        }
+    def add_model(
+        self,
+        name: str,
+        unlisted: tuple[str, ...] = (),
+        extra: str = "",
+        version: int = 2,
+    ) -> list[str]:
+        """Create a small fake model; returns the paths download.sh must fetch.
+
+        Files named in `unlisted` are left out of its checklist.chk, and the
+        `extra` lines are appended to it.
+        """
+        folder, _, shards, own_tokenizer, fp8 = spec(name, version)
+        files = {}
+        for s in range(shards):
+            files[f"consolidated.{s:02d}.pth"] = b"PK\x03\x04" + f"{folder}-{s}".encode() * 50
+            if fp8:
+                files[f"fp8_scales_{s}.pt"] = b"PK\x03\x04" + f"scales-{s}".encode()
         files["params.json"] = (
             b'{"dim": 8, "n_layers": 1, "n_heads": 1, "vocab_size": -1}\n'
         )
+        if own_tokenizer:
+            files["tokenizer.model"] = f"fake tiktoken ranks for {folder}\n".encode()
         for fname, data in files.items():
             self.write(f"{folder}/{fname}", data)
-        self.write(f"{folder}/checklist.chk", checklist(files))
+        listed = {f: data for f, data in files.items() if f not in unlisted}
+        self.write(f"{folder}/checklist.chk", checklist(listed) + extra.encode())
         return [f"{folder}/{fname}" for fname in [*files, "checklist.chk"]]
 
     def close(self) -> None:
@@ -315,6 +379,101 @@ def test_corrupted_tokenizer_fails_before_models(cdn, target):
 
 
 @pytest.mark.parametrize(
+    ("model", "unlisted"),
+    [
+        ("7B", "consolidated.00.pth"),
+        ("13B", "consolidated.01.pth"),
+        ("7B", "params.json"),
+    ],
+)
+def test_file_left_out_of_checklist_fails(cdn, target, model, unlisted):
+    folder = MODELS[model][0]
+    cdn.add_model(model, unlisted=(unlisted,))
+    # Corrupt it too: a checker that reads only the lines present says OK.
+    cdn.write(f"{folder}/{unlisted}", b"PK\x03\x04 not the real file")
+
+    proc = run_download(cdn, target, model)
+
+    assert proc.returncode != 0, proc.output
+    assert "no checksum for: " + unlisted in proc.stderr
+    assert f"{folder}/checklist.chk" in proc.stderr
+    assert "Done" not in proc.stdout
+
+
+def test_tokenizer_left_out_of_its_checklist_fails(cdn, target):
+    cdn.add_model("7B")
+    cdn.write("tokenizer.model", b"not the tokenizer")
+    cdn.write("tokenizer_checklist.chk", checklist({"LICENSE": cdn.read("LICENSE")}))
+
+    proc = run_download(cdn, target, "7B")
+
+    assert proc.returncode != 0, proc.output
+    assert "no checksum for: tokenizer.model" in proc.stderr
+    assert not any(p.startswith("llama-2-7b/") for p in fetched(cdn))
+
+
+PLANTED = b"a file the checklist should not reach\n"
+
+
+@pytest.mark.parametrize(
+    ("listed", "planted"),
+    [
+        ("../x", "x"),
+        ("{target}/x", "x"),  # an absolute path
+        ("sub/x", "llama-2-7b/sub/x"),
+        ("-x", "llama-2-7b/-x"),
+        ("/etc/passwd", None),
+    ],
+)
+def test_checklist_name_outside_the_model_folder_fails(cdn, target, listed, planted):
+    listed = listed.format(target=target)
+    if planted is None:  # an existing file outside the target folder
+        if not os.access(listed, os.R_OK):
+            pytest.skip(f"{listed} is not readable")
+        data = Path(listed).read_bytes()
+    else:
+        # Plant a matching file where the name leads, so that a checker that
+        # follows the name would report it OK.
+        data = PLANTED
+        (target / planted).parent.mkdir(parents=True, exist_ok=True)
+        (target / planted).write_bytes(data)
+    cdn.add_model("7B", extra=f"{md5(data)}  {listed}\n")
+
+    proc = run_download(cdn, target, "7B")
+
+    assert proc.returncode != 0, proc.output
+    assert f"'{listed}', which is not a plain file name" in proc.stderr
+    assert "llama-2-7b/checklist.chk" in proc.stderr
+    assert "Done" not in proc.stdout
+
+
+def test_checklist_in_md5sum_binary_mode_with_crlf_passes(cdn, target):
+    paths = cdn.add_model("13B")
+    text = cdn.read("llama-2-13b/checklist.chk").decode()
+    lines = [line.split("  ", 1) for line in text.splitlines()]
+    cdn.write(
+        "llama-2-13b/checklist.chk",
+        "".join(f"{s.upper()} *{n}\r\n" for s, n in lines).encode(),
+    )
+
+    proc = run_download(cdn, target, "13B")
+
+    assert proc.returncode == 0, proc.output
+    assert "consolidated.01.pth: OK" in proc.output
+    assert_same_files(cdn, target, paths)
+
+
+def test_malformed_checklist_line_fails(cdn, target):
+    cdn.add_model("7B", extra="not-an-md5  params.json\n")
+
+    proc = run_download(cdn, target, "7B")
+
+    assert proc.returncode != 0, proc.output
+    assert "Malformed line" in proc.stderr
+    assert "not-an-md5" in proc.stderr
+
+
+@pytest.mark.parametrize(
     ("path", "body"),
     [
         ("LICENSE", HTML_PAGE),
@@ -373,6 +532,149 @@ def test_unknown_model_is_rejected_before_downloading(cdn, target, model_size):
         assert valid in proc.stderr
     assert fetched(cdn) == []
     assert not target.exists() or not any(target.iterdir())
+
+
+# --- Llama 3, 3.1, 3.2, 3.3 -------------------------------------------------
+
+
+def assert_stored(cdn, target, name, version=2):
+    """Each file fetched from the model's server folder is in its local folder."""
+    remote, local, *_ = spec(name, version)
+    names = [p.split("/", 1)[1] for p in fetched(cdn) if p.startswith(remote + "/")]
+    assert names, f"nothing fetched from {remote}/"
+    for fname in names:
+        assert (target / local / fname).read_bytes() == cdn.read(f"{remote}/{fname}")
+
+
+def test_download_llama3_8b(cdn, target):
+    paths = cdn.add_model("8B", version=3)
+    cdn.add_model("7B")  # Llama 2's, not asked for
+
+    proc = run_download(cdn, target, "8B", LLAMA_VERSION="3")
+
+    assert proc.returncode == 0, proc.output
+    assert fetched(cdn) == ["LICENSE", "USE_POLICY", *paths]
+    assert paths == [
+        "8b_pre_trained/consolidated.00.pth",
+        "8b_pre_trained/params.json",
+        "8b_pre_trained/tokenizer.model",
+        "8b_pre_trained/checklist.chk",
+    ]
+    assert_stored(cdn, target, "8B", 3)
+    assert (target / "Meta-Llama-3-8B" / "tokenizer.model").is_file()
+    assert not (target / "tokenizer.model").exists()
+    assert "tokenizer.model: OK" in proc.output
+
+
+def test_llama3_names_as_meta_spells_them_and_all_by_default(cdn, target):
+    for name in LLAMA3_MODELS:
+        cdn.add_model(name, version=3)
+
+    proc = run_download(cdn, target, "70b-Instruct, 70B-instruct,8b", LLAMA_VERSION="3")
+
+    assert proc.returncode == 0, proc.output
+    got = fetched(cdn)
+    assert got.count("70b_instruction_tuned/consolidated.07.pth") == 1
+    assert "70b_instruction_tuned/consolidated.08.pth" not in got
+    assert "8b_pre_trained/tokenizer.model" in got
+    assert not any(p.startswith("70b_pre_trained/") for p in got)
+    assert_stored(cdn, target, "70B-instruct", 3)
+
+    cdn.requests.clear()
+    proc = run_download(cdn, target, "", LLAMA_VERSION="3")
+
+    assert proc.returncode == 0, proc.output
+    for name in LLAMA3_MODELS:
+        assert_stored(cdn, target, name, 3)
+    assert not any(p.startswith("llama-2-") for p in fetched(cdn))
+
+
+@pytest.mark.parametrize("name", LLAMA_MODELS_IDS)
+def test_download_llama_models_id(cdn, target, name):
+    paths = cdn.add_model(name)
+    remote, local, shards, _, fp8 = spec(name)
+
+    proc = run_download(cdn, target, name)
+
+    assert proc.returncode == 0, proc.output
+    # Only the model's folder, as llama-models' CLI fetches: no LICENSE, no
+    # top-level tokenizer.
+    assert sorted(fetched(cdn)) == sorted(paths)
+    assert f"{remote}/consolidated.{shards - 1:02d}.pth" in paths
+    assert f"{remote}/tokenizer.model" in paths
+    assert (f"{remote}/fp8_scales_{shards - 1}.pt" in paths) == fp8
+    assert_stored(cdn, target, name)
+    assert "Done" in proc.stdout
+
+
+def test_llama_models_ids_mix_with_llama3_names(cdn, target):
+    cdn.add_model("8B-instruct", version=3)
+    cdn.add_model("Llama3.2-3B-Instruct")
+
+    proc = run_download(cdn, target, "8B-instruct,Llama3.2-3B-Instruct", LLAMA_VERSION="3")
+
+    assert proc.returncode == 0, proc.output
+    assert_stored(cdn, target, "8B-instruct", 3)
+    assert_stored(cdn, target, "Llama3.2-3B-Instruct")
+
+
+def test_llama3_2_tokenizer_left_out_of_checklist_fails(cdn, target):
+    cdn.add_model("Llama3.2-1B", unlisted=("tokenizer.model",))
+    cdn.write("Llama-3.2-1B/tokenizer.model", b"not the tokenizer")
+
+    proc = run_download(cdn, target, "Llama3.2-1B")
+
+    assert proc.returncode != 0, proc.output
+    assert "no checksum for: tokenizer.model" in proc.stderr
+    assert "Llama3.2-1B/checklist.chk" in proc.stderr
+
+
+def test_llama3_corrupted_tokenizer_fails(cdn, target):
+    cdn.add_model("8B", version=3)
+    cdn.write("8b_pre_trained/tokenizer.model", b"not the tokenizer")
+
+    proc = run_download(cdn, target, "8B", LLAMA_VERSION="3")
+
+    assert proc.returncode != 0, proc.output
+    assert "Checksum verification failed" in proc.stderr
+    assert "tokenizer.model" in proc.stderr
+
+
+@pytest.mark.parametrize(
+    ("version", "name", "hint"),
+    [
+        ("2", "8B-instruct", "LLAMA_VERSION=3"),
+        ("3", "7B-chat", "LLAMA_VERSION=2"),
+        ("3", "8b-INSTRUCT", None),
+        ("2", "Llama3.1-8b", None),  # IDs are case-sensitive
+        ("2", "Llama-3.1-8B", None),  # the server's folder, not an ID
+        ("2", "Llama3.2-11B-Vision", None),  # not offered
+        ("3", "x:Llama3.1-405B:bf16-mp8", None),
+    ],
+)
+def test_unknown_llama3_name_is_rejected_before_downloading(
+    cdn, target, version, name, hint
+):
+    proc = run_download(cdn, target, f"Llama3.2-1B,{name}", LLAMA_VERSION=version)
+
+    assert proc.returncode != 0
+    assert f"'{name}'" in proc.stderr
+    assert (hint in proc.stderr) if hint else ("run with LLAMA_VERSION" not in proc.stderr)
+    short = MODELS if version == "2" else LLAMA3_MODELS
+    for valid in [*short, *LLAMA_MODELS_IDS]:
+        assert valid in proc.stderr
+    assert fetched(cdn) == []
+    assert not target.exists() or not any(target.iterdir())
+
+
+@pytest.mark.parametrize("version", ["4", "3.1", "llama3"])
+def test_bad_llama_version_is_rejected(cdn, target, version):
+    proc = run_download(cdn, target, "Llama3.2-1B", LLAMA_VERSION=version)
+
+    assert proc.returncode != 0
+    assert "LLAMA_VERSION must be 2" in proc.stderr
+    assert f"'{version}'" in proc.stderr
+    assert fetched(cdn) == []
 
 
 def test_url_without_placeholder_is_rejected(cdn, target):
