@@ -51,6 +51,7 @@ def status_kb(field: str) -> int:
 def make_checkpoint(folder: Path, tokenizer_path: Path, dim: int, n_layers: int) -> None:
     """A one-shard bfloat16 checkpoint with random weights, written tensor by tensor to keep memory low."""
     from llama import checkpoint
+    from llama.layout import Layout
     from llama.model import ModelArgs
     from llama.tokenizer import Tokenizer
 
@@ -59,7 +60,7 @@ def make_checkpoint(folder: Path, tokenizer_path: Path, dim: int, n_layers: int)
     args = ModelArgs.from_params({**params, "vocab_size": Tokenizer(tokenizer_path).n_words})
     gen = torch.Generator().manual_seed(0)
     state = {}
-    for key, shape in checkpoint.full_shapes(args).items():
+    for key, shape in Layout.for_args(args).shapes.items():
         if len(shape) == 1:
             state[key] = torch.ones(shape, dtype=torch.bfloat16)
         else:

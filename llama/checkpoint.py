@@ -1,8 +1,9 @@
 """Reading and writing Meta-layout checkpoints: ``params.json`` plus ``consolidated.NN.pth`` shards.
 
 Each shard holds one model-parallel rank's slice of every weight. The slice is taken along one dimension per
-weight kind (see ``shard_dim``), so any checkpoint can be re-cut for any number of ranks the heads allow.
-Shards are opened memory-mapped: a weight is read from disk only when a slice of it is used.
+weight, which ``llama.layout`` derives from the layer type, so any checkpoint can be re-cut for any number of
+ranks the heads allow. Shards are opened memory-mapped: a weight is read from disk only when a slice of it is
+used. This module reads and writes files; the layout decides what goes where.
 """
 
 from __future__ import annotations
@@ -21,7 +22,9 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, Optional, Sequenc
 
 import torch
 
-from llama.model import ModelArgs, ffn_hidden_dim
+from llama.distributed import ensure_model_parallel
+from llama.layout import Layout
+from llama.model import ModelArgs, Transformer
 
 logger = logging.getLogger(__name__)
 
@@ -29,44 +32,6 @@ logger = logging.getLogger(__name__)
 IGNORED_KEYS = frozenset({"rope.freqs"})
 
 SHARD_PATTERN = re.compile(r"consolidated\.(\d+)\.pth")
-
-# Model-parallel split dimension of each weight kind, by the last part of its name before ".weight".
-# ColumnParallelLinear splits its output rows (dim 0); RowParallelLinear and ParallelEmbedding split columns.
-_SPLIT_DIMS = {
-    "wq": 0, "wk": 0, "wv": 0, "w1": 0, "w3": 0, "output": 0,
-    "wo": 1, "w2": 1, "tok_embeddings": 1,
-}  # fmt: skip
-
-
-def shard_dim(key: str) -> Optional[int]:
-    """The dimension along which weight `key` is split across model-parallel ranks; None if replicated."""
-    parts = key.split(".")
-    if len(parts) >= 2 and parts[-1] == "weight":
-        return _SPLIT_DIMS.get(parts[-2])
-    return None
-
-
-def full_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:
-    """The shape of every weight of a whole (one-shard) Meta checkpoint for `args` (vocab_size must be set)."""
-    dim, q_dim, kv_dim = args.dim, args.n_heads * args.head_dim, args.kv_heads * args.head_dim
-    hidden = ffn_hidden_dim(args.dim, args.multiple_of, args.ffn_dim_multiplier)
-    shapes = {"tok_embeddings.weight": (args.vocab_size, dim)}
-    for i in range(args.n_layers):
-        shapes.update({
-            f"layers.{i}.attention.wq.weight": (q_dim, dim),
-            f"layers.{i}.attention.wk.weight": (kv_dim, dim),
-            f"layers.{i}.attention.wv.weight": (kv_dim, dim),
-            f"layers.{i}.attention.wo.weight": (dim, q_dim),
-            f"layers.{i}.feed_forward.w1.weight": (hidden, dim),
-            f"layers.{i}.feed_forward.w2.weight": (dim, hidden),
-            f"layers.{i}.feed_forward.w3.weight": (hidden, dim),
-            f"layers.{i}.attention_norm.weight": (dim,),
-            f"layers.{i}.ffn_norm.weight": (dim,),
-        })  # fmt: skip
-    shapes["norm.weight"] = (dim,)
-    shapes["output.weight"] = (args.vocab_size, dim)
-    return shapes
-
 
 def read_params(ckpt_dir: str | os.PathLike) -> dict[str, Any]:
     """The contents of ckpt_dir/params.json, with errors that name the file."""
@@ -127,78 +92,6 @@ def load_shard(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     return state
 
 
-def check_shards_agree(paths: Sequence[Path], shards: Sequence[Mapping[str, torch.Tensor]]) -> None:
-    """Raise a ValueError naming the file and the key where shards do not fit together.
-
-    Every shard must hold the same keys, each split weight must have its split dimension, and shapes must be
-    equal except along that dimension (replicated weights: equal everywhere).
-    """
-    first, first_name = shards[0], paths[0].name
-    for path, shard in zip(paths, shards):
-        if set(shard) != set(first):
-            diff = sorted(set(shard) ^ set(first))
-            raise ValueError(
-                f"shard {str(path)!r} does not hold the same keys as {first_name}; "
-                f"keys in only one of them: {', '.join(diff)}"
-            )
-        for key, tensor in shard.items():
-            dim = shard_dim(key)
-            if dim is not None and tensor.ndim <= dim:
-                raise ValueError(
-                    f"shard {str(path)!r}: {key!r} has shape {tuple(tensor.shape)}, but it must have a dimension "
-                    f"{dim} to be split across model-parallel ranks"
-                )
-            ref = first[key].shape
-            if tensor.ndim != len(ref) or any(a != b for i, (a, b) in enumerate(zip(tensor.shape, ref)) if i != dim):
-                raise ValueError(
-                    f"shard {str(path)!r}: {key!r} has shape {tuple(tensor.shape)}, which does not fit "
-                    f"{tuple(ref)} in {first_name}"
-                )
-
-
-def merged_shapes(shards: Sequence[Mapping[str, torch.Tensor]]) -> dict[str, tuple[int, ...]]:
-    """The shape each weight has once the shards are joined (no data is read). Shards must agree."""
-    shapes = {}
-    for key, tensor in shards[0].items():
-        shape = list(tensor.shape)
-        dim = shard_dim(key)
-        if dim is not None:
-            shape[dim] = sum(s[key].shape[dim] for s in shards)
-        shapes[key] = tuple(shape)
-    return shapes
-
-
-def rank_bounds(key: str, size: int, rank: int, world_size: int) -> tuple[int, int]:
-    """[lo, hi): the part of the `size` rows/columns of weight `key` that rank `rank` of `world_size` holds."""
-    if size % world_size:
-        dim = shard_dim(key)
-        raise ValueError(f"weight {key!r} of size {size} along dim {dim} cannot be split into {world_size} parts")
-    width = size // world_size
-    return rank * width, (rank + 1) * width
-
-
-def slice_for_rank(
-    shards: Sequence[Mapping[str, torch.Tensor]], key: str, rank: int, world_size: int
-) -> torch.Tensor:
-    """Rank `rank`'s slice (of `world_size`) of weight `key`, cut from a checkpoint split into len(shards) parts.
-
-    Only the parts of the shards that overlap the slice are read, so with memory-mapped shards a rank touches
-    little more than its own slice. The result may be a view of a shard.
-    """
-    dim = shard_dim(key)
-    if dim is None:
-        return shards[0][key]
-    sizes = [s[key].shape[dim] for s in shards]
-    lo, hi = rank_bounds(key, sum(sizes), rank, world_size)
-    pieces, offset = [], 0
-    for shard, size in zip(shards, sizes):
-        a, b = max(lo, offset), min(hi, offset + size)
-        if a < b:
-            pieces.append(shard[key].narrow(dim, a - offset, b - a))
-        offset += size
-    return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=dim)
-
-
 def check_state_dict(
     shapes: Mapping[str, Sequence[int]], expected: Mapping[str, Sequence[int]], source: str
 ) -> None:
@@ -234,6 +127,7 @@ class Checkpoint:
     args: ModelArgs  # from params.json, with vocab_size taken from the weights
     paths: list[Path]
     shards: list[dict[str, torch.Tensor]]
+    layout: Layout
 
     @property
     def keys(self) -> list[str]:
@@ -246,7 +140,7 @@ class Checkpoint:
         return [load_shard(p) for p in self.paths]
 
 
-def open_checkpoint(ckpt_dir: str | os.PathLike) -> Checkpoint:
+def open_checkpoint(ckpt_dir: str | os.PathLike, model_cls: type = Transformer) -> Checkpoint:
     """Open a Meta checkpoint folder and check that its shards fit together and fit params.json.
 
     params.json holds vocab_size -1 (the tokenizer decides), so the vocabulary size is read from the weights.
@@ -255,22 +149,26 @@ def open_checkpoint(ckpt_dir: str | os.PathLike) -> Checkpoint:
     params = read_params(folder)
     paths = find_shards(folder)
     shards = [load_shard(p) for p in paths]
-    check_shards_agree(paths, shards)
-    shapes = merged_shapes(shards)
+    params_path = repr(str(folder / "params.json"))
+    try:
+        # Which dimension each weight is split on does not depend on the vocabulary size: any that this
+        # process's model-parallel size divides will do here.
+        args = ModelArgs.from_params({**params, "vocab_size": ensure_model_parallel()})
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{params_path} is not a valid model configuration: {e}") from e
+    layout = Layout.for_args(args, model_cls)
+    layout.check_shards_agree(paths, shards)
+    shapes = layout.merged_shapes(shards)
     if "output.weight" not in shapes:
         raise ValueError(f"checkpoint {str(folder)!r} does not fit the model: missing keys: output.weight")
     vocab_size = shapes["output.weight"][0]
     if params.get("vocab_size", -1) not in (-1, vocab_size):
         raise ValueError(
-            f"{str(folder / 'params.json')!r} says vocab_size={params['vocab_size']}, but output.weight has "
-            f"{vocab_size} rows"
+            f"{params_path} says vocab_size={params['vocab_size']}, but output.weight has {vocab_size} rows"
         )
-    try:
-        args = ModelArgs.from_params({**params, "vocab_size": vocab_size})
-    except (TypeError, ValueError) as e:
-        raise ValueError(f"{str(folder / 'params.json')!r} is not a valid model configuration: {e}") from e
-    check_state_dict(shapes, full_shapes(args), repr(str(folder)))
-    return Checkpoint(folder, params, args, paths, shards)
+    args.vocab_size = vocab_size
+    check_state_dict(shapes, Layout.for_args(args, model_cls).shapes, repr(str(folder)))
+    return Checkpoint(folder, params, args, paths, shards, Layout.for_args(args, model_cls))
 
 
 def release_parameters(model: torch.nn.Module) -> None:
@@ -301,33 +199,16 @@ def load_weights(
     """
     shards = [load_shard(p) for p in shard_paths]
     source = repr(str(shard_paths[0].parent))
-    check_shards_agree(shard_paths, shards)
-    expected = {}  # key -> full (all ranks) shape the model needs
-    for key, value in model.state_dict().items():
-        shape, dim = list(value.shape), shard_dim(key)
-        if dim is not None:
-            shape[dim] *= world_size
-        expected[key] = tuple(shape)
-    check_state_dict(merged_shapes(shards), expected, source)
+    layout = Layout.from_model(model, world_size)
+    layout.check_shards_agree(shard_paths, shards)
+    check_state_dict(layout.merged_shapes(shards), layout.shapes, source)
     release_parameters(model)
     state = {
-        key: slice_for_rank(shards, key, rank, world_size).to(device=device, dtype=dtype).contiguous()
+        key: layout.slice_for_rank(shards, key, rank, world_size).to(device=device, dtype=dtype).contiguous()
         for key in shards[0]
         if key not in IGNORED_KEYS
     }
     model.load_state_dict(state, strict=True, assign=True)
-
-
-def split_state_dict(state: Mapping[str, torch.Tensor], world_size: int) -> list[dict[str, torch.Tensor]]:
-    """Cut a full (one-shard) state dict into world_size model-parallel shards."""
-    return [
-        {k: slice_for_rank([state], k, rank, world_size).clone() for k in state} for rank in range(world_size)
-    ]
-
-
-def merge_shards(shards: Sequence[Mapping[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    """Join model-parallel shards back into one full state dict."""
-    return {k: slice_for_rank(shards, k, 0, 1) for k in shards[0]}
 
 
 def compact(tensor: torch.Tensor) -> torch.Tensor:

@@ -1,8 +1,8 @@
-"""Conversion between Meta's checkpoint layout and Hugging Face ``transformers``' Llama layout.
+"""Conversion between Meta's checkpoint folders and Hugging Face ``transformers``' Llama folders.
 
-The whole difference is data: a table of parameter names, and one permutation of the q/k projection rows.
-Meta's RoPE rotates adjacent pairs (x[2k], x[2k+1]); Hugging Face rotates the two halves of each head
-(x[k], x[k + head_dim/2]). Reordering the rows of wq and wk, head by head, turns one into the other.
+The whole difference in the weights is data, kept in ``llama.layout``: a table of parameter names, and one
+permutation of the q/k projection rows. This module reads and writes the folders (config.json, safetensors,
+tokenizer files) around them.
 """
 
 from __future__ import annotations
@@ -11,7 +11,6 @@ import json
 import logging
 import math
 import os
-import re
 import shutil
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Optional, Sequence
@@ -22,88 +21,13 @@ import safetensors.torch
 import torch
 
 from llama import checkpoint
-from llama.cli import parse_dtype
+from llama.checks import check_positive_int, parse_dtype
+from llama.layout import Layout, meta_to_hf_name, qk_to_hf
 from llama.model import ModelArgs, check_model_parallel_fit, ffn_hidden_dim
 from llama.reshard import ProgressLine
 from llama.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
-
-# Meta name -> Hugging Face name; "{i}" is the layer index.
-META_TO_HF = {
-    "tok_embeddings.weight": "model.embed_tokens.weight",
-    "norm.weight": "model.norm.weight",
-    "output.weight": "lm_head.weight",
-    "layers.{i}.attention.wq.weight": "model.layers.{i}.self_attn.q_proj.weight",
-    "layers.{i}.attention.wk.weight": "model.layers.{i}.self_attn.k_proj.weight",
-    "layers.{i}.attention.wv.weight": "model.layers.{i}.self_attn.v_proj.weight",
-    "layers.{i}.attention.wo.weight": "model.layers.{i}.self_attn.o_proj.weight",
-    "layers.{i}.feed_forward.w1.weight": "model.layers.{i}.mlp.gate_proj.weight",
-    "layers.{i}.feed_forward.w2.weight": "model.layers.{i}.mlp.down_proj.weight",
-    "layers.{i}.feed_forward.w3.weight": "model.layers.{i}.mlp.up_proj.weight",
-    "layers.{i}.attention_norm.weight": "model.layers.{i}.input_layernorm.weight",
-    "layers.{i}.ffn_norm.weight": "model.layers.{i}.post_attention_layernorm.weight",
-}
-HF_TO_META = {hf: meta for meta, hf in META_TO_HF.items()}
-
-
-def _translate(name: str, table: Mapping[str, str]) -> str:
-    layer = re.search(r"layers\.(\d+)\.", name)
-    pattern = name.replace(f"layers.{layer.group(1)}.", "layers.{i}.") if layer else name
-    if pattern not in table:
-        raise KeyError(f"no mapping for parameter {name!r}")
-    return table[pattern].format(i=layer.group(1)) if layer else table[pattern]
-
-
-def meta_to_hf_name(name: str) -> str:
-    return _translate(name, META_TO_HF)
-
-
-def hf_to_meta_name(name: str) -> str:
-    return _translate(name, HF_TO_META)
-
-
-def permute_qk(w: torch.Tensor, n_heads: int, inverse: bool = False) -> torch.Tensor:
-    """Reorder the rows of a q or k projection (n_heads * head_dim, dim) between RoPE pair layouts.
-
-    Forward (Meta -> HF): within each head, rows (0, 1), (2, 3), ... holding pairs become rows k and
-    k + head_dim/2. ``inverse=True`` undoes it (HF -> Meta).
-    """
-    rows, cols = w.shape
-    half = rows // n_heads // 2
-    if inverse:
-        return w.view(n_heads, 2, half, cols).transpose(1, 2).reshape(rows, cols)
-    return w.view(n_heads, half, 2, cols).transpose(1, 2).reshape(rows, cols)
-
-
-def meta_to_hf_state_dict(state: Mapping[str, torch.Tensor], n_heads: int, n_kv_heads: int) -> dict[str, torch.Tensor]:
-    """A full (one-shard) Meta state dict in Hugging Face names and q/k layout."""
-    out = {}
-    for name, tensor in state.items():
-        if name == "rope.freqs":
-            continue
-        if name.endswith("attention.wq.weight"):
-            tensor = permute_qk(tensor, n_heads)
-        elif name.endswith("attention.wk.weight"):
-            tensor = permute_qk(tensor, n_kv_heads)
-        out[meta_to_hf_name(name)] = tensor
-    return out
-
-
-def hf_to_meta_state_dict(state: Mapping[str, torch.Tensor], n_heads: int, n_kv_heads: int) -> dict[str, torch.Tensor]:
-    """A Hugging Face Llama state dict in Meta names and q/k layout (rotary buffers are dropped)."""
-    out = {}
-    for name, tensor in state.items():
-        if name.endswith("rotary_emb.inv_freq"):
-            continue
-        meta = hf_to_meta_name(name)
-        if meta.endswith("attention.wq.weight"):
-            tensor = permute_qk(tensor, n_heads, inverse=True)
-        elif meta.endswith("attention.wk.weight"):
-            tensor = permute_qk(tensor, n_kv_heads, inverse=True)
-        out[meta] = tensor
-    return out
-
 
 # ---------------------------------------------------------------------------------------------- whole folders
 
@@ -357,16 +281,12 @@ def to_hf(
         )
     keys = [k for k in ckpt.keys if k not in checkpoint.IGNORED_KEYS]
     out_dtype = parse_dtype(dtype) or ckpt.shards[0][keys[0]].dtype
-    shapes = checkpoint.full_shapes(args)
+    shapes = ckpt.layout.shapes
     files = _plan_files(keys, shapes, out_dtype.itemsize, max_file_gb)
 
     def hf_tensor(inputs: list[dict[str, torch.Tensor]], key: str) -> torch.Tensor:
         """The whole weight, in HF's layout and the output dtype."""
-        tensor = checkpoint.slice_for_rank(inputs, key, 0, 1)
-        if key.endswith("attention.wq.weight"):
-            tensor = permute_qk(tensor, args.n_heads)
-        elif key.endswith("attention.wk.weight"):
-            tensor = permute_qk(tensor, args.kv_heads)
+        tensor = qk_to_hf(key, ckpt.layout.slice_for_rank(inputs, key, 0, 1), args)
         return tensor.to(out_dtype).contiguous()
 
     progress = ProgressLine("to_hf", len(files))
@@ -479,7 +399,7 @@ def from_hf(hf_dir: str, out_dir: str, model_parallel_size: int = 1, dtype: Opti
         args = ModelArgs.from_params({**params, "vocab_size": 1})  # vocab_size: read from the weights below
     except ValueError as e:
         raise ValueError(f"{str(config_path)!r} is not a valid Llama configuration: {e}") from e
-    names = {k: hf_name(k) for k in checkpoint.full_shapes(args)}
+    names = {k: hf_name(k) for k in Layout.for_args(args).shapes}
     missing = sorted(n for n in names.values() if n not in weights.file_of)
     unknown = sorted(n for n in weights.file_of if n not in names.values() and not n.endswith("rotary_emb.inv_freq"))
     if missing or unknown:
@@ -489,10 +409,10 @@ def from_hf(hf_dir: str, out_dir: str, model_parallel_size: int = 1, dtype: Opti
         )
     vocab_size = weights.shape(names["output.weight"])[0]
     args.vocab_size = vocab_size
+    layout = Layout.for_args(args)
     shapes = {key: weights.shape(name) for key, name in names.items()}
-    checkpoint.check_state_dict(shapes, checkpoint.full_shapes(args), repr(str(hf)))
-    if not isinstance(model_parallel_size, int) or isinstance(model_parallel_size, bool) or model_parallel_size < 1:
-        raise ValueError(f"model_parallel_size must be a positive integer, got {model_parallel_size!r}")
+    checkpoint.check_state_dict(shapes, layout.shapes, repr(str(hf)))
+    model_parallel_size = check_positive_int("model_parallel_size", model_parallel_size)
     check_model_parallel_fit(args, model_parallel_size)
     out_dtype = parse_dtype(dtype)
     n = model_parallel_size
@@ -500,13 +420,9 @@ def from_hf(hf_dir: str, out_dir: str, model_parallel_size: int = 1, dtype: Opti
     def meta_slice(weights: _HFWeights, key: str, rank: int) -> torch.Tensor:
         # Ranks split q/k by whole heads, and the permutation stays inside each head, so a rank's rows can be
         # read in HF's layout and permuted on their own.
-        dim = checkpoint.shard_dim(key)
-        lo, hi = checkpoint.rank_bounds(key, shapes[key][dim], rank, n) if dim is not None else (0, 0)
-        tensor = weights.read(names[key], dim, lo, hi)
-        if key.endswith("attention.wq.weight"):
-            tensor = permute_qk(tensor, args.n_heads // n, inverse=True)
-        elif key.endswith("attention.wk.weight"):
-            tensor = permute_qk(tensor, args.kv_heads // n, inverse=True)
+        dim = layout.split_dim(key)
+        lo, hi = layout.rank_bounds(key, shapes[key][dim], rank, n) if dim is not None else (0, 0)
+        tensor = qk_to_hf(key, weights.read(names[key], dim, lo, hi), args, parts=n, inverse=True)
         return tensor.to(out_dtype) if out_dtype is not None else tensor
 
     def shards() -> Iterator[dict[str, torch.Tensor]]:

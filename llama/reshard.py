@@ -17,6 +17,7 @@ import fire
 import torch
 
 from llama import checkpoint
+from llama.checks import check_positive_int
 from llama.model import check_model_parallel_fit
 
 logger = logging.getLogger(__name__)
@@ -63,15 +64,14 @@ def reshard(
     out_dir = Path(out_dir)
     if out_dir.exists():  # fail before reading anything; save_checkpoint checks again
         raise FileExistsError(f"{str(out_dir)!r} already exists; choose a new output folder or remove it")
-    if not isinstance(model_parallel_size, int) or isinstance(model_parallel_size, bool) or model_parallel_size < 1:
-        raise ValueError(f"model_parallel_size must be a positive integer, got {model_parallel_size!r}")
+    model_parallel_size = check_positive_int("model_parallel_size", model_parallel_size)
     ckpt = checkpoint.open_checkpoint(ckpt_dir)
     check_model_parallel_fit(ckpt.args, model_parallel_size)
 
     def shards() -> Iterator[dict[str, torch.Tensor]]:
         for rank in range(model_parallel_size):
             inputs = ckpt.remap()  # so the input pages read for one output shard leave memory with it
-            yield {key: checkpoint.slice_for_rank(inputs, key, rank, model_parallel_size) for key in ckpt.keys}
+            yield {key: ckpt.layout.slice_for_rank(inputs, key, rank, model_parallel_size) for key in ckpt.keys}
 
     tokenizer = ckpt.folder / "tokenizer.model"
     extra = [tokenizer] if tokenizer.is_file() else []

@@ -12,6 +12,7 @@ import torch
 
 from llama import checkpoint
 from llama.distributed import setup_model_parallel
+from llama.layout import Layout
 from llama.model import ModelArgs, Transformer
 
 REPO = Path(__file__).resolve().parent.parent
@@ -125,9 +126,10 @@ def make_checkpoint(tmp_path_factory, tokenizer_path) -> Callable[..., Path]:
             base.update(TINY_CONFIGS[name])
             base.update(overrides)
             args = ModelArgs(**base)
-            state = random_model(args, seed).state_dict()
+            model = random_model(args, seed)
             out = tmp_path_factory.mktemp("ckpt") / f"{name}-mp{n_shards}"
-            checkpoint.save_checkpoint(out, checkpoint.split_state_dict(state, n_shards), params_json(args))
+            shards = Layout.from_model(model).split_state_dict(model.state_dict(), n_shards)
+            checkpoint.save_checkpoint(out, shards, params_json(args))
             made[key] = out
         return made[key]
 

@@ -8,39 +8,66 @@ import torch
 from conftest import random_model
 
 from llama import checkpoint
-from llama.model import Transformer, check_model_parallel_fit
+from llama.layout import Layout
+from llama.model import Transformer, check_model_parallel_fit, ffn_hidden_dim
+
+# The hand-written table the layout replaced: split dim by the last name part before ".weight".
+OLD_SPLIT_DIMS = {"wq": 0, "wk": 0, "wv": 0, "w1": 0, "w3": 0, "output": 0, "wo": 1, "w2": 1, "tok_embeddings": 1}
 
 
-def test_shard_dims_follow_fairscale_layers():
-    assert checkpoint.shard_dim("layers.3.attention.wq.weight") == 0
-    assert checkpoint.shard_dim("layers.3.feed_forward.w3.weight") == 0
-    assert checkpoint.shard_dim("output.weight") == 0
-    assert checkpoint.shard_dim("layers.3.attention.wo.weight") == 1
-    assert checkpoint.shard_dim("layers.3.feed_forward.w2.weight") == 1
-    assert checkpoint.shard_dim("tok_embeddings.weight") == 1
-    assert checkpoint.shard_dim("layers.3.attention_norm.weight") is None
-    assert checkpoint.shard_dim("norm.weight") is None
-    assert checkpoint.shard_dim("rope.freqs") is None
+def old_shard_dim(key):
+    parts = key.split(".")
+    return OLD_SPLIT_DIMS.get(parts[-2]) if len(parts) >= 2 and parts[-1] == "weight" else None
+
+
+def old_full_shapes(args):
+    """The hand-written full-shape formula the layout replaced."""
+    dim, q_dim, kv_dim = args.dim, args.n_heads * args.head_dim, args.kv_heads * args.head_dim
+    hidden = ffn_hidden_dim(args.dim, args.multiple_of, args.ffn_dim_multiplier)
+    vocab = args.vocab_size
+    shapes = {"tok_embeddings.weight": (vocab, dim), "norm.weight": (dim,), "output.weight": (vocab, dim)}
+    per_layer = {
+        "attention.wq": (q_dim, dim), "attention.wk": (kv_dim, dim), "attention.wv": (kv_dim, dim),
+        "attention.wo": (dim, q_dim), "feed_forward.w1": (hidden, dim), "feed_forward.w2": (dim, hidden),
+        "feed_forward.w3": (hidden, dim), "attention_norm": (dim,), "ffn_norm": (dim,),
+    }  # fmt: skip
+    for i in range(args.n_layers):
+        for name, shape in per_layer.items():
+            shapes[f"layers.{i}.{name}.weight"] = shape
+    return shapes
+
+
+@pytest.mark.parametrize("name", ["mha", "gqa", "mqa", "ffn_multiplier", "odd_multiple_of"])
+def test_layout_from_the_model_equals_the_table_it_replaces(tiny_args, name):
+    args = tiny_args(name, vocab_size=96)
+    layout = Layout.for_args(args)
+    assert dict(layout.split_dims) == {key: old_shard_dim(key) for key in layout.split_dims}
+    assert dict(layout.shapes) == old_full_shapes(args)
+    assert layout.split_dim("rope.freqs") is None
+    # A built model gives the same layout as the meta-device one.
+    assert Layout.from_model(random_model(args)) == layout
 
 
 @pytest.mark.parametrize("n", [2, 4])
 def test_split_then_merge_is_exact(tiny_args, n):
-    state = random_model(tiny_args("mha", vocab_size=96)).state_dict()
-    shards = checkpoint.split_state_dict(state, n)
+    model = random_model(tiny_args("mha", vocab_size=96))
+    state, layout = model.state_dict(), Layout.from_model(model)
+    shards = layout.split_state_dict(state, n)
     assert shards[0]["layers.0.attention.wq.weight"].shape[0] == state["layers.0.attention.wq.weight"].shape[0] // n
     assert shards[1]["tok_embeddings.weight"].shape[1] == state["tok_embeddings.weight"].shape[1] // n
     assert torch.equal(shards[1]["norm.weight"], state["norm.weight"])
-    merged = checkpoint.merge_shards(shards)
+    merged = layout.merge_shards(shards)
     assert all(torch.equal(merged[k], state[k]) for k in state)
 
 
 def test_reslicing_between_shard_counts(tiny_args):
-    state = random_model(tiny_args("mha", vocab_size=96)).state_dict()
-    two = checkpoint.split_state_dict(state, 2)
-    four = checkpoint.split_state_dict(state, 4)
+    model = random_model(tiny_args("mha", vocab_size=96))
+    state, layout = model.state_dict(), Layout.from_model(model)
+    two = layout.split_state_dict(state, 2)
+    four = layout.split_state_dict(state, 4)
     for key in state:
         for rank in range(4):
-            assert torch.equal(checkpoint.slice_for_rank(two, key, rank, 4), four[rank][key])
+            assert torch.equal(layout.slice_for_rank(two, key, rank, 4), four[rank][key])
 
 
 def test_model_parallel_fit_names_usable_sizes(tiny_args):

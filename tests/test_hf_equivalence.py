@@ -6,7 +6,7 @@ from conftest import TINY_CONFIGS, random_model
 from torch.testing import assert_close
 
 from llama import Llama, Tokenizer
-from llama.convert import hf_to_meta_state_dict, meta_to_hf_state_dict, permute_qk
+from llama.layout import hf_to_meta_state_dict, meta_to_hf_state_dict, permute_qk
 from llama.model import ffn_hidden_dim
 
 transformers = pytest.importorskip("transformers", reason="install the test extra: pip install -e '.[test]'")
@@ -29,7 +29,7 @@ def hf_twin(model):
         attn_implementation="eager",
     )
     hf = transformers.LlamaForCausalLM(config).eval()
-    hf.load_state_dict(meta_to_hf_state_dict(model.state_dict(), args.n_heads, args.kv_heads), strict=True)
+    hf.load_state_dict(meta_to_hf_state_dict(model.state_dict(), args), strict=True)
     return hf
 
 
@@ -74,8 +74,8 @@ def test_greedy_generation_matches_transformers(tiny_args, tokenizer_path):
 def test_permutation_round_trip_and_name_table(tiny_args):
     w = torch.randn(4 * 16, 64)
     assert torch.equal(permute_qk(permute_qk(w, 4), 4, inverse=True), w)
-    model = random_model(tiny_args("mqa"))
-    state = model.state_dict()
-    back = hf_to_meta_state_dict(meta_to_hf_state_dict(state, 4, 1), 4, 1)
+    args = tiny_args("mqa")
+    state = random_model(args).state_dict()
+    back = hf_to_meta_state_dict(meta_to_hf_state_dict(state, args), args)
     assert back.keys() == state.keys()
     assert all(torch.equal(back[k], state[k]) for k in state)

@@ -34,12 +34,13 @@ def test_reshard_gives_the_same_model(make_checkpoint, tokenizer_path, tmp_path,
     assert sorted(p.name for p in out.iterdir()) == [f"consolidated.{r:02d}.pth" for r in range(n)] + ["params.json"]
     assert (out / "params.json").read_bytes() == (src / "params.json").read_bytes()
     # Each new shard is exactly rank r's cut of the full weights.
-    full = checkpoint.merge_shards([checkpoint.load_shard(p) for p in checkpoint.find_shards(src)])
+    layout = checkpoint.open_checkpoint(src).layout
+    full = layout.merge_shards([checkpoint.load_shard(p) for p in checkpoint.find_shards(src)])
     for rank, path in enumerate(checkpoint.find_shards(out)):
         shard = torch.load(path, weights_only=True)
         assert shard.keys() == full.keys()
         for key, tensor in shard.items():
-            assert torch.equal(tensor, checkpoint.slice_for_rank([full], key, rank, n)), (rank, key)
+            assert torch.equal(tensor, layout.slice_for_rank([full], key, rank, n)), (rank, key)
     assert_same_model(build(src, tokenizer_path), build(out, tokenizer_path))
 
 

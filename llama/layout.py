@@ -1,0 +1,243 @@
+"""One source for the weight layout, read by loading (``checkpoint``), resharding (``reshard``) and conversion
+(``convert``).
+
+- **Split dimension** of each weight: it follows from its layer type. ColumnParallelLinear splits its output rows
+  (dim 0), RowParallelLinear its input columns (dim 1), Llama 2's ParallelEmbedding the embedding columns (dim 1).
+  Norm weights are replicated (None).
+- **Full shapes**: from the model itself, built on the meta device (no memory), with split dimensions scaled back
+  up by the model-parallel size it was built for.
+- **Meta <-> Hugging Face**: the parameter name table and the q/k row permutation between RoPE pair layouts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Mapping, Optional, Sequence
+
+import fairscale.nn.model_parallel.initialize as fs_init
+import torch
+from fairscale.nn.model_parallel import layers as fs_layers
+from torch import nn
+
+from llama.distributed import ensure_model_parallel
+from llama.model import ModelArgs, Transformer
+
+# Layer type -> the dimension of its weight that model-parallel ranks split.
+LAYER_SPLIT_DIMS: tuple[tuple[type, int], ...] = (
+    (fs_layers.ColumnParallelLinear, 0),
+    (fs_layers.RowParallelLinear, 1),
+    (fs_layers.ParallelEmbedding, 1),
+)
+
+
+def layer_split_dim(module: nn.Module) -> Optional[int]:
+    """The split dimension of `module`'s weight; None for a layer that every rank holds whole."""
+    return next((dim for cls, dim in LAYER_SPLIT_DIMS if isinstance(module, cls)), None)
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Every weight of a model: its full (all-ranks) shape and the dimension ranks split it on."""
+
+    shapes: Mapping[str, tuple[int, ...]]
+    split_dims: Mapping[str, Optional[int]]
+
+    @classmethod
+    def from_model(cls, model: nn.Module, mp_size: Optional[int] = None) -> Layout:
+        """The layout of `model` as built for mp_size ranks (default: this process's model-parallel size): its
+        weights' shapes are one rank's, scaled up along split dims."""
+        if mp_size is None:
+            mp_size = fs_init.get_model_parallel_world_size() if fs_init.model_parallel_is_initialized() else 1
+        shapes, split_dims = {}, {}
+        for module_name, module in model.named_modules():
+            for name, param in module.named_parameters(prefix=module_name, recurse=False):
+                dim = layer_split_dim(module) if name.endswith("weight") else None
+                shape = list(param.shape)
+                if dim is not None:
+                    shape[dim] *= mp_size
+                shapes[name], split_dims[name] = tuple(shape), dim
+        return cls(shapes, split_dims)
+
+    @classmethod
+    def for_args(cls, args: ModelArgs, model_cls: type = Transformer) -> Layout:
+        """The layout of `model_cls(args)`, from a model built on the meta device (cached per configuration)."""
+        # The KV cache's size does not change any weight: build the smallest one.
+        small = dataclasses.replace(args, max_batch_size=1, max_seq_len=1)
+        return _layout_for(model_cls, tuple(sorted(dataclasses.asdict(small).items())))
+
+    def split_dim(self, key: str) -> Optional[int]:
+        """The dimension along which weight `key` is split across model-parallel ranks; None if replicated."""
+        return self.split_dims.get(key)
+
+    def check_shards_agree(self, paths: Sequence[Path], shards: Sequence[Mapping[str, torch.Tensor]]) -> None:
+        """Raise a ValueError naming the file and the key where shards do not fit together.
+
+        Every shard must hold the same keys, each split weight must have its split dimension, and shapes must
+        be equal except along that dimension (replicated weights: equal everywhere).
+        """
+        first, first_name = shards[0], paths[0].name
+        for path, shard in zip(paths, shards):
+            if set(shard) != set(first):
+                diff = sorted(set(shard) ^ set(first))
+                raise ValueError(
+                    f"shard {str(path)!r} does not hold the same keys as {first_name}; "
+                    f"keys in only one of them: {', '.join(diff)}"
+                )
+            for key, tensor in shard.items():
+                dim = self.split_dim(key)
+                if dim is not None and tensor.ndim <= dim:
+                    raise ValueError(
+                        f"shard {str(path)!r}: {key!r} has shape {tuple(tensor.shape)}, but it must have a "
+                        f"dimension {dim} to be split across model-parallel ranks"
+                    )
+                ref = first[key].shape
+                if tensor.ndim != len(ref) or any(
+                    a != b for i, (a, b) in enumerate(zip(tensor.shape, ref)) if i != dim
+                ):
+                    raise ValueError(
+                        f"shard {str(path)!r}: {key!r} has shape {tuple(tensor.shape)}, which does not fit "
+                        f"{tuple(ref)} in {first_name}"
+                    )
+
+    def merged_shapes(self, shards: Sequence[Mapping[str, torch.Tensor]]) -> dict[str, tuple[int, ...]]:
+        """The shape each weight has once the shards are joined (no data is read). Shards must agree."""
+        shapes = {}
+        for key, tensor in shards[0].items():
+            shape = list(tensor.shape)
+            dim = self.split_dim(key)
+            if dim is not None:
+                shape[dim] = sum(s[key].shape[dim] for s in shards)
+            shapes[key] = tuple(shape)
+        return shapes
+
+    def rank_bounds(self, key: str, size: int, rank: int, world_size: int) -> tuple[int, int]:
+        """[lo, hi): the part of the `size` rows/columns of weight `key` that rank `rank` of `world_size` holds."""
+        if size % world_size:
+            raise ValueError(
+                f"weight {key!r} of size {size} along dim {self.split_dim(key)} cannot be split into "
+                f"{world_size} parts"
+            )
+        width = size // world_size
+        return rank * width, (rank + 1) * width
+
+    def slice_for_rank(
+        self, shards: Sequence[Mapping[str, torch.Tensor]], key: str, rank: int, world_size: int
+    ) -> torch.Tensor:
+        """Rank `rank`'s slice (of `world_size`) of weight `key`, cut from a checkpoint in len(shards) parts.
+
+        Only the parts of the shards that overlap the slice are read, so with memory-mapped shards a rank
+        touches little more than its own slice. The result may be a view of a shard.
+        """
+        dim = self.split_dim(key)
+        if dim is None:
+            return shards[0][key]
+        sizes = [s[key].shape[dim] for s in shards]
+        lo, hi = self.rank_bounds(key, sum(sizes), rank, world_size)
+        pieces, offset = [], 0
+        for shard, size in zip(shards, sizes):
+            a, b = max(lo, offset), min(hi, offset + size)
+            if a < b:
+                pieces.append(shard[key].narrow(dim, a - offset, b - a))
+            offset += size
+        return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=dim)
+
+    def split_state_dict(self, state: Mapping[str, torch.Tensor], world_size: int) -> list[dict[str, torch.Tensor]]:
+        """Cut a full (one-shard) state dict into world_size model-parallel shards."""
+        return [
+            {k: self.slice_for_rank([state], k, rank, world_size).clone() for k in state}
+            for rank in range(world_size)
+        ]
+
+    def merge_shards(self, shards: Sequence[Mapping[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        """Join model-parallel shards back into one full state dict."""
+        return {k: self.slice_for_rank(shards, k, 0, 1) for k in shards[0]}
+
+
+@functools.lru_cache(maxsize=32)
+def _layout_for(model_cls: type, args_items: tuple) -> Layout:
+    ensure_model_parallel()  # fairscale's layers ask for the model-parallel size when they are built
+    with torch.device("meta"):
+        model = model_cls(ModelArgs(**dict(args_items)))
+    return Layout.from_model(model)
+
+
+# ------------------------------------------------------------------------------------- Meta <-> Hugging Face
+
+# Meta name -> Hugging Face name; "{i}" is the layer index.
+META_TO_HF = {
+    "tok_embeddings.weight": "model.embed_tokens.weight",
+    "norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+    "layers.{i}.attention.wq.weight": "model.layers.{i}.self_attn.q_proj.weight",
+    "layers.{i}.attention.wk.weight": "model.layers.{i}.self_attn.k_proj.weight",
+    "layers.{i}.attention.wv.weight": "model.layers.{i}.self_attn.v_proj.weight",
+    "layers.{i}.attention.wo.weight": "model.layers.{i}.self_attn.o_proj.weight",
+    "layers.{i}.feed_forward.w1.weight": "model.layers.{i}.mlp.gate_proj.weight",
+    "layers.{i}.feed_forward.w2.weight": "model.layers.{i}.mlp.down_proj.weight",
+    "layers.{i}.feed_forward.w3.weight": "model.layers.{i}.mlp.up_proj.weight",
+    "layers.{i}.attention_norm.weight": "model.layers.{i}.input_layernorm.weight",
+    "layers.{i}.ffn_norm.weight": "model.layers.{i}.post_attention_layernorm.weight",
+}
+HF_TO_META = {hf: meta for meta, hf in META_TO_HF.items()}
+
+
+def _translate(name: str, table: Mapping[str, str]) -> str:
+    layer = re.search(r"layers\.(\d+)\.", name)
+    pattern = name.replace(f"layers.{layer.group(1)}.", "layers.{i}.") if layer else name
+    if pattern not in table:
+        raise KeyError(f"no mapping for parameter {name!r}")
+    return table[pattern].format(i=layer.group(1)) if layer else table[pattern]
+
+
+def meta_to_hf_name(name: str) -> str:
+    return _translate(name, META_TO_HF)
+
+
+def hf_to_meta_name(name: str) -> str:
+    return _translate(name, HF_TO_META)
+
+
+def permute_qk(w: torch.Tensor, n_heads: int, inverse: bool = False) -> torch.Tensor:
+    """Reorder the rows of a q or k projection (n_heads * head_dim, dim) between RoPE pair layouts.
+
+    Meta's RoPE rotates adjacent pairs (x[2k], x[2k+1]); Hugging Face rotates the two halves of each head
+    (x[k], x[k + head_dim/2]). Forward (Meta -> HF): within each head, rows (0, 1), (2, 3), ... holding pairs
+    become rows k and k + head_dim/2. ``inverse=True`` undoes it (HF -> Meta).
+    """
+    rows, cols = w.shape
+    half = rows // n_heads // 2
+    if inverse:
+        return w.view(n_heads, 2, half, cols).transpose(1, 2).reshape(rows, cols)
+    return w.view(n_heads, half, 2, cols).transpose(1, 2).reshape(rows, cols)
+
+
+def qk_to_hf(key: str, tensor: torch.Tensor, args: ModelArgs, parts: int = 1, inverse: bool = False) -> torch.Tensor:
+    """Weight `key` (Meta name) in HF's q/k layout (``inverse``: back to Meta's); other weights as they are.
+
+    parts: the tensor is one of `parts` equal slices of whole heads (a rank's rows); the permutation stays
+    inside each head, so a slice can be permuted on its own.
+    """
+    if key.endswith("attention.wq.weight"):
+        return permute_qk(tensor, args.n_heads // parts, inverse)
+    if key.endswith("attention.wk.weight"):
+        return permute_qk(tensor, args.kv_heads // parts, inverse)
+    return tensor
+
+
+def meta_to_hf_state_dict(state: Mapping[str, torch.Tensor], args: ModelArgs) -> dict[str, torch.Tensor]:
+    """A full (one-shard) Meta state dict in Hugging Face names and q/k layout (``rope.freqs`` dropped)."""
+    return {meta_to_hf_name(k): qk_to_hf(k, t, args) for k, t in state.items() if k != "rope.freqs"}
+
+
+def hf_to_meta_state_dict(state: Mapping[str, torch.Tensor], args: ModelArgs) -> dict[str, torch.Tensor]:
+    """A Hugging Face Llama state dict in Meta names and q/k layout (rotary buffers are dropped)."""
+    out = {}
+    for name, tensor in state.items():
+        if not name.endswith("rotary_emb.inv_freq"):
+            key = hf_to_meta_name(name)
+            out[key] = qk_to_hf(key, tensor, args, inverse=True)
+    return out
