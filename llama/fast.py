@@ -8,7 +8,9 @@ keeps the math and removes that overhead:
 - static shapes: the step writes its keys and values into the preallocated cache at the current position
   (``index_copy_``) and attends over the whole cache (``F.scaled_dot_product_attention``), with the
   unwritten positions masked;
-- RoPE with real cos/sin tables taken from the complex ``freqs_cis`` (proven equal in the tests);
+- RoPE with real cos/sin tables taken from the model's own complex ``freqs_cis`` (so any frequency scaling the
+  model applies carries over; proven equal in the tests), and the KV cache written through the model's own
+  ``Attention.update_cache``;
 - ``torch.compile`` of the whole step (inductor on CPU; CUDA graphs on GPU via "reduce-overhead");
 - on CPUs with bf16 weights and one row, the linear layers run through ``llama.cpu_gemv``'s C kernel, which
   streams the weights faster than torch's bf16 kernel does.
@@ -29,12 +31,11 @@ import torch
 import torch.nn.functional as F
 
 from llama import cpu_gemv
-from llama.model import Transformer, precompute_freqs_cis
+from llama.model import Transformer
 
 
-def rope_cos_sin(head_dim: int, end: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin (end, head_dim // 2) of the rotation angles, exactly those of ``precompute_freqs_cis``."""
-    freqs_cis = precompute_freqs_cis(head_dim, end, theta)
+def rope_cos_sin(freqs_cis: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin (end, head_dim // 2) of the rotations in a complex freqs_cis (end, head_dim // 2)."""
     return freqs_cis.real.contiguous(), freqs_cis.imag.contiguous()
 
 
@@ -67,8 +68,7 @@ def decode_step(
     linear = torch.ops.llama.linear_bf16 if use_cpu_gemv and bsz == 1 else F.linear
     h = F.embedding(tokens, model.tok_embeddings.weight)  # (bsz, 1, dim)
     c, s = cos.index_select(0, pos), sin.index_select(0, pos)  # (1, head_dim // 2)
-    first = model.layers[0].attention
-    max_len = first.cache_k.shape[1]
+    max_len = model.params.max_seq_len
     # Positions after pos hold stale or zero keys: mask them out. (1, max_len), broadcast over batch and heads.
     visible = torch.arange(max_len, device=tokens.device)[None, :] <= pos
     for layer in model.layers:
@@ -78,9 +78,7 @@ def decode_step(
         xk = linear(x, attn.wk.weight).view(bsz, 1, attn.n_local_kv_heads, attn.head_dim)
         xv = linear(x, attn.wv.weight).view(bsz, 1, attn.n_local_kv_heads, attn.head_dim)
         xq, xk = apply_rotary_emb_real(xq, c, s), apply_rotary_emb_real(xk, c, s)
-        cache_k, cache_v = attn.cache_k[:bsz], attn.cache_v[:bsz]  # (bsz, max_len, n_kv_heads, head_dim)
-        cache_k.index_copy_(1, pos, xk)
-        cache_v.index_copy_(1, pos, xv)
+        cache_k, cache_v = attn.update_cache(xk, xv, pos)  # (bsz, max_len, n_kv_heads, head_dim)
         # The query heads are grouped by the KV head they share instead of repeat_kv copies: head h = kv *
         # n_rep + r, as in repeat_kv, and the n_rep heads of a group are the rows of one attention. SDPA's
         # kernels sum and take the softmax in fp32 whatever the input dtype, so in half precision this is
@@ -109,9 +107,8 @@ class FastDecoder:
             )
         self.model = model
         device = model.tok_embeddings.weight.device
-        params = model.params
-        cos, sin = rope_cos_sin(params.head_dim, 2 * params.max_seq_len, params.rope_theta)
-        self.cos, self.sin = cos.to(device), sin.to(device)
+        # The model's own rotations, whatever frequencies it uses (Llama 3.1's scaled ones, say).
+        self.cos, self.sin = rope_cos_sin(model.freqs_cis.to(device))
         # All weights share one dtype and device. use_cpu_gemv=False keeps torch's kernels (the benchmark
         # compares both).
         self.use_cpu_gemv = use_cpu_gemv and cpu_gemv.applies(1, model.output.weight)

@@ -68,14 +68,16 @@ class ModelArgs:
 
     @classmethod
     def from_params(cls, params: Mapping[str, Any], **overrides: Any) -> ModelArgs:
-        """Build from a ``params.json`` dict; keys this class does not know are logged and ignored."""
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(params) - known)
+        """Build from a ``params.json`` dict. A key this class does not know is refused: it may change the math
+        (Llama 3.1's use_scaled_rope did), and ignoring it would silently compute another model."""
+        known = [f.name for f in fields(cls)]
+        unknown = sorted(set(params) - set(known))
         if unknown:
-            logger.warning("ignoring unknown params.json keys: %s", ", ".join(unknown))
-        kwargs = {k: v for k, v in params.items() if k in known}
-        kwargs.update(overrides)
-        return cls(**kwargs)
+            raise ValueError(
+                f"params.json holds keys this version of the library does not know: {', '.join(unknown)}; "
+                f"it supports {', '.join(known)}"
+            )
+        return cls(**{**params, **overrides})
 
 
 class RMSNorm(nn.Module):
@@ -204,6 +206,25 @@ class Attention(nn.Module):
         self.register_buffer("cache_k", torch.zeros(cache_shape), persistent=False)
         self.register_buffer("cache_v", torch.zeros(cache_shape), persistent=False)
 
+    def update_cache(
+        self, xk: torch.Tensor, xv: torch.Tensor, start_pos: int | torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write keys and values (bsz, seqlen, n_local_kv_heads, head_dim) at positions start_pos... of the KV
+        cache; return this batch's whole cache_k and cache_v, (bsz, max_seq_len, n_local_kv_heads, head_dim).
+
+        The one way both paths write the cache. start_pos is an int on the faithful path, or a 1-element long
+        tensor on the fast path, whose compiled step takes the position as data rather than as a shape.
+        """
+        bsz, seqlen = xk.shape[:2]
+        cache_k, cache_v = self.cache_k[:bsz], self.cache_v[:bsz]
+        if isinstance(start_pos, torch.Tensor):
+            cache_k.index_copy_(1, start_pos, xk)
+            cache_v.index_copy_(1, start_pos, xv)
+        else:
+            cache_k[:, start_pos : start_pos + seqlen] = xk
+            cache_v[:, start_pos : start_pos + seqlen] = xv
+        return cache_k, cache_v
+
     def forward(
         self,
         x: torch.Tensor,
@@ -218,10 +239,9 @@ class Attention(nn.Module):
         xv = xv.view(bsz, seqlen, self.n_local_kv_heads, self.head_dim)
         xq, xk = apply_rotary_emb(xq, xk, freqs_cis)
 
-        self.cache_k[:bsz, start_pos : start_pos + seqlen] = xk
-        self.cache_v[:bsz, start_pos : start_pos + seqlen] = xv
-        keys = self.cache_k[:bsz, : start_pos + seqlen]  # (bsz, cache_len + seqlen, n_local_kv_heads, head_dim)
-        values = self.cache_v[:bsz, : start_pos + seqlen]
+        cache_k, cache_v = self.update_cache(xk, xv, start_pos)
+        keys = cache_k[:, : start_pos + seqlen]  # (bsz, cache_len + seqlen, n_local_kv_heads, head_dim)
+        values = cache_v[:, : start_pos + seqlen]
         keys = repeat_kv(keys, self.n_rep)  # (bsz, cache_len + seqlen, n_local_heads, head_dim)
         values = repeat_kv(values, self.n_rep)
 

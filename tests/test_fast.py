@@ -24,11 +24,19 @@ def pair(tiny_args, tokenizer_path, name="gqa", seed=3, compile=False):
 def test_real_rope_equals_complex_rope():
     torch.manual_seed(0)
     xq, xk = torch.randn(2, 5, 4, 16), torch.randn(2, 5, 2, 16)
-    freqs = precompute_freqs_cis(16, 64, 500.0)[20:25]
-    cos, sin = rope_cos_sin(16, 64, 500.0)
-    q, k = apply_rotary_emb(xq, xk, freqs)
+    freqs = precompute_freqs_cis(16, 64, 500.0)
+    cos, sin = rope_cos_sin(freqs)
+    q, k = apply_rotary_emb(xq, xk, freqs[20:25])
     assert_close(apply_rotary_emb_real(xq, cos[20:25], sin[20:25]), q)
     assert_close(apply_rotary_emb_real(xk, cos[20:25], sin[20:25]), k)
+
+
+def test_fast_path_takes_its_rotations_from_the_model(tiny_args):
+    model = random_model(tiny_args("gqa", vocab_size=97))
+    # Any frequencies the model holds (scaled ones, say) are the ones the fast path rotates with.
+    model.freqs_cis = model.freqs_cis * torch.polar(torch.ones(()), torch.tensor(0.25))
+    fast = FastDecoder(model, compile=False)
+    assert torch.equal(fast.cos, model.freqs_cis.real) and torch.equal(fast.sin, model.freqs_cis.imag)
 
 
 @pytest.mark.parametrize("name", ["mha", "gqa", "mqa", "odd_multiple_of"])

@@ -1,4 +1,3 @@
-import logging
 import math
 
 import pytest
@@ -193,12 +192,27 @@ def test_transformer_needs_vocab_size():
         Transformer(ModelArgs(dim=64, n_layers=1, n_heads=4, max_seq_len=8, max_batch_size=1))
 
 
-def test_from_params_logs_and_ignores_unknown_keys(caplog):
-    params = {"dim": 64, "n_layers": 1, "n_heads": 4, "vocab_size": -1, "use_scaled_rope": True}
-    with caplog.at_level(logging.WARNING, logger="llama.model"):
-        args = ModelArgs.from_params(params, max_seq_len=16)
-    assert args.dim == 64 and args.max_seq_len == 16
-    assert "use_scaled_rope" in caplog.text
+def test_from_params_refuses_unknown_keys():
+    params = {"dim": 64, "n_layers": 1, "n_heads": 4, "vocab_size": -1, "moe_num_experts": 8}
+    with pytest.raises(ValueError, match=r"does not know: moe_num_experts; it supports dim, n_layers"):
+        ModelArgs.from_params(params, max_seq_len=16)
+
+
+# params.json of every Llama 2 model Meta released (and Code Llama's rope_theta).
+META_LLAMA2_PARAMS = [
+    {"dim": 4096, "multiple_of": 256, "n_heads": 32, "n_layers": 32, "norm_eps": 1e-05, "vocab_size": -1},
+    {"dim": 5120, "multiple_of": 256, "n_heads": 40, "n_layers": 40, "norm_eps": 1e-05, "vocab_size": -1},
+    {"dim": 8192, "multiple_of": 4096, "ffn_dim_multiplier": 1.3, "n_heads": 64, "n_kv_heads": 8, "n_layers": 80,
+     "norm_eps": 1e-05, "vocab_size": -1},
+    {"dim": 4096, "n_layers": 32, "n_heads": 32, "multiple_of": 256, "ffn_dim_multiplier": 1.0, "norm_eps": 1e-5,
+     "rope_theta": 1000000, "vocab_size": -1},
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("params", META_LLAMA2_PARAMS)
+def test_meta_params_files_load(params):
+    args = ModelArgs.from_params(params, max_seq_len=16)
+    assert args.dim == params["dim"] and args.max_seq_len == 16
 
 
 def test_default_args_match_reference():
