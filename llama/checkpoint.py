@@ -124,6 +124,12 @@ def load_shard(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     for key, value in state.items():
         if not isinstance(value, torch.Tensor):
             raise ValueError(f"{str(path)!r}: entry {key!r} is a {type(value).__name__}, not a tensor")
+        # Integer, bool or complex weights would be cast to the model's dtype without a word, giving garbage.
+        if not value.is_floating_point() and key not in IGNORED_KEYS:
+            raise ValueError(
+                f"{str(path)!r}: {key!r} holds {value.dtype} values; weights must be floating point "
+                "(bfloat16, float16 or float32). Quantized checkpoints are not supported"
+            )
     return state
 
 

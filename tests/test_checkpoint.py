@@ -182,3 +182,13 @@ def test_saving_a_slice_writes_only_the_slice(tmp_path):
     saved = torch.load(tmp_path / "ckpt" / "consolidated.00.pth", weights_only=True)
     assert torch.equal(saved["a"], big[:10]) and torch.equal(saved["b"], big[:, :5])
     assert (tmp_path / "ckpt" / "consolidated.00.pth").stat().st_size < 30_000  # 24 kB of slices, not 400 kB
+
+
+# ---------------------------------------------------------------- hostile inputs
+
+
+@pytest.mark.parametrize("dtype", [torch.int8, torch.bool, torch.complex64])
+def test_load_shard_refuses_weights_that_are_not_floating_point(tmp_path, dtype):
+    torch.save({"norm.weight": torch.ones(4), "output.weight": torch.ones(4, 2, dtype=dtype)}, tmp_path / "x.pth")
+    with pytest.raises(ValueError, match=rf"x.pth': 'output.weight' holds {dtype} values; weights must be floating"):
+        checkpoint.load_shard(tmp_path / "x.pth")
