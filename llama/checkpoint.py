@@ -96,7 +96,14 @@ def find_shards(ckpt_dir: str | os.PathLike) -> list[Path]:
     for path in ckpt_dir.glob("consolidated.*.pth"):
         match = SHARD_PATTERN.fullmatch(path.name)
         if match:
-            found[int(match.group(1))] = path
+            index = int(match.group(1))
+            if index in found:  # consolidated.0.pth and consolidated.00.pth: which one is meant cannot be told
+                first, second = sorted([found[index].name, path.name])
+                raise ValueError(
+                    f"checkpoint {str(ckpt_dir)!r} is ambiguous: both {first} and {second} hold shard {index}; "
+                    "remove one of them"
+                )
+            found[index] = path
     if not found:
         raise FileNotFoundError(f"no checkpoint shards (consolidated.NN.pth) in {str(ckpt_dir)!r}")
     missing = sorted(set(range(max(found) + 1)) - set(found))

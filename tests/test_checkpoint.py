@@ -192,3 +192,10 @@ def test_load_shard_refuses_weights_that_are_not_floating_point(tmp_path, dtype)
     torch.save({"norm.weight": torch.ones(4), "output.weight": torch.ones(4, 2, dtype=dtype)}, tmp_path / "x.pth")
     with pytest.raises(ValueError, match=rf"x.pth': 'output.weight' holds {dtype} values; weights must be floating"):
         checkpoint.load_shard(tmp_path / "x.pth")
+
+
+def test_two_files_for_one_shard_are_refused(make_checkpoint, tmp_path):
+    shutil.copytree(make_checkpoint("gqa"), tmp_path / "ckpt")
+    shutil.copy(tmp_path / "ckpt" / "consolidated.00.pth", tmp_path / "ckpt" / "consolidated.0.pth")
+    with pytest.raises(ValueError, match=r"both consolidated.0.pth and consolidated.00.pth hold shard 0"):
+        checkpoint.find_shards(tmp_path / "ckpt")
