@@ -199,3 +199,12 @@ def test_two_files_for_one_shard_are_refused(make_checkpoint, tmp_path):
     shutil.copy(tmp_path / "ckpt" / "consolidated.00.pth", tmp_path / "ckpt" / "consolidated.0.pth")
     with pytest.raises(ValueError, match=r"both consolidated.0.pth and consolidated.00.pth hold shard 0"):
         checkpoint.find_shards(tmp_path / "ckpt")
+
+
+def test_params_json_without_a_needed_key_names_it(make_checkpoint, tmp_path):
+    shutil.copytree(make_checkpoint("gqa"), tmp_path / "ckpt")
+    params = json.loads((tmp_path / "ckpt" / "params.json").read_text())
+    del params["n_heads"]
+    (tmp_path / "ckpt" / "params.json").write_text(json.dumps(params))
+    with pytest.raises(ValueError, match=r"params.json' is not a valid model configuration: .*lacks 'n_heads'"):
+        checkpoint.open_checkpoint(tmp_path / "ckpt")
