@@ -286,6 +286,30 @@ def open_checkpoint(ckpt_dir: str | os.PathLike) -> Checkpoint:
     return Checkpoint(folder, params, args, paths, shards)
 
 
+def check_params_fit_shards(params: Mapping[str, Any], shard_paths: Sequence[Path], vocab_size: int) -> None:
+    """Raise a ValueError when params.json (with the tokenizer's vocab_size) does not fit the shards' weights.
+
+    Only shapes are compared: the shards are memory-mapped and no weight is read, so a params.json with an absurd
+    size (dim 10**9) is refused before a model of that size is allocated, as happens when the comparison is left
+    to ``load_weights``.
+    """
+    paths = [Path(p) for p in shard_paths]
+    folder = paths[0].parent
+    source = repr(str(folder / "params.json"))
+    shards = [load_shard(p) for p in paths]
+    check_shards_agree(paths, shards)
+    shapes = merged_shapes(shards)
+    try:
+        args = ModelArgs.from_params({**params, "vocab_size": vocab_size})
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{source} is not a valid model configuration: {e}") from e
+    # Checked first because full_shapes lists every layer's weights: n_layers 10**9 would fill memory with names.
+    layers = {int(m.group(1)) for key in shapes if (m := re.match(r"layers\.(\d+)\.", key))}
+    if args.n_layers != len(layers):
+        raise ValueError(f"{source} says n_layers={args.n_layers}, but its shards hold {len(layers)} layers")
+    check_state_dict(shapes, full_shapes(args), repr(str(folder)))
+
+
 def release_parameters(model: torch.nn.Module) -> None:
     """Swap every parameter of `model` for a data-less meta tensor of the same shape and dtype.
 

@@ -208,3 +208,23 @@ def test_params_json_without_a_needed_key_names_it(make_checkpoint, tmp_path):
     (tmp_path / "ckpt" / "params.json").write_text(json.dumps(params))
     with pytest.raises(ValueError, match=r"params.json' is not a valid model configuration: .*lacks 'n_heads'"):
         checkpoint.open_checkpoint(tmp_path / "ckpt")
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"dim": 10**9}, r"tok_embeddings.weight: checkpoint \(512, 64\) vs model \(512, 1000000000\)"),
+        ({"n_layers": 10**9}, r"says n_layers=1000000000, but its shards hold 2 layers"),
+        ({"n_heads": 4, "n_kv_heads": 4}, r"layers.0.attention.wk.weight: checkpoint \(32, 64\) vs model \(64, 64\)"),
+        ({"norm_eps": float("nan")}, r"not a valid model configuration: .*norm_eps must be a finite"),
+    ],
+)  # fmt: skip
+def test_params_are_compared_with_the_shards_before_any_model_is_made(make_checkpoint, tmp_path, change, message):
+    src = make_checkpoint("gqa", n_shards=2)
+    params = json.loads((src / "params.json").read_text())
+    paths = checkpoint.find_shards(src)
+    checkpoint.check_params_fit_shards(params, paths, vocab_size=512)
+    with pytest.raises(ValueError, match=message):
+        checkpoint.check_params_fit_shards({**params, **change}, paths, vocab_size=512)
+    with pytest.raises(ValueError, match=r"output.weight: checkpoint \(512, 64\) vs model \(500, 64\)"):
+        checkpoint.check_params_fit_shards(params, paths, vocab_size=500)  # a tokenizer of another model
