@@ -8,6 +8,7 @@ Shards are opened memory-mapped: a weight is read from disk only when a slice of
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
 import os
@@ -15,6 +16,9 @@ import pickle
 import re
 import secrets
 import shutil
+import signal
+import socket
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping, Optional, Sequence
@@ -379,27 +383,131 @@ def compact(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.clone(memory_format=torch.contiguous_format)
 
 
+# Inside a temporary output folder while it is written: which process writes it, so that a later run can tell
+# a folder left by a killed writer (removed) from one a live writer is still filling (left alone).
+WRITER_MARKER = ".llama-writer.json"
+
+# After a failed write, less free space than this means the disk was full (torch.save does not say so itself).
+_FULL_DISK_BYTES = 64 * 2**20
+
+
+def _boot_id() -> Optional[str]:
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return None
+
+
+def _start_time(pid: int) -> Optional[int]:
+    """When process pid started, in clock ticks after boot (field 22 of /proc/PID/stat); None where unknown."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return int(stat.rsplit(")", 1)[1].split()[19])  # the name, in parentheses, may hold spaces
+
+
+def _writer_marker() -> dict[str, Any]:
+    pid = os.getpid()
+    return {"host": socket.gethostname(), "boot_id": _boot_id(), "pid": pid, "start_time": _start_time(pid)}
+
+
+def _writer_is_gone(marker: Mapping[str, Any]) -> bool:
+    """True only when the process that wrote `marker` has surely stopped; a PID reused since does not count."""
+    pid = marker.get("pid")
+    if marker.get("host") != socket.gethostname() or not isinstance(pid, int) or isinstance(pid, bool) or pid < 1:
+        return False  # another machine's writer (a shared file system), or no marker of ours: cannot tell
+    if marker.get("boot_id") != _boot_id():
+        return True  # written before the machine last started
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        pass  # alive, another user's
+    started = marker.get("start_time")
+    return started is not None and _start_time(pid) not in (None, started)
+
+
+def _remove_abandoned_outputs(folder: Path) -> None:
+    """Remove the temporary output folders in `folder` whose writers were killed (SIGKILL cannot be caught)."""
+    for tmp in folder.glob(".*.tmp-*"):
+        try:
+            marker = json.loads((tmp / WRITER_MARKER).read_text())
+        except (OSError, ValueError):
+            continue  # not ours, or its writer has not written the marker yet
+        if isinstance(marker, dict) and _writer_is_gone(marker):
+            shutil.rmtree(tmp, ignore_errors=True)
+            done = "could not remove" if tmp.exists() else "removed"
+            logger.warning("%s %s, left by an interrupted writer (pid %s) no longer running", done, tmp, marker["pid"])
+
+
+def _out_of_space(error: BaseException, folder: Path) -> bool:
+    """Whether a write failed for want of disk space. torch.save reports a full disk as a bare RuntimeError
+    ("file write failed", "basic_ios::clear: iostream error"), so for write errors the free space decides."""
+    if isinstance(error, OSError) and error.errno == errno.ENOSPC or "No space left on device" in str(error):
+        return True
+    if not isinstance(error, (OSError, RuntimeError)) or isinstance(error, FileExistsError):
+        return False
+    try:
+        return shutil.disk_usage(folder).free < _FULL_DISK_BYTES
+    except OSError:
+        return False
+
+
+@contextlib.contextmanager
+def _sigterm_raises() -> Iterator[None]:
+    """While the block runs, SIGTERM (``kill``, ``timeout``) raises SystemExit(143) instead of killing the process
+    on the spot, so that cleanup code runs. Only in the main thread (where Python runs signal handlers), and only
+    where SIGTERM has its default action: a program's own handler, or an ignored signal, is left as it is."""
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) != signal.SIG_DFL:
+        yield
+        return
+
+    def terminate(signum: int, frame: Any) -> None:
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
 @contextlib.contextmanager
 def atomic_output_dir(out_dir: str | os.PathLike) -> Iterator[Path]:
     """Yield a new, empty temporary folder next to out_dir; rename it to out_dir when the block succeeds.
 
-    If the block raises (or is interrupted), the temporary folder is removed, so no half-written output is left.
-    out_dir must not exist yet.
+    If the block raises or is interrupted (Ctrl-C, SIGTERM), the temporary folder is removed, so no half-written
+    output is left. A writer killed outright (SIGKILL, power loss) cannot clean up; the next call removes its
+    folder once that writer is no longer running, and logs what it removed. A full disk raises an OSError (errno
+    ENOSPC) that says so. out_dir must not exist yet.
     """
     out_dir = Path(out_dir)
     if out_dir.exists():
         raise FileExistsError(f"{str(out_dir)!r} already exists; choose a new output folder or remove it")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
+    _remove_abandoned_outputs(out_dir.parent)
     tmp = out_dir.parent / f".{out_dir.name}.tmp-{secrets.token_hex(4)}"
-    tmp.mkdir()  # unlike tempfile.mkdtemp, honours the umask, so the final folder gets the usual permissions
-    try:
-        yield tmp
-        if out_dir.exists():
-            raise FileExistsError(f"{str(out_dir)!r} appeared while it was being written; remove it and retry")
-        tmp.rename(out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    with _sigterm_raises():
+        tmp.mkdir()  # unlike tempfile.mkdtemp, honours the umask, so the final folder gets the usual permissions
+        try:
+            (tmp / WRITER_MARKER).write_text(json.dumps(_writer_marker()))
+            yield tmp
+            if out_dir.exists():
+                raise FileExistsError(f"{str(out_dir)!r} appeared while it was being written; remove it and retry")
+            (tmp / WRITER_MARKER).unlink()
+            tmp.rename(out_dir)
+        except BaseException as e:
+            full = _out_of_space(e, out_dir.parent)  # before the removal frees the space again
+            shutil.rmtree(tmp, ignore_errors=True)
+            if full:
+                raise OSError(
+                    errno.ENOSPC,
+                    f"no space left on {str(out_dir.parent)!r} while writing {str(out_dir)!r} ({e}); free some "
+                    "space or choose another output folder (nothing was left behind)",
+                ) from e
+            raise
 
 
 def save_checkpoint(

@@ -1,11 +1,17 @@
+import errno
 import json
+import logging
 import os
 import shutil
+import signal
+import subprocess
+import sys
 import weakref
+from pathlib import Path
 
 import pytest
 import torch
-from conftest import random_model
+from conftest import REPO, random_model
 
 from llama import checkpoint
 from llama.model import Transformer, check_model_parallel_fit
@@ -228,3 +234,84 @@ def test_params_are_compared_with_the_shards_before_any_model_is_made(make_check
         checkpoint.check_params_fit_shards({**params, **change}, paths, vocab_size=512)
     with pytest.raises(ValueError, match=r"output.weight: checkpoint \(512, 64\) vs model \(500, 64\)"):
         checkpoint.check_params_fit_shards(params, paths, vocab_size=500)  # a tokenizer of another model
+
+
+WRITER = """
+import sys, time
+from llama import checkpoint
+with checkpoint.atomic_output_dir(sys.argv[1]) as tmp:
+    (tmp / "consolidated.00.pth").write_bytes(b"half a shard")
+    print(tmp, flush=True)
+    time.sleep(120)
+"""
+
+
+def start_writer(out_dir):
+    """A process that is writing out_dir (in its temporary folder) until it is stopped; and that folder."""
+    proc = subprocess.Popen([sys.executable, "-c", WRITER, str(out_dir)], cwd=REPO, stdout=subprocess.PIPE, text=True)
+    return proc, Path(proc.stdout.readline().strip())
+
+
+def test_sigterm_while_writing_leaves_nothing(tmp_path):
+    proc, tmp = start_writer(tmp_path / "out")
+    assert tmp.is_dir() and tmp.parent == tmp_path
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=30) == 128 + signal.SIGTERM
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/stat"), reason="tells a reused PID by /proc/PID/stat (Linux)")
+def test_next_run_removes_the_folders_of_dead_writers_only(tmp_path, caplog):
+    killed, killed_tmp = start_writer(tmp_path / "a")
+    alive, alive_tmp = start_writer(tmp_path / "b")
+    try:
+        killed.kill()
+        killed.wait(timeout=30)
+        assert killed_tmp.is_dir()  # SIGKILL cannot be caught: the writer left its folder
+        reused = tmp_path / ".c.tmp-reused"  # a dead writer's folder whose PID now belongs to a live process
+        shutil.copytree(alive_tmp, reused)
+        marker = json.loads((reused / checkpoint.WRITER_MARKER).read_text())
+        (reused / checkpoint.WRITER_MARKER).write_text(json.dumps({**marker, "start_time": marker["start_time"] + 1}))
+        unmarked = tmp_path / ".d.tmp-unmarked"  # no marker: whose it is cannot be told, so it stays
+        unmarked.mkdir()
+        with caplog.at_level(logging.WARNING, logger="llama.checkpoint"):
+            with checkpoint.atomic_output_dir(tmp_path / "e") as tmp:
+                (tmp / "x").write_text("x")
+        assert sorted(p.name for p in tmp_path.iterdir()) == sorted([alive_tmp.name, unmarked.name, "e"])
+        assert str(killed_tmp) in caplog.text and str(reused) in caplog.text and "no longer running" in caplog.text
+        assert sorted(p.name for p in (tmp_path / "e").iterdir()) == ["x"]  # the marker does not stay
+    finally:
+        alive.kill()
+        alive.wait(timeout=30)
+
+
+@pytest.mark.parametrize(
+    "error, free",
+    [
+        (OSError(errno.ENOSPC, "No space left on device"), 10**12),
+        (RuntimeError("[enforce fail at inline_container.cc:603] . unexpected pos 64 vs 0"), 0),
+        (RuntimeError("basic_ios::clear: iostream error"), 4096),
+    ],
+)
+def test_full_disk_says_so_and_leaves_nothing(tmp_path, monkeypatch, error, free):
+    def fail(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(torch, "save", fail)
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage._replace(free=free))
+    with pytest.raises(OSError, match=rf"no space left on '{tmp_path}' while writing '{tmp_path / 'out'}'") as e:
+        checkpoint.save_checkpoint(tmp_path / "out", [{"a": torch.zeros(2)}], {"dim": 8})
+    assert e.value.errno == errno.ENOSPC
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_write_error_with_free_space_is_left_as_it_is(tmp_path, monkeypatch):
+    def fail(*args, **kwargs):
+        raise RuntimeError("file write failed")
+
+    monkeypatch.setattr(torch, "save", fail)
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**12, 0, 10**12))
+    with pytest.raises(RuntimeError, match="^file write failed$"):
+        checkpoint.save_checkpoint(tmp_path / "out", [{"a": torch.zeros(2)}], {"dim": 8})
+    assert list(tmp_path.iterdir()) == []
