@@ -383,6 +383,18 @@ def compact(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.clone(memory_format=torch.contiguous_format)
 
 
+def check_out_dir(out_dir: str | os.PathLike, src_dir: str | os.PathLike) -> None:
+    """Raise a ValueError when out_dir is src_dir or inside it (links followed).
+
+    A new folder inside a checkpoint could take a shard's name (consolidated.01.pth) or be read as part of it.
+    """
+    out, src = Path(out_dir), Path(src_dir)
+    if src.resolve() in (out.resolve(), *out.resolve().parents):
+        raise ValueError(
+            f"output folder {str(out)!r} is the source folder {str(src)!r} or inside it; write it somewhere else"
+        )
+
+
 # Inside a temporary output folder while it is written: which process writes it, so that a later run can tell
 # a folder left by a killed writer (removed) from one a live writer is still filling (left alone).
 WRITER_MARKER = ".llama-writer.json"

@@ -377,6 +377,7 @@ def to_hf(
         max_file_gb: largest safetensors file; bigger models get several files and an index. Memory holds
             about one file's worth of weights at a time.
     """
+    checkpoint.check_out_dir(out_dir, ckpt_dir)
     ckpt = checkpoint.open_checkpoint(ckpt_dir)
     args = ckpt.args
     tokenizer = Tokenizer(tokenizer_path)
@@ -505,6 +506,7 @@ def from_hf(hf_dir: str, out_dir: str, model_parallel_size: int = 1, dtype: Opti
         dtype: float32, float16 or bfloat16; default: the weights' own.
     """
     hf = Path(hf_dir)
+    checkpoint.check_out_dir(out_dir, hf)
     config_path = hf / "config.json"
     if not config_path.is_file():
         raise FileNotFoundError(f"{str(config_path)!r} not found: a Hugging Face model folder holds config.json")

@@ -61,6 +61,7 @@ def reshard(
     ``checkpoint.save_checkpoint``).
     """
     out_dir = Path(out_dir)
+    checkpoint.check_out_dir(out_dir, ckpt_dir)
     if out_dir.exists():  # fail before reading anything; save_checkpoint checks again
         raise FileExistsError(f"{str(out_dir)!r} already exists; choose a new output folder or remove it")
     if not isinstance(model_parallel_size, int) or isinstance(model_parallel_size, bool) or model_parallel_size < 1:

@@ -315,3 +315,13 @@ def test_write_error_with_free_space_is_left_as_it_is(tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match="^file write failed$"):
         checkpoint.save_checkpoint(tmp_path / "out", [{"a": torch.zeros(2)}], {"dim": 8})
     assert list(tmp_path.iterdir()) == []
+
+
+def test_out_dir_inside_the_checkpoint_is_refused(tmp_path):
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    for out in (ckpt, ckpt / "consolidated.01.pth", ckpt / "a" / ".." / "b"):
+        with pytest.raises(ValueError, match=rf"output folder '{out}' is .*the source folder '{ckpt}'"):
+            checkpoint.check_out_dir(out, ckpt)
+    checkpoint.check_out_dir(tmp_path / "ckpt-mp2", ckpt)
+    checkpoint.check_out_dir(tmp_path, ckpt)  # the parent exists, but atomic_output_dir refuses it

@@ -1,6 +1,7 @@
 """python -m llama.convert: Meta <-> Hugging Face folders hold the same model, and round trips are exact."""
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -238,3 +239,15 @@ def test_bad_safetensors_index_names_the_file(tmp_path, index, message):
     (tmp_path / convert.SAFETENSORS_INDEX).write_text(index)
     with pytest.raises(ValueError, match=f"model.safetensors.index.json'.*{message}"):
         convert._HFWeights(tmp_path)
+
+
+def test_conversions_refuse_an_out_dir_inside_the_source(make_checkpoint, tokenizer_path, tmp_path):
+    src = tmp_path / "src"
+    shutil.copytree(make_checkpoint("gqa"), src)
+    with pytest.raises(ValueError, match=f"output folder '{src / 'hf'}' is .*the source folder '{src}'"):
+        convert.to_hf(str(src), str(tokenizer_path), str(src / "hf"))
+    hf = convert.to_hf(str(src), str(tokenizer_path), str(tmp_path / "hf"))
+    with pytest.raises(ValueError, match=f"output folder '{hf / 'consolidated.00.pth'}' is .*the source folder"):
+        convert.from_hf(str(hf), str(hf / "consolidated.00.pth"))
+    assert sorted(p.name for p in src.iterdir()) == ["consolidated.00.pth", "params.json"]
+    assert not (hf / "consolidated.00.pth").exists()
