@@ -9,6 +9,7 @@ used. This module reads and writes files; the layout decides what goes where.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
 import os
@@ -16,15 +17,17 @@ import pickle
 import re
 import secrets
 import shutil
+import signal
+import socket
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping, Optional, Sequence
 
 import torch
 
-from llama.distributed import ensure_model_parallel
 from llama.layout import Layout
-from llama.model import ModelArgs, Transformer
+from llama.model import ModelArgs, Transformer, ffn_hidden_dim
 
 logger = logging.getLogger(__name__)
 
@@ -61,7 +64,14 @@ def find_shards(ckpt_dir: str | os.PathLike) -> list[Path]:
     for path in ckpt_dir.glob("consolidated.*.pth"):
         match = SHARD_PATTERN.fullmatch(path.name)
         if match:
-            found[int(match.group(1))] = path
+            index = int(match.group(1))
+            if index in found:  # consolidated.0.pth and consolidated.00.pth: which one is meant cannot be told
+                first, second = sorted([found[index].name, path.name])
+                raise ValueError(
+                    f"checkpoint {str(ckpt_dir)!r} is ambiguous: both {first} and {second} hold shard {index}; "
+                    "remove one of them"
+                )
+            found[index] = path
     if not found:
         raise FileNotFoundError(f"no checkpoint shards (consolidated.NN.pth) in {str(ckpt_dir)!r}")
     missing = sorted(set(range(max(found) + 1)) - set(found))
@@ -89,6 +99,12 @@ def load_shard(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     for key, value in state.items():
         if not isinstance(value, torch.Tensor):
             raise ValueError(f"{str(path)!r}: entry {key!r} is a {type(value).__name__}, not a tensor")
+        # Integer, bool or complex weights would be cast to the model's dtype without a word, giving garbage.
+        if not value.is_floating_point() and key not in IGNORED_KEYS:
+            raise ValueError(
+                f"{str(path)!r}: {key!r} holds {value.dtype} values; weights must be floating point "
+                "(bfloat16, float16 or float32). Quantized checkpoints are not supported"
+            )
     return state
 
 
@@ -149,26 +165,60 @@ def open_checkpoint(ckpt_dir: str | os.PathLike, model_cls: type = Transformer) 
     params = read_params(folder)
     paths = find_shards(folder)
     shards = [load_shard(p) for p in paths]
-    params_path = repr(str(folder / "params.json"))
-    try:
-        # Which dimension each weight is split on does not depend on the vocabulary size: any that this
-        # process's model-parallel size divides will do here.
-        args = ModelArgs.from_params({**params, "vocab_size": ensure_model_parallel()})
-    except (TypeError, ValueError) as e:
-        raise ValueError(f"{params_path} is not a valid model configuration: {e}") from e
-    layout = Layout.for_args(args, model_cls)
-    layout.check_shards_agree(paths, shards)
-    shapes = layout.merged_shapes(shards)
+    args, layout = fit_params_to_shards(params, paths, shards, None, model_cls)
+    return Checkpoint(folder, params, args, paths, shards, layout)
+
+
+def fit_params_to_shards(
+    params: Mapping[str, Any],
+    paths: Sequence[Path],
+    shards: Sequence[Mapping[str, torch.Tensor]],
+    tokenizer_vocab: Optional[int],
+    model_cls: type = Transformer,
+) -> tuple[ModelArgs, Layout]:
+    """The ModelArgs and Layout of params.json, once checked against the (memory-mapped) shards' shapes.
+
+    Only shapes are compared and nothing of the model's size is allocated before the sizes that drive memory
+    (n_layers, dim, the FFN size) are known to match the weights, so a params.json with dim 10**9 is refused at
+    once. tokenizer_vocab: the tokenizer's size, which must equal the weights' (None: take the weights').
+    """
+    folder = paths[0].parent
+    source = repr(str(folder / "params.json"))
+    pre = Layout.for_keys(shards[0], model_cls)  # split dims only, from the layer types
+    pre.check_shards_agree(paths, shards)
+    shapes = pre.merged_shapes(shards)
     if "output.weight" not in shapes:
         raise ValueError(f"checkpoint {str(folder)!r} does not fit the model: missing keys: output.weight")
     vocab_size = shapes["output.weight"][0]
     if params.get("vocab_size", -1) not in (-1, vocab_size):
         raise ValueError(
-            f"{params_path} says vocab_size={params['vocab_size']}, but output.weight has {vocab_size} rows"
+            f"{source} says vocab_size={params['vocab_size']}, but output.weight has {vocab_size} rows"
         )
-    args.vocab_size = vocab_size
-    check_state_dict(shapes, Layout.for_args(args, model_cls).shapes, repr(str(folder)))
-    return Checkpoint(folder, params, args, paths, shards, Layout.for_args(args, model_cls))
+    if tokenizer_vocab is not None and tokenizer_vocab != vocab_size:
+        raise ValueError(
+            f"the tokenizer has {tokenizer_vocab} tokens but the checkpoint's output.weight has {vocab_size} rows: "
+            "is it the tokenizer of this model?"
+        )
+    try:
+        args = ModelArgs.from_params({**params, "vocab_size": vocab_size})
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{source} is not a valid model configuration: {e}") from e
+    layers = {int(m.group(1)) for key in shapes if (m := re.match(r"layers\.(\d+)\.", key))}
+    sizes = [("n_layers", args.n_layers, len(layers), "layers in its shards")]
+    if "norm.weight" in shapes:
+        sizes.append(("dim", args.dim, shapes["norm.weight"][0], "in norm.weight"))
+    if "layers.0.feed_forward.w1.weight" in shapes:
+        hidden = ffn_hidden_dim(args.dim, args.multiple_of, args.ffn_dim_multiplier)
+        sizes.append(("the FFN size", hidden, shapes["layers.0.feed_forward.w1.weight"][0], "rows in layers.0's w1"))
+    for name, implied, found, where in sizes:
+        if implied > found:  # smaller sizes allocate nothing dangerous: check_state_dict names every key below
+            raise ValueError(
+                f"checkpoint {str(folder)!r} does not fit the model: shape mismatches (does params.json match the "
+                f"weights?): {source} gives {name} = {implied}, but the checkpoint has {found} {where}"
+            )
+    layout = Layout.for_args(args, model_cls)
+    check_state_dict(shapes, layout.shapes, repr(str(folder)))
+    return args, layout
 
 
 def release_parameters(model: torch.nn.Module) -> None:
@@ -223,27 +273,143 @@ def compact(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.clone(memory_format=torch.contiguous_format)
 
 
+def check_out_dir(out_dir: str | os.PathLike, src_dir: str | os.PathLike) -> None:
+    """Raise a ValueError when out_dir is src_dir or inside it (links followed).
+
+    A new folder inside a checkpoint could take a shard's name (consolidated.01.pth) or be read as part of it.
+    """
+    out, src = Path(out_dir), Path(src_dir)
+    if src.resolve() in (out.resolve(), *out.resolve().parents):
+        raise ValueError(
+            f"output folder {str(out)!r} is the source folder {str(src)!r} or inside it; write it somewhere else"
+        )
+
+
+# Inside a temporary output folder while it is written: which process writes it, so that a later run can tell
+# a folder left by a killed writer (removed) from one a live writer is still filling (left alone).
+WRITER_MARKER = ".llama-writer.json"
+
+# After a failed write, less free space than this means the disk was full (torch.save does not say so itself).
+_FULL_DISK_BYTES = 64 * 2**20
+
+
+def _boot_id() -> Optional[str]:
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return None
+
+
+def _start_time(pid: int) -> Optional[int]:
+    """When process pid started, in clock ticks after boot (field 22 of /proc/PID/stat); None where unknown."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return int(stat.rsplit(")", 1)[1].split()[19])  # the name, in parentheses, may hold spaces
+
+
+def _writer_marker() -> dict[str, Any]:
+    pid = os.getpid()
+    return {"host": socket.gethostname(), "boot_id": _boot_id(), "pid": pid, "start_time": _start_time(pid)}
+
+
+def _writer_is_gone(marker: Mapping[str, Any]) -> bool:
+    """True only when the process that wrote `marker` has surely stopped; a PID reused since does not count."""
+    pid = marker.get("pid")
+    if marker.get("host") != socket.gethostname() or not isinstance(pid, int) or isinstance(pid, bool) or pid < 1:
+        return False  # another machine's writer (a shared file system), or no marker of ours: cannot tell
+    if marker.get("boot_id") != _boot_id():
+        return True  # written before the machine last started
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        pass  # alive, another user's
+    started = marker.get("start_time")
+    return started is not None and _start_time(pid) not in (None, started)
+
+
+def _remove_abandoned_outputs(folder: Path) -> None:
+    """Remove the temporary output folders in `folder` whose writers were killed (SIGKILL cannot be caught)."""
+    for tmp in folder.glob(".*.tmp-*"):
+        try:
+            marker = json.loads((tmp / WRITER_MARKER).read_text())
+        except (OSError, ValueError):
+            continue  # not ours, or its writer has not written the marker yet
+        if isinstance(marker, dict) and _writer_is_gone(marker):
+            shutil.rmtree(tmp, ignore_errors=True)
+            done = "could not remove" if tmp.exists() else "removed"
+            logger.warning("%s %s, left by an interrupted writer (pid %s) no longer running", done, tmp, marker["pid"])
+
+
+def _out_of_space(error: BaseException, folder: Path) -> bool:
+    """Whether a write failed for want of disk space. torch.save reports a full disk as a bare RuntimeError
+    ("file write failed", "basic_ios::clear: iostream error"), so for write errors the free space decides."""
+    if isinstance(error, OSError) and error.errno == errno.ENOSPC or "No space left on device" in str(error):
+        return True
+    if not isinstance(error, (OSError, RuntimeError)) or isinstance(error, FileExistsError):
+        return False
+    try:
+        return shutil.disk_usage(folder).free < _FULL_DISK_BYTES
+    except OSError:
+        return False
+
+
+@contextlib.contextmanager
+def _sigterm_raises() -> Iterator[None]:
+    """While the block runs, SIGTERM (``kill``, ``timeout``) raises SystemExit(143) instead of killing the process
+    on the spot, so that cleanup code runs. Only in the main thread (where Python runs signal handlers), and only
+    where SIGTERM has its default action: a program's own handler, or an ignored signal, is left as it is."""
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) != signal.SIG_DFL:
+        yield
+        return
+
+    def terminate(signum: int, frame: Any) -> None:
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
 @contextlib.contextmanager
 def atomic_output_dir(out_dir: str | os.PathLike) -> Iterator[Path]:
     """Yield a new, empty temporary folder next to out_dir; rename it to out_dir when the block succeeds.
 
-    If the block raises (or is interrupted), the temporary folder is removed, so no half-written output is left.
-    out_dir must not exist yet.
+    If the block raises or is interrupted (Ctrl-C, SIGTERM), the temporary folder is removed, so no half-written
+    output is left. A writer killed outright (SIGKILL, power loss) cannot clean up; the next call removes its
+    folder once that writer is no longer running, and logs what it removed. A full disk raises an OSError (errno
+    ENOSPC) that says so. out_dir must not exist yet.
     """
     out_dir = Path(out_dir)
     if out_dir.exists():
         raise FileExistsError(f"{str(out_dir)!r} already exists; choose a new output folder or remove it")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
+    _remove_abandoned_outputs(out_dir.parent)
     tmp = out_dir.parent / f".{out_dir.name}.tmp-{secrets.token_hex(4)}"
-    tmp.mkdir()  # unlike tempfile.mkdtemp, honours the umask, so the final folder gets the usual permissions
-    try:
-        yield tmp
-        if out_dir.exists():
-            raise FileExistsError(f"{str(out_dir)!r} appeared while it was being written; remove it and retry")
-        tmp.rename(out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    with _sigterm_raises():
+        tmp.mkdir()  # unlike tempfile.mkdtemp, honours the umask, so the final folder gets the usual permissions
+        try:
+            (tmp / WRITER_MARKER).write_text(json.dumps(_writer_marker()))
+            yield tmp
+            if out_dir.exists():
+                raise FileExistsError(f"{str(out_dir)!r} appeared while it was being written; remove it and retry")
+            (tmp / WRITER_MARKER).unlink()
+            tmp.rename(out_dir)
+        except BaseException as e:
+            full = _out_of_space(e, out_dir.parent)  # before the removal frees the space again
+            shutil.rmtree(tmp, ignore_errors=True)
+            if full:
+                raise OSError(
+                    errno.ENOSPC,
+                    f"no space left on {str(out_dir.parent)!r} while writing {str(out_dir)!r} ({e}); free some "
+                    "space or choose another output folder (nothing was left behind)",
+                ) from e
+            raise
 
 
 def save_checkpoint(

@@ -88,8 +88,28 @@ def ffn_params_for(dim: int, intermediate_size: int) -> tuple[int, Optional[floa
     raise ValueError(f"no (multiple_of, ffn_dim_multiplier) gives intermediate_size={intermediate_size} for dim={dim}")
 
 
+def _config_int(config: Mapping[str, Any], field: str, source: str) -> int:
+    value = config[field]
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{source}: {field!r} must be a positive integer, got {value!r}")
+    return value
+
+
+def _config_float(config: Mapping[str, Any], field: str, source: str) -> float:
+    value = config[field]
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 < value < math.inf:
+        raise ValueError(f"{source}: {field!r} must be a finite positive number, got {value!r}")
+    return float(value)
+
+
 def params_from_hf_config(config: Mapping[str, Any], source: str = "config.json") -> dict[str, Any]:
     """Meta's params.json for a Hugging Face Llama config.json; a ValueError for features Llama 2 lacks."""
+    if not isinstance(config, Mapping):
+        raise ValueError(f"{source} must hold a JSON object, got {type(config).__name__}")
+    rope_parameters = config.get("rope_parameters")
+    rope_parameters = {} if rope_parameters is None else rope_parameters
+    if not isinstance(rope_parameters, Mapping):
+        raise ValueError(f"{source}: 'rope_parameters' must be an object, got {type(rope_parameters).__name__}")
     if config.get("model_type") != "llama":
         raise ValueError(f"{source}: model_type is {config.get('model_type')!r}; only 'llama' can be converted")
     unsupported = {
@@ -97,20 +117,30 @@ def params_from_hf_config(config: Mapping[str, Any], source: str = "config.json"
         "mlp_bias": bool(config.get("mlp_bias")),
         "hidden_act": config.get("hidden_act", "silu") != "silu",
         "rope_scaling": bool(config.get("rope_scaling")),
-        "rope_parameters.rope_type": (config.get("rope_parameters") or {}).get("rope_type", "default") != "default",
+        "rope_parameters.rope_type": rope_parameters.get("rope_type", "default") != "default",
     }
     bad = [name for name, is_bad in unsupported.items() if is_bad]
     if bad:
         raise ValueError(f"{source}: {', '.join(bad)} not supported by Meta's Llama 2 layout")
     try:
-        dim, n_heads = int(config["hidden_size"]), int(config["num_attention_heads"])
-        n_layers, intermediate = int(config["num_hidden_layers"]), int(config["intermediate_size"])
+        dim, n_heads = _config_int(config, "hidden_size", source), _config_int(config, "num_attention_heads", source)
+        n_layers = _config_int(config, "num_hidden_layers", source)
+        intermediate = _config_int(config, "intermediate_size", source)
     except KeyError as e:
         raise ValueError(f"{source} lacks {e.args[0]!r}") from e
     if config.get("head_dim") not in (None, dim // n_heads):
-        raise ValueError(f"{source}: head_dim {config['head_dim']} != hidden_size / num_attention_heads")
-    n_kv_heads = int(config.get("num_key_value_heads") or n_heads)
-    rope_theta = config.get("rope_theta", (config.get("rope_parameters") or {}).get("rope_theta", 10000.0))
+        raise ValueError(f"{source}: head_dim {config['head_dim']!r} != hidden_size / num_attention_heads")
+    # Absent or null: as LlamaConfig, one KV head per head, its default epsilon, RoPE base 10000.
+    n_kv_heads = n_heads
+    if config.get("num_key_value_heads") is not None:
+        n_kv_heads = _config_int(config, "num_key_value_heads", source)
+    norm_eps = _config_float(config, "rms_norm_eps", source) if "rms_norm_eps" in config else 1e-6
+    if "rope_theta" in config:
+        rope_theta = _config_float(config, "rope_theta", source)
+    elif "rope_theta" in rope_parameters:
+        rope_theta = _config_float(rope_parameters, "rope_theta", f"{source}: rope_parameters")
+    else:
+        rope_theta = 10000.0
     multiple_of, multiplier = ffn_params_for(dim, intermediate)
     params: dict[str, Any] = {"dim": dim, "n_layers": n_layers, "n_heads": n_heads}
     if n_kv_heads != n_heads:
@@ -118,8 +148,8 @@ def params_from_hf_config(config: Mapping[str, Any], source: str = "config.json"
     params["multiple_of"] = multiple_of
     if multiplier is not None:
         params["ffn_dim_multiplier"] = multiplier
-    params["norm_eps"] = float(config.get("rms_norm_eps", 1e-6))  # LlamaConfig's default
-    params["rope_theta"] = float(rope_theta)
+    params["norm_eps"] = norm_eps
+    params["rope_theta"] = rope_theta
     params["vocab_size"] = -1  # as Meta writes it: the tokenizer decides
     return params
 
@@ -271,6 +301,7 @@ def to_hf(
         max_file_gb: largest safetensors file; bigger models get several files and an index. Memory holds
             about one file's worth of weights at a time.
     """
+    checkpoint.check_out_dir(out_dir, ckpt_dir)
     ckpt = checkpoint.open_checkpoint(ckpt_dir)
     args = ckpt.args
     tokenizer = Tokenizer(tokenizer_path)
@@ -337,8 +368,22 @@ class _HFWeights:
     def __init__(self, hf_dir: Path):
         index = hf_dir / SAFETENSORS_INDEX
         if index.is_file():
-            weight_map = json.loads(index.read_text())["weight_map"]
+            try:
+                contents = json.loads(index.read_text())
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise ValueError(f"{str(index)!r} is not valid JSON: {e}") from e
+            if not isinstance(contents, dict) or not isinstance(contents.get("weight_map"), dict):
+                raise ValueError(
+                    f"{str(index)!r} must hold a JSON object with a 'weight_map' of weight name -> file name"
+                )
+            weight_map = contents["weight_map"]
+            # Plain names of files next to the index: nothing is read from elsewhere.
+            if not all(isinstance(v, str) and v and Path(v).name == v for v in weight_map.values()):
+                raise ValueError(f"{str(index)!r}: 'weight_map' must map weight names to file names in its folder")
             files = sorted(set(weight_map.values()))
+            for name in files:
+                if not (hf_dir / name).is_file():
+                    raise ValueError(f"{str(index)!r} names {name!r}, which is not in {str(hf_dir)!r}")
         else:
             files = sorted(p.name for p in hf_dir.glob("*.safetensors"))
             if not files:
@@ -381,6 +426,7 @@ def from_hf(hf_dir: str, out_dir: str, model_parallel_size: int = 1, dtype: Opti
         dtype: float32, float16 or bfloat16; default: the weights' own.
     """
     hf = Path(hf_dir)
+    checkpoint.check_out_dir(out_dir, hf)
     config_path = hf / "config.json"
     if not config_path.is_file():
         raise FileNotFoundError(f"{str(config_path)!r} not found: a Hugging Face model folder holds config.json")

@@ -8,6 +8,7 @@ one rule for where a row ends; ``llama.stream.TextStream`` the one stop-string s
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass
@@ -28,7 +29,7 @@ from llama.distributed import (
     setup_model_parallel,
 )
 from llama.families import family_of, load_tokenizer
-from llama.model import ModelArgs, Transformer, check_model_parallel_fit
+from llama.model import Transformer, check_model_parallel_fit
 from llama.stream import RowEnd, TextStream, check_stop
 from llama.tokenizer import TokenizerLike
 
@@ -150,8 +151,12 @@ class Llama:
         torch.manual_seed(seed)  # same seed on every rank: they must sample the same tokens
 
         start = time.time()
-        model_args = ModelArgs.from_params(params, max_seq_len=max_seq_len, max_batch_size=max_batch_size)
-        model_args.vocab_size = tokenizer.n_words
+        # Shapes first, from the memory-mapped shards: nothing of the model's size exists before they fit.
+        shards = [checkpoint.load_shard(p) for p in shard_paths]
+        vocab = tokenizer.n_words
+        model_args, _ = checkpoint.fit_params_to_shards(params, shard_paths, shards, vocab, family.model_cls)
+        del shards
+        model_args = dataclasses.replace(model_args, max_seq_len=max_seq_len, max_batch_size=max_batch_size)
         check_model_parallel_fit(model_args, mp_size)
         with torch.device(device), default_dtype_scope(dtype):
             model = family.model_cls(model_args)

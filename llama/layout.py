@@ -16,7 +16,7 @@ import functools
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping, Optional, Sequence
+from typing import Iterable, Mapping, Optional, Sequence
 
 import fairscale.nn.model_parallel.initialize as fs_init
 import torch
@@ -68,6 +68,13 @@ class Layout:
         # The KV cache's size does not change any weight: build the smallest one.
         small = dataclasses.replace(args, max_batch_size=1, max_seq_len=1)
         return _layout_for(model_cls, tuple(sorted(dataclasses.asdict(small).items())))
+
+    @classmethod
+    def for_keys(cls, keys: Iterable[str], model_cls: type = Transformer) -> Layout:
+        """The split dims of weights named `keys` in any model_cls model (no shapes): for reading shards before
+        their configuration is known. Taken from a one-layer model, the same for every layer index."""
+        rule = _split_rule(model_cls)
+        return cls({}, {key: rule.get(_LAYER_INDEX.sub("layers.{i}.", key)) for key in keys})
 
     def split_dim(self, key: str) -> Optional[int]:
         """The dimension along which weight `key` is split across model-parallel ranks; None if replicated."""
@@ -155,6 +162,18 @@ class Layout:
     def merge_shards(self, shards: Sequence[Mapping[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
         """Join model-parallel shards back into one full state dict."""
         return {k: self.slice_for_rank(shards, k, 0, 1) for k in shards[0]}
+
+
+_LAYER_INDEX = re.compile(r"^layers\.\d+\.")
+
+
+@functools.lru_cache(maxsize=8)
+def _split_rule(model_cls: type) -> dict[str, Optional[int]]:
+    """Weight name pattern ("layers.{i}.attention.wq.weight") -> split dim, from a tiny one-layer model."""
+    mp = ensure_model_parallel()  # every split size of the tiny model must divide over this process's ranks
+    tiny = ModelArgs(dim=4 * mp, n_layers=1, n_heads=mp, multiple_of=mp, vocab_size=mp, max_batch_size=1, max_seq_len=1)
+    layout = Layout.for_args(tiny, model_cls)
+    return {_LAYER_INDEX.sub("layers.{i}.", key): dim for key, dim in layout.split_dims.items()}
 
 
 @functools.lru_cache(maxsize=32)

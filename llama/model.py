@@ -39,10 +39,20 @@ class ModelArgs:
     def __post_init__(self) -> None:
         for name in ("dim", "n_layers", "n_heads", "multiple_of", "max_batch_size", "max_seq_len"):
             value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            if not _is_int(value) or value < 1:
                 raise ValueError(f"ModelArgs.{name} must be a positive integer, got {value!r}")
-        if self.n_kv_heads is not None and (not isinstance(self.n_kv_heads, int) or self.n_kv_heads < 1):
+        if self.n_kv_heads is not None and (not _is_int(self.n_kv_heads) or self.n_kv_heads < 1):
             raise ValueError(f"ModelArgs.n_kv_heads must be a positive integer or None, got {self.n_kv_heads!r}")
+        if not _is_int(self.vocab_size):
+            raise ValueError(f"ModelArgs.vocab_size must be an integer, got {self.vocab_size!r}")
+        # NaN compares false with everything, so without the finiteness test a NaN norm_eps would pass.
+        for name in ("norm_eps", "rope_theta", "ffn_dim_multiplier"):
+            value = getattr(self, name)
+            if name == "ffn_dim_multiplier" and value is None:
+                continue
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not (0 < value < math.inf):
+                allowed = " or None" if name == "ffn_dim_multiplier" else ""
+                raise ValueError(f"ModelArgs.{name} must be a finite positive number{allowed}, got {value!r}")
         if self.dim % self.n_heads != 0:
             raise ValueError(f"dim ({self.dim}) must be divisible by n_heads ({self.n_heads})")
         if (self.dim // self.n_heads) % 2 != 0:
@@ -51,12 +61,6 @@ class ModelArgs:
             )
         if self.n_heads % self.kv_heads != 0:
             raise ValueError(f"n_kv_heads ({self.n_kv_heads}) must divide n_heads ({self.n_heads})")
-        if self.ffn_dim_multiplier is not None and self.ffn_dim_multiplier <= 0:
-            raise ValueError(f"ffn_dim_multiplier must be positive, got {self.ffn_dim_multiplier}")
-        if self.norm_eps <= 0:
-            raise ValueError(f"norm_eps must be positive, got {self.norm_eps}")
-        if self.rope_theta <= 0:
-            raise ValueError(f"rope_theta must be positive, got {self.rope_theta}")
 
     @property
     def kv_heads(self) -> int:
@@ -70,6 +74,10 @@ class ModelArgs:
     def from_params(cls, params: Mapping[str, Any], **overrides: Any) -> ModelArgs:
         """Build from a ``params.json`` dict. A key this class does not know is refused: it may change the math
         (Llama 3.1's use_scaled_rope did), and ignoring it would silently compute another model."""
+        # Without these the 7B model's defaults would be used, and the error would be about something else.
+        missing = [k for k in ("dim", "n_layers", "n_heads") if k not in params and k not in overrides]
+        if missing:
+            raise ValueError(f"params.json lacks {', '.join(map(repr, missing))}, which the model needs")
         known = [f.name for f in fields(cls)]
         unknown = sorted(set(params) - set(known))
         if unknown:
@@ -78,6 +86,10 @@ class ModelArgs:
                 f"it supports {', '.join(known)}"
             )
         return cls(**{**params, **overrides})
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 class RMSNorm(nn.Module):

@@ -62,6 +62,7 @@ def reshard(
     ``checkpoint.save_checkpoint``).
     """
     out_dir = Path(out_dir)
+    checkpoint.check_out_dir(out_dir, ckpt_dir)
     if out_dir.exists():  # fail before reading anything; save_checkpoint checks again
         raise FileExistsError(f"{str(out_dir)!r} already exists; choose a new output folder or remove it")
     model_parallel_size = check_positive_int("model_parallel_size", model_parallel_size)

@@ -1,11 +1,17 @@
+import errno
 import json
+import logging
 import os
 import shutil
+import signal
+import subprocess
+import sys
 import weakref
+from pathlib import Path
 
 import pytest
 import torch
-from conftest import random_model
+from conftest import REPO, random_model
 
 from llama import checkpoint
 from llama.layout import Layout
@@ -209,3 +215,142 @@ def test_saving_a_slice_writes_only_the_slice(tmp_path):
     saved = torch.load(tmp_path / "ckpt" / "consolidated.00.pth", weights_only=True)
     assert torch.equal(saved["a"], big[:10]) and torch.equal(saved["b"], big[:, :5])
     assert (tmp_path / "ckpt" / "consolidated.00.pth").stat().st_size < 30_000  # 24 kB of slices, not 400 kB
+
+
+# ---------------------------------------------------------------- hostile inputs
+
+
+@pytest.mark.parametrize("dtype", [torch.int8, torch.bool, torch.complex64])
+def test_load_shard_refuses_weights_that_are_not_floating_point(tmp_path, dtype):
+    torch.save({"norm.weight": torch.ones(4), "output.weight": torch.ones(4, 2, dtype=dtype)}, tmp_path / "x.pth")
+    with pytest.raises(ValueError, match=rf"x.pth': 'output.weight' holds {dtype} values; weights must be floating"):
+        checkpoint.load_shard(tmp_path / "x.pth")
+
+
+def test_two_files_for_one_shard_are_refused(make_checkpoint, tmp_path):
+    shutil.copytree(make_checkpoint("gqa"), tmp_path / "ckpt")
+    shutil.copy(tmp_path / "ckpt" / "consolidated.00.pth", tmp_path / "ckpt" / "consolidated.0.pth")
+    with pytest.raises(ValueError, match=r"both consolidated.0.pth and consolidated.00.pth hold shard 0"):
+        checkpoint.find_shards(tmp_path / "ckpt")
+
+
+def test_params_json_without_a_needed_key_names_it(make_checkpoint, tmp_path):
+    shutil.copytree(make_checkpoint("gqa"), tmp_path / "ckpt")
+    params = json.loads((tmp_path / "ckpt" / "params.json").read_text())
+    del params["n_heads"]
+    (tmp_path / "ckpt" / "params.json").write_text(json.dumps(params))
+    with pytest.raises(ValueError, match=r"params.json' is not a valid model configuration: .*lacks 'n_heads'"):
+        checkpoint.open_checkpoint(tmp_path / "ckpt")
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"dim": 10**9}, r"gives dim = 1000000000, but the checkpoint has 64 in norm.weight"),
+        ({"n_layers": 10**9}, r"gives n_layers = 1000000000, but the checkpoint has 2 layers in its shards"),
+        ({"multiple_of": 10**9}, r"gives the FFN size = 1000000000, but the checkpoint has 192 rows"),
+        ({"n_heads": 4, "n_kv_heads": 4}, r"layers.0.attention.wk.weight: checkpoint \(32, 64\) vs model \(64, 64\)"),
+        ({"norm_eps": float("nan")}, r"not a valid model configuration: .*norm_eps must be a finite"),
+    ],
+)  # fmt: skip
+def test_params_are_compared_with_the_shards_before_any_model_is_made(make_checkpoint, tmp_path, change, message):
+    src = make_checkpoint("gqa", n_shards=2)
+    params = json.loads((src / "params.json").read_text())
+    paths = checkpoint.find_shards(src)
+    shards = [checkpoint.load_shard(p) for p in paths]
+    checkpoint.fit_params_to_shards(params, paths, shards, 512)
+    with pytest.raises(ValueError, match=message):
+        checkpoint.fit_params_to_shards({**params, **change}, paths, shards, 512)
+    with pytest.raises(ValueError, match=r"the tokenizer has 500 tokens but the checkpoint's output.weight has 512"):
+        checkpoint.fit_params_to_shards(params, paths, shards, 500)  # a tokenizer of another model
+
+
+WRITER = """
+import sys, time
+from llama import checkpoint
+with checkpoint.atomic_output_dir(sys.argv[1]) as tmp:
+    (tmp / "consolidated.00.pth").write_bytes(b"half a shard")
+    print(tmp, flush=True)
+    time.sleep(120)
+"""
+
+
+def start_writer(out_dir):
+    """A process that is writing out_dir (in its temporary folder) until it is stopped; and that folder."""
+    proc = subprocess.Popen([sys.executable, "-c", WRITER, str(out_dir)], cwd=REPO, stdout=subprocess.PIPE, text=True)
+    return proc, Path(proc.stdout.readline().strip())
+
+
+def test_sigterm_while_writing_leaves_nothing(tmp_path):
+    proc, tmp = start_writer(tmp_path / "out")
+    assert tmp.is_dir() and tmp.parent == tmp_path
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=30) == 128 + signal.SIGTERM
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/stat"), reason="tells a reused PID by /proc/PID/stat (Linux)")
+def test_next_run_removes_the_folders_of_dead_writers_only(tmp_path, caplog):
+    killed, killed_tmp = start_writer(tmp_path / "a")
+    alive, alive_tmp = start_writer(tmp_path / "b")
+    try:
+        killed.kill()
+        killed.wait(timeout=30)
+        assert killed_tmp.is_dir()  # SIGKILL cannot be caught: the writer left its folder
+        reused = tmp_path / ".c.tmp-reused"  # a dead writer's folder whose PID now belongs to a live process
+        shutil.copytree(alive_tmp, reused)
+        marker = json.loads((reused / checkpoint.WRITER_MARKER).read_text())
+        (reused / checkpoint.WRITER_MARKER).write_text(json.dumps({**marker, "start_time": marker["start_time"] + 1}))
+        unmarked = tmp_path / ".d.tmp-unmarked"  # no marker: whose it is cannot be told, so it stays
+        unmarked.mkdir()
+        with caplog.at_level(logging.WARNING, logger="llama.checkpoint"):
+            with checkpoint.atomic_output_dir(tmp_path / "e") as tmp:
+                (tmp / "x").write_text("x")
+        assert sorted(p.name for p in tmp_path.iterdir()) == sorted([alive_tmp.name, unmarked.name, "e"])
+        assert str(killed_tmp) in caplog.text and str(reused) in caplog.text and "no longer running" in caplog.text
+        assert sorted(p.name for p in (tmp_path / "e").iterdir()) == ["x"]  # the marker does not stay
+    finally:
+        alive.kill()
+        alive.wait(timeout=30)
+
+
+@pytest.mark.parametrize(
+    "error, free",
+    [
+        (OSError(errno.ENOSPC, "No space left on device"), 10**12),
+        (RuntimeError("[enforce fail at inline_container.cc:603] . unexpected pos 64 vs 0"), 0),
+        (RuntimeError("basic_ios::clear: iostream error"), 4096),
+    ],
+)
+def test_full_disk_says_so_and_leaves_nothing(tmp_path, monkeypatch, error, free):
+    def fail(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(torch, "save", fail)
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage._replace(free=free))
+    with pytest.raises(OSError, match=rf"no space left on '{tmp_path}' while writing '{tmp_path / 'out'}'") as e:
+        checkpoint.save_checkpoint(tmp_path / "out", [{"a": torch.zeros(2)}], {"dim": 8})
+    assert e.value.errno == errno.ENOSPC
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_write_error_with_free_space_is_left_as_it_is(tmp_path, monkeypatch):
+    def fail(*args, **kwargs):
+        raise RuntimeError("file write failed")
+
+    monkeypatch.setattr(torch, "save", fail)
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**12, 0, 10**12))
+    with pytest.raises(RuntimeError, match="^file write failed$"):
+        checkpoint.save_checkpoint(tmp_path / "out", [{"a": torch.zeros(2)}], {"dim": 8})
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_out_dir_inside_the_checkpoint_is_refused(tmp_path):
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    for out in (ckpt, ckpt / "consolidated.01.pth", ckpt / "a" / ".." / "b"):
+        with pytest.raises(ValueError, match=rf"output folder '{out}' is .*the source folder '{ckpt}'"):
+            checkpoint.check_out_dir(out, ckpt)
+    checkpoint.check_out_dir(tmp_path / "ckpt-mp2", ckpt)
+    checkpoint.check_out_dir(tmp_path, ckpt)  # the parent exists, but atomic_output_dir refuses it

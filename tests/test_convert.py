@@ -1,6 +1,7 @@
 """python -m llama.convert: Meta <-> Hugging Face folders hold the same model, and round trips are exact."""
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -196,3 +197,57 @@ def test_cli_both_ways(make_checkpoint, tokenizer_path, tmp_path):
     assert result.returncode == 0, result.stderr
     assert "to_hf [" in result.stderr and "from_hf [" in result.stderr
     assert_same_meta_checkpoint(src, tmp_path / "meta")
+
+
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("hidden_size", None, "'hidden_size' must be a positive integer, got None"),
+        ("hidden_size", "abc", "'hidden_size' must be a positive integer, got 'abc'"),
+        ("num_hidden_layers", 2.5, "'num_hidden_layers' must be a positive integer, got 2.5"),
+        ("num_attention_heads", True, "'num_attention_heads' must be a positive integer, got True"),
+        ("num_key_value_heads", "2", "'num_key_value_heads' must be a positive integer, got '2'"),
+        ("intermediate_size", -1, "'intermediate_size' must be a positive integer, got -1"),
+        ("rms_norm_eps", "abc", "'rms_norm_eps' must be a finite positive number, got 'abc'"),
+        ("rope_theta", None, "'rope_theta' must be a finite positive number, got None"),
+        ("rope_theta", float("inf"), "'rope_theta' must be a finite positive number, got inf"),
+        ("rope_parameters", [], "'rope_parameters' must be an object, got list"),
+    ],
+)
+def test_hf_config_with_a_bad_field_names_the_file_and_field(tiny_args, field, value, message):
+    config = convert.hf_config(tiny_args("gqa"), 1, 2, torch.float32, 64)
+    with pytest.raises(ValueError, match="^hf/config.json: " + message):
+        convert.params_from_hf_config({**config, field: value}, "hf/config.json")
+    del config["hidden_size"]
+    with pytest.raises(ValueError, match="^hf/config.json lacks 'hidden_size'"):
+        convert.params_from_hf_config(config, "hf/config.json")
+
+
+@pytest.mark.parametrize(
+    "index, message",
+    [
+        ("{not json", "is not valid JSON"),
+        ("[]", "must hold a JSON object with a 'weight_map'"),
+        ('{"metadata": {}}', "must hold a JSON object with a 'weight_map'"),
+        ('{"weight_map": {"lm_head.weight": 3}}', "'weight_map' must map weight names to file names"),
+        ('{"weight_map": {"lm_head.weight": "../model.safetensors"}}', "'weight_map' must map weight names to file"),
+        ('{"weight_map": {"lm_head.weight": "model-2.safetensors"}}', "names 'model-2.safetensors', which is not"),
+    ],
+)
+def test_bad_safetensors_index_names_the_file(tmp_path, index, message):
+    safetensors.torch.save_file({"lm_head.weight": torch.zeros(2, 2)}, tmp_path / "model.safetensors")
+    (tmp_path / convert.SAFETENSORS_INDEX).write_text(index)
+    with pytest.raises(ValueError, match=f"model.safetensors.index.json'.*{message}"):
+        convert._HFWeights(tmp_path)
+
+
+def test_conversions_refuse_an_out_dir_inside_the_source(make_checkpoint, tokenizer_path, tmp_path):
+    src = tmp_path / "src"
+    shutil.copytree(make_checkpoint("gqa"), src)
+    with pytest.raises(ValueError, match=f"output folder '{src / 'hf'}' is .*the source folder '{src}'"):
+        convert.to_hf(str(src), str(tokenizer_path), str(src / "hf"))
+    hf = convert.to_hf(str(src), str(tokenizer_path), str(tmp_path / "hf"))
+    with pytest.raises(ValueError, match=f"output folder '{hf / 'consolidated.00.pth'}' is .*the source folder"):
+        convert.from_hf(str(hf), str(hf / "consolidated.00.pth"))
+    assert sorted(p.name for p in src.iterdir()) == ["consolidated.00.pth", "params.json"]
+    assert not (hf / "consolidated.00.pth").exists()

@@ -180,6 +180,15 @@ def test_meta_parameter_names(tiny_args):
         (dict(max_seq_len=-1), "max_seq_len"),
         (dict(norm_eps=0.0), "norm_eps"),
         (dict(ffn_dim_multiplier=-1.0), "ffn_dim_multiplier"),
+        (dict(norm_eps=float("nan")), "norm_eps must be a finite positive number, got nan"),
+        (dict(rope_theta=float("inf")), "rope_theta must be a finite positive number, got inf"),
+        (dict(ffn_dim_multiplier=float("nan")), "ffn_dim_multiplier must be a finite positive number or None"),
+        (dict(ffn_dim_multiplier="1.3"), "ffn_dim_multiplier must be a finite positive number or None, got '1.3'"),
+        (dict(norm_eps="1e-5"), "norm_eps must be a finite positive number, got '1e-5'"),
+        (dict(rope_theta=True), "rope_theta must be a finite positive number, got True"),
+        (dict(n_kv_heads=True), "n_kv_heads must be a positive integer or None, got True"),
+        (dict(vocab_size="32000"), "vocab_size must be an integer, got '32000'"),
+        (dict(vocab_size=32000.0), "vocab_size must be an integer, got 32000.0"),
     ],
 )
 def test_model_args_validation(kwargs, message):
@@ -213,6 +222,15 @@ META_LLAMA2_PARAMS = [
 def test_meta_params_files_load(params):
     args = ModelArgs.from_params(params, max_seq_len=16)
     assert args.dim == params["dim"] and args.max_seq_len == 16
+
+
+@pytest.mark.parametrize("missing", ["dim", "n_layers", "n_heads"])
+def test_from_params_names_a_missing_key(missing):
+    full = {"dim": 64, "n_layers": 1, "n_heads": 4, "vocab_size": -1}
+    params = {k: v for k, v in full.items() if k != missing}
+    with pytest.raises(ValueError, match=f"params.json lacks '{missing}'"):
+        ModelArgs.from_params(params, max_seq_len=16)
+    assert ModelArgs.from_params(params, **{missing: full[missing]}) == ModelArgs(**full)  # an override supplies it
 
 
 def test_default_args_match_reference():

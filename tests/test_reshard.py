@@ -96,6 +96,15 @@ def test_existing_output_is_refused(make_checkpoint, tmp_path):
     assert list(tmp_path.iterdir()) == [tmp_path / "out"]
 
 
+@pytest.mark.parametrize("inside", [".", "consolidated.01.pth", "sub/out"])
+def test_out_dir_inside_the_checkpoint_is_refused(make_checkpoint, tmp_path, inside):
+    src = tmp_path / "src"
+    shutil.copytree(make_checkpoint("mha"), src)
+    with pytest.raises(ValueError, match=f"output folder '{src / inside}' is .*the source folder '{src}'"):
+        reshard.reshard(src, src / inside, 2)
+    assert sorted(p.name for p in src.iterdir()) == ["consolidated.00.pth", "params.json"]
+
+
 def test_bad_source_is_refused_naming_the_file(make_checkpoint, tmp_path):
     src = tmp_path / "src"
     shutil.copytree(make_checkpoint("mha", n_shards=2), src)
