@@ -18,6 +18,8 @@ import torch.nn.functional as F
 from fairscale.nn.model_parallel import layers as fs_layers
 from torch import nn
 
+from llama.checks import check_positive_int, is_int
+
 logger = logging.getLogger(__name__)
 
 
@@ -38,12 +40,10 @@ class ModelArgs:
 
     def __post_init__(self) -> None:
         for name in ("dim", "n_layers", "n_heads", "multiple_of", "max_batch_size", "max_seq_len"):
-            value = getattr(self, name)
-            if not _is_int(value) or value < 1:
-                raise ValueError(f"ModelArgs.{name} must be a positive integer, got {value!r}")
-        if self.n_kv_heads is not None and (not _is_int(self.n_kv_heads) or self.n_kv_heads < 1):
-            raise ValueError(f"ModelArgs.n_kv_heads must be a positive integer or None, got {self.n_kv_heads!r}")
-        if not _is_int(self.vocab_size):
+            check_positive_int(f"ModelArgs.{name}", getattr(self, name))
+        if self.n_kv_heads is not None:
+            check_positive_int("ModelArgs.n_kv_heads", self.n_kv_heads)
+        if not is_int(self.vocab_size):
             raise ValueError(f"ModelArgs.vocab_size must be an integer, got {self.vocab_size!r}")
         # NaN compares false with everything, so without the finiteness test a NaN norm_eps would pass.
         for name in ("norm_eps", "rope_theta", "ffn_dim_multiplier"):
@@ -86,10 +86,6 @@ class ModelArgs:
                 f"it supports {', '.join(known)}"
             )
         return cls(**{**params, **overrides})
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 class RMSNorm(nn.Module):

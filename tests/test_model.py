@@ -186,7 +186,7 @@ def test_meta_parameter_names(tiny_args):
         (dict(ffn_dim_multiplier="1.3"), "ffn_dim_multiplier must be a finite positive number or None, got '1.3'"),
         (dict(norm_eps="1e-5"), "norm_eps must be a finite positive number, got '1e-5'"),
         (dict(rope_theta=True), "rope_theta must be a finite positive number, got True"),
-        (dict(n_kv_heads=True), "n_kv_heads must be a positive integer or None, got True"),
+        (dict(n_kv_heads=True), "n_kv_heads must be a positive integer, got True"),
         (dict(vocab_size="32000"), "vocab_size must be an integer, got '32000'"),
         (dict(vocab_size=32000.0), "vocab_size must be an integer, got 32000.0"),
     ],
