@@ -84,16 +84,6 @@ def setup_model_parallel(model_parallel_size: Optional[int], device: torch.devic
     return model_parallel_size
 
 
-def ensure_model_parallel() -> int:
-    """This process's model-parallel size, first making a one-process group on the CPU if there is none.
-
-    For tools that build a model only to read its layout (``llama.layout``), outside ``Llama.build``.
-    """
-    if not fs_init.model_parallel_is_initialized():
-        return setup_model_parallel(None, torch.device("cpu"))
-    return fs_init.get_model_parallel_world_size()
-
-
 def _destroy_process_group() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()

@@ -2,28 +2,31 @@
 (``convert``).
 
 - **Split dimension** of each weight: it follows from its layer type. ColumnParallelLinear splits its output rows
-  (dim 0), RowParallelLinear its input columns (dim 1), Llama 2's ParallelEmbedding the embedding columns (dim 1).
+  (dim 0), RowParallelLinear its input columns (dim 1), Llama 2's ParallelEmbedding the embedding columns (dim 1),
+  Llama 3's VocabParallelEmbedding the vocabulary rows (dim 0).
   Norm weights are replicated (None).
-- **Full shapes**: from the model itself, built on the meta device (no memory), with split dimensions scaled back
-  up by the model-parallel size it was built for.
+- **Full shapes**: from the model itself, built whole on the meta device (no memory); a model built for one of n
+  ranks gives them too, with its split dimensions scaled back up by n.
 - **Meta <-> Hugging Face**: the parameter name table and the q/k row permutation between RoPE pair layouts.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import re
+import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Mapping, Optional, Sequence
+from typing import Iterable, Iterator, Mapping, Optional, Sequence
+from unittest import mock
 
 import fairscale.nn.model_parallel.initialize as fs_init
 import torch
 from fairscale.nn.model_parallel import layers as fs_layers
 from torch import nn
 
-from llama.distributed import ensure_model_parallel
 from llama.model import ModelArgs, Transformer
 
 # Layer type -> the dimension of its weight that model-parallel ranks split.
@@ -31,6 +34,7 @@ LAYER_SPLIT_DIMS: tuple[tuple[type, int], ...] = (
     (fs_layers.ColumnParallelLinear, 0),
     (fs_layers.RowParallelLinear, 1),
     (fs_layers.ParallelEmbedding, 1),
+    (fs_layers.VocabParallelEmbedding, 0),
 )
 
 
@@ -170,18 +174,34 @@ _LAYER_INDEX = re.compile(r"^layers\.\d+\.")
 @functools.lru_cache(maxsize=8)
 def _split_rule(model_cls: type) -> dict[str, Optional[int]]:
     """Weight name pattern ("layers.{i}.attention.wq.weight") -> split dim, from a tiny one-layer model."""
-    mp = ensure_model_parallel()  # every split size of the tiny model must divide over this process's ranks
-    tiny = ModelArgs(dim=4 * mp, n_layers=1, n_heads=mp, multiple_of=mp, vocab_size=mp, max_batch_size=1, max_seq_len=1)
+    tiny = ModelArgs(dim=4, n_layers=1, n_heads=1, multiple_of=1, vocab_size=1, max_batch_size=1, max_seq_len=1)
     layout = Layout.for_args(tiny, model_cls)
     return {_LAYER_INDEX.sub("layers.{i}.", key): dim for key, dim in layout.split_dims.items()}
 
 
+_one_rank_lock = threading.Lock()
+
+
+@contextlib.contextmanager
+def _built_as_one_rank() -> Iterator[None]:
+    """While active, fairscale's layers (and our model) are built as for one model-parallel rank.
+
+    They read the model-parallel size as they are built, and with more ranks fairscale copies a full master
+    weight into each slice, which cannot be done on the meta device. A layout model is a whole model that holds
+    no data, so it is built as if this process were the only rank, whatever its group.
+    """
+    with _one_rank_lock, mock.patch.object(fs_init, "get_model_parallel_world_size", lambda: 1), \
+            mock.patch.object(fs_init, "get_model_parallel_rank", lambda: 0), \
+            mock.patch.object(fs_layers, "get_model_parallel_world_size", lambda: 1), \
+            mock.patch.object(fs_layers, "get_model_parallel_rank", lambda: 0):  # fmt: skip
+        yield
+
+
 @functools.lru_cache(maxsize=32)
 def _layout_for(model_cls: type, args_items: tuple) -> Layout:
-    ensure_model_parallel()  # fairscale's layers ask for the model-parallel size when they are built
-    with torch.device("meta"):
+    with _built_as_one_rank(), torch.device("meta"):
         model = model_cls(ModelArgs(**dict(args_items)))
-    return Layout.from_model(model)
+    return Layout.from_model(model, mp_size=1)
 
 
 # ------------------------------------------------------------------------------------- Meta <-> Hugging Face

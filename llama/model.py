@@ -34,6 +34,8 @@ class ModelArgs:
     ffn_dim_multiplier: Optional[float] = None
     norm_eps: float = 1e-5
     rope_theta: float = 10000.0
+    use_scaled_rope: bool = False  # Llama 3.1 and later: Meta's frequency scaling for long contexts
+    rope_scaling_factor: Optional[float] = None  # None: Meta's reference value, 8 (see scale_rope_frequencies)
 
     max_batch_size: int = 32
     max_seq_len: int = 2048
@@ -46,12 +48,14 @@ class ModelArgs:
         if not is_int(self.vocab_size):
             raise ValueError(f"ModelArgs.vocab_size must be an integer, got {self.vocab_size!r}")
         # NaN compares false with everything, so without the finiteness test a NaN norm_eps would pass.
-        for name in ("norm_eps", "rope_theta", "ffn_dim_multiplier"):
+        if not isinstance(self.use_scaled_rope, bool):
+            raise ValueError(f"ModelArgs.use_scaled_rope must be true or false, got {self.use_scaled_rope!r}")
+        for name in ("norm_eps", "rope_theta", "ffn_dim_multiplier", "rope_scaling_factor"):
             value = getattr(self, name)
-            if name == "ffn_dim_multiplier" and value is None:
+            if name in ("ffn_dim_multiplier", "rope_scaling_factor") and value is None:
                 continue
             if not isinstance(value, (int, float)) or isinstance(value, bool) or not (0 < value < math.inf):
-                allowed = " or None" if name == "ffn_dim_multiplier" else ""
+                allowed = " or None" if name in ("ffn_dim_multiplier", "rope_scaling_factor") else ""
                 raise ValueError(f"ModelArgs.{name} must be a finite positive number{allowed}, got {value!r}")
         if self.dim % self.n_heads != 0:
             raise ValueError(f"dim ({self.dim}) must be divisible by n_heads ({self.n_heads})")
@@ -102,9 +106,38 @@ class RMSNorm(nn.Module):
         return self._norm(x.float()).type_as(x) * self.weight
 
 
-def precompute_freqs_cis(dim: int, end: int, theta: float = 10000.0) -> torch.Tensor:
-    """Rotations e^{i * t * theta^(-2k/dim)} for positions t < end, as complex64 of shape (end, dim // 2)."""
+def scale_rope_frequencies(
+    freqs: torch.Tensor,
+    scale_factor: float = 8.0,
+    low_freq_factor: float = 1.0,
+    high_freq_factor: float = 4.0,
+    original_context: int = 8192,
+) -> torch.Tensor:
+    """Llama 3.1's RoPE scaling of the inverse frequencies, with Meta's reference values as defaults.
+
+    Frequencies whose wavelength is longer than original_context / low_freq_factor are divided by scale_factor;
+    those shorter than original_context / high_freq_factor are kept; in between, the two are blended linearly
+    in original_context / wavelength.
+    """
+    wavelen = 2 * math.pi / freqs
+    slow = original_context / low_freq_factor  # wavelengths beyond this are slowed down fully
+    fast = original_context / high_freq_factor  # wavelengths below this are kept
+    scaled = torch.where(wavelen > slow, freqs / scale_factor, freqs)
+    smooth = (original_context / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
+    blended = (1 - smooth) * scaled / scale_factor + smooth * scaled
+    return torch.where((wavelen >= fast) & (wavelen <= slow), blended, scaled)
+
+
+def precompute_freqs_cis(
+    dim: int, end: int, theta: float = 10000.0, use_scaled: bool = False, scale_factor: Optional[float] = None
+) -> torch.Tensor:
+    """Rotations e^{i * t * theta^(-2k/dim)} for positions t < end, as complex64 of shape (end, dim // 2).
+
+    use_scaled: scale the frequencies as Llama 3.1 does (``scale_rope_frequencies``, factor 8 unless given).
+    """
     inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2)[: dim // 2].float() / dim))
+    if use_scaled:
+        inv_freq = scale_rope_frequencies(inv_freq, 8.0 if scale_factor is None else scale_factor)
     t = torch.arange(end, dtype=torch.float32)
     angles = torch.outer(t, inv_freq)  # (end, dim // 2)
     return torch.polar(torch.ones_like(angles), angles)
@@ -178,6 +211,12 @@ class ParallelEmbedding(_OneRankShortcut, fs_layers.ParallelEmbedding):
     def local_forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.embedding(x, self.weight, self.padding_idx, self.max_norm, self.norm_type,
                            self.scale_grad_by_freq, self.sparse)  # fmt: skip
+
+
+class VocabParallelEmbedding(_OneRankShortcut, fs_layers.VocabParallelEmbedding):
+    """Llama 3's embedding: ranks split the vocabulary (rows) rather than the embedding columns."""
+
+    local_forward = ParallelEmbedding.local_forward
 
 
 def causal_mask(seqlen: int, start_pos: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
@@ -301,6 +340,9 @@ class TransformerBlock(nn.Module):
 
 
 class Transformer(nn.Module):
+    # How ranks split the embedding: Llama 2's checkpoints split its columns; Llama3Transformer splits the vocab.
+    embedding_cls: type = ParallelEmbedding
+
     def __init__(self, params: ModelArgs):
         super().__init__()
         if params.vocab_size < 1:
@@ -312,14 +354,17 @@ class Transformer(nn.Module):
         self.vocab_size = params.vocab_size
         self.n_layers = params.n_layers
 
-        self.tok_embeddings = ParallelEmbedding(params.vocab_size, params.dim, init_method=_keep)
+        self.tok_embeddings = self.embedding_cls(params.vocab_size, params.dim, init_method=_keep)
         self.layers = nn.ModuleList(TransformerBlock(i, params) for i in range(params.n_layers))
         self.norm = RMSNorm(params.dim, eps=params.norm_eps)
         self.output = ColumnParallelLinear(params.dim, params.vocab_size, bias=False, init_method=_keep)
 
         # Positions up to 2 * max_seq_len, as the reference. Kept out of the buffers on purpose: Module.to(dtype)
         # would cast this complex tensor to a real dtype and drop its imaginary part.
-        self.freqs_cis = precompute_freqs_cis(params.head_dim, params.max_seq_len * 2, params.rope_theta)
+        self.freqs_cis = precompute_freqs_cis(
+            params.head_dim, params.max_seq_len * 2, params.rope_theta, params.use_scaled_rope,
+            params.rope_scaling_factor,
+        )  # fmt: skip
 
     @torch.inference_mode()
     def forward(self, tokens: torch.Tensor, start_pos: int) -> torch.Tensor:
@@ -341,6 +386,12 @@ class Transformer(nn.Module):
             h = layer(h, start_pos, freqs_cis, mask)
         h = self.norm(h)
         return self.output(h).float()
+
+
+class Llama3Transformer(Transformer):
+    """Llama 3.x: the same model, with the vocabulary-parallel embedding of Meta's Llama 3 checkpoints."""
+
+    embedding_cls = VocabParallelEmbedding
 
 
 def check_model_parallel_fit(params: ModelArgs, mp_size: int) -> None:
