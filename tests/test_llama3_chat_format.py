@@ -282,3 +282,20 @@ def test_custom_call_arguments_are_json(ours, tokenizer):
     dialog = [{"role": "assistant", "content": "", "tool_calls": [call("f", a=[1, 2], b=None)]}]
     text = tokenizer.decode(ours.encode_dialog_prompt(dialog))
     assert json.dumps({"type": "function", "name": "f", "parameters": {"a": [1, 2], "b": None}}) in text
+
+
+def test_chat_completion_with_a_llama3_tokenizer(tokenizer):
+    # The generator takes the Llama 3 chat format from the tokenizer's family and returns its message shape.
+    from llama.generation import Llama
+    from llama.model import ModelArgs
+    from tests.conftest import random_model
+
+    args = ModelArgs(dim=32, n_layers=1, n_heads=2, vocab_size=tokenizer.n_words, max_seq_len=64, max_batch_size=2)
+    generator = Llama(random_model(args), tokenizer)
+    assert isinstance(generator.formatter, Llama3ChatFormat)
+    dialog = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]
+    [result] = generator.chat_completion([dialog], temperature=0, max_gen_len=4)
+    message = result["generation"]
+    assert message["role"] == "assistant" and message["stop_reason"] in ("end_of_turn", "out_of_tokens")
+    streamed = "".join(generator.chat_completion_stream(dialog, temperature=0, max_gen_len=4))
+    assert streamed.strip(" ") == message["content"]  # decode_answer strips spaces, as Meta's
