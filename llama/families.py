@@ -10,9 +10,9 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-from llama.chat_format import ChatFormat, Llama2ChatFormat
+from llama.chat_format import ChatFormat, Llama2ChatFormat, Llama3ChatFormat
 from llama.model import Transformer
-from llama.tokenizer import Tokenizer, TokenizerLike, check_file
+from llama.tokenizer import Llama3Tokenizer, Tokenizer, TokenizerLike, check_file
 
 
 @dataclass(frozen=True)
@@ -26,7 +26,10 @@ class Family:
         return self.chat_format_cls(tokenizer)
 
 
-FAMILIES: tuple[Family, ...] = (Family("Llama 2", Tokenizer, Llama2ChatFormat, Transformer),)
+FAMILIES: tuple[Family, ...] = (
+    Family("Llama 2", Tokenizer, Llama2ChatFormat, Transformer),
+    Family("Llama 3", Llama3Tokenizer, Llama3ChatFormat),
+)
 
 
 def load_tokenizer(path: str | os.PathLike) -> TokenizerLike:

@@ -5,14 +5,20 @@ row), ``encode(s, *, bos, eos)`` and ``decode(ids)``. The generation loop, the c
 only these. ``llama.families.load_tokenizer(path)`` looks at a file and opens it with the class that reads it.
 
 - ``Tokenizer``: SentencePiece (Llama 2's ``tokenizer.model``), Meta's reference interface.
+- ``Llama3Tokenizer``: tiktoken byte-level BPE (Llama 3.x's ``tokenizer.model``, a ranks file), as Meta's
+  ``llama_models.llama3.tokenizer.Tokenizer``.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import logging
 import os
-from typing import ClassVar, Protocol, Sequence, runtime_checkable
+import re
+from typing import ClassVar, Iterator, Protocol, Sequence, runtime_checkable
 
+import tiktoken
 from sentencepiece import SentencePieceProcessor
 
 logger = logging.getLogger(__name__)
@@ -100,3 +106,159 @@ class Tokenizer:
     def decode(self, t: Sequence[int]) -> str:
         """Text of the token ids t."""
         return self.sp_model.decode(list(t))
+
+
+# Llama 3's pre-tokenizer: tiktoken first splits text with this pattern, then runs BPE inside each piece.
+# The alternatives, tried in order:
+_LLAMA3_SPLIT = "|".join(
+    [
+        r"(?i:'s|'t|'re|'ve|'m|'ll|'d)",  # English contractions, any case
+        r"[^\r\n\p{L}\p{N}]?\p{L}+",  # a word, with at most one leading non-letter (usually a space)
+        r"\p{N}{1,3}",  # digits, at most three at a time
+        r" ?[^\s\p{L}\p{N}]+[\r\n]*",  # punctuation and symbols, an optional leading space, trailing newlines
+        r"\s*[\r\n]+",  # whitespace up to and including newlines
+        r"\s+(?!\S)",  # whitespace, leaving its last space to the word that follows
+        r"\s+",  # any other whitespace
+    ]
+)
+
+# Meta's named special tokens, in id order right after the BPE ranks. The rest of the 256 special ids are
+# "<|reserved_special_token_N|>", N counting on from 2 (0 and 1 are already among the named ones).
+_LLAMA3_NAMED_SPECIAL = (
+    "<|begin_of_text|>",
+    "<|end_of_text|>",
+    "<|reserved_special_token_0|>",
+    "<|reserved_special_token_1|>",
+    "<|finetune_right_pad_id|>",
+    "<|step_id|>",
+    "<|start_header_id|>",
+    "<|end_header_id|>",
+    "<|eom_id|>",  # end of message: the model waits for a tool's answer
+    "<|eot_id|>",  # end of turn
+    "<|python_tag|>",  # a tool call follows
+    "<|image|>",
+)
+_LLAMA3_N_SPECIAL = 256
+
+# tiktoken's Rust core panics on very long inputs, and slows down badly on very long runs of whitespace or of
+# non-whitespace (openai/tiktoken#195), so Meta encodes text in pieces within these limits; we cut where it does,
+# because a different cut can give different ids.
+_MAX_ENCODE_CHARS = 400_000
+_MAX_RUN_CHARS = 25_000
+_RUN = re.compile(r"\s+|\S+")  # Python's \s is exactly str.isspace(), Meta's test for whitespace
+
+# The first line of a ranks file: a base64 token, one space, its rank.
+_RANKS_LINE = re.compile(rb"[A-Za-z0-9+/]+={0,2} [0-9]+(\r?\n|$)")
+
+
+def read_ranks(path: str) -> dict[bytes, int]:
+    """The BPE ranks of a tiktoken ranks file: one ``<base64 token> <rank>`` a line, ranks 0..n-1.
+
+    Blank lines are skipped, as Meta's reader does. Where Meta's reader logs a warning and skips a bad line, this
+    raises a ValueError naming the file and line: a tokenizer missing a token would give wrong ids silently.
+    """
+    with open(path, "rb") as f:
+        lines = f.read().splitlines()
+    ranks: dict[bytes, int] = {}
+    for lineno, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        where = f"{path}, line {lineno}"
+        fields = line.split()
+        if len(fields) != 2:
+            raise ValueError(f"{where}: expected '<base64 token> <rank>', got {line[:80]!r}")
+        token_b64, rank_text = fields
+        try:
+            token = base64.b64decode(token_b64, validate=True)
+        except binascii.Error as e:
+            raise ValueError(f"{where}: {token_b64[:80]!r} is not base64 ({e})") from e
+        if not rank_text.isdigit():
+            raise ValueError(f"{where}: the rank {rank_text[:80]!r} is not a non-negative integer")
+        if token in ranks:
+            raise ValueError(f"{where}: token {token!r} already has rank {ranks[token]}")
+        ranks[token] = int(rank_text)
+    if not ranks:
+        raise ValueError(f"{path}: no BPE ranks in the file")
+    # The special tokens take the ids right after the ranks, so the ranks must be exactly 0..n-1.
+    if sorted(ranks.values()) != list(range(len(ranks))):
+        missing = sorted(set(range(len(ranks))) - set(ranks.values()))[:5]
+        raise ValueError(f"{path}: the ranks must be 0..{len(ranks) - 1}, each once; missing e.g. {missing}")
+    return ranks
+
+
+def _split_long_runs(s: str, max_run: int) -> Iterator[str]:
+    """s cut into consecutive pieces so that no piece holds more than max_run whitespace, or non-whitespace,
+    characters in a row: each run longer than that is cut every max_run characters from its start (Meta's cuts).
+    """
+    start = 0
+    for run in _RUN.finditer(s):
+        for cut in range(run.start() + max_run, run.end(), max_run):
+            yield s[start:cut]
+            start = cut
+    yield s[start:]
+
+
+class Llama3Tokenizer:
+    """Encodes text to token ids and back with Llama 3's tiktoken BPE (the ``tokenizer.model`` of Llama 3.x).
+
+    Ids and text are those of Meta's ``llama_models.llama3.tokenizer.Tokenizer`` with its default arguments:
+    text that spells a special token (e.g. ``"<|eot_id|>"``) is encoded as plain text; only the chat format puts
+    special ids in a prompt. ``special_tokens`` maps each special token to its id.
+    """
+
+    kind: ClassVar[str] = "tiktoken BPE ranks file (Llama 3)"
+    pat_str: ClassVar[str] = _LLAMA3_SPLIT
+
+    def __init__(self, model_path: str | os.PathLike):
+        model_path = check_file(model_path)
+        # Read the file ourselves: tiktoken's load_tiktoken_bpe caches by path and can return a stale copy
+        # after the file at that path is rewritten.
+        ranks = read_ranks(model_path)
+        n_reserved = _LLAMA3_N_SPECIAL - len(_LLAMA3_NAMED_SPECIAL)
+        reserved = [f"<|reserved_special_token_{2 + i}|>" for i in range(n_reserved)]
+        names = list(_LLAMA3_NAMED_SPECIAL) + reserved
+        self.special_tokens: dict[str, int] = {name: len(ranks) + i for i, name in enumerate(names)}
+        self.model = tiktoken.Encoding(
+            name=os.path.basename(model_path),
+            pat_str=self.pat_str,
+            mergeable_ranks=ranks,
+            special_tokens=self.special_tokens,
+        )
+        logger.debug("loaded tiktoken ranks from %s", model_path)
+
+        self.n_words: int = len(ranks) + len(names)
+        self.bos_id: int = self.special_tokens["<|begin_of_text|>"]
+        self.eos_id: int = self.special_tokens["<|end_of_text|>"]
+        self.pad_id: int = self.special_tokens["<|finetune_right_pad_id|>"]
+        self.eot_id: int = self.special_tokens["<|eot_id|>"]
+        self.eom_id: int = self.special_tokens["<|eom_id|>"]
+        self.python_tag_id: int = self.special_tokens["<|python_tag|>"]
+        self.start_header_id: int = self.special_tokens["<|start_header_id|>"]
+        self.end_header_id: int = self.special_tokens["<|end_header_id|>"]
+        # Meta's stop_tokens, in its order: a row ends at end of text, end of message or end of turn.
+        self.stop_ids: list[int] = [self.eos_id, self.eom_id, self.eot_id]
+        logger.debug("#words: %d - BOS ID: %d - EOS ID: %d", self.n_words, self.bos_id, self.eos_id)
+
+    @classmethod
+    def recognizes(cls, head: bytes) -> bool:
+        """Whether a file starting with `head` looks like a tiktoken ranks file: a first line ``<base64> <int>``."""
+        return _RANKS_LINE.match(head) is not None
+
+    def encode(self, s: str, *, bos: bool, eos: bool) -> list[int]:
+        """Token ids of s, with the BOS id in front and/or the EOS id at the end when asked.
+
+        Special-token text in s is encoded as ordinary text (Meta's default allowed_special=set(),
+        disallowed_special=()), which is what tiktoken's encode_ordinary does.
+        """
+        s = check_text(s)
+        t: list[int] = [self.bos_id] if bos else []
+        for start in range(0, len(s), _MAX_ENCODE_CHARS):
+            for piece in _split_long_runs(s[start : start + _MAX_ENCODE_CHARS], _MAX_RUN_CHARS):
+                t.extend(self.model.encode_ordinary(piece))
+        if eos:
+            t.append(self.eos_id)
+        return t
+
+    def decode(self, t: Sequence[int]) -> str:
+        """Text of the token ids t; bytes that do not form valid UTF-8 become U+FFFD, as in Meta's decode."""
+        return self.model.decode(list(t))
