@@ -184,7 +184,7 @@ def fit_params_to_shards(
     """
     folder = paths[0].parent
     source = repr(str(folder / "params.json"))
-    pre = Layout.for_keys(shards[0], model_cls)  # split dims only, from the layer types
+    pre = Layout.for_shards(shards, model_cls)  # split dims only, as the shards were written
     pre.check_shards_agree(paths, shards)
     shapes = pre.merged_shapes(shards)
     if "output.weight" not in shapes:
@@ -250,13 +250,19 @@ def load_weights(
     shards = [load_shard(p) for p in shard_paths]
     source = repr(str(shard_paths[0].parent))
     layout = Layout.from_model(model, world_size)
-    layout.check_shards_agree(shard_paths, shards)
-    check_state_dict(layout.merged_shapes(shards), layout.shapes, source)
+    written = Layout.for_shards(shards, type(model))  # how the shards were cut (the embedding may differ)
+    written.check_shards_agree(shard_paths, shards)
+    check_state_dict(written.merged_shapes(shards), layout.shapes, source)
     release_parameters(model)
+
+    def rank_slice(key: str) -> torch.Tensor:
+        if written.split_dim(key) == layout.split_dim(key):
+            return layout.slice_for_rank(shards, key, rank, world_size)
+        whole = written.slice_for_rank(shards, key, 0, 1)  # cut the other way: join, then cut as the model does
+        return layout.slice_for_rank([{key: whole}], key, rank, world_size)
+
     state = {
-        key: layout.slice_for_rank(shards, key, rank, world_size).to(device=device, dtype=dtype).contiguous()
-        for key in shards[0]
-        if key not in IGNORED_KEYS
+        key: rank_slice(key).to(device=device, dtype=dtype).contiguous() for key in shards[0] if key not in IGNORED_KEYS
     }
     model.load_state_dict(state, strict=True, assign=True)
 

@@ -11,7 +11,7 @@ import os
 from dataclasses import dataclass
 
 from llama.chat_format import ChatFormat, Llama2ChatFormat, Llama3ChatFormat
-from llama.model import Transformer
+from llama.model import Llama3Transformer, Transformer
 from llama.tokenizer import Llama3Tokenizer, Tokenizer, TokenizerLike, check_file
 
 
@@ -28,7 +28,7 @@ class Family:
 
 FAMILIES: tuple[Family, ...] = (
     Family("Llama 2", Tokenizer, Llama2ChatFormat, Transformer),
-    Family("Llama 3", Llama3Tokenizer, Llama3ChatFormat),
+    Family("Llama 3", Llama3Tokenizer, Llama3ChatFormat, Llama3Transformer),
 )
 
 
@@ -42,6 +42,13 @@ def load_tokenizer(path: str | os.PathLike) -> TokenizerLike:
             return family.tokenizer_cls(path)
     kinds = "; ".join(family.tokenizer_cls.kind for family in FAMILIES)
     raise ValueError(f"{path!r} is not a tokenizer file this library reads (it reads: {kinds})")
+
+
+def family_of_folder(folder: str | os.PathLike) -> Family:
+    """The family of a checkpoint folder, from the tokenizer.model inside it (Llama 3's folders hold one);
+    Llama 2 (whose tokenizer lives one folder up) when there is none."""
+    path = os.path.join(folder, "tokenizer.model")
+    return family_of(load_tokenizer(path)) if os.path.isfile(path) else FAMILIES[0]
 
 
 def family_of(tokenizer: TokenizerLike) -> Family:

@@ -113,6 +113,7 @@ class Llama:
         device: Optional[str | torch.device] = None,
         dtype: Optional[torch.dtype] = None,
         compile: bool = False,
+        rope_scaling_factor: Optional[float] = None,
     ) -> Llama:
         """Load a Meta checkpoint folder and its tokenizer, ready to generate.
 
@@ -132,6 +133,8 @@ class Llama:
             dtype: weight dtype; defaults to float16 on CUDA (as the reference) and bfloat16 on CPU.
             compile: decode with the opt-in fast path (``llama.fast``): static shapes, no per-step host sync,
                 ``torch.compile``. Same tokens as the default path; one model-parallel rank only.
+            rope_scaling_factor: overrides params.json's (Llama 3.1+ scaled RoPE; Meta's code uses 8, see the
+                README on Llama 3.2).
         """
         max_seq_len = check_positive_int("max_seq_len", max_seq_len)
         max_batch_size = check_positive_int("max_batch_size", max_batch_size)
@@ -156,7 +159,10 @@ class Llama:
         vocab = tokenizer.n_words
         model_args, _ = checkpoint.fit_params_to_shards(params, shard_paths, shards, vocab, family.model_cls)
         del shards
-        model_args = dataclasses.replace(model_args, max_seq_len=max_seq_len, max_batch_size=max_batch_size)
+        overrides = {"max_seq_len": max_seq_len, "max_batch_size": max_batch_size}
+        if rope_scaling_factor is not None:
+            overrides["rope_scaling_factor"] = rope_scaling_factor
+        model_args = dataclasses.replace(model_args, **overrides)
         check_model_parallel_fit(model_args, mp_size)
         with torch.device(device), default_dtype_scope(dtype):
             model = family.model_cls(model_args)

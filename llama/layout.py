@@ -80,6 +80,22 @@ class Layout:
         rule = _split_rule(model_cls)
         return cls({}, {key: rule.get(_LAYER_INDEX.sub("layers.{i}.", key)) for key in keys})
 
+    @classmethod
+    def for_shards(cls, shards: Sequence[Mapping[str, torch.Tensor]], model_cls: type = Transformer) -> Layout:
+        """The split dims of `shards` as they were written: model_cls's, except for an embedding whose shards
+        show the other split (Llama 2 splits it by columns, Llama 3 by vocabulary rows; other tools may not
+        follow the generation). The output layer is split by vocabulary rows in both, which tells the two apart.
+        """
+        layout = cls.for_keys(shards[0], model_cls)
+        first = shards[0]
+        emb = first.get("tok_embeddings.weight")
+        out = first.get("output.weight")
+        if len(shards) > 1 and emb is not None and out is not None and emb.ndim == 2:
+            dims = dict(layout.split_dims)
+            dims["tok_embeddings.weight"] = 0 if emb.shape == out.shape else 1
+            layout = cls({}, dims)
+        return layout
+
     def split_dim(self, key: str) -> Optional[int]:
         """The dimension along which weight `key` is split across model-parallel ranks; None if replicated."""
         return self.split_dims.get(key)

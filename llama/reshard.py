@@ -18,6 +18,7 @@ import torch
 
 from llama import checkpoint
 from llama.checks import check_positive_int
+from llama.families import family_of_folder
 from llama.model import check_model_parallel_fit
 
 logger = logging.getLogger(__name__)
@@ -66,7 +67,8 @@ def reshard(
     if out_dir.exists():  # fail before reading anything; save_checkpoint checks again
         raise FileExistsError(f"{str(out_dir)!r} already exists; choose a new output folder or remove it")
     model_parallel_size = check_positive_int("model_parallel_size", model_parallel_size)
-    ckpt = checkpoint.open_checkpoint(ckpt_dir)
+    # Each generation's own layout: Llama 3 splits the embedding by vocabulary rows, Llama 2 by columns.
+    ckpt = checkpoint.open_checkpoint(ckpt_dir, family_of_folder(ckpt_dir).model_cls)
     check_model_parallel_fit(ckpt.args, model_parallel_size)
 
     def shards() -> Iterator[dict[str, torch.Tensor]]:
