@@ -304,6 +304,11 @@ def to_hf(
     checkpoint.check_out_dir(out_dir, ckpt_dir)
     ckpt = checkpoint.open_checkpoint(ckpt_dir)
     args = ckpt.args
+    if args.use_scaled_rope:  # config.json would need rope_scaling; without it HF would compute another model
+        raise ValueError(
+            f"{ckpt_dir!r} uses Llama 3.1's scaled RoPE, which to_hf does not convert yet; this version converts "
+            "Llama 2 checkpoints only"
+        )
     tokenizer = Tokenizer(tokenizer_path)
     if tokenizer.n_words != args.vocab_size:
         raise ValueError(

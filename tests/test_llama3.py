@@ -152,3 +152,11 @@ def test_params_json_of_llama3_checkpoints_load():
         assert args.use_scaled_rope and args.vocab_size == 128256
     with pytest.raises(ValueError, match="use_scaled_rope must be true or false"):
         ModelArgs.from_params({**PARAMS, "use_scaled_rope": "yes"})
+
+
+def test_fast_path_equals_the_faithful_one(llama3_dir):
+    from llama.fast import FastDecoder
+
+    faithful = build(llama3_dir)
+    fast = Llama(faithful.model, faithful.tokenizer, fast=FastDecoder(faithful.model, compile=False))
+    assert greedy(fast) == greedy(faithful)
