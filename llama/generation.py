@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import threading
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, Iterator, List, Optional, Sequence, TypedDict
@@ -89,6 +90,7 @@ class DecodeState:
     token_logprobs: Optional[torch.Tensor]  # (bsz, total_len) fp32 when logprobs are asked for
     filled: int  # positions [0, filled) are final for every row
     limits: Optional[torch.Tensor] = None  # (bsz,) prompt_len + max_gen_len: where each row's budget ends
+    generation: int = 0  # the Llama's batch number when this one started: its KV cache is ours while it lasts
 
 
 def _check_sampling(temperature: float, top_p: float, max_gen_len: Optional[int]) -> None:
@@ -185,6 +187,11 @@ class Llama:
         self.formatter: ChatFormat = formatter if formatter is not None else family_of(tokenizer).chat_format(tokenizer)
         self.fast = fast  # decode steps on the static-shape path when set
         self._stop_ids = torch.tensor(tokenizer.stop_ids, dtype=torch.long, device=self.device)
+        # One KV cache serves every call. Each batch call holds the lock for its whole run, a stream for each
+        # step, so threads take turns; every batch takes a new number, so a stream whose cache another batch
+        # has overwritten since it last stepped finds out (``_decode``) instead of going on with wrong text.
+        self._lock = threading.RLock()
+        self._generation = 0
 
     @property
     def device(self) -> torch.device:
@@ -231,6 +238,7 @@ class Llama:
             tokens[k, : len(t)] = torch.tensor(t, dtype=torch.long, device=self.device)
             is_prompt[k, : len(t)] = True
         prompt_lens = [len(t) for t in prompt_tokens]
+        self._generation += 1  # the KV cache is this batch's from now on
         return DecodeState(
             tokens=tokens,
             prompt_lens=prompt_lens,
@@ -239,6 +247,7 @@ class Llama:
             token_logprobs=torch.zeros_like(tokens, dtype=torch.float) if logprobs else None,
             filled=min(prompt_lens),
             limits=torch.tensor(prompt_lens, device=self.device) + max_gen_len,
+            generation=self._generation,
         )
 
     @torch.inference_mode()
@@ -263,6 +272,11 @@ class Llama:
         prev_pos = 0
         check_every = 1 if self.fast is None else self.fast.eos_check_every
         for step, cur_pos in enumerate(range(state.filled, total_len), start=1):
+            if self._generation != state.generation:
+                raise RuntimeError(
+                    "this stream's KV cache was overwritten by another generation on the same Llama; finish a "
+                    "stream before starting another call on that Llama, or give each concurrent stream its own Llama"
+                )
             if self.fast is not None and prev_pos > 0:  # one new token per row: the static-shape step
                 logits = self.fast(tokens[:, prev_pos:cur_pos], prev_pos)
             else:
@@ -399,9 +413,10 @@ class Llama:
         """Token ids, logprobs, end and (with stop strings) text stream of each completion."""
         prompts, max_gen_len, stop = self._prepare(prompt_tokens, max_gen_len, temperature, top_p, stop)
         streams = [TextStream(self.tokenizer, stop, prefix=t if echo else ()) for t in prompts] if stop else None
-        state, rows, steps = self._run(prompts, max_gen_len, temperature, top_p, logprobs, streams)
-        for _ in steps:
-            pass
+        with self._lock:  # the whole batch: another thread's call waits for the KV cache
+            state, rows, steps = self._run(prompts, max_gen_len, temperature, top_p, logprobs, streams)
+            for _ in steps:
+                pass
         if rows is None:
             rows = self._end_rows(state.tokens[:, : state.filled].tolist(), state.prompt_lens, max_gen_len)
         tokens, logprobs_ = self._results(state, max_gen_len, echo, rows)
@@ -428,8 +443,12 @@ class Llama:
     def _stream_deltas(
         self, prompts: list[list[int]], max_gen_len: int, temperature: float, top_p: float, stream: TextStream
     ) -> Iterator[str]:
-        _, _, steps = self._run(prompts, max_gen_len, temperature, top_p, False, [stream])
-        for _ in steps:
+        with self._lock:
+            _, _, steps = self._run(prompts, max_gen_len, temperature, top_p, False, [stream])
+        while True:
+            with self._lock:  # one step at a time: a batch call in another thread runs between two steps
+                if next(steps, None) is None:
+                    break
             piece = stream.delta()
             if piece:
                 yield piece

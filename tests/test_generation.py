@@ -391,3 +391,21 @@ def test_build_checks_keys(tmp_path, make_checkpoint, tokenizer_path, change):
 def test_build_bad_arguments(make_checkpoint, tokenizer_path, kwargs, error, message):
     with pytest.raises(error, match=message):
         build(make_checkpoint("gqa"), tokenizer_path, **kwargs)
+
+
+# ---------------------------------------------------------------- concurrent use
+
+
+def test_threads_are_served_one_at_a_time(generator):
+    from concurrent.futures import ThreadPoolExecutor
+
+    torch.set_num_threads(2)  # threads inside ops make interleaved batches likelier to show up
+    try:
+        prompts = [[p] for p in PROMPTS + ["Numbers such as 12345"]]
+        expected = [generator.text_completion(p, temperature=0, max_gen_len=24) for p in prompts]
+        with ThreadPoolExecutor(4) as pool:
+            for _ in range(3):
+                got = list(pool.map(lambda p: generator.text_completion(p, temperature=0, max_gen_len=24), prompts))
+                assert got == expected
+    finally:
+        torch.set_num_threads(1)
