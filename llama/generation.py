@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from llama import checkpoint
 from llama.chat_format import ChatFormat, Dialog, Message
-from llama.checks import check_positive_int, is_int
+from llama.checks import check_positive_int, is_finite_number, is_int
 from llama.distributed import (
     default_device,
     default_dtype,
@@ -68,8 +68,13 @@ def sample_top_p(probs: torch.Tensor, p: float) -> torch.Tensor:
 
 def select_next_token(last_logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
     """Next token ids (bsz,) from the logits (bsz, vocab) of the last position: greedy at temperature 0."""
-    if temperature > 0:
-        probs = torch.softmax(last_logits / temperature, dim=-1)
+    # Unlike the reference, which divides the logits themselves: logits / 1e-45 overflows to inf and the
+    # softmax to NaN. Shifted so that the largest is 0, every scaled logit is 0 or negative (at worst -inf, a
+    # probability of 0), so the probabilities stay finite for any temperature the dtype can hold; one too small
+    # to hold (below its smallest normal number) would make 0 / 0, and is the limit it tends to: greedy.
+    if temperature >= torch.finfo(last_logits.dtype).tiny:
+        shifted = last_logits - last_logits.max(dim=-1, keepdim=True).values
+        probs = torch.softmax(shifted / temperature, dim=-1)
         return sample_top_p(probs, top_p).reshape(-1)
     return torch.argmax(last_logits, dim=-1).reshape(-1)
 
@@ -94,9 +99,9 @@ class DecodeState:
 
 
 def _check_sampling(temperature: float, top_p: float, max_gen_len: Optional[int]) -> None:
-    if not isinstance(temperature, (int, float)) or temperature < 0:
-        raise ValueError(f"temperature must be a number >= 0 (0 means greedy), got {temperature!r}")
-    if not isinstance(top_p, (int, float)) or not 0.0 <= top_p <= 1.0:
+    if not is_finite_number(temperature) or temperature < 0:
+        raise ValueError(f"temperature must be a finite number >= 0 (0 means greedy), got {temperature!r}")
+    if not is_finite_number(top_p) or not 0.0 <= top_p <= 1.0:
         raise ValueError(f"top_p must be in [0, 1], got {top_p!r}")
     if max_gen_len is not None:
         check_positive_int("max_gen_len", max_gen_len)

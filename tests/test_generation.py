@@ -63,6 +63,19 @@ def test_sample_top_p_one_samples_everything():
     assert {sample_top_p(probs.clone(), 1.0).item() for _ in range(300)} == {0, 1, 2, 3}
 
 
+@pytest.mark.parametrize("temperature", [1e-37, 1e-45, 1e-300, 5e-324])
+def test_tiny_temperature_samples_the_argmax(temperature):
+    logits = torch.randn(3, 50, generator=torch.Generator().manual_seed(0)) * 30
+    torch.manual_seed(0)
+    assert torch.equal(generation.select_next_token(logits, temperature, 0.9), logits.argmax(-1))
+
+
+def test_tiny_temperature_decodes_as_greedy(generator):
+    prompts = encode_all(generator, PROMPTS)
+    greedy, _ = generator.generate(prompts, max_gen_len=8, temperature=0)
+    assert generator.generate(prompts, max_gen_len=8, temperature=1e-45)[0] == greedy
+
+
 # ---------------------------------------------------------------- generate semantics
 
 
@@ -249,6 +262,11 @@ def test_role_error_is_the_reference_message():
         (lambda g: g.text_completion(["x"], temperature=-0.1), ValueError, "temperature"),
         (lambda g: g.text_completion(["x"], top_p=1.5), ValueError, "top_p"),
         (lambda g: g.text_completion(["x"], top_p=-0.1), ValueError, "top_p"),
+        (lambda g: g.text_completion(["x"], temperature=float("nan")), ValueError, "temperature"),
+        (lambda g: g.text_completion(["x"], temperature=float("inf")), ValueError, "temperature"),
+        (lambda g: g.text_completion(["x"], temperature=True), ValueError, "temperature"),
+        (lambda g: g.text_completion(["x"], top_p=float("nan")), ValueError, "top_p"),
+        (lambda g: g.text_completion(["x"], top_p=True), ValueError, "top_p"),
         (lambda g: g.text_completion(["x"], max_gen_len=0), ValueError, "max_gen_len"),
         (lambda g: g.text_completion("a single string"), TypeError, "list of str"),
         (lambda g: g.text_completion([3]), TypeError, "list of str"),
