@@ -98,13 +98,20 @@ class DecodeState:
     generation: int = 0  # the Llama's batch number when this one started: its KV cache is ours while it lasts
 
 
-def _check_sampling(temperature: float, top_p: float, max_gen_len: Optional[int]) -> None:
+def _check_sampling(temperature: float, top_p: float, max_gen_len: Optional[int], stream: bool = False) -> None:
     if not is_finite_number(temperature) or temperature < 0:
         raise ValueError(f"temperature must be a finite number >= 0 (0 means greedy), got {temperature!r}")
     if not is_finite_number(top_p) or not 0.0 <= top_p <= 1.0:
         raise ValueError(f"top_p must be in [0, 1], got {top_p!r}")
-    if max_gen_len is not None:
-        check_positive_int("max_gen_len", max_gen_len)
+    if max_gen_len is None:
+        return
+    if stream and is_int(max_gen_len) and max_gen_len == 0:
+        raise ValueError(
+            "max_gen_len must be a positive integer for a stream, got 0; max_gen_len=0 only scores the prompt: "
+            "call text_completion or generate with logprobs=True, echo=True for that"
+        )
+    if not is_int(max_gen_len) or max_gen_len < 0:
+        raise ValueError(f"max_gen_len must be an integer >= 0 (0: only score the prompts), got {max_gen_len!r}")
 
 
 class Llama:
@@ -250,7 +257,9 @@ class Llama:
             is_prompt=is_prompt,
             finished=torch.zeros(bsz, dtype=torch.bool, device=self.device),
             token_logprobs=torch.zeros_like(tokens, dtype=torch.float) if logprobs else None,
-            filled=min(prompt_lens),
+            # max_gen_len=0: nothing to generate, so every position is final (rows shorter than the longest
+            # keep their padding); _decode then only scores the prompts.
+            filled=total_len if max_gen_len == 0 else min(prompt_lens),
             limits=torch.tensor(prompt_lens, device=self.device) + max_gen_len,
             generation=self._generation,
         )
@@ -268,11 +277,14 @@ class Llama:
         """
         tokens, total_len = state.tokens, state.tokens.shape[1]
         if state.filled == total_len:
-            # Nothing to generate (every prompt fills max_seq_len): only score the prompts if asked. Unlike the
-            # reference, token t is scored with the logits of position t - 1, and only when logprobs are wanted.
+            # Nothing to generate (max_gen_len=0, or every prompt fills max_seq_len): only score the prompts if
+            # asked, in one pass over the grid. Unlike the reference, token t is scored with the logits of
+            # position t - 1, and only when logprobs are wanted. Padding (pad_id may be -1) becomes token 0: it
+            # lies after each row's prompt, so the causal mask keeps it out of that row's scores.
             if state.token_logprobs is not None:
-                logits = self.model.forward(tokens, 0)
-                state.token_logprobs[:, 1:] = token_logprobs_of(logits[:, :-1], tokens[:, 1:])
+                grid = torch.where(state.is_prompt, tokens, 0)
+                logits = self.model.forward(grid, 0)
+                state.token_logprobs[:, 1:] = token_logprobs_of(logits[:, :-1], grid[:, 1:])
             return
         prev_pos = 0
         check_every = 1 if self.fast is None else self.fast.eos_check_every
@@ -358,11 +370,15 @@ class Llama:
         temperature: float,
         top_p: float,
         stop: Optional[Sequence[str]],
+        stream: bool = False,
     ) -> tuple[list[list[int]], int, list[str]]:
-        """Check every argument of a generation call; return the prompts, max_gen_len and the stop strings."""
+        """Check every argument of a generation call; return the prompts, max_gen_len and the stop strings.
+
+        max_gen_len=0 (score the prompts only) is for batch calls; a stream refuses it.
+        """
         stop = check_stop(stop)
         max_gen_len = self._default_gen_len(max_gen_len)
-        _check_sampling(temperature, top_p, max_gen_len)
+        _check_sampling(temperature, top_p, max_gen_len, stream)
         return self._check_prompts(prompt_tokens), max_gen_len, stop
 
     def _run(
@@ -397,6 +413,9 @@ class Llama:
         echo: bool = False,
     ) -> tuple[List[List[int]], Optional[List[List[float]]]]:
         """Continue each prompt (a list of token ids) by up to max_gen_len tokens (None: up to max_seq_len).
+
+        max_gen_len=0 generates nothing: with logprobs=True, echo=True it returns each prompt with the
+        log-probability of its tokens, from one forward pass (as researchers use the reference for).
 
         Returns the generated token ids of each prompt (with the prompt in front if echo), cut before the first
         stop id (Llama 2: EOS), and, if logprobs, the log-probability under the model of each returned token
@@ -442,7 +461,7 @@ class Llama:
         stop: Optional[List[str]],
     ) -> Iterator[str]:
         """Check the arguments now, then return an iterator of text deltas for one prompt."""
-        prompts, max_gen_len, stop = self._prepare([prompt_tokens], max_gen_len, temperature, top_p, stop)
+        prompts, max_gen_len, stop = self._prepare([prompt_tokens], max_gen_len, temperature, top_p, stop, stream=True)
         return self._stream_deltas(prompts, max_gen_len, temperature, top_p, TextStream(self.tokenizer, stop))
 
     def _stream_deltas(
