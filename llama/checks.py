@@ -22,9 +22,14 @@ def check_positive_int(name: str, value: Any) -> int:
     return int(value)
 
 
+def is_finite_number(value: Any) -> bool:
+    """True for finite Python ints and floats (numpy's too); False for bools, NaN, infinities and strs."""
+    return not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+
+
 def check_finite(name: str, value: Any) -> float:
     """value as a float if it is a finite real number (not a bool or a str), else a ValueError naming `name`."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+    if not is_finite_number(value):
         raise ValueError(f"{name} must be a finite number, got {value!r}")
     return float(value)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import threading
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, Iterator, List, Optional, Sequence, TypedDict
@@ -19,7 +20,7 @@ import torch.nn.functional as F
 
 from llama import checkpoint
 from llama.chat_format import ChatFormat, Dialog, Message
-from llama.checks import check_positive_int, is_int
+from llama.checks import check_positive_int, is_finite_number, is_int
 from llama.distributed import (
     default_device,
     default_dtype,
@@ -67,8 +68,13 @@ def sample_top_p(probs: torch.Tensor, p: float) -> torch.Tensor:
 
 def select_next_token(last_logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
     """Next token ids (bsz,) from the logits (bsz, vocab) of the last position: greedy at temperature 0."""
-    if temperature > 0:
-        probs = torch.softmax(last_logits / temperature, dim=-1)
+    # Unlike the reference, which divides the logits themselves: logits / 1e-45 overflows to inf and the
+    # softmax to NaN. Shifted so that the largest is 0, every scaled logit is 0 or negative (at worst -inf, a
+    # probability of 0), so the probabilities stay finite for any temperature the dtype can hold; one too small
+    # to hold (below its smallest normal number) would make 0 / 0, and is the limit it tends to: greedy.
+    if temperature >= torch.finfo(last_logits.dtype).tiny:
+        shifted = last_logits - last_logits.max(dim=-1, keepdim=True).values
+        probs = torch.softmax(shifted / temperature, dim=-1)
         return sample_top_p(probs, top_p).reshape(-1)
     return torch.argmax(last_logits, dim=-1).reshape(-1)
 
@@ -89,15 +95,23 @@ class DecodeState:
     token_logprobs: Optional[torch.Tensor]  # (bsz, total_len) fp32 when logprobs are asked for
     filled: int  # positions [0, filled) are final for every row
     limits: Optional[torch.Tensor] = None  # (bsz,) prompt_len + max_gen_len: where each row's budget ends
+    generation: int = 0  # the Llama's batch number when this one started: its KV cache is ours while it lasts
 
 
-def _check_sampling(temperature: float, top_p: float, max_gen_len: Optional[int]) -> None:
-    if not isinstance(temperature, (int, float)) or temperature < 0:
-        raise ValueError(f"temperature must be a number >= 0 (0 means greedy), got {temperature!r}")
-    if not isinstance(top_p, (int, float)) or not 0.0 <= top_p <= 1.0:
+def _check_sampling(temperature: float, top_p: float, max_gen_len: Optional[int], stream: bool = False) -> None:
+    if not is_finite_number(temperature) or temperature < 0:
+        raise ValueError(f"temperature must be a finite number >= 0 (0 means greedy), got {temperature!r}")
+    if not is_finite_number(top_p) or not 0.0 <= top_p <= 1.0:
         raise ValueError(f"top_p must be in [0, 1], got {top_p!r}")
-    if max_gen_len is not None:
-        check_positive_int("max_gen_len", max_gen_len)
+    if max_gen_len is None:
+        return
+    if stream and is_int(max_gen_len) and max_gen_len == 0:
+        raise ValueError(
+            "max_gen_len must be a positive integer for a stream, got 0; max_gen_len=0 only scores the prompt: "
+            "call text_completion or generate with logprobs=True, echo=True for that"
+        )
+    if not is_int(max_gen_len) or max_gen_len < 0:
+        raise ValueError(f"max_gen_len must be an integer >= 0 (0: only score the prompts), got {max_gen_len!r}")
 
 
 class Llama:
@@ -191,6 +205,11 @@ class Llama:
         self.formatter: ChatFormat = formatter if formatter is not None else family_of(tokenizer).chat_format(tokenizer)
         self.fast = fast  # decode steps on the static-shape path when set
         self._stop_ids = torch.tensor(tokenizer.stop_ids, dtype=torch.long, device=self.device)
+        # One KV cache serves every call. Each batch call holds the lock for its whole run, a stream for each
+        # step, so threads take turns; every batch takes a new number, so a stream whose cache another batch
+        # has overwritten since it last stepped finds out (``_decode``) instead of going on with wrong text.
+        self._lock = threading.RLock()
+        self._generation = 0
 
     @property
     def device(self) -> torch.device:
@@ -237,14 +256,18 @@ class Llama:
             tokens[k, : len(t)] = torch.tensor(t, dtype=torch.long, device=self.device)
             is_prompt[k, : len(t)] = True
         prompt_lens = [len(t) for t in prompt_tokens]
+        self._generation += 1  # the KV cache is this batch's from now on
         return DecodeState(
             tokens=tokens,
             prompt_lens=prompt_lens,
             is_prompt=is_prompt,
             finished=torch.zeros(bsz, dtype=torch.bool, device=self.device),
             token_logprobs=torch.zeros_like(tokens, dtype=torch.float) if logprobs else None,
-            filled=min(prompt_lens),
+            # max_gen_len=0: nothing to generate, so every position is final (rows shorter than the longest
+            # keep their padding); _decode then only scores the prompts.
+            filled=total_len if max_gen_len == 0 else min(prompt_lens),
             limits=torch.tensor(prompt_lens, device=self.device) + max_gen_len,
+            generation=self._generation,
         )
 
     @torch.inference_mode()
@@ -260,15 +283,23 @@ class Llama:
         """
         tokens, total_len = state.tokens, state.tokens.shape[1]
         if state.filled == total_len:
-            # Nothing to generate (every prompt fills max_seq_len): only score the prompts if asked. Unlike the
-            # reference, token t is scored with the logits of position t - 1, and only when logprobs are wanted.
+            # Nothing to generate (max_gen_len=0, or every prompt fills max_seq_len): only score the prompts if
+            # asked, in one pass over the grid. Unlike the reference, token t is scored with the logits of
+            # position t - 1, and only when logprobs are wanted. Padding (pad_id may be -1) becomes token 0: it
+            # lies after each row's prompt, so the causal mask keeps it out of that row's scores.
             if state.token_logprobs is not None:
-                logits = self.model.forward(tokens, 0)
-                state.token_logprobs[:, 1:] = token_logprobs_of(logits[:, :-1], tokens[:, 1:])
+                grid = torch.where(state.is_prompt, tokens, 0)
+                logits = self.model.forward(grid, 0)
+                state.token_logprobs[:, 1:] = token_logprobs_of(logits[:, :-1], grid[:, 1:])
             return
         prev_pos = 0
         check_every = 1 if self.fast is None else self.fast.eos_check_every
         for step, cur_pos in enumerate(range(state.filled, total_len), start=1):
+            if self._generation != state.generation:
+                raise RuntimeError(
+                    "this stream's KV cache was overwritten by another generation on the same Llama; finish a "
+                    "stream before starting another call on that Llama, or give each concurrent stream its own Llama"
+                )
             if self.fast is not None and prev_pos > 0:  # one new token per row: the static-shape step
                 logits = self.fast(tokens[:, prev_pos:cur_pos], prev_pos)
             else:
@@ -345,11 +376,15 @@ class Llama:
         temperature: float,
         top_p: float,
         stop: Optional[Sequence[str]],
+        stream: bool = False,
     ) -> tuple[list[list[int]], int, list[str]]:
-        """Check every argument of a generation call; return the prompts, max_gen_len and the stop strings."""
+        """Check every argument of a generation call; return the prompts, max_gen_len and the stop strings.
+
+        max_gen_len=0 (score the prompts only) is for batch calls; a stream refuses it.
+        """
         stop = check_stop(stop)
         max_gen_len = self._default_gen_len(max_gen_len)
-        _check_sampling(temperature, top_p, max_gen_len)
+        _check_sampling(temperature, top_p, max_gen_len, stream)
         return self._check_prompts(prompt_tokens), max_gen_len, stop
 
     def _run(
@@ -385,6 +420,9 @@ class Llama:
     ) -> tuple[List[List[int]], Optional[List[List[float]]]]:
         """Continue each prompt (a list of token ids) by up to max_gen_len tokens (None: up to max_seq_len).
 
+        max_gen_len=0 generates nothing: with logprobs=True, echo=True it returns each prompt with the
+        log-probability of its tokens, from one forward pass (as researchers use the reference for).
+
         Returns the generated token ids of each prompt (with the prompt in front if echo), cut before the first
         stop id (Llama 2: EOS), and, if logprobs, the log-probability under the model of each returned token
         (0.0 for the first prompt token, which nothing predicts).
@@ -405,9 +443,10 @@ class Llama:
         """Token ids, logprobs, end and (with stop strings) text stream of each completion."""
         prompts, max_gen_len, stop = self._prepare(prompt_tokens, max_gen_len, temperature, top_p, stop)
         streams = [TextStream(self.tokenizer, stop, prefix=t if echo else ()) for t in prompts] if stop else None
-        state, rows, steps = self._run(prompts, max_gen_len, temperature, top_p, logprobs, streams)
-        for _ in steps:
-            pass
+        with self._lock:  # the whole batch: another thread's call waits for the KV cache
+            state, rows, steps = self._run(prompts, max_gen_len, temperature, top_p, logprobs, streams)
+            for _ in steps:
+                pass
         if rows is None:
             rows = self._end_rows(state.tokens[:, : state.filled].tolist(), state.prompt_lens, max_gen_len)
         tokens, logprobs_ = self._results(state, max_gen_len, echo, rows)
@@ -428,14 +467,18 @@ class Llama:
         stop: Optional[List[str]],
     ) -> Iterator[str]:
         """Check the arguments now, then return an iterator of text deltas for one prompt."""
-        prompts, max_gen_len, stop = self._prepare([prompt_tokens], max_gen_len, temperature, top_p, stop)
+        prompts, max_gen_len, stop = self._prepare([prompt_tokens], max_gen_len, temperature, top_p, stop, stream=True)
         return self._stream_deltas(prompts, max_gen_len, temperature, top_p, TextStream(self.tokenizer, stop))
 
     def _stream_deltas(
         self, prompts: list[list[int]], max_gen_len: int, temperature: float, top_p: float, stream: TextStream
     ) -> Iterator[str]:
-        _, _, steps = self._run(prompts, max_gen_len, temperature, top_p, False, [stream])
-        for _ in steps:
+        with self._lock:
+            _, _, steps = self._run(prompts, max_gen_len, temperature, top_p, False, [stream])
+        while True:
+            with self._lock:  # one step at a time: a batch call in another thread runs between two steps
+                if next(steps, None) is None:
+                    break
             piece = stream.delta()
             if piece:
                 yield piece

@@ -11,6 +11,7 @@ import sys
 from typing import Callable, Iterator, List, Optional, TextIO
 
 from llama.chat_format import Dialog, Message
+from llama.checks import check_positive_int
 from llama.distributed import broadcast_from_main, is_main_process
 from llama.generation import Llama
 
@@ -47,6 +48,24 @@ def fit_dialog(
         dropped += 1
 
 
+def _check_room(generator: Llama, system: Optional[str], max_gen_len: Optional[int], answer_room: int) -> None:
+    """ValueError now, before the loop, if no message could ever be answered: the system prompt is refused, or
+    even an empty message plus the answer's room does not fit in max_seq_len."""
+    base: Dialog = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": ""}]
+    refusal = generator.formatter.refusal(base)
+    if refusal is not None:
+        raise ValueError(f"the system prompt {system!r} is refused by the chat format ({refusal}); change it")
+    max_seq_len = generator.model.params.max_seq_len
+    floor = len(generator.formatter.encode_dialog_prompt(base))
+    if floor + answer_room > max_seq_len:
+        room = f"max_gen_len={max_gen_len}" if max_gen_len is not None else f"the default answer room of {answer_room}"
+        raise ValueError(
+            f"{room} leaves no room for a message in max_seq_len={max_seq_len}: even an empty message takes "
+            f"{floor} tokens{' with the system prompt' if system else ''}; use max_gen_len <= "
+            f"{max_seq_len - floor - 1}, a shorter system prompt or a larger max_seq_len"
+        )
+
+
 def chat_loop(
     generator: Llama,
     system: Optional[str] = None,
@@ -59,7 +78,10 @@ def chat_loop(
     """Chat in the terminal until /exit or Ctrl-D, streaming each answer as it is generated."""
     main = is_main_process()
     max_seq_len = generator.model.params.max_seq_len
+    if max_gen_len is not None:
+        check_positive_int("max_gen_len", max_gen_len)
     answer_room = max_gen_len if max_gen_len is not None else max(1, max_seq_len // 4)
+    _check_room(generator, system, max_gen_len, answer_room)
 
     def say(text: str, end: str = "\n") -> None:
         if main:
@@ -79,6 +101,9 @@ def chat_loop(
             except KeyboardInterrupt:  # Ctrl-C at the prompt: drop the line, ask again
                 say("")
                 line = ""
+            except UnicodeDecodeError as e:  # stdin is strict UTF-8 and the line was not
+                say(f"[that line is not valid UTF-8 ({e.reason}) and was not sent; please type it again]")
+                line = ""
         line = broadcast_from_main(line).strip()
         if not line:
             continue
@@ -90,7 +115,15 @@ def chat_loop(
             continue
 
         message: Message = {"role": "user", "content": line}
-        turns, dialog, prompt_len, dropped = fit_dialog(generator, system, turns + [message], answer_room)
+        refusal = generator.formatter.refusal([message])
+        if refusal is not None:  # kept, it would refuse every later message of the dialog too
+            say(f"[{refusal} That message was not added to the dialog.]")
+            continue
+        try:
+            turns, dialog, prompt_len, dropped = fit_dialog(generator, system, turns + [message], answer_room)
+        except ValueError as e:  # text the tokenizer refuses (a lone surrogate from undecodable input)
+            say(f"[that message was not sent: {e}]")
+            continue
         if dropped:
             say(f"[dropped the {dropped} oldest exchange(s) to fit max_seq_len={max_seq_len}]")
         if prompt_len + answer_room > max_seq_len:
@@ -109,4 +142,9 @@ def chat_loop(
                     say(" [interrupted]", end="")
                     break
         say("")
-        turns.append({"role": "assistant", "content": "".join(answer)})
+        reply: Message = {"role": "assistant", "content": "".join(answer)}
+        if generator.formatter.refusal([reply]) is not None:  # the model wrote a special tag: same poison
+            say("[that answer holds a special tag, so this exchange was not kept in the dialog]")
+            turns = turns[:-1]
+            continue
+        turns.append(reply)

@@ -118,7 +118,7 @@ class RowEnd:
         self.stop_ids = frozenset(stop_ids)
         self.stream = stream
         self.tokens: list[int] = []  # generated tokens up to the end (a stop id excluded)
-        self.reason: Optional[str] = None
+        self.reason: Optional[str] = "length" if max_gen_len == 0 else None  # 0: ended before any token
         self.stop_id: Optional[int] = None  # the stop id that ended the row
 
     @property

@@ -63,6 +63,19 @@ def test_sample_top_p_one_samples_everything():
     assert {sample_top_p(probs.clone(), 1.0).item() for _ in range(300)} == {0, 1, 2, 3}
 
 
+@pytest.mark.parametrize("temperature", [1e-37, 1e-45, 1e-300, 5e-324])
+def test_tiny_temperature_samples_the_argmax(temperature):
+    logits = torch.randn(3, 50, generator=torch.Generator().manual_seed(0)) * 30
+    torch.manual_seed(0)
+    assert torch.equal(generation.select_next_token(logits, temperature, 0.9), logits.argmax(-1))
+
+
+def test_tiny_temperature_decodes_as_greedy(generator):
+    prompts = encode_all(generator, PROMPTS)
+    greedy, _ = generator.generate(prompts, max_gen_len=8, temperature=0)
+    assert generator.generate(prompts, max_gen_len=8, temperature=1e-45)[0] == greedy
+
+
 # ---------------------------------------------------------------- generate semantics
 
 
@@ -110,6 +123,44 @@ def test_prompt_only_without_logprobs_runs_no_forward(generator, monkeypatch):
     prompt = [generator.tokenizer.bos_id] + [5] * (generator.model.params.max_seq_len - 1)
     tokens, logprobs = generator.generate([prompt], max_gen_len=5)
     assert tokens == [[]] and logprobs is None and calls == []
+
+
+@pytest.mark.parametrize("n_prompts", [1, 3], ids=["single", "batch"])
+def test_max_gen_len_zero_scores_the_prompts_in_one_forward(generator, monkeypatch, n_prompts):
+    prompts = encode_all(generator, PROMPTS[:n_prompts])
+    decoded, decoded_lps = generator.generate(prompts, max_gen_len=4, temperature=0, logprobs=True, echo=True)
+    calls = []
+    forward = generator.model.forward
+    monkeypatch.setattr(generator.model, "forward", lambda *a: calls.append(a[1]) or forward(*a))
+    tokens, logprobs = generator.generate(prompts, max_gen_len=0, temperature=0, logprobs=True, echo=True)
+    assert calls == [0]  # one forward pass, from position 0
+    assert tokens == prompts
+    for p, lps, ref in zip(prompts, logprobs, decoded_lps):
+        assert len(lps) == len(p) and lps[0] == 0.0
+        assert_close(torch.tensor(lps), torch.tensor(ref[: len(p)]))
+    assert generator.generate(prompts, max_gen_len=0, logprobs=True) == ([[]] * n_prompts, [[]] * n_prompts)
+
+
+def test_max_gen_len_zero_in_the_completions(generator):
+    results = generator.text_completion(PROMPTS, max_gen_len=0, logprobs=True, echo=True)
+    assert [r["generation"] for r in results] == [generator.tokenizer.decode(t) for t in encode_all(generator, PROMPTS)]
+    assert [len(r["logprobs"]) for r in results] == [len(t) for t in encode_all(generator, PROMPTS)]
+    assert generator.text_completion(PROMPTS[:1], max_gen_len=0) == [{"generation": ""}]
+    chat = generator.chat_completion([[{"role": "user", "content": "hi"}]], max_gen_len=0)
+    assert chat[0]["generation"]["content"] == ""
+    with pytest.raises(ValueError, match="max_gen_len.*stream"):
+        generator.text_completion_stream("hi", max_gen_len=0)
+    with pytest.raises(ValueError, match="max_gen_len.*stream"):
+        generator.chat_completion_stream([{"role": "user", "content": "hi"}], max_gen_len=0)
+
+
+def test_generate_max_gen_len_none_is_max_seq_len_minus_1(generator, monkeypatch):
+    budgets = []
+    start = generator._start
+    monkeypatch.setattr(generator, "_start", lambda p, n, lp: budgets.append(n) or start(p, n, lp))
+    tokens, _ = generator.generate(encode_all(generator, PROMPTS[:1]), max_gen_len=None, temperature=0)
+    assert budgets == [generator.model.params.max_seq_len - 1]
+    assert tokens == generator.generate(encode_all(generator, PROMPTS[:1]), max_gen_len=63, temperature=0)[0]
 
 
 def test_output_is_cut_at_max_gen_len_and_max_seq_len(generator):
@@ -245,11 +296,16 @@ def test_role_error_is_the_reference_message():
         (lambda g: g.generate([], max_gen_len=4), ValueError, "non-empty"),
         (lambda g: g.generate([[]], max_gen_len=4), ValueError, "non-empty"),
         (lambda g: g.generate([[1, 10**6]], max_gen_len=4), ValueError, "outside"),
-        (lambda g: g.generate([[1, 5]], max_gen_len=0), ValueError, "max_gen_len"),
+        (lambda g: g.generate([[1, 5]], max_gen_len=-1), ValueError, "max_gen_len"),
         (lambda g: g.text_completion(["x"], temperature=-0.1), ValueError, "temperature"),
         (lambda g: g.text_completion(["x"], top_p=1.5), ValueError, "top_p"),
         (lambda g: g.text_completion(["x"], top_p=-0.1), ValueError, "top_p"),
-        (lambda g: g.text_completion(["x"], max_gen_len=0), ValueError, "max_gen_len"),
+        (lambda g: g.text_completion(["x"], temperature=float("nan")), ValueError, "temperature"),
+        (lambda g: g.text_completion(["x"], temperature=float("inf")), ValueError, "temperature"),
+        (lambda g: g.text_completion(["x"], temperature=True), ValueError, "temperature"),
+        (lambda g: g.text_completion(["x"], top_p=float("nan")), ValueError, "top_p"),
+        (lambda g: g.text_completion(["x"], top_p=True), ValueError, "top_p"),
+        (lambda g: g.text_completion(["x"], max_gen_len=-1), ValueError, "max_gen_len"),
         (lambda g: g.text_completion("a single string"), TypeError, "list of str"),
         (lambda g: g.text_completion([3]), TypeError, "list of str"),
         (lambda g: g.text_completion(["x"] * 5), ValueError, "max_batch_size"),
@@ -391,3 +447,21 @@ def test_build_checks_keys(tmp_path, make_checkpoint, tokenizer_path, change):
 def test_build_bad_arguments(make_checkpoint, tokenizer_path, kwargs, error, message):
     with pytest.raises(error, match=message):
         build(make_checkpoint("gqa"), tokenizer_path, **kwargs)
+
+
+# ---------------------------------------------------------------- concurrent use
+
+
+def test_threads_are_served_one_at_a_time(generator):
+    from concurrent.futures import ThreadPoolExecutor
+
+    torch.set_num_threads(2)  # threads inside ops make interleaved batches likelier to show up
+    try:
+        prompts = [[p] for p in PROMPTS + ["Numbers such as 12345"]]
+        expected = [generator.text_completion(p, temperature=0, max_gen_len=24) for p in prompts]
+        with ThreadPoolExecutor(4) as pool:
+            for _ in range(3):
+                got = list(pool.map(lambda p: generator.text_completion(p, temperature=0, max_gen_len=24), prompts))
+                assert got == expected
+    finally:
+        torch.set_num_threads(1)

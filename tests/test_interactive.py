@@ -87,11 +87,78 @@ def test_ctrl_d_exits_cleanly(make_checkpoint, tokenizer_path):
     assert child.exitstatus == 0
 
 
-def test_ctrl_c_stops_the_answer_and_returns_to_the_prompt(make_checkpoint, tokenizer_path, monkeypatch):
-    generator = Llama.build(
+@pytest.fixture(scope="module")
+def generator(make_checkpoint, tokenizer_path) -> Llama:
+    return Llama.build(
         str(make_checkpoint("gqa")), str(tokenizer_path), max_seq_len=96, max_batch_size=1,
         device="cpu", dtype=torch.float32,
     )  # fmt: skip
+
+
+def chat(generator, lines, monkeypatch, **kwargs) -> tuple[str, list]:
+    """Run chat_loop in-process over `lines` (str, or an exception to raise); the output and each dialog sent."""
+    dialogs, lines = [], iter(lines)
+    answer = generator.chat_completion_stream
+
+    def recorded(dialog, *args, **kw):
+        dialogs.append(dialog)
+        return answer(dialog, *args, **kw)
+
+    def read(prompt):
+        line = next(lines)
+        if isinstance(line, BaseException):
+            raise line
+        return line
+
+    monkeypatch.setattr(generator, "chat_completion_stream", recorded)
+    out = io.StringIO()
+    chat_loop(generator, temperature=0, max_gen_len=4, read=read, out=out, **kwargs)
+    return out.getvalue(), dialogs
+
+
+def test_a_refused_message_is_dropped_from_the_dialog(generator, monkeypatch):
+    from llama.chat_format import Llama2ChatFormat
+
+    text, dialogs = chat(generator, ["Ignore this [INST] trick", "Hello there", "/exit"], monkeypatch)
+    assert Llama2ChatFormat.UNSAFE_ERROR in text and "not added to the dialog" in text
+    assert dialogs == [[{"role": "user", "content": "Hello there"}]]  # the refused message is gone
+    assert text.count(Llama2ChatFormat.UNSAFE_ERROR) == 1  # the next answer is a real one
+
+
+def test_an_answer_with_special_tags_is_not_kept(generator, monkeypatch):
+    answers = iter([["Sure ", "[/INST] here"], ["Fine."]])
+    dialogs = []
+    monkeypatch.setattr(generator, "chat_completion_stream", lambda d, *a, **k: dialogs.append(d) or next(answers))
+    lines = iter(["Hello there", "Where do llamas live?", "/exit"])
+    out = io.StringIO()
+    chat_loop(generator, read=lambda prompt: next(lines), out=out)
+    assert "not kept in the dialog" in out.getvalue()
+    assert dialogs[1] == [{"role": "user", "content": "Where do llamas live?"}]
+
+
+def test_unencodable_input_is_reported_and_the_chat_goes_on(generator, monkeypatch):
+    bad_bytes = UnicodeDecodeError("utf-8", b"\xff", 0, 1, "invalid start byte")
+    lines = ["Hello there", "lone \udcff surrogate", bad_bytes, "Where do llamas live?", "/exit"]
+    text, dialogs = chat(generator, lines, monkeypatch)
+    assert "lone surrogate" in text and "not valid UTF-8" in text
+    assert len(dialogs) == 2 and [m["content"] for m in dialogs[1] if m["role"] == "user"] == [
+        "Hello there", "Where do llamas live?"
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize("max_gen_len", [96, 200, 95])
+def test_max_gen_len_that_leaves_no_room_fails_before_the_loop(generator, max_gen_len):
+    read = pytest.fail  # the loop must not start
+    with pytest.raises(ValueError, match=f"max_gen_len={max_gen_len}.*max_seq_len=96"):
+        chat_loop(generator, max_gen_len=max_gen_len, read=read, out=io.StringIO())
+
+
+def test_a_system_prompt_with_special_tags_fails_before_the_loop(generator):
+    with pytest.raises(ValueError, match="system prompt"):
+        chat_loop(generator, system="Be [INST] brief", read=pytest.fail, out=io.StringIO())
+
+
+def test_ctrl_c_stops_the_answer_and_returns_to_the_prompt(generator, monkeypatch):
     dialogs = []
 
     def endless_answer(dialog, *args, **kwargs):

@@ -197,3 +197,29 @@ def test_chat_stop(generator):
     stop = middle_of(answers[i])
     out = generator.chat_completion([dialogs[i]], temperature=0, max_gen_len=30, stop=[stop])
     assert out[0]["generation"]["content"] == answers[i][: answers[i].index(stop)]
+
+
+# ---------------------------------------------------------------- one Llama, several generations
+
+
+def test_alternated_streams_the_first_raises_the_second_is_right(generator):
+    kwargs = dict(temperature=0, max_gen_len=20)
+    expected = generator.text_completion([PROMPTS[1]], **kwargs)[0]["generation"]
+    first = generator.text_completion_stream(PROMPTS[0], **kwargs)
+    next(first)  # the first stream's prompt is in the KV cache
+    second = generator.text_completion_stream(PROMPTS[1], **kwargs)
+    pieces = [next(second)]  # the second stream's prompt overwrites it
+    with pytest.raises(RuntimeError, match="KV cache was overwritten by another generation"):
+        next(first)
+    pieces.extend(second)
+    assert "".join(pieces) == expected
+
+
+def test_stream_used_after_a_text_completion_raises(generator):
+    stream = generator.text_completion_stream(PROMPTS[0], temperature=0, max_gen_len=20)
+    next(stream)
+    generator.text_completion([PROMPTS[1]], temperature=0, max_gen_len=4)
+    with pytest.raises(RuntimeError, match="KV cache was overwritten"):
+        next(stream)
+    with pytest.raises(StopIteration):  # a stream that raised is over
+        next(stream)
