@@ -153,6 +153,8 @@ class Llama:
         max_seq_len = check_positive_int("max_seq_len", max_seq_len)
         max_batch_size = check_positive_int("max_batch_size", max_batch_size)
         device = torch.device(device) if device is not None else default_device()
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"device={str(device)!r}, but this torch has no usable CUDA device; use device='cpu'")
         if dtype is None:
             dtype = default_dtype(device)
         elif not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:

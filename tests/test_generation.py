@@ -442,8 +442,10 @@ def test_build_checks_keys(tmp_path, make_checkpoint, tokenizer_path, change):
         (dict(max_batch_size=-2), ValueError, "max_batch_size"),
         (dict(dtype="float32"), TypeError, "dtype"),
         (dict(model_parallel_size=3), ValueError, "model_parallel_size"),
+        pytest.param(dict(device="cuda"), ValueError, "no usable CUDA device; use device='cpu'",
+                     marks=pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error without CUDA")),
     ],
-)
+)  # fmt: skip
 def test_build_bad_arguments(make_checkpoint, tokenizer_path, kwargs, error, message):
     with pytest.raises(error, match=message):
         build(make_checkpoint("gqa"), tokenizer_path, **kwargs)
