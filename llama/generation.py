@@ -179,7 +179,7 @@ class Llama:
         if rope_scaling_factor is not None:
             overrides["rope_scaling_factor"] = rope_scaling_factor
         model_args = dataclasses.replace(model_args, **overrides)
-        check_model_parallel_fit(model_args, mp_size)
+        check_model_parallel_fit(model_args, mp_size, repeat_kv_heads=True)
         with torch.device(device), default_dtype_scope(dtype):
             model = family.model_cls(model_args)
         checkpoint.load_weights(model, shard_paths, model_parallel_rank(), mp_size, device, dtype)

@@ -49,22 +49,29 @@ class Layout:
 
     shapes: Mapping[str, tuple[int, ...]]
     split_dims: Mapping[str, Optional[int]]
+    # key -> how many consecutive ranks share each slice of it (KV heads on more ranks than there are heads)
+    repeats: Mapping[str, int] = dataclasses.field(default_factory=dict)
 
     @classmethod
     def from_model(cls, model: nn.Module, mp_size: Optional[int] = None) -> Layout:
         """The layout of `model` as built for mp_size ranks (default: this process's model-parallel size): its
-        weights' shapes are one rank's, scaled up along split dims."""
+        weights' shapes are one rank's, scaled up along split dims (and down by any repeat of KV heads)."""
         if mp_size is None:
             mp_size = fs_init.get_model_parallel_world_size() if fs_init.model_parallel_is_initialized() else 1
+        repeats = {}
+        for module_name, module in model.named_modules():
+            if getattr(module, "kv_repeats", 1) > 1:  # an Attention with more ranks than KV heads
+                for proj in ("wk", "wv"):
+                    repeats[f"{module_name}.{proj}.weight"] = module.kv_repeats
         shapes, split_dims = {}, {}
         for module_name, module in model.named_modules():
             for name, param in module.named_parameters(prefix=module_name, recurse=False):
                 dim = layer_split_dim(module) if name.endswith("weight") else None
                 shape = list(param.shape)
                 if dim is not None:
-                    shape[dim] *= mp_size
+                    shape[dim] = shape[dim] * mp_size // repeats.get(name, 1)
                 shapes[name], split_dims[name] = tuple(shape), dim
-        return cls(shapes, split_dims)
+        return cls(shapes, split_dims, repeats)
 
     @classmethod
     def for_args(cls, args: ModelArgs, model_cls: type = Transformer) -> Layout:
@@ -91,9 +98,7 @@ class Layout:
         emb = first.get("tok_embeddings.weight")
         out = first.get("output.weight")
         if len(shards) > 1 and emb is not None and out is not None and emb.ndim == 2:
-            dims = dict(layout.split_dims)
-            dims["tok_embeddings.weight"] = 0 if emb.shape == out.shape else 1
-            layout = cls({}, dims)
+            layout = cls({}, {**layout.split_dims, "tok_embeddings.weight": 0 if emb.shape == out.shape else 1})
         return layout
 
     def split_dim(self, key: str) -> Optional[int]:
@@ -157,11 +162,14 @@ class Layout:
         """Rank `rank`'s slice (of `world_size`) of weight `key`, cut from a checkpoint in len(shards) parts.
 
         Only the parts of the shards that overlap the slice are read, so with memory-mapped shards a rank
-        touches little more than its own slice. The result may be a view of a shard.
+        touches little more than its own slice. The result may be a view of a shard. Where `repeats` says that
+        r ranks share a slice (a KV head), rank k gets slice k // r of world_size // r.
         """
         dim = self.split_dim(key)
         if dim is None:
             return shards[0][key]
+        repeat = self.repeats.get(key, 1)
+        rank, world_size = rank // repeat, world_size // repeat
         sizes = [s[key].shape[dim] for s in shards]
         lo, hi = self.rank_bounds(key, sum(sizes), rank, world_size)
         pieces, offset = [], 0

@@ -237,12 +237,16 @@ class Attention(nn.Module):
         super().__init__()
         mp_size = fs_init.get_model_parallel_world_size()
         self.n_kv_heads = args.kv_heads
+        # With more ranks than KV heads, each rank holds the one KV head its query heads share, so wk and wv
+        # are built kv_repeats times larger and each KV head is repeated over kv_repeats ranks (as Meta's loader
+        # repeats them). Otherwise kv_repeats is 1 and this is the reference's attention.
+        self.kv_repeats = max(1, mp_size // self.n_kv_heads)
         self.n_local_heads = args.n_heads // mp_size
-        self.n_local_kv_heads = self.n_kv_heads // mp_size
+        self.n_local_kv_heads = self.n_kv_heads * self.kv_repeats // mp_size
         self.n_rep = self.n_local_heads // self.n_local_kv_heads
         self.head_dim = args.head_dim
 
-        q_dim, kv_dim = args.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
+        q_dim, kv_dim = args.n_heads * self.head_dim, self.n_kv_heads * self.kv_repeats * self.head_dim
         self.wq = ColumnParallelLinear(args.dim, q_dim, bias=False, gather_output=False, init_method=_keep)
         self.wk = ColumnParallelLinear(args.dim, kv_dim, bias=False, gather_output=False, init_method=_keep)
         self.wv = ColumnParallelLinear(args.dim, kv_dim, bias=False, gather_output=False, init_method=_keep)
@@ -349,7 +353,7 @@ class Transformer(nn.Module):
             raise ValueError(
                 f"vocab_size must be set to the tokenizer's size before building the model, got {params.vocab_size}"
             )
-        check_model_parallel_fit(params, fs_init.get_model_parallel_world_size())
+        check_model_parallel_fit(params, fs_init.get_model_parallel_world_size(), repeat_kv_heads=True)
         self.params = params
         self.vocab_size = params.vocab_size
         self.n_layers = params.n_layers
@@ -394,12 +398,19 @@ class Llama3Transformer(Transformer):
     embedding_cls = VocabParallelEmbedding
 
 
-def check_model_parallel_fit(params: ModelArgs, mp_size: int) -> None:
+def check_model_parallel_fit(params: ModelArgs, mp_size: int, repeat_kv_heads: bool = False) -> None:
     """Raise a ValueError naming the usable sizes when the model cannot be split over mp_size ranks.
 
     Heads, KV heads, dim (embedding columns), the SwiGLU hidden size and the vocabulary (output rows) are
-    all split across model-parallel ranks, so each must divide evenly.
+    all split across model-parallel ranks, so each must divide evenly. repeat_kv_heads: a running model may
+    use more ranks than KV heads (a multiple of them), each KV head repeated on several ranks; a checkpoint
+    file cannot (its shards hold each head once).
     """
+
+    def fits(n: int) -> bool:
+        kv_ok = params.kv_heads % n == 0 or (repeat_kv_heads and n % params.kv_heads == 0)
+        return kv_ok and all(size % n == 0 for name, size in sizes.items() if name != "n_kv_heads")
+
     sizes = {
         "n_heads": params.n_heads,
         "n_kv_heads": params.kv_heads,
@@ -407,10 +418,11 @@ def check_model_parallel_fit(params: ModelArgs, mp_size: int) -> None:
         "ffn hidden size": ffn_hidden_dim(params.dim, params.multiple_of, params.ffn_dim_multiplier),
         "vocab_size": params.vocab_size,
     }
-    bad = [f"{name}={size}" for name, size in sizes.items() if size % mp_size != 0]
-    if not bad:
+    if fits(mp_size):
         return
-    usable = [n for n in range(1, params.kv_heads + 1) if all(size % n == 0 for size in sizes.values())]
+    bad = [f"{name}={size}" for name, size in sizes.items() if size % mp_size != 0]
+    most = params.n_heads if repeat_kv_heads else params.kv_heads
+    usable = [n for n in range(1, most + 1) if fits(n)]
     raise ValueError(
         f"the model cannot be split over {mp_size} model-parallel processes ({', '.join(bad)} not divisible); "
         f"use a model-parallel size in {usable}"

@@ -132,12 +132,21 @@ def test_reshard_writes_llama3s_layout(llama3_dir, tmp_path):
 
 
 @pytest.mark.slow
-def test_two_processes_match_one(llama3_dir, tmp_path):
-    two = write_checkpoint(tmp_path / "mp2", tiny_llama3(), 2)
+@pytest.mark.parametrize("nproc, n_shards", [(2, 2), (4, 1), (4, 2)])
+def test_processes_match_one(llama3_dir, tmp_path, nproc, n_shards):
+    """2 and 4 processes on 1- and 2-shard files; with 4 there are more ranks than the 2 KV heads."""
+    folder = llama3_dir if n_shards == 1 else write_checkpoint(tmp_path / "mp2", tiny_llama3(), 2)
     single = build(llama3_dir)
     expected = [r["generation"] for r in single.text_completion(MP_PROMPTS, temperature=0, max_gen_len=12)]
-    result = run_worker(2, two, two / "tokenizer.model")
+    tokens = torch.tensor([single.tokenizer.encode(MP_PROMPTS[0], bos=True, eos=False)])
+    result = run_worker(nproc, folder, folder / "tokenizer.model")
     assert result["generations"] == expected
+    assert_close(torch.tensor(result["logits"]), single.model.forward(tokens, 0), rtol=1e-5, atol=1e-5)
+
+
+def test_reshard_refuses_more_shards_than_kv_heads(llama3_dir, tmp_path):
+    with pytest.raises(ValueError, match=r"cannot be split over 4 .*n_kv_heads=2"):
+        reshard.reshard(llama3_dir, tmp_path / "mp4", 4)
 
 
 def test_params_json_of_llama3_checkpoints_load():
