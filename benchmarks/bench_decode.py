@@ -162,7 +162,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     print(f"shape {shape}, {weight_bytes / 1e9:.2f} GB of weights")
     print(f"read bandwidth {bandwidth / 1e9:.1f} GB/s -> limit {floor_ms:.1f} ms/token at batch 1")
 
-    tokenizer = SimpleNamespace(eos_id=-2, pad_id=-1)  # an EOS that never comes: every run decodes to the end
+    # An EOS that never comes: every run decodes to the end.
+    tokenizer = SimpleNamespace(eos_id=-2, pad_id=-1, stop_ids=[-2])
     faithful = Llama(model, tokenizer)  # type: ignore[arg-type]
     start = time.perf_counter()
     fast = Llama(model, tokenizer, fast=FastDecoder(model, compile=True))  # type: ignore[arg-type]

@@ -29,7 +29,7 @@ from llama.distributed import (
     model_parallel_rank,
     setup_model_parallel,
 )
-from llama.families import family_of, load_tokenizer
+from llama.families import FAMILIES, family_of, load_tokenizer
 from llama.model import Transformer, check_model_parallel_fit
 from llama.stream import RowEnd, TextStream, check_stop
 from llama.tokenizer import TokenizerLike
@@ -204,7 +204,9 @@ class Llama:
     ):
         self.model = model
         self.tokenizer = tokenizer
-        self.formatter: ChatFormat = formatter if formatter is not None else family_of(tokenizer).chat_format(tokenizer)
+        if formatter is None and any(isinstance(tokenizer, f.tokenizer_cls) for f in FAMILIES):
+            formatter = family_of(tokenizer).chat_format(tokenizer)
+        self.formatter: Optional[ChatFormat] = formatter  # None: a tokenizer of no family (benchmarks), no chat
         self.fast = fast  # decode steps on the static-shape path when set
         self._stop_ids = torch.tensor(tokenizer.stop_ids, dtype=torch.long, device=self.device)
         # One KV cache serves every call. Each batch call holds the lock for its whole run, a stream for each
@@ -490,6 +492,14 @@ class Llama:
 
     # ------------------------------------------------------------------ text and chat
 
+    def _chat_format(self) -> ChatFormat:
+        if self.formatter is None:
+            raise TypeError(
+                f"this Llama has no chat format: its {type(self.tokenizer).__name__} belongs to no family in "
+                "llama.families; pass formatter= to Llama(...)"
+            )
+        return self.formatter
+
     def _default_gen_len(self, max_gen_len: Optional[int]) -> int:
         return self.model.params.max_seq_len - 1 if max_gen_len is None else max_gen_len
 
@@ -555,8 +565,9 @@ class Llama:
         """
         if not isinstance(dialogs, (list, tuple)):
             raise TypeError("dialogs must be a list of dialogs (each a list of {'role', 'content'} messages)")
-        prompt_tokens = [self.formatter.encode_dialog_prompt(dialog) for dialog in dialogs]
-        refusals = [self.formatter.refusal(dialog) for dialog in dialogs]
+        formatter = self._chat_format()
+        prompt_tokens = [formatter.encode_dialog_prompt(dialog) for dialog in dialogs]
+        refusals = [formatter.refusal(dialog) for dialog in dialogs]
         tokens, logprobs_, rows, streams = self._complete(
             prompt_tokens, max_gen_len, temperature, top_p, logprobs, False, stop
         )
@@ -564,8 +575,8 @@ class Llama:
         results: List[ChatPrediction] = []
         for i, t in enumerate(tokens):
             answer = refusals[i] if refusals[i] is not None else texts[i]
-            stop_reason = self.formatter.stop_reason(rows[i].stop_id)
-            result: ChatPrediction = {"generation": self.formatter.decode_answer(answer, stop_reason)}
+            stop_reason = formatter.stop_reason(rows[i].stop_id)
+            result: ChatPrediction = {"generation": formatter.decode_answer(answer, stop_reason)}
             if logprobs:
                 result["tokens"] = [self.tokenizer.decode([x]) for x in t]
                 result["logprobs"] = logprobs_[i]
@@ -581,8 +592,9 @@ class Llama:
         stop: Optional[List[str]] = None,
     ) -> Iterator[str]:
         """Yield the assistant's answer to one dialog as text deltas; they join to the ``chat_completion`` content."""
-        prompt_tokens = self.formatter.encode_dialog_prompt(dialog)
-        refusal = self.formatter.refusal(dialog)
+        formatter = self._chat_format()
+        prompt_tokens = formatter.encode_dialog_prompt(dialog)
+        refusal = formatter.refusal(dialog)
         if refusal is not None:
             check_stop(stop)
             return iter([refusal])
