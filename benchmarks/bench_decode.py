@@ -34,6 +34,9 @@ from llama.model import ModelArgs, Transformer, ffn_hidden_dim
 SHAPES = {
     "cpu": dict(dim=2048, n_layers=16, n_heads=16, n_kv_heads=4, vocab_size=32000, multiple_of=256),
     "cuda": dict(dim=4096, n_layers=32, n_heads=32, n_kv_heads=None, vocab_size=32000, multiple_of=256),
+    # Llama 3.2 1B, the Llama 3 people run on CPUs (FFN 8192, 128256-token vocabulary, scaled RoPE)
+    "llama3.2-1b": dict(dim=2048, n_layers=16, n_heads=32, n_kv_heads=8, vocab_size=128256, multiple_of=256,
+                        ffn_dim_multiplier=1.5, rope_theta=500000.0, use_scaled_rope=True),
 }
 
 
@@ -78,18 +81,22 @@ def random_model(args: ModelArgs, device: torch.device, dtype: torch.dtype) -> T
 def hf_model(model: Transformer, dtype: torch.dtype, device: torch.device):
     import transformers
 
-    from llama.convert import meta_to_hf_state_dict
+    from llama.layout import meta_to_hf_state_dict
 
     a = model.params
+    rope_scaling = None
+    if a.use_scaled_rope:
+        rope_scaling = {"rope_type": "llama3", "factor": a.rope_scaling_factor or 8.0, "low_freq_factor": 1.0,
+                        "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}  # fmt: skip
     config = transformers.LlamaConfig(
         vocab_size=a.vocab_size, hidden_size=a.dim, num_hidden_layers=a.n_layers, num_attention_heads=a.n_heads,
         num_key_value_heads=a.kv_heads, intermediate_size=ffn_hidden_dim(a.dim, a.multiple_of, a.ffn_dim_multiplier),
         rms_norm_eps=a.norm_eps, rope_theta=a.rope_theta, max_position_embeddings=a.max_seq_len,
-        tie_word_embeddings=False,
+        tie_word_embeddings=False, rope_scaling=rope_scaling,
     )  # fmt: skip
     with torch.device(device), default_dtype_scope(dtype):
         hf = transformers.LlamaForCausalLM(config)
-    hf.load_state_dict(meta_to_hf_state_dict(model.state_dict(), a.n_heads, a.kv_heads), strict=True)
+    hf.load_state_dict(meta_to_hf_state_dict(model.state_dict(), a), strict=True)
     return hf.eval()
 
 
@@ -117,6 +124,7 @@ def decode_ms_per_token(
 def main(argv: Optional[list[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--shape", default=None, choices=sorted(SHAPES), help="default: the device's (cpu/cuda)")
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     for key in ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of"):
         parser.add_argument(f"--{key}", type=int, default=None)
@@ -141,8 +149,8 @@ def main(argv: Optional[list[str]] = None) -> None:
 
     device = torch.device(opts.device)
     dtype = getattr(torch, opts.dtype)
-    shape = dict(SHAPES["cuda" if device.type == "cuda" else "cpu"])
-    shape.update({k: getattr(opts, k) for k in shape if getattr(opts, k) is not None})
+    shape = dict(SHAPES[opts.shape or ("cuda" if device.type == "cuda" else "cpu")])
+    shape.update({k: getattr(opts, k) for k in shape if getattr(opts, k, None) is not None})
     batch_sizes = [int(b) for b in (opts.batch_sizes or ("1,8,32" if device.type == "cuda" else "1")).split(",")]
     prefill_lens = [int(n) for n in opts.prefill_lens.split(",") if n]
     max_seq_len = max(opts.max_seq_len, opts.prompt_len + opts.gen_long)
