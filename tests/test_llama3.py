@@ -4,6 +4,7 @@ formulas and Hugging Face transformers with ``rope_type: llama3``."""
 from __future__ import annotations
 
 import importlib.resources
+import sys
 from pathlib import Path
 
 import pytest
@@ -169,3 +170,15 @@ def test_fast_path_equals_the_faithful_one(llama3_dir):
     faithful = build(llama3_dir)
     fast = Llama(faithful.model, faithful.tokenizer, fast=FastDecoder(faithful.model, compile=False))
     assert greedy(fast) == greedy(faithful)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("script", ["example_text_completion.py", "example_chat_completion.py"])
+def test_example_scripts_run_llama3_with_the_same_flags(llama3_dir, script):
+    from test_examples import SEPARATOR, run
+
+    tokenizer = llama3_dir / "tokenizer.model"
+    out = run([sys.executable, script, str(llama3_dir), str(tokenizer), "--max_gen_len=4", "--dtype=float32",
+               "--max_batch_size=4"]).stdout  # fmt: skip
+    assert out.count(f"Using {llama3_dir}") == 1
+    assert out.count(SEPARATOR) >= 4
