@@ -7,11 +7,13 @@ tokenizer files) around them.
 
 from __future__ import annotations
 
+import base64
 import json
 import logging
 import math
 import os
 import shutil
+import tempfile
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Optional, Sequence
 
@@ -22,10 +24,11 @@ import torch
 
 from llama import checkpoint
 from llama.checks import check_positive_int, parse_dtype
+from llama.families import FAMILIES, Family, family_of, load_tokenizer
 from llama.layout import Layout, meta_to_hf_name, qk_to_hf
 from llama.model import ModelArgs, check_model_parallel_fit, ffn_hidden_dim
 from llama.reshard import ProgressLine
-from llama.tokenizer import Tokenizer
+from llama.tokenizer import Llama3Tokenizer, Tokenizer, TokenizerLike, read_ranks
 
 logger = logging.getLogger(__name__)
 
@@ -34,13 +37,32 @@ logger = logging.getLogger(__name__)
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 
 
-def hf_config(args: ModelArgs, bos_id: int, eos_id: int, dtype: torch.dtype, max_position_embeddings: int) -> dict:
+# Llama 3.1's RoPE scaling as Meta's code fixes it (llama.model.scale_rope_frequencies); only the factor varies.
+LLAMA3_ROPE_FIXED = {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+
+
+def default_context_length(family: Family, args: ModelArgs) -> int:
+    """The context length Meta gives each version: Llama 2 4096, Llama 3 8192, 3.1 and later (scaled RoPE)
+    131072."""
+    if args.use_scaled_rope:
+        return 131072
+    return 8192 if family.model_cls is FAMILIES[1].model_cls else 4096
+
+
+def hf_config(
+    args: ModelArgs,
+    bos_id: int,
+    eos_id: int | Sequence[int],
+    dtype: torch.dtype,
+    max_position_embeddings: int,
+    tie_word_embeddings: bool = False,
+) -> dict:
     """The config.json of Hugging Face's LlamaForCausalLM for a model of `args` (vocab_size must be set).
 
-    Only the fields that transformers 4.x and 5.x both read are written (rope_theta, torch_dtype), so either
-    loads it.
+    Only the fields that transformers 4.x and 5.x both read are written (rope_theta, rope_scaling, torch_dtype),
+    so either loads it. eos_id may be a list: every id that ends a generated answer.
     """
-    return {
+    config = {
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
         "hidden_size": args.dim,
@@ -52,16 +74,22 @@ def hf_config(args: ModelArgs, bos_id: int, eos_id: int, dtype: torch.dtype, max
         "hidden_act": "silu",
         "rms_norm_eps": args.norm_eps,
         "rope_theta": args.rope_theta,
+    }
+    if args.use_scaled_rope:  # without it HF would compute another model
+        factor = 8.0 if args.rope_scaling_factor is None else float(args.rope_scaling_factor)
+        config["rope_scaling"] = {"rope_type": "llama3", "factor": factor, **LLAMA3_ROPE_FIXED}
+    config.update({
         "vocab_size": args.vocab_size,
         "max_position_embeddings": max_position_embeddings,
-        "tie_word_embeddings": False,
+        "tie_word_embeddings": tie_word_embeddings,
         "attention_bias": False,
         "mlp_bias": False,
         "bos_token_id": bos_id,
-        "eos_token_id": eos_id,
+        "eos_token_id": eos_id if isinstance(eos_id, int) else list(eos_id),
         "torch_dtype": str(dtype).removeprefix("torch."),
         "use_cache": True,
-    }
+    })  # fmt: skip
+    return config
 
 
 # (multiple_of, ffn_dim_multiplier) of Meta's released models, tried first when recovering params.json.
@@ -116,12 +144,11 @@ def params_from_hf_config(config: Mapping[str, Any], source: str = "config.json"
         "attention_bias": bool(config.get("attention_bias")),
         "mlp_bias": bool(config.get("mlp_bias")),
         "hidden_act": config.get("hidden_act", "silu") != "silu",
-        "rope_scaling": bool(config.get("rope_scaling")),
-        "rope_parameters.rope_type": rope_parameters.get("rope_type", "default") != "default",
     }
     bad = [name for name, is_bad in unsupported.items() if is_bad]
     if bad:
-        raise ValueError(f"{source}: {', '.join(bad)} not supported by Meta's Llama 2 layout")
+        raise ValueError(f"{source}: {', '.join(bad)} not supported by Meta's Llama layout")
+    scaling_factor = llama3_rope_factor(config, rope_parameters, source)
     try:
         dim, n_heads = _config_int(config, "hidden_size", source), _config_int(config, "num_attention_heads", source)
         n_layers = _config_int(config, "num_hidden_layers", source)
@@ -150,8 +177,45 @@ def params_from_hf_config(config: Mapping[str, Any], source: str = "config.json"
         params["ffn_dim_multiplier"] = multiplier
     params["norm_eps"] = norm_eps
     params["rope_theta"] = rope_theta
-    params["vocab_size"] = -1  # as Meta writes it: the tokenizer decides
+    params["vocab_size"] = -1  # as Meta writes Llama 2's: the tokenizer decides (from_hf writes Llama 3's size)
+    if scaling_factor is not None:
+        params["use_scaled_rope"] = True
+        if scaling_factor != 8.0:  # Meta's code hard-codes 8; another factor needs our optional key
+            params["rope_scaling_factor"] = scaling_factor
     return params
+
+
+def llama3_rope_factor(config: Mapping[str, Any], rope_parameters: Mapping[str, Any], source: str) -> Optional[float]:
+    """The factor of a config's Llama 3.1 RoPE scaling (``rope_scaling`` of transformers 4.x, ``rope_parameters``
+    of 5.x); None without scaling. Other kinds of scaling, or other values of the parameters that Meta's code
+    fixes, are refused: Meta's model cannot compute them."""
+    def kind_of(scaling: Mapping[str, Any]) -> Any:
+        return scaling.get("rope_type", scaling.get("type", "default"))  # "type": older transformers' name
+
+    scaling = config.get("rope_scaling")
+    if scaling is None and kind_of(rope_parameters) != "default":
+        scaling = rope_parameters
+    if not scaling:
+        return None
+    if not isinstance(scaling, Mapping):
+        raise ValueError(f"{source}: 'rope_scaling' must be an object, got {type(scaling).__name__}")
+    kind = kind_of(scaling)
+    if kind == "default":
+        return None
+    if kind != "llama3":
+        raise ValueError(
+            f"{source}: RoPE scaling of type {kind!r} is not supported; Meta's Llama layout has only Llama 3.1's "
+            "('llama3') scaling, or none"
+        )
+    for field, value in LLAMA3_ROPE_FIXED.items():
+        if field in scaling and scaling[field] != value:
+            raise ValueError(
+                f"{source}: llama3 RoPE scaling with {field}={scaling[field]!r} is not supported; Meta's model "
+                f"fixes it at {value!r}"
+            )
+    if "factor" not in scaling:
+        raise ValueError(f"{source}: llama3 RoPE scaling lacks 'factor'")
+    return _config_float(scaling, "factor", f"{source}: rope scaling")
 
 
 def sentencepiece_model_type(serialized: bytes) -> int:
@@ -281,41 +345,246 @@ def write_hf_tokenizer(tokenizer: Tokenizer, tokenizer_path: str | os.PathLike, 
         (out_dir / "tokenizer.json").write_text(json.dumps(fast, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
+# ------------------------------------------------------------------------------------ Llama 3 tokenizer files
+
+
+def byte_level_alphabet() -> list[str]:
+    """The character that stands for each byte value in a byte-level BPE vocabulary (GPT-2's convention, which
+    ``tokenizers``' ByteLevel uses): printable Latin-1 bytes stand for themselves; the other 68 byte values take
+    the characters from U+0100 on, in byte order."""
+    printable = set(range(ord("!"), ord("~") + 1)) | set(range(0xA1, 0xAC + 1)) | set(range(0xAE, 0xFF + 1))
+    alphabet, extra = [], 0
+    for byte in range(256):
+        if byte in printable:
+            alphabet.append(chr(byte))
+        else:
+            alphabet.append(chr(256 + extra))
+            extra += 1
+    return alphabet
+
+
+def bpe_split(token: bytes, ranks: Mapping[bytes, int]) -> Optional[tuple[bytes, bytes]]:
+    """The two tokens that tiktoken joins last when it encodes the bytes of `token` by merging alone; None when
+    that does not end in `token` (tiktoken then gives it only for a whole pre-tokenized piece).
+
+    Merging inside a span never depends on the text around it, so wherever tiktoken forms `token`, it forms it
+    from this pair. (The pair whose larger rank is smallest is not always this pair.)
+    """
+    parts = [token[i : i + 1] for i in range(len(token))]
+    while len(parts) > 2:
+        best, where = None, -1
+        for i in range(len(parts) - 1):  # the lowest-ranked joined pair, leftmost on ties, as tiktoken
+            rank = ranks.get(parts[i] + parts[i + 1])
+            if rank is not None and (best is None or rank < best):
+                best, where = rank, i
+        if best is None:
+            return None
+        parts[where : where + 2] = [parts[where] + parts[where + 1]]
+    return (parts[0], parts[1]) if len(parts) == 2 and parts[0] + parts[1] in ranks else None
+
+
+def llama3_tokenizer_json(tokenizer: Llama3Tokenizer, ranks: Mapping[bytes, int]) -> dict[str, Any]:
+    """A ``tokenizers`` tokenizer.json that gives the ids of `tokenizer`, whose BPE ranks (its tokenizer.model)
+    are `ranks`.
+
+    Vocabulary: each token's bytes in the byte-level alphabet, its rank as id. Merges: for each token, the pair
+    tiktoken joins into it (``bpe_split``), in rank order, so the merge with the lowest rank goes first as in
+    tiktoken. ``ignore_merges`` takes a whole pre-tokenized piece that is a token as it is, as tiktoken does.
+    Special-token text is an added token here, whereas Llama3Tokenizer encodes it as plain text.
+    """
+    alphabet = byte_level_alphabet()
+
+    def text(token: bytes) -> str:
+        return "".join(alphabet[b] for b in token)
+
+    by_rank = sorted(ranks.items(), key=lambda item: item[1])
+    vocab = {text(token): rank for token, rank in by_rank}
+    merges = []
+    for token, _ in by_rank:
+        pair = bpe_split(token, ranks) if len(token) > 1 else None
+        if pair is not None:
+            merges.append([text(pair[0]), text(pair[1])])
+    bos = "<|begin_of_text|>"
+    return {
+        "version": "1.0",
+        "truncation": None,
+        "padding": None,
+        "added_tokens": [
+            {"id": i, "content": name, "single_word": False, "lstrip": False, "rstrip": False,
+             "normalized": False, "special": True}
+            for name, i in sorted(tokenizer.special_tokens.items(), key=lambda item: item[1])
+        ],  # fmt: skip
+        "normalizer": None,
+        "pre_tokenizer": {
+            "type": "Sequence",
+            "pretokenizers": [
+                {"type": "Split", "pattern": {"Regex": tokenizer.pat_str}, "behavior": "Isolated", "invert": False},
+                {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False},
+            ],
+        },
+        "post_processor": {
+            "type": "TemplateProcessing",
+            "single": [{"SpecialToken": {"id": bos, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
+            "pair": [
+                {"SpecialToken": {"id": bos, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}},
+                {"SpecialToken": {"id": bos, "type_id": 1}}, {"Sequence": {"id": "B", "type_id": 1}},
+            ],  # fmt: skip
+            "special_tokens": {bos: {"id": bos, "ids": [tokenizer.bos_id], "tokens": [bos]}},
+        },
+        "decoder": {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True},
+        "model": {
+            "type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
+            "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False, "ignore_merges": True,
+            "vocab": vocab, "merges": merges,
+        },  # fmt: skip
+    }
+
+
+# Llama3ChatFormat.encode_dialog_prompt for text messages: the header, content as given (no strip, as
+# llama_models), end of turn; "tool" is written "ipython". Whitespace control ({{- -%}}) keeps the template's own
+# line breaks out of the prompt.
+LLAMA3_CHAT_TEMPLATE = (
+    "{{- '<|begin_of_text|>' -}}\n"
+    "{%- for message in messages -%}\n"
+    "{%- set role = 'ipython' if message['role'] == 'tool' else message['role'] -%}\n"
+    "{{- '<|start_header_id|>' + role + '<|end_header_id|>\n\n' + message['content'] + '<|eot_id|>' -}}\n"
+    "{%- endfor -%}\n"
+    "{%- if add_generation_prompt -%}\n"
+    "{{- '<|start_header_id|>assistant<|end_header_id|>\n\n' -}}\n"
+    "{%- endif -%}\n"
+)
+
+
+def write_llama3_hf_tokenizer(
+    tokenizer: Llama3Tokenizer, tokenizer_path: str | os.PathLike, out_dir: Path, max_length: int
+) -> None:
+    """Copy tokenizer.model into out_dir with the tokenizer.json and tokenizer_config.json that HF reads."""
+    shutil.copyfile(tokenizer_path, out_dir / "tokenizer.model")
+    names = {i: name for name, i in tokenizer.special_tokens.items()}
+    config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": names[tokenizer.bos_id],
+        "eos_token": names[tokenizer.eos_id],  # what encode(eos=True) appends; config.json lists every stop id
+        "pad_token": None,
+        "add_bos_token": True,
+        "add_eos_token": False,
+        "clean_up_tokenization_spaces": False,  # True would change decoded text (" ." -> ".")
+        "model_input_names": ["input_ids", "attention_mask"],
+        "model_max_length": max_length,
+        "chat_template": LLAMA3_CHAT_TEMPLATE,
+    }
+    (out_dir / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
+    fast = llama3_tokenizer_json(tokenizer, read_ranks(os.fspath(tokenizer_path)))
+    (out_dir / "tokenizer.json").write_text(json.dumps(fast, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def write_hf_tokenizer_files(
+    tokenizer: TokenizerLike, tokenizer_path: str | os.PathLike, out_dir: Path, max_length: int
+) -> None:
+    if isinstance(tokenizer, Llama3Tokenizer):
+        write_llama3_hf_tokenizer(tokenizer, tokenizer_path, out_dir, max_length)
+    else:
+        write_hf_tokenizer(tokenizer, tokenizer_path, out_dir, max_length)
+
+
+def is_byte_level_bpe(contents: Any) -> bool:
+    """Whether a parsed tokenizer.json is a byte-level BPE (tiktoken-style, as Llama 3's), not SentencePiece's."""
+    if not isinstance(contents, dict) or not isinstance(contents.get("model"), dict):
+        return False
+    pre = contents.get("pre_tokenizer") or {}
+    steps = pre.get("pretokenizers", [pre]) if isinstance(pre, dict) else []
+    return contents["model"].get("type") == "BPE" and any(
+        isinstance(step, dict) and step.get("type") == "ByteLevel" for step in steps
+    )
+
+
+def llama3_ranks_file(contents: Mapping[str, Any], source: str) -> bytes:
+    """Meta's Llama 3 tokenizer.model (``<base64 token> <rank>`` a line) for a parsed byte-level tokenizer.json.
+
+    The ranks are the vocabulary ids, the added (special) tokens left out. A ValueError when the file would
+    tokenize otherwise than Meta's tokenizer: another split pattern, merges out of rank order, or special
+    tokens other than Llama 3's at their ids (checked by the caller).
+    """
+    model = contents["model"]
+    vocab = model.get("vocab")
+    if not isinstance(vocab, dict):
+        raise ValueError(f"{source}: the BPE model has no 'vocab' object")
+    patterns = [
+        step.get("pattern", {}).get("Regex")
+        for step in (contents.get("pre_tokenizer") or {}).get("pretokenizers", [])
+        if isinstance(step, dict) and step.get("type") == "Split"
+    ]
+    if patterns != [Llama3Tokenizer.pat_str]:
+        raise ValueError(
+            f"{source}: its pre-tokenizer does not split text with Llama 3's pattern (found {patterns!r}), so "
+            "a Llama 3 tokenizer.model made from it would give other ids"
+        )
+    added = {t.get("content") for t in contents.get("added_tokens", []) if isinstance(t, dict)}
+    byte_of = {char: byte for byte, char in enumerate(byte_level_alphabet())}
+    ranks: dict[bytes, int] = {}
+    for token, rank in vocab.items():
+        if token in added:
+            continue
+        try:
+            ranks[bytes(byte_of[c] for c in token)] = rank
+        except KeyError as e:
+            raise ValueError(f"{source}: token {token!r} is not in the byte-level alphabet") from e
+    if sorted(ranks.values()) != list(range(len(ranks))):
+        raise ValueError(f"{source}: the ids of the ordinary tokens must be 0..{len(ranks) - 1}, each once")
+    # tiktoken joins first the pair whose joined token has the lowest rank: the merges must be in that order.
+    last = -1
+    for merge in model.get("merges", []):
+        left, right = merge.split(" ", 1) if isinstance(merge, str) else merge
+        rank = vocab.get(left + right)
+        if rank is None or rank < last:
+            raise ValueError(
+                f"{source}: merge {left!r} + {right!r} is out of the order of the ids, so tiktoken ranks made "
+                "from the ids would tokenize differently"
+            )
+        last = rank
+    by_rank = sorted(ranks.items(), key=lambda item: item[1])
+    return b"".join(base64.b64encode(token) + b" %d\n" % rank for token, rank in by_rank)
+
+
 def to_hf(
     ckpt_dir: str,
     tokenizer_path: str,
     out_dir: str,
-    max_position_embeddings: int = 4096,
+    max_position_embeddings: Optional[int] = None,
     dtype: Optional[str] = None,
     max_file_gb: float = 5.0,
 ) -> Path:
-    """Write a Meta checkpoint (any number of shards) as a Hugging Face folder that
+    """Write a Meta checkpoint (Llama 2 or 3.x, any number of shards) as a Hugging Face folder that
     ``transformers.AutoModelForCausalLM.from_pretrained(out_dir)`` and ``AutoTokenizer`` load.
 
     Args:
         ckpt_dir: Meta checkpoint folder (params.json, consolidated.NN.pth).
-        tokenizer_path: its tokenizer.model (Meta keeps it one folder up).
+        tokenizer_path: its tokenizer.model (Llama 2: one folder up; Llama 3: inside it). The file tells the
+            generation: SentencePiece for Llama 2, a tiktoken ranks file for Llama 3.
         out_dir: new folder (must not exist): config.json, model*.safetensors, tokenizer files.
-        max_position_embeddings: context length written to config.json (Llama 2: 4096).
+        max_position_embeddings: context length written to config.json; default the version's own: Llama 2
+            4096, Llama 3 8192, Llama 3.1 and later (scaled RoPE) 131072.
         dtype: float32, float16 or bfloat16; default: the checkpoint's own (bfloat16 for Meta's).
         max_file_gb: largest safetensors file; bigger models get several files and an index. Memory holds
             about one file's worth of weights at a time.
     """
     checkpoint.check_out_dir(out_dir, ckpt_dir)
-    ckpt = checkpoint.open_checkpoint(ckpt_dir)
+    tokenizer = load_tokenizer(tokenizer_path)
+    family = family_of(tokenizer)
+    ckpt = checkpoint.open_checkpoint(ckpt_dir, family.model_cls)
     args = ckpt.args
-    if args.use_scaled_rope:  # config.json would need rope_scaling; without it HF would compute another model
-        raise ValueError(
-            f"{ckpt_dir!r} uses Llama 3.1's scaled RoPE, which to_hf does not convert yet; this version converts "
-            "Llama 2 checkpoints only"
-        )
-    tokenizer = Tokenizer(tokenizer_path)
     if tokenizer.n_words != args.vocab_size:
         raise ValueError(
             f"{tokenizer_path!r} has {tokenizer.n_words} pieces but the checkpoint's vocabulary has "
             f"{args.vocab_size} rows; is it the tokenizer of this model?"
         )
+    if max_position_embeddings is None:
+        max_position_embeddings = default_context_length(family, args)
+    max_position_embeddings = check_positive_int("max_position_embeddings", max_position_embeddings)
     keys = [k for k in ckpt.keys if k not in checkpoint.IGNORED_KEYS]
+    tied = embeddings_tied(ckpt)
+    if tied:  # Llama 3.2 1B/3B: HF keeps one matrix for both
+        keys.remove("output.weight")
     out_dtype = parse_dtype(dtype) or ckpt.shards[0][keys[0]].dtype
     shapes = ckpt.layout.shapes
     files = _plan_files(keys, shapes, out_dtype.itemsize, max_file_gb)
@@ -343,10 +612,24 @@ def to_hf(
             total = sum(math.prod(shapes[k]) for k in keys) * out_dtype.itemsize
             index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
             (tmp / SAFETENSORS_INDEX).write_text(json.dumps(index, indent=2) + "\n")
-        write_hf_tokenizer(tokenizer, tokenizer_path, tmp, max_position_embeddings)
-        config = hf_config(args, tokenizer.bos_id, tokenizer.eos_id, out_dtype, max_position_embeddings)
+        write_hf_tokenizer_files(tokenizer, tokenizer_path, tmp, max_position_embeddings)
+        # Llama 3: every stop id (end of text, end of message, end of turn), as HF's Llama 3.1 configs list them,
+        # so that HF's generate stops where ours does, for base and instruct models alike.
+        eos = tokenizer.stop_ids if len(tokenizer.stop_ids) > 1 else tokenizer.eos_id
+        config = hf_config(args, tokenizer.bos_id, eos, out_dtype, max_position_embeddings, tied)
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     return Path(out_dir)
+
+
+def embeddings_tied(ckpt: checkpoint.Checkpoint) -> bool:
+    """Whether output.weight is exactly tok_embeddings.weight (Meta's 3.2 1B and 3B store both, equal)."""
+    shapes = ckpt.layout.shapes
+    if shapes.get("output.weight") != shapes.get("tok_embeddings.weight"):
+        return False
+    inputs = ckpt.remap()  # read through a mapping of its own, released on return
+    embedding = ckpt.layout.slice_for_rank(inputs, "tok_embeddings.weight", 0, 1)
+    output = ckpt.layout.slice_for_rank(inputs, "output.weight", 0, 1)
+    return embedding.dtype == output.dtype and torch.equal(embedding, output)
 
 
 def _plan_files(
@@ -423,11 +706,16 @@ class _HFWeights:
 def from_hf(hf_dir: str, out_dir: str, model_parallel_size: int = 1, dtype: Optional[str] = None) -> Path:
     """Write a Hugging Face Llama folder (config.json, *.safetensors) as a Meta checkpoint folder.
 
+    A Llama 3.x folder (a byte-level BPE tokenizer.json, or a Llama 3 tokenizer.model) is written in Meta's
+    Llama 3 layout: params.json with vocab_size and use_scaled_rope as Meta writes them, the embedding split by
+    vocabulary rows, output.weight copied from the embedding when the two are tied, and tokenizer.model (copied,
+    or rebuilt from tokenizer.json).
+
     Args:
         hf_dir: folder with config.json and model.safetensors (or model-*.safetensors and their index).
         out_dir: new folder (must not exist): params.json, consolidated.NN.pth, and tokenizer.model when
-            hf_dir has one.
-        model_parallel_size: number of shards to write (Meta's: 1 for 7B, 2 for 13B, 8 for 70B).
+            hf_dir has one (or, for Llama 3, a tokenizer.json to make it from).
+        model_parallel_size: number of shards to write (Meta's: 1 for 7B and 8B, 2 for 13B, 8 for 70B).
         dtype: float32, float16 or bfloat16; default: the weights' own.
     """
     hf = Path(hf_dir)
@@ -435,11 +723,9 @@ def from_hf(hf_dir: str, out_dir: str, model_parallel_size: int = 1, dtype: Opti
     config_path = hf / "config.json"
     if not config_path.is_file():
         raise FileNotFoundError(f"{str(config_path)!r} not found: a Hugging Face model folder holds config.json")
-    try:
-        config = json.loads(config_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{str(config_path)!r} is not valid JSON: {e}") from e
+    config = _read_json(config_path)
     params = params_from_hf_config(config, str(config_path))
+    family, ranks_file = _hf_tokenizer(hf, params)
     weights = _HFWeights(hf)
     tied = bool(config.get("tie_word_embeddings")) and "lm_head.weight" not in weights.file_of
 
@@ -450,7 +736,7 @@ def from_hf(hf_dir: str, out_dir: str, model_parallel_size: int = 1, dtype: Opti
         args = ModelArgs.from_params({**params, "vocab_size": 1})  # vocab_size: read from the weights below
     except ValueError as e:
         raise ValueError(f"{str(config_path)!r} is not a valid Llama configuration: {e}") from e
-    names = {k: hf_name(k) for k in Layout.for_args(args).shapes}
+    names = {k: hf_name(k) for k in Layout.for_args(args, family.model_cls).shapes}
     missing = sorted(n for n in names.values() if n not in weights.file_of)
     unknown = sorted(n for n in weights.file_of if n not in names.values() and not n.endswith("rotary_emb.inv_freq"))
     if missing or unknown:
@@ -460,9 +746,16 @@ def from_hf(hf_dir: str, out_dir: str, model_parallel_size: int = 1, dtype: Opti
         )
     vocab_size = weights.shape(names["output.weight"])[0]
     args.vocab_size = vocab_size
-    layout = Layout.for_args(args)
+    layout = Layout.for_args(args, family.model_cls)
     shapes = {key: weights.shape(name) for key, name in names.items()}
     checkpoint.check_state_dict(shapes, layout.shapes, repr(str(hf)))
+    if ranks_file is not None and ranks_file[1] != vocab_size:
+        raise ValueError(
+            f"{str(hf / 'tokenizer.json')!r} has {ranks_file[1]} tokens but the weights have {vocab_size} "
+            "vocabulary rows; is it the tokenizer of this model?"
+        )
+    if family.model_cls is FAMILIES[1].model_cls:
+        params = llama3_params(params, vocab_size)
     model_parallel_size = check_positive_int("model_parallel_size", model_parallel_size)
     check_model_parallel_fit(args, model_parallel_size)
     out_dtype = parse_dtype(dtype)
@@ -482,8 +775,58 @@ def from_hf(hf_dir: str, out_dir: str, model_parallel_size: int = 1, dtype: Opti
             yield {key: meta_slice(weights, key, rank) for key in names}
 
     tokenizer = hf / "tokenizer.model"
-    extra = [tokenizer] if tokenizer.is_file() else []
-    return checkpoint.save_checkpoint(out_dir, shards(), params, extra, ProgressLine("from_hf", n))
+    with tempfile.TemporaryDirectory(prefix="from_hf-") as scratch:
+        extra = [tokenizer] if tokenizer.is_file() else []
+        if ranks_file is not None:
+            extra = [Path(scratch) / "tokenizer.model"]
+            extra[0].write_bytes(ranks_file[0])
+        return checkpoint.save_checkpoint(out_dir, shards(), params, extra, ProgressLine("from_hf", n))
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{str(path)!r} is not valid JSON: {e}") from e
+
+
+def llama3_params(params: Mapping[str, Any], vocab_size: int) -> dict[str, Any]:
+    """params.json in the order and form of Meta's Llama 3.x files: vocab_size written (128256), not -1."""
+    order = ["dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of", "ffn_dim_multiplier",
+             "norm_eps", "rope_theta", "use_scaled_rope", "rope_scaling_factor"]  # fmt: skip
+    full = {**params, "vocab_size": vocab_size}
+    return {key: full[key] for key in order if key in full}
+
+
+def _hf_tokenizer(hf: Path, params: Mapping[str, Any]) -> tuple[Family, Optional[tuple[bytes, int]]]:
+    """The family of a Hugging Face folder, and for Llama 3 without a tokenizer.model, the one rebuilt from its
+    tokenizer.json with its number of tokens (ordinary and special).
+
+    The tokenizer tells: a Llama 3 tokenizer.model, or a byte-level BPE tokenizer.json, is Llama 3. Without
+    either, Llama 3.1's scaled RoPE says Llama 3 too; anything else is written in Llama 2's layout.
+    """
+    model_file, json_file = hf / "tokenizer.model", hf / "tokenizer.json"
+    if model_file.is_file():
+        return family_of(load_tokenizer(model_file)), None
+    if json_file.is_file():
+        contents = _read_json(json_file)
+        if is_byte_level_bpe(contents):
+            ranks_file = llama3_ranks_file(contents, str(json_file))
+            with tempfile.TemporaryDirectory(prefix="from_hf-") as scratch:
+                path = Path(scratch) / "tokenizer.model"
+                path.write_bytes(ranks_file)
+                rebuilt = Llama3Tokenizer(path)
+            added = {
+                t.get("content"): t.get("id") for t in contents.get("added_tokens", []) if isinstance(t, dict)
+            }
+            if added != rebuilt.special_tokens:
+                wrong = sorted(set(added.items()) ^ set(rebuilt.special_tokens.items()), key=str)[:3]
+                raise ValueError(
+                    f"{str(json_file)!r}: its added tokens are not Llama 3's 256 special tokens at their ids "
+                    f"(e.g. {wrong}); Meta's tokenizer.model cannot hold other ones"
+                )
+            return FAMILIES[1], (ranks_file, rebuilt.n_words)
+    return (FAMILIES[1] if params.get("use_scaled_rope") else FAMILIES[0]), None
 
 
 if __name__ == "__main__":
