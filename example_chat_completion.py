@@ -10,7 +10,7 @@ import fire
 
 from llama import Dialog
 from llama.cli import build_generator
-from llama.distributed import is_main_process
+from llama.distributed import collective, is_main_process
 from llama.interactive import chat_loop
 
 # The dialogs this example answers (tools/finetune_demo_chat.py samples the demo model on them too).
@@ -37,6 +37,7 @@ DIALOGS: List[Dialog] = [
 ]
 
 
+@collective("a collective between the ranks (the model-parallel all-reduce)")
 def main(
     ckpt_dir: Optional[str] = None,
     tokenizer_path: Optional[str] = None,
@@ -48,6 +49,7 @@ def main(
     device: Optional[str] = None,
     dtype: Optional[str] = None,
     compile: bool = False,
+    timeout_s: Optional[float] = None,
     interactive: bool = False,
     system: Optional[str] = None,
 ) -> None:
@@ -66,10 +68,14 @@ def main(
         device: "cpu", "cuda" or "cuda:N"; defaults to cuda:LOCAL_RANK when CUDA is available.
         dtype: "float32", "float16" or "bfloat16"; defaults to float16 on CUDA and bfloat16 on CPU.
         compile: decode on the opt-in fast path (static shapes, torch.compile); same tokens, faster.
+        timeout_s: seconds a rank waits for the others in a collective before the job fails naming them
+            (default 300, see llama.distributed.DEFAULT_TIMEOUT_S); waiting for your next chat line is not limited.
         interactive: chat in the terminal instead, streaming each answer (/reset, /exit, Ctrl-C, Ctrl-D).
         system: a system prompt for the interactive chat.
     """
-    generator = build_generator(ckpt_dir, tokenizer_path, max_seq_len, max_batch_size, device, dtype, compile)
+    generator = build_generator(
+        ckpt_dir, tokenizer_path, max_seq_len, max_batch_size, device, dtype, compile, timeout_s
+    )
     if interactive:
         chat_loop(generator, system=system, temperature=temperature, top_p=top_p, max_gen_len=max_gen_len)
         return

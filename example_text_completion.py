@@ -9,9 +9,10 @@ from typing import Optional
 import fire
 
 from llama.cli import build_generator
-from llama.distributed import is_main_process
+from llama.distributed import collective, is_main_process
 
 
+@collective("a collective between the ranks (the model-parallel all-reduce)")
 def main(
     ckpt_dir: Optional[str] = None,
     tokenizer_path: Optional[str] = None,
@@ -23,6 +24,7 @@ def main(
     device: Optional[str] = None,
     dtype: Optional[str] = None,
     compile: bool = False,
+    timeout_s: Optional[float] = None,
 ) -> None:
     """Generate continuations of the example prompts below and print them.
 
@@ -37,8 +39,12 @@ def main(
         device: "cpu", "cuda" or "cuda:N"; defaults to cuda:LOCAL_RANK when CUDA is available.
         dtype: "float32", "float16" or "bfloat16"; defaults to float16 on CUDA and bfloat16 on CPU.
         compile: decode on the opt-in fast path (static shapes, torch.compile); same tokens, faster.
+        timeout_s: seconds a rank waits for the others in a collective before the job fails naming them
+            (default 300, see llama.distributed.DEFAULT_TIMEOUT_S); waiting for your next chat line is not limited.
     """
-    generator = build_generator(ckpt_dir, tokenizer_path, max_seq_len, max_batch_size, device, dtype, compile)
+    generator = build_generator(
+        ckpt_dir, tokenizer_path, max_seq_len, max_batch_size, device, dtype, compile, timeout_s
+    )
 
     prompts = [
         # Open-ended: the model picks the direction.

@@ -128,6 +128,7 @@ class Llama:
         dtype: Optional[torch.dtype] = None,
         compile: bool = False,
         rope_scaling_factor: Optional[float] = None,
+        timeout_s: Optional[float] = None,
     ) -> Llama:
         """Load a Meta checkpoint folder and its tokenizer, ready to generate.
 
@@ -149,6 +150,9 @@ class Llama:
                 ``torch.compile``. Same tokens as the default path; one model-parallel rank only.
             rope_scaling_factor: overrides params.json's (Llama 3.1+ scaled RoPE; Meta's code uses 8, see the
                 README on Llama 3.2).
+            timeout_s: seconds a collective waits for the other ranks before the job fails with an error naming
+                them, instead of hanging (torch's default is 30 min); default ``llama.distributed.DEFAULT_TIMEOUT_S``
+                (300 s, why: there). A process group that already exists keeps its own timeout.
         """
         max_seq_len = check_positive_int("max_seq_len", max_seq_len)
         max_batch_size = check_positive_int("max_batch_size", max_batch_size)
@@ -166,7 +170,7 @@ class Llama:
         tokenizer = load_tokenizer(tokenizer_path)
         family = family_of(tokenizer)
 
-        mp_size = setup_model_parallel(model_parallel_size, device)
+        mp_size = setup_model_parallel(model_parallel_size, device, timeout_s)
         torch.manual_seed(seed)  # same seed on every rank: they must sample the same tokens
 
         start = time.time()

@@ -12,7 +12,7 @@ from typing import Callable, Iterator, List, Optional, TextIO
 
 from llama.chat_format import Dialog, Message
 from llama.checks import check_positive_int
-from llama.distributed import broadcast_from_main, is_main_process
+from llama.distributed import broadcast_from_main, collective, is_main_process, start_patient_broadcasts
 from llama.generation import Llama
 
 HELP = "Type a message and press Enter. /reset starts over, /exit (or Ctrl-D) quits, Ctrl-C stops an answer."
@@ -88,6 +88,7 @@ def chat_loop(
             out.write(text + end)
             out.flush()
 
+    start_patient_broadcasts()  # every rank, now: soon rank 0 waits for the person
     say(HELP)
     turns: List[Message] = []
     while True:
@@ -104,7 +105,7 @@ def chat_loop(
             except UnicodeDecodeError as e:  # stdin is strict UTF-8 and the line was not
                 say(f"[that line is not valid UTF-8 ({e.reason}) and was not sent; please type it again]")
                 line = ""
-        line = broadcast_from_main(line).strip()
+        line = broadcast_from_main(line, patient=True).strip()  # the other ranks wait for the person too
         if not line:
             continue
         if line == "/exit":
@@ -134,7 +135,7 @@ def chat_loop(
         say("Assistant: ", end="")
         answer = []
         room = max_seq_len - prompt_len if max_gen_len is None else max_gen_len
-        with _catch_interrupt() as interrupted:
+        with _catch_interrupt() as interrupted, collective("a generation step (the model-parallel all-reduce)"):
             for piece in generator.chat_completion_stream(dialog, temperature, top_p, max_gen_len=room):
                 answer.append(piece)
                 say(piece, end="")
