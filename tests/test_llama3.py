@@ -182,3 +182,8 @@ def test_example_scripts_run_llama3_with_the_same_flags(llama3_dir, script):
                "--max_batch_size=4"]).stdout  # fmt: skip
     assert out.count(f"Using {llama3_dir}") == 1
     assert out.count(SEPARATOR) >= 4
+
+
+def test_compiled_fast_path_equals_the_faithful_one(llama3_dir):
+    faithful = build(llama3_dir)
+    assert greedy(build(llama3_dir, compile=True)) == greedy(faithful)
