@@ -40,13 +40,14 @@ the key ``"quantization": {"mode": "int4", "group_size": 32}``; ``Llama.build`` 
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import logging
 import pickle
 import re
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
 
 import fairscale.nn.model_parallel.initialize as fs_init
 import torch
@@ -56,7 +57,8 @@ from fairscale.nn.model_parallel import mappings
 from torch import nn
 
 from llama import checkpoint, cpu_gemv
-from llama.layout import Layout
+from llama.families import family_of_folder
+from llama.layout import Layout, _built_as_one_rank
 
 logger = logging.getLogger(__name__)
 
@@ -483,3 +485,77 @@ def _check_quantized_dtypes(
         quantized = key.endswith((".qweight", ".scales"))
         if not quantized and not t.is_floating_point() and key not in checkpoint.IGNORED_KEYS:
             raise ValueError(f"checkpoint {source}: {key!r} holds {t.dtype} values; it must be floating point")
+
+
+# ------------------------------------------------------------------------------------- quantized checkpoints
+
+
+def quantize_checkpoint(
+    ckpt_dir: str | Path,
+    out_dir: str | Path,
+    mode: str,
+    group_size: int = DEFAULT_GROUP_SIZE,
+    on_shard_saved: Optional[Callable[[Path], None]] = None,
+) -> Path:
+    """Write a quantized copy of the float checkpoint in ckpt_dir, with the same shards; return out_dir.
+
+    Each shard quantizes its own slices (so group_size must divide every shard's inputs of each layer), one
+    shard at a time from fresh memory maps, as ``llama.reshard`` does; params.json gets the scheme under
+    ``"quantization"``, tokenizer.model is copied when the folder has one, and the folder is written atomically
+    (``checkpoint.save_checkpoint``).
+    """
+    scheme = Scheme(mode, group_size)
+    out_dir = Path(out_dir)
+    checkpoint.check_out_dir(out_dir, ckpt_dir)
+    if out_dir.exists():  # fail before reading anything; save_checkpoint checks again
+        raise FileExistsError(f"{str(out_dir)!r} already exists; choose a new output folder or remove it")
+    if PARAMS_KEY in checkpoint.read_params(ckpt_dir):
+        raise ValueError(f"{str(ckpt_dir)!r} is already quantized; quantize its float checkpoint instead")
+    model_cls = family_of_folder(ckpt_dir).model_cls
+    ckpt = checkpoint.open_checkpoint(ckpt_dir, model_cls)
+    with _built_as_one_rank(), torch.device("meta"):  # the model's structure says which weights are linear
+        meta = model_cls(dataclasses.replace(ckpt.args, max_batch_size=1, max_seq_len=1))
+    weight_of = {f"{name}.weight": name for name in linear_layers(meta)}
+    n_shards = len(ckpt.paths)
+    for key, name in weight_of.items():
+        scheme.check_fits(name, ckpt.shards[0][key].shape[1], n_shards)
+
+    def shards() -> Iterator[dict[str, torch.Tensor]]:
+        for rank in range(n_shards):
+            shard = ckpt.remap()[rank]  # fresh mappings: the pages read for one shard leave memory with it
+            out = {}
+            for key, tensor in shard.items():
+                if key in weight_of:
+                    out[f"{weight_of[key]}.qweight"], out[f"{weight_of[key]}.scales"] = quantize(tensor, scheme)
+                else:
+                    out[key] = tensor
+            yield out
+
+    params = {**ckpt.params, PARAMS_KEY: scheme.to_params()}
+    tokenizer = ckpt.folder / "tokenizer.model"
+    extra = [tokenizer] if tokenizer.is_file() else []
+    return checkpoint.save_checkpoint(out_dir, shards(), params, extra, on_shard_saved)
+
+
+def main(ckpt_dir: str, out_dir: str, mode: str, group_size: int = DEFAULT_GROUP_SIZE) -> None:
+    """Write a weight-only quantized copy of a Meta checkpoint folder, which ``Llama.build`` loads directly.
+
+    Args:
+        ckpt_dir: folder with params.json and consolidated.NN.pth (float weights, any number of shards).
+        out_dir: new folder to write (must not exist): the same shards, with P.qweight and P.scales for every
+            linear layer P, params.json with a "quantization" entry, and tokenizer.model if ckpt_dir has one.
+        mode: "int8" or "int4" (see ``llama.quantize``).
+        group_size: inputs that share one scale; must divide every shard's inputs of each layer.
+    """
+    from llama.reshard import ProgressLine
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    progress = ProgressLine("quantize", len(checkpoint.find_shards(ckpt_dir)))
+    out = quantize_checkpoint(ckpt_dir, out_dir, mode, group_size, on_shard_saved=progress)
+    logger.info("wrote %s (%s, group size %d)", out, mode, group_size)
+
+
+if __name__ == "__main__":
+    import fire
+
+    fire.Fire(main)
