@@ -48,6 +48,7 @@ def main(
     device: Optional[str] = None,
     dtype: Optional[str] = None,
     compile: bool = False,
+    quantize: Optional[str] = None,
     interactive: bool = False,
     system: Optional[str] = None,
 ) -> None:
@@ -66,10 +67,13 @@ def main(
         device: "cpu", "cuda" or "cuda:N"; defaults to cuda:LOCAL_RANK when CUDA is available.
         dtype: "float32", "float16" or "bfloat16"; defaults to float16 on CUDA and bfloat16 on CPU.
         compile: decode on the opt-in fast path (static shapes, torch.compile); same tokens, faster.
+        quantize: "int8" or "int4": weight-only quantization of the linear layers while loading (see
+            llama/quantize.py); a checkpoint written by `python -m llama.quantize` needs no flag.
         interactive: chat in the terminal instead, streaming each answer (/reset, /exit, Ctrl-C, Ctrl-D).
         system: a system prompt for the interactive chat.
     """
-    generator = build_generator(ckpt_dir, tokenizer_path, max_seq_len, max_batch_size, device, dtype, compile)
+    generator = build_generator(ckpt_dir, tokenizer_path, max_seq_len, max_batch_size, device, dtype, compile,
+                                quantize)
     if interactive:
         chat_loop(generator, system=system, temperature=temperature, top_p=top_p, max_gen_len=max_gen_len)
         return

@@ -23,6 +23,7 @@ def main(
     device: Optional[str] = None,
     dtype: Optional[str] = None,
     compile: bool = False,
+    quantize: Optional[str] = None,
 ) -> None:
     """Generate continuations of the example prompts below and print them.
 
@@ -37,8 +38,11 @@ def main(
         device: "cpu", "cuda" or "cuda:N"; defaults to cuda:LOCAL_RANK when CUDA is available.
         dtype: "float32", "float16" or "bfloat16"; defaults to float16 on CUDA and bfloat16 on CPU.
         compile: decode on the opt-in fast path (static shapes, torch.compile); same tokens, faster.
+        quantize: "int8" or "int4": weight-only quantization of the linear layers while loading (see
+            llama/quantize.py); a checkpoint written by `python -m llama.quantize` needs no flag.
     """
-    generator = build_generator(ckpt_dir, tokenizer_path, max_seq_len, max_batch_size, device, dtype, compile)
+    generator = build_generator(ckpt_dir, tokenizer_path, max_seq_len, max_batch_size, device, dtype, compile,
+                                quantize)
 
     prompts = [
         # Open-ended: the model picks the direction.

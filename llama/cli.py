@@ -29,6 +29,7 @@ def build_generator(
     device: Optional[str],
     dtype: Optional[str],
     compile: bool,
+    quantize: Optional[str] = None,
 ) -> Llama:
     """Llama.build from the example scripts' arguments; rank 0 logs at INFO and says which model it uses."""
     logging.basicConfig(level=logging.INFO if is_main_process() else logging.WARNING, format="%(message)s")
@@ -41,6 +42,7 @@ def build_generator(
         device=device,
         dtype=parse_dtype(dtype),
         compile=compile,
+        quantize=quantize,
     )
     if is_main_process():
         print(f"Using {name}")
