@@ -127,5 +127,7 @@ class FastDecoder:
     @torch.inference_mode()
     def __call__(self, tokens: torch.Tensor, start_pos: int) -> torch.Tensor:
         pos = torch.tensor([start_pos], dtype=torch.long, device=tokens.device)
-        # clone: a column view of the token grid carries the grid's stride, which would force a recompile
-        return self.step(self.model, tokens.clone(), pos, self.cos, self.sin, self.use_cpu_gemv)
+        # A column view of the token grid carries the grid's stride, which would force a recompile for every grid
+        # width; a plain clone keeps that stride when bsz is 1, so ask for fresh contiguous strides.
+        tokens = tokens.clone(memory_format=torch.contiguous_format)
+        return self.step(self.model, tokens, pos, self.cos, self.sin, self.use_cpu_gemv)
