@@ -190,11 +190,12 @@ def kernels() -> Optional[dict[str, ctypes._CFuncPtr]]:
         with _lock:
             if "fns" not in _state:
                 args = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 4
+                names = [f"{m}{x}" for m in MODES for x in ("", "_q8x")]
                 fns = cpu_gemv.load_kernel(
-                    SOURCE, {"llama_gemv_int8": args, "llama_gemv_int4": args},
+                    SOURCE, {f"llama_gemv_{name}": args for name in names},
                     "quantized layers dequantize their weights and use torch's matmul",
                 )  # fmt: skip
-                _state["fns"] = None if fns is None else {m: fns[f"llama_gemv_{m}"] for m in MODES}
+                _state["fns"] = None if fns is None else {name: fns[f"llama_gemv_{name}"] for name in names}
     return _state["fns"]  # type: ignore[return-value]
 
 
@@ -205,11 +206,25 @@ def available() -> bool:
 
 _library = torch.library.Library("llama", "FRAGMENT")
 for _mode in MODES:
-    _library.define(f"linear_{_mode}(Tensor x, Tensor qweight, Tensor scales, int group_size) -> Tensor")
+    _library.define(
+        f"linear_{_mode}(Tensor x, Tensor qweight, Tensor scales, int group_size, bool int8_x=False) -> Tensor"
+    )
 
 
-def _linear_kernel(mode: str, x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, group_size: int):
-    """F.linear(x, dequantize(qweight, scales)) through the C kernel; x (..., k) float on the CPU."""
+def int8_x_applies(mode: str, group_size: int) -> bool:
+    """Whether the kernels with int8 inputs serve this format: blocks of 32 inputs must not straddle a group,
+    and the int4 packing keeps a block's weights in one run of bytes only for groups of 32."""
+    return group_size % 32 == 0 if mode == "int8" else group_size == 32
+
+
+def _linear_kernel(
+    mode: str, x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, group_size: int, int8_x: bool = False
+) -> torch.Tensor:
+    """F.linear(x, dequantize(qweight, scales)) through the C kernel; x (..., k) float on the CPU.
+
+    int8_x: quantize x to int8 in blocks of 32 and sum integer products (llama.cpp's way; see gemv_quant.c),
+    where the format allows (``int8_x_applies``): faster, but it rounds x as well.
+    """
     scheme = Scheme(mode, group_size)
     n = qweight.shape[0]
     k = qweight.shape[1] * (1 if mode == "int8" else 2)
@@ -225,21 +240,25 @@ def _linear_kernel(mode: str, x: torch.Tensor, qweight: torch.Tensor, scales: to
     x2 = x.reshape(-1, k).float().contiguous()
     q, s = qweight.contiguous(), scales.contiguous()
     y = torch.empty(x2.shape[0], n, dtype=torch.float32)
-    fns[mode](x2.data_ptr(), q.data_ptr(), s.data_ptr(), y.data_ptr(), x2.shape[0], n, k, group_size)
+    fn = fns[f"{mode}_q8x"] if int8_x and int8_x_applies(mode, group_size) else fns[mode]
+    fn(x2.data_ptr(), q.data_ptr(), s.data_ptr(), y.data_ptr(), x2.shape[0], n, k, group_size)
     return y.to(x.dtype).view(*x.shape[:-1], n)
 
 
-def linear_int8(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, group_size: int) -> torch.Tensor:
+def linear_int8(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, group_size: int,
+                int8_x: bool = False) -> torch.Tensor:  # fmt: skip
     """``F.linear(x, dequantize(...))`` for int8 weights through the C kernel (``torch.ops.llama.linear_int8``)."""
-    return _linear_kernel("int8", x, qweight, scales, group_size)
+    return _linear_kernel("int8", x, qweight, scales, group_size, int8_x)
 
 
-def linear_int4(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, group_size: int) -> torch.Tensor:
+def linear_int4(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, group_size: int,
+                int8_x: bool = False) -> torch.Tensor:  # fmt: skip
     """``F.linear(x, dequantize(...))`` for packed int4 weights through the C kernel (``llama::linear_int4``)."""
-    return _linear_kernel("int4", x, qweight, scales, group_size)
+    return _linear_kernel("int4", x, qweight, scales, group_size, int8_x)
 
 
-def _fake(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, group_size: int) -> torch.Tensor:
+def _fake(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, group_size: int,
+          int8_x: bool = False) -> torch.Tensor:  # fmt: skip
     return x.new_empty(*x.shape[:-1], qweight.shape[0])
 
 
@@ -268,6 +287,7 @@ class QuantizedLinear(nn.Module):
         scheme.check_fits("QuantizedLinear", in_features)
         self.in_features, self.out_features, self.scheme = in_features, out_features, scheme
         self.parallel, self.gather_output = parallel, gather_output
+        self.int8_x = False  # batch-1 CPU products with int8 inputs (faster, approximate): use_int8_inputs
         self.one_rank = fs_init.get_model_parallel_world_size() == 1
         cols = in_features if scheme.mode == "int8" else in_features // 2
         qdtype = torch.int8 if scheme.mode == "int8" else torch.uint8
@@ -296,7 +316,7 @@ class QuantizedLinear(nn.Module):
     def local_forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.numel() == x.shape[-1] and x.device.type == "cpu" and available():  # one row: the C kernel
             op = torch.ops.llama.linear_int8 if self.scheme.mode == "int8" else torch.ops.llama.linear_int4
-            return op(x, self.qweight, self.scales, self.scheme.group_size)
+            return op(x, self.qweight, self.scales, self.scheme.group_size, self.int8_x)
         return F.linear(x, self.dequantized_weight(x.dtype))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -311,6 +331,16 @@ class QuantizedLinear(nn.Module):
 def linear_layers(model: nn.Module) -> dict[str, nn.Module]:
     """Module name -> module, for every parallel linear layer of the model (the ones quantization swaps)."""
     return {name: m for name, m in model.named_modules() if isinstance(m, PARALLEL_LINEARS)}
+
+
+def use_int8_inputs(model: nn.Module, on: bool = True) -> nn.Module:
+    """Let the model's quantized layers quantize their input row to int8 as well in the batch-1 CPU kernels,
+    and sum integer products, as llama.cpp does: faster (benchmarks/RESULTS.md), but no longer the exact
+    product with the dequantized weights. Off by default. Returns the model."""
+    for module in model.modules():
+        if isinstance(module, QuantizedLinear):
+            module.int8_x = on
+    return model
 
 
 def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:

@@ -135,6 +135,53 @@ def test_kernel_equals_the_exact_dequantized_product(mode, rows, n, k, g):
     assert_close(yb.double(), exact_product(xb, qweight, scales, scheme), rtol=2**-8, atol=1e-5)
 
 
+def quantize_input_reference(x: torch.Tensor) -> torch.Tensor:
+    """x rounded as the int8-input kernels round it: blocks of 32, step max|x| / 127, ties to even."""
+    blocks = x.float().reshape(-1, 32)
+    amax = blocks.abs().amax(-1, keepdim=True)
+    inv = torch.where(amax > 0, 127 / amax, torch.zeros_like(amax))
+    return (torch.round(blocks * inv) * (amax / 127)).reshape(x.shape)
+
+
+@needs_kernel
+@pytest.mark.parametrize("mode,g", [("int8", 32), ("int8", 64), ("int4", 32)])
+@pytest.mark.parametrize("rows,n,k", [(1, 1, 32), (1, 37, 96), (2, 300, 2048)])
+def test_int8_input_kernels_equal_the_product_with_the_rounded_input(mode, g, rows, n, k):
+    if k % g:
+        pytest.skip("group does not divide k")
+    scheme = Scheme(mode, g)
+    qweight, scales = quant.quantize(weights(n, k, seed=k + n + 1), scheme)
+    x = torch.randn(rows, k, generator=torch.Generator().manual_seed(3))
+    if k > 32:
+        x[0, :32] = 0.0  # an all-zero block
+    y = quant._linear_kernel(mode, x, qweight, scales, g, int8_x=True)
+    expected = exact_product(quantize_input_reference(x), qweight, scales, scheme)
+    # the integer block sums are exact; only the fp32 scaling and summing of blocks round
+    assert_close(y.double(), expected, rtol=1e-5, atol=1e-5)
+    # and it is near the exact product: x's rounding costs about 0.5% here
+    exact = exact_product(x, qweight, scales, scheme)
+    assert ((y.double() - exact).norm() / exact.norm()).item() < 0.02
+    if mode == "int4":  # groups of 64 do not fit the int4 packing's blocks: the exact kernel serves them
+        q64, s64 = quant.quantize(weights(n, 128), Scheme("int4", 64))
+        x64 = torch.randn(1, 128)
+        assert torch.equal(quant._linear_kernel("int4", x64, q64, s64, 64, int8_x=True),
+                           quant._linear_kernel("int4", x64, q64, s64, 64))  # fmt: skip
+
+
+@needs_kernel
+def test_use_int8_inputs_switches_the_layers_batch_1_kernel(tiny_args):
+    _, quantized, twin, _ = quantized_twins(tiny_args, "int8")
+    tokens = torch.randint(0, 97, (1, 6), generator=torch.Generator().manual_seed(2))
+    quantized.forward(tokens[:, :5], 0)
+    exact = quantized.forward(tokens[:, 5:], 5)
+    quant.use_int8_inputs(quantized)
+    assert all(m.int8_x for m in quantized.modules() if isinstance(m, QuantizedLinear))
+    approx = quantized.forward(tokens[:, 5:], 5)
+    assert not torch.equal(approx, exact)
+    assert ((approx - exact).norm() / exact.norm()).item() < 0.05
+    assert torch.equal(quant.use_int8_inputs(quantized, False).forward(tokens[:, 5:], 5), exact)
+
+
 @pytest.mark.parametrize("compiler", ["no-such-compiler-xyz", "false"])
 def test_without_a_working_compiler_falls_back_to_dequantize(tmp_path, monkeypatch, caplog, compiler):
     monkeypatch.setenv("LLAMA_KERNEL_CACHE", str(tmp_path))

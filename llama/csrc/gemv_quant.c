@@ -231,3 +231,121 @@ void llama_gemv_int4(const float *x, const uint8_t *w, const uint16_t *s, float 
         }
     }
 }
+
+/* ---------------------------------------------------------------------------------------------------------
+ * The same products with the input row quantized too, as llama.cpp does: x is cut into blocks of 32, each
+ * stored as int8 with its own fp32 scale (xs = max|x| / 127), and each block's dot product with 32 weights
+ * is summed exactly in int32 before it is scaled by xs * s. Integer multiply-adds do 32 weights in a few
+ * instructions, where widening every weight to fp32 takes several per 8. The input's rounding (half a step
+ * of 1/127 of each block's largest value) changes the result: this is an approximation of the dequantized
+ * product, unlike the kernels above. Group sizes must be multiples of 32.
+ */
+#include <stdlib.h>
+#include <math.h>
+
+#define QBLOCK 32
+
+static void quantize_row_q8(const float *x, int64_t k, int8_t *xq, float *xs) {
+    for (int64_t b = 0; b < k / QBLOCK; b++) {
+        float amax = 0.0f;
+        for (int i = 0; i < QBLOCK; i++) amax = fmaxf(amax, fabsf(x[b * QBLOCK + i]));
+        float scale = amax / 127.0f, inv = amax > 0.0f ? 127.0f / amax : 0.0f;
+        xs[b] = scale;
+        for (int i = 0; i < QBLOCK; i++) xq[b * QBLOCK + i] = (int8_t)lrintf(x[b * QBLOCK + i] * inv);
+    }
+}
+
+/* Exact int32 dot product of 32 int8 weights (w) and 32 int8 inputs (x). */
+static inline int32_t dot32(const int8_t *w, const int8_t *x) {
+    int32_t sum = 0;
+    for (int i = 0; i < QBLOCK; i++) sum += (int32_t)w[i] * (int32_t)x[i];
+    return sum;
+}
+
+#ifdef HAVE_AVX2
+/* The same for 32 weights already in a register, as 8 int32 partial sums. maddubs multiplies unsigned by
+ * signed bytes, so the weights' signs move onto the inputs: |w| * (x * sign(w)) = w * x. Pair sums stay within
+ * int16 since |w|, |x| <= 127 (2 * 127 * 127 < 32767). */
+static inline __m256i dot32_avx2(__m256i w, __m256i x) {
+    __m256i pairs = _mm256_maddubs_epi16(_mm256_sign_epi8(w, w), _mm256_sign_epi8(x, w));
+    return _mm256_madd_epi16(pairs, _mm256_set1_epi16(1));
+}
+
+static inline __m256i unpack_int4_avx2(const uint8_t *p) {
+    /* 16 packed bytes -> 32 int8 weights: low nibbles are the first 16, high nibbles the next 16 */
+    __m128i v = _mm_loadu_si128((const __m128i *)p);
+    __m128i lo = _mm_and_si128(v, _mm_set1_epi8(15)), hi = _mm_and_si128(_mm_srli_epi16(v, 4), _mm_set1_epi8(15));
+    return _mm256_sub_epi8(_mm256_set_m128i(hi, lo), _mm256_set1_epi8(8));
+}
+#endif
+
+/* out[o] for one row: sum over groups of s * sum over its 32-blocks of xs * dot. int4 rows are unpacked per
+ * 32-block: a block of a group with g / 2 bytes... only g == 32 keeps blocks contiguous in the packing, so
+ * int4 takes this path for g == 32 alone (checked by the caller). */
+static void gemv_q8x(const int8_t *xq, const float *xs, const void *w, const uint16_t *s, float *y, int64_t n,
+                     int64_t k, int64_t g, int int4) {
+    int64_t groups = k / g, per = g / QBLOCK, row_bytes = int4 ? k / 2 : k;
+#pragma omp parallel for schedule(static)
+    for (int64_t o = 0; o < n; o++) {
+        const uint8_t *row = (const uint8_t *)w + o * row_bytes;
+        __builtin_prefetch(row + 8 * row_bytes, 0, 3);
+#ifdef HAVE_AVX2
+        __m256 acc = _mm256_setzero_ps();
+        for (int64_t b = 0; b < groups; b++) {
+            __m256 part = _mm256_setzero_ps();
+            for (int64_t j = 0; j < per; j++) {
+                int64_t blk = b * per + j;
+                __m256i wv = int4 ? unpack_int4_avx2(row + blk * 16)
+                                  : _mm256_loadu_si256((const __m256i *)(row + blk * QBLOCK));
+                __m256i xv = _mm256_loadu_si256((const __m256i *)(xq + blk * QBLOCK));
+                part = _mm256_fmadd_ps(_mm256_set1_ps(xs[blk]), _mm256_cvtepi32_ps(dot32_avx2(wv, xv)), part);
+            }
+            acc = _mm256_fmadd_ps(_mm256_set1_ps(bf16_to_float(s[o * groups + b])), part, acc);
+        }
+        y[o] = hsum(acc);
+#else
+        float acc = 0.0f;
+        for (int64_t b = 0; b < groups; b++) {
+            float part = 0.0f;
+            for (int64_t j = 0; j < per; j++) {
+                int64_t blk = b * per + j;
+                int8_t wq[QBLOCK];
+                if (int4) {
+                    for (int i = 0; i < 16; i++) {
+                        uint8_t v = row[blk * 16 + i];
+                        wq[i] = (int8_t)((v & 15) - 8);
+                        wq[16 + i] = (int8_t)((v >> 4) - 8);
+                    }
+                } else {
+                    memcpy(wq, row + blk * QBLOCK, QBLOCK);
+                }
+                part += xs[blk] * (float)dot32(wq, xq + blk * QBLOCK);
+            }
+            acc += bf16_to_float(s[o * groups + b]) * part;
+        }
+        y[o] = acc;
+#endif
+    }
+}
+
+static void gemv_q8x_rows(const float *x, const void *w, const uint16_t *s, float *y, int64_t rows, int64_t n,
+                          int64_t k, int64_t g, int int4) {
+    int8_t *xq = malloc((size_t)k);
+    float *xs = malloc((size_t)(k / QBLOCK) * sizeof(float));
+    for (int64_t r = 0; r < rows; r++) {
+        quantize_row_q8(x + r * k, k, xq, xs);
+        gemv_q8x(xq, xs, w, s, y + r * n, n, k, g, int4);
+    }
+    free(xq);
+    free(xs);
+}
+
+void llama_gemv_int8_q8x(const float *x, const int8_t *w, const uint16_t *s, float *y, int64_t rows, int64_t n,
+                         int64_t k, int64_t g) {
+    gemv_q8x_rows(x, w, s, y, rows, n, k, g, 0);
+}
+
+void llama_gemv_int4_q8x(const float *x, const uint8_t *w, const uint16_t *s, float *y, int64_t rows, int64_t n,
+                         int64_t k, int64_t g) {
+    gemv_q8x_rows(x, w, s, y, rows, n, k, g, 1);
+}
