@@ -182,6 +182,25 @@ def test_use_int8_inputs_switches_the_layers_batch_1_kernel(tiny_args):
     assert torch.equal(quant.use_int8_inputs(quantized, False).forward(tokens[:, 5:], 5), exact)
 
 
+@needs_kernel
+def test_portable_c_loops_without_avx2_give_the_same_products(tmp_path, monkeypatch):
+    # Built for the baseline x86-64 (or without -march at all elsewhere), the kernels take their plain loops.
+    portable = "-march=x86-64" if torch.backends.cpu.get_cpu_capability() != "DEFAULT" else "-O3"
+    flags = [portable if f == "-march=native" else f for f in quant.cpu_gemv.BASE_FLAGS]
+    monkeypatch.setattr(quant.cpu_gemv, "BASE_FLAGS", flags)
+    monkeypatch.setenv("LLAMA_KERNEL_CACHE", str(tmp_path))
+    monkeypatch.setattr(quant, "_state", {})
+    assert quant.available()
+    for mode, g, int8_x in [("int8", 32, False), ("int8", 16, False), ("int4", 32, False), ("int4", 64, False),
+                            ("int8", 64, True), ("int4", 32, True)]:  # fmt: skip
+        scheme = Scheme(mode, g)
+        qweight, scales = quant.quantize(weights(19, 256, seed=g), scheme)
+        x = torch.randn(2, 256, generator=torch.Generator().manual_seed(5))
+        y = quant._linear_kernel(mode, x, qweight, scales, g, int8_x)
+        expected = exact_product(quantize_input_reference(x) if int8_x else x, qweight, scales, scheme)
+        assert_close(y.double(), expected, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("compiler", ["no-such-compiler-xyz", "false"])
 def test_without_a_working_compiler_falls_back_to_dequantize(tmp_path, monkeypatch, caplog, compiler):
     monkeypatch.setenv("LLAMA_KERNEL_CACHE", str(tmp_path))
