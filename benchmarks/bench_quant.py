@@ -3,7 +3,8 @@
 On random weights of the 0.85B shape (bench_decode.py's, whose helpers this reuses), one process:
 
 1. GEMV: one input row through every linear weight, as a decode step: bf16's C kernel (cpu_gemv) against the
-   int8 and int4 kernels (csrc/gemv_quant.c); ms per pass and GB/s of packed weights and scales read.
+   int8 and int4 kernels (csrc/gemv_quant.c); ms per pass and GB/s of packed weights and scales read. "+x8"
+   rows: the kernels that also round the input row to int8 (``quantize.use_int8_inputs``).
 2. Decoding: ms/token of the default loop and the fast path (compile=True) for bf16, int8 and int4, timed in
    interleaved rounds (bench_decode.decode_ms_per_token), and the share of 32 greedy tokens of int8 and int4
    equal to bf16's, position by position.
@@ -26,6 +27,7 @@ import tempfile
 import time
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Callable
 
 import torch
 from bench_decode import SHAPES, best_of, decode_ms_per_token, random_model, read_bandwidth
@@ -118,24 +120,34 @@ def main() -> None:
           f"quantized {quant.available()}")  # fmt: skip
     results: dict = {"shape": shape, "bandwidth_GBps": bandwidth / 1e9, "torch": torch.__version__}
 
+    # Variants: name -> (model, int8 inputs). "+x8": the batch-1 kernels quantize the input row to int8 too.
+    variants = {"bf16": ("bf16", False)}
+    for mode in MODES:
+        variants[mode], variants[f"{mode}+x8"] = (mode, False), (mode, True)
+
+    def select(name: str) -> Transformer:
+        mode, int8_x = variants[name]
+        return models[mode] if mode == "bf16" else quant.use_int8_inputs(models[mode], int8_x)
+
     # 1. GEMV: every linear weight once, one input row
     print("\nGEMV, one row through every linear weight:   ms/pass   GB/s   MB read   % of read bandwidth")
     gemv = []
-    for mode, model in models.items():
+    for name in variants:
+        model = select(name)
         linear = (quant.QuantizedLinear, *quant.PARALLEL_LINEARS)
         layers = [m for m in model.modules() if isinstance(m, linear)]
         size = sum(tensor_bytes(m) for m in layers)
         x = {m: torch.randn(1, getattr(m, "in_features", None) or m.weight.shape[1]).bfloat16() for m in layers}
 
-        def one_pass(layers=layers, x=x, mode=mode) -> None:
+        def one_pass(layers=layers, x=x, bf16=name == "bf16") -> None:
             with torch.inference_mode():
                 for m in layers:
-                    torch.ops.llama.linear_bf16(x[m], m.weight) if mode == "bf16" else m(x[m])
+                    torch.ops.llama.linear_bf16(x[m], m.weight) if bf16 else m(x[m])
 
         one_pass()
         t = best_of(one_pass, cpu, 5)
-        gemv.append({"mode": mode, "ms": t * 1e3, "GBps": size / t / 1e9, "MB": size / 1e6})
-        print(f"  {mode:6s} {'':36s} {t * 1e3:7.1f} {size / t / 1e9:6.1f} {size / 1e6:9.0f}   "
+        gemv.append({"variant": name, "ms": t * 1e3, "GBps": size / t / 1e9, "MB": size / 1e6})
+        print(f"  {name:8s} {'':34s} {t * 1e3:7.1f} {size / t / 1e9:6.1f} {size / 1e6:9.0f}   "
               f"{size / t / bandwidth * 100:5.0f}%")  # fmt: skip
     results["gemv"] = gemv
 
@@ -143,27 +155,38 @@ def main() -> None:
     tokenizer = SimpleNamespace(eos_id=-2, pad_id=-1, stop_ids=[-2])  # an EOS that never comes
     no_chat = SimpleNamespace()  # generate() needs no chat format
     prompt = [[1] + [100 + i for i in range(15)]]
-    contenders, fast = {}, {}
+    default, fast = {}, {}
     for mode, model in models.items():
-        default = Llama(model, tokenizer, formatter=no_chat)  # type: ignore[arg-type]
+        default[mode] = Llama(model, tokenizer, formatter=no_chat)  # type: ignore[arg-type]
         decoder = FastDecoder(model, compile=True)
         fast[mode] = Llama(model, tokenizer, fast=decoder, formatter=no_chat)  # type: ignore[arg-type]
-        start = time.perf_counter()
-        fast[mode].generate(prompt, max_gen_len=opts.gen_short, temperature=0)
-        print(f"{mode} fast path compile + first run: {time.perf_counter() - start:.1f} s")
-        contenders[f"{mode} default"] = lambda n, g=default: g.generate(prompt, max_gen_len=n, temperature=0)
-        contenders[f"{mode} fast"] = lambda n, g=fast[mode]: g.generate(prompt, max_gen_len=n, temperature=0)
+
+    def run(name: str, path: str) -> Callable[[int], object]:
+        def generate(n: int) -> object:
+            select(name)  # sets the int8-input switch of the shared quantized model
+            return (fast if path == "fast" else default)[variants[name][0]].generate(prompt, max_gen_len=n,
+                                                                                     temperature=0)  # fmt: skip
+
+        return generate
+
+    contenders = {}
+    for name in variants:
+        for path in ("default", "fast"):
+            if path == "fast":
+                start = time.perf_counter()
+                run(name, path)(opts.gen_short)
+                print(f"{name} fast path compile + first run: {time.perf_counter() - start:.1f} s")
+            if path == "fast" or not name.endswith("+x8"):
+                contenders[f"{name} {path}"] = run(name, path)
     ms = decode_ms_per_token(contenders, cpu, opts.gen_short, opts.gen_long, opts.repeat)
-    greedy = {mode: fast[mode].generate(prompt, max_gen_len=opts.agree_steps, temperature=0)[0][0]
-              for mode in models}  # fmt: skip
-    agree = {mode: sum(a == b for a, b in zip(greedy[mode], greedy["bf16"])) / opts.agree_steps for mode in MODES}
+    greedy = {name: run(name, "fast")(opts.agree_steps)[0][0] for name in variants}
+    agree = {name: sum(a == b for a, b in zip(greedy[name], greedy["bf16"])) / opts.agree_steps for name in variants}
     results["decode_ms_per_token"], results["greedy_agreement"] = ms, agree
     print(f"\nbatch 1, {opts.max_seq_len}-position cache:  ms/token   tok/s   vs bf16 (same path)   greedy = bf16")
     for name, t in ms.items():
-        mode, path = name.split()
-        share = f"{agree[mode] * 100:5.0f}%" if mode in agree else "     -"
-        print(f"  {name:14s} {'':17s} {t:8.1f} {1e3 / t:7.1f}   {ms[f'bf16 {path}'] / t:5.2f}x"
-              f"{'':14s}{share}")  # fmt: skip
+        variant, path = name.split()
+        print(f"  {name:16s} {'':15s} {t:8.1f} {1e3 / t:7.1f}   {ms[f'bf16 {path}'] / t:5.2f}x"
+              f"{'':14s}{agree[variant] * 100:5.0f}%")  # fmt: skip
 
     # 3. Memory
     if not opts.skip_memory:
