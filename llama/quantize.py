@@ -134,11 +134,12 @@ def quantize(w: torch.Tensor, scheme: Scheme) -> tuple[torch.Tensor, torch.Tenso
     qweight = torch.empty(n, cols, dtype=torch.int8 if scheme.mode == "int8" else torch.uint8, device=w.device)
     scales = torch.empty(n, k // g, dtype=SCALE_DTYPE, device=w.device)
     for lo in range(0, n, _ROWS_PER_CHUNK):
-        groups = w[lo : lo + _ROWS_PER_CHUNK].float().reshape(-1, k // g, g)
-        if not torch.isfinite(groups).all():
+        groups = w[lo : lo + _ROWS_PER_CHUNK].to(torch.float32, copy=True).reshape(-1, k // g, g)  # changed below
+        magnitude = groups.abs().amax(-1)  # (rows, k / g); NaN and inf carry through
+        if not torch.isfinite(magnitude).all():
             raise ValueError("cannot quantize a weight holding inf or NaN")
         if scheme.mode == "int8":
-            scale = (groups.abs().amax(-1) / 127).to(SCALE_DTYPE)
+            scale = (magnitude / 127).to(SCALE_DTYPE)
             lowest, highest = -127, 127
         else:
             # The signed weight of largest magnitude in each group maps to -8 exactly.
@@ -146,9 +147,8 @@ def quantize(w: torch.Tensor, scheme: Scheme) -> tuple[torch.Tensor, torch.Tenso
             scale = (extreme / -8).to(SCALE_DTYPE)
             lowest, highest = -8, 7
         divisor = scale.float().masked_fill(scale == 0, 1.0)[..., None]  # an all-zero group: q = 0
-        q = torch.round(groups / divisor).clamp_(lowest, highest).to(torch.int8)  # (rows, k / g, g)
+        q = groups.div_(divisor).round_().clamp_(lowest, highest).to(torch.int8).reshape(-1, k)
         scales[lo : lo + _ROWS_PER_CHUNK] = scale
-        q = q.reshape(-1, k)
         qweight[lo : lo + _ROWS_PER_CHUNK] = q if scheme.mode == "int8" else pack_int4(q, g)
     return qweight, scales
 
