@@ -433,3 +433,48 @@ def test_cuda_quantized_model_matches_cpu(make_checkpoint, tokenizer_path, mode)
     assert gpu.model.layers[0].attention.wq.qweight.device.type == "cuda"
     tokens = torch.tensor([[1, 40, 41, 42, 43]])
     assert_close(gpu.model.forward(tokens.cuda(), 0).cpu(), cpu.model.forward(tokens, 0), rtol=1e-4, atol=1e-4)
+
+
+MP_WORKER = """
+import json, sys
+import torch
+from llama import Llama
+from llama.distributed import is_main_process
+
+ckpt, tokenizer, quantize = sys.argv[1], sys.argv[2], (sys.argv[3] if sys.argv[3] != "none" else None)
+g = Llama.build(ckpt, tokenizer, max_seq_len=64, max_batch_size=2, device="cpu", dtype=torch.float32,
+                quantize=quantize)
+logits = g.model.forward(torch.tensor([[1, 40, 41, 42, 43]]), 0)
+tokens = g.generate([[1, 40, 41, 42, 43]], max_gen_len=8, temperature=0)[0]
+if is_main_process():
+    print("RESULT " + json.dumps({"logits": logits.tolist(), "tokens": tokens}))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode,prequantized", [("int8", False), ("int4", True)])
+def test_two_model_parallel_ranks_match_one(make_checkpoint, tokenizer_path, tmp_path, mode, prequantized):
+    import os
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    ckpt = make_checkpoint("gqa", n_shards=2)
+    if prequantized:
+        ckpt = quant.quantize_checkpoint(ckpt, tmp_path / "q", mode)
+    script = tmp_path / "worker.py"
+    script.write_text(MP_WORKER)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
+           str(ckpt), str(tokenizer_path), "none" if prequantized else mode]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (line,) = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
+    result = json.loads(line[len("RESULT ") :])
+    # each rank quantized its own slice; the slices' groups are the whole model's, so only the order of the
+    # cross-rank sums differs from one process
+    one = build(ckpt, tokenizer_path, None if prequantized else mode)
+    tokens = torch.tensor([[1, 40, 41, 42, 43]])
+    assert_close(torch.tensor(result["logits"]), one.model.forward(tokens, 0), rtol=1e-5, atol=1e-5)
+    assert result["tokens"] == one.generate(tokens.tolist(), max_gen_len=8, temperature=0)[0]
