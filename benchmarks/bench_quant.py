@@ -13,6 +13,10 @@ On random weights of the 0.85B shape (bench_decode.py's, whose helpers this reus
 
     python benchmarks/bench_quant.py
     python benchmarks/bench_quant.py --dim 512 --n_layers 4 --skip_memory   # quick
+    OMP_NUM_THREADS=1 python benchmarks/bench_quant.py   # one thread: per-core figures on a busy machine
+
+On a machine shared with other jobs, OpenMP kernels whose threads wait for each other at every call lose far
+more than their share when a thread is descheduled; one thread gives steadier, per-core figures.
 """
 
 from __future__ import annotations

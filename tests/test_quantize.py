@@ -478,3 +478,16 @@ def test_two_model_parallel_ranks_match_one(make_checkpoint, tokenizer_path, tmp
     tokens = torch.tensor([[1, 40, 41, 42, 43]])
     assert_close(torch.tensor(result["logits"]), one.model.forward(tokens, 0), rtol=1e-5, atol=1e-5)
     assert result["tokens"] == one.generate(tokens.tolist(), max_gen_len=8, temperature=0)[0]
+
+
+def test_command_line_writes_a_checkpoint_that_build_loads(make_checkpoint, tokenizer_path, tmp_path, capsys):
+    ckpt = make_checkpoint("mqa")
+    quant.main(str(ckpt), str(tmp_path / "q8"), "int8", 16)
+    assert "quantize [" in capsys.readouterr().err  # the progress line
+    params = json.loads((tmp_path / "q8" / "params.json").read_text())
+    assert params["quantization"] == {"mode": "int8", "group_size": 16}
+    tokens = torch.tensor([[1, 40, 41]])
+    expected = quant.quantize_model(build(ckpt, tokenizer_path).model, Scheme("int8", 16)).forward(tokens, 0)
+    assert torch.equal(build(tmp_path / "q8", tokenizer_path).model.forward(tokens, 0), expected)
+    with pytest.raises(FileExistsError, match="already exists"):
+        quant.main(str(ckpt), str(tmp_path / "q8"), "int8")
