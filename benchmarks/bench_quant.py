@@ -88,6 +88,30 @@ def memory_rows(model: Transformer, workdir: Path) -> list[dict]:
     return rows
 
 
+def demo_agreement(steps: int) -> dict[str, float]:
+    """Share of `steps` greedy tokens equal to bf16's, position by position, on the trained demo model (random
+    weights give near-tied logits, where any rounding flips the choice at once) for three prompts, bf16."""
+    from llama.demo import DEMO_CKPT_DIR, DEMO_TOKENIZER_PATH
+
+    prompts = ["A computer is", "The meaning of life is", "Never trust a man who"]
+    greedy = {}
+    for mode in ("bf16", *MODES):
+        g = Llama.build(str(DEMO_CKPT_DIR), str(DEMO_TOKENIZER_PATH), max_seq_len=64, max_batch_size=3,
+                        device="cpu", dtype=torch.bfloat16, quantize=None if mode == "bf16" else mode)  # fmt: skip
+        ids = [g.tokenizer.encode(p, bos=True, eos=False) for p in prompts]
+        # one prompt at a time: batch 1, the C kernels' path; EOS is not a stop (ids -1 never come)
+        g.tokenizer.stop_ids = [-1]
+        g._stop_ids = torch.tensor([-1])
+        greedy[mode] = [g.generate([i], max_gen_len=steps, temperature=0)[0][0] for i in ids]
+    out = {}
+    for mode in MODES:
+        same = [sum(a == b for a, b in zip(x, y)) for x, y in zip(greedy[mode], greedy["bf16"])]
+        out[mode] = sum(same) / (steps * len(prompts))
+        print(f"  demo model, {mode}: {out[mode] * 100:.0f}% of {steps} greedy tokens equal to bf16's, per prompt "
+              f"{same}")  # fmt: skip
+    return out
+
+
 def main() -> None:
     if len(sys.argv) == 5 and sys.argv[1] == "--child":
         return child(*sys.argv[2:])
@@ -101,11 +125,16 @@ def main() -> None:
     parser.add_argument("--agree_steps", type=int, default=32)
     parser.add_argument("--group_size", type=int, default=quant.DEFAULT_GROUP_SIZE)
     parser.add_argument("--skip_memory", action="store_true")
+    parser.add_argument("--demo_only", action="store_true", help="only the greedy agreement on the demo model")
     parser.add_argument("--json", default=None)
     opts = parser.parse_args()
 
     cpu = torch.device("cpu")
     setup_model_parallel(1, cpu)
+    print("Greedy agreement on the trained demo model:")
+    demo = demo_agreement(opts.agree_steps)
+    if opts.demo_only:
+        return
     shape = {k: getattr(opts, k) for k in SHAPES["cpu"]}
     args = ModelArgs(**shape, max_batch_size=1, max_seq_len=opts.max_seq_len)
     models = {"bf16": random_model(args, cpu, torch.bfloat16)}
@@ -122,7 +151,8 @@ def main() -> None:
           f"threads, load average {os.getloadavg()[0]:.1f}; shape {shape}")  # fmt: skip
     print(f"read bandwidth {bandwidth / 1e9:.1f} GB/s; C kernels: bf16 {cpu_gemv.available()}, "
           f"quantized {quant.available()}")  # fmt: skip
-    results: dict = {"shape": shape, "bandwidth_GBps": bandwidth / 1e9, "torch": torch.__version__}
+    results: dict = {"shape": shape, "bandwidth_GBps": bandwidth / 1e9, "torch": torch.__version__,
+                     "demo_greedy_agreement": demo}  # fmt: skip
 
     # Variants: name -> (model, int8 inputs). "+x8": the batch-1 kernels quantize the input row to int8 too.
     variants = {"bf16": ("bf16", False)}
