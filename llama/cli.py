@@ -30,6 +30,7 @@ def build_generator(
     dtype: Optional[str],
     compile: bool,
     timeout_s: Optional[float] = None,
+    quantize: Optional[str] = None,
 ) -> Llama:
     """Llama.build from the example scripts' arguments; rank 0 logs at INFO and says which model it uses."""
     logging.basicConfig(level=logging.INFO if is_main_process() else logging.WARNING, format="%(message)s")
@@ -43,6 +44,7 @@ def build_generator(
         dtype=parse_dtype(dtype),
         compile=compile,
         timeout_s=timeout_s,
+        quantize=quantize,
     )
     if is_main_process():
         print(f"Using {name}")

@@ -62,13 +62,13 @@ def _cpu_signature() -> str:
     return "\n".join(sorted({line for line in lines if line.split(":")[0].strip() in keep}))
 
 
-def _compile(compiler: str, flags: list[str], out: Path) -> Optional[str]:
-    """Compile SOURCE into `out` atomically; None on success, else the compiler's complaint."""
+def _compile(compiler: str, flags: list[str], out: Path, source: Path = SOURCE) -> Optional[str]:
+    """Compile `source` into `out` atomically; None on success, else the compiler's complaint."""
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=out.parent, suffix=".so.tmp")
     os.close(fd)
     try:
-        proc = subprocess.run([compiler, *flags, str(SOURCE), "-o", tmp], capture_output=True, text=True)
+        proc = subprocess.run([compiler, *flags, str(source), "-o", tmp], capture_output=True, text=True)
         if proc.returncode != 0:
             return proc.stderr.strip()[-2000:] or f"{compiler} exited with {proc.returncode}"
         os.replace(tmp, out)  # a concurrent process writing the same file writes the same bytes
@@ -80,36 +80,49 @@ def _compile(compiler: str, flags: list[str], out: Path) -> Optional[str]:
             os.remove(tmp)
 
 
-def _load() -> Optional[ctypes._CFuncPtr]:
+def load_kernel(
+    source: Path, symbols: dict[str, list], fallback: str
+) -> Optional[dict[str, ctypes._CFuncPtr]]:
+    """Compile (or take from the cache) the C file `source` and load its functions `symbols` (name -> ctypes
+    argument types; they return nothing); None, after one warning ending in `fallback`, where that fails."""
     compiler = os.environ.get("CC", "cc")
     if shutil.which(compiler) is None:
-        logger.warning("no C compiler %r on PATH (set CC): the fast path uses torch's bf16 GEMV", compiler)
+        logger.warning("no C compiler %r on PATH (set CC): %s", compiler, fallback)
         return None
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
     problems = []
     # OpenMP first; a compiler without it (Apple clang) still gives a one-thread kernel, better than nothing.
     for flags in (BASE_FLAGS + ["-fopenmp"], BASE_FLAGS):
         key = hashlib.sha256(
-            "\0".join([SOURCE.read_text(), compiler, version, " ".join(flags), _cpu_signature()]).encode()
+            "\0".join([source.read_text(), compiler, version, " ".join(flags), _cpu_signature()]).encode()
         ).hexdigest()[:20]
-        path = cache_dir() / f"gemv_bf16-{key}.so"
+        path = cache_dir() / f"{source.stem}-{key}.so"
         if not path.exists():
-            problem = _compile(compiler, flags, path)
+            problem = _compile(compiler, flags, path, source)
             if problem is not None:
                 problems.append(problem)
                 continue
         try:
-            fn = getattr(ctypes.CDLL(str(path)), SYMBOL)
-        except OSError as e:
+            library = ctypes.CDLL(str(path))
+            fns = {name: getattr(library, name) for name in symbols}
+        except (OSError, AttributeError) as e:
             problems.append(str(e))
             continue
-        fn.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 3
-        fn.restype = None
+        for name, fn in fns.items():
+            fn.argtypes = symbols[name]
+            fn.restype = None
         if "-fopenmp" not in flags:
-            logger.warning("%s has no OpenMP: the bf16 GEMV kernel runs on one thread", compiler)
-        return fn
-    logger.warning("could not build the bf16 GEMV kernel, the fast path uses torch's:\n%s", problems[-1])
+            logger.warning("%s has no OpenMP: the kernels of %s run on one thread", compiler, source.name)
+        return fns
+    logger.warning("could not build %s: %s:\n%s", source.name, fallback, problems[-1])
     return None
+
+
+def _load() -> Optional[ctypes._CFuncPtr]:
+    fns = load_kernel(
+        SOURCE, {SYMBOL: [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 3}, "the fast path uses torch's bf16 GEMV"
+    )
+    return None if fns is None else fns[SYMBOL]
 
 
 def kernel() -> Optional[ctypes._CFuncPtr]:

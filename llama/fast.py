@@ -32,6 +32,7 @@ import torch.nn.functional as F
 
 from llama import cpu_gemv
 from llama.model import Transformer
+from llama.quantize import QuantizedLinear
 
 
 def rope_cos_sin(freqs_cis: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -65,7 +66,12 @@ def decode_step(
     the linear layers through ``cpu_gemv.linear_bf16`` when bsz is 1 (the caller checks it applies).
     """
     bsz = tokens.shape[0]
-    linear = torch.ops.llama.linear_bf16 if use_cpu_gemv and bsz == 1 else F.linear
+    plain = torch.ops.llama.linear_bf16 if use_cpu_gemv and bsz == 1 else F.linear
+
+    def linear(x: torch.Tensor, module: torch.nn.Module) -> torch.Tensor:
+        # A quantized layer (llama.quantize) computes its own product; a float one is called with its weight.
+        return module(x) if isinstance(module, QuantizedLinear) else plain(x, module.weight)
+
     h = F.embedding(tokens, model.tok_embeddings.weight)  # (bsz, 1, dim)
     c, s = cos.index_select(0, pos), sin.index_select(0, pos)  # (1, head_dim // 2)
     max_len = model.params.max_seq_len
@@ -74,9 +80,9 @@ def decode_step(
     for layer in model.layers:
         attn = layer.attention
         x = layer.attention_norm(h)
-        xq = linear(x, attn.wq.weight).view(bsz, 1, attn.n_local_heads, attn.head_dim)
-        xk = linear(x, attn.wk.weight).view(bsz, 1, attn.n_local_kv_heads, attn.head_dim)
-        xv = linear(x, attn.wv.weight).view(bsz, 1, attn.n_local_kv_heads, attn.head_dim)
+        xq = linear(x, attn.wq).view(bsz, 1, attn.n_local_heads, attn.head_dim)
+        xk = linear(x, attn.wk).view(bsz, 1, attn.n_local_kv_heads, attn.head_dim)
+        xv = linear(x, attn.wv).view(bsz, 1, attn.n_local_kv_heads, attn.head_dim)
         xq, xk = apply_rotary_emb_real(xq, c, s), apply_rotary_emb_real(xk, c, s)
         cache_k, cache_v = attn.update_cache(xk, xv, pos)  # (bsz, max_len, n_kv_heads, head_dim)
         # The query heads are grouped by the KV head they share instead of repeat_kv copies: head h = kv *
@@ -86,11 +92,11 @@ def decode_step(
         q = xq.view(bsz, attn.n_local_kv_heads, attn.n_rep, attn.head_dim)
         keys, values = cache_k.transpose(1, 2), cache_v.transpose(1, 2)  # (bsz, n_kv_heads, max_len, head_dim)
         out = F.scaled_dot_product_attention(q, keys, values, attn_mask=visible).reshape(bsz, 1, -1)
-        h = h + linear(out, attn.wo.weight)
+        h = h + linear(out, attn.wo)
         ff = layer.feed_forward
         x = layer.ffn_norm(h)
-        h = h + linear(F.silu(linear(x, ff.w1.weight)) * linear(x, ff.w3.weight), ff.w2.weight)
-    return linear(model.norm(h), model.output.weight).float()
+        h = h + linear(F.silu(linear(x, ff.w1)) * linear(x, ff.w3), ff.w2)
+    return linear(model.norm(h), model.output).float()
 
 
 class FastDecoder:
@@ -111,7 +117,8 @@ class FastDecoder:
         self.cos, self.sin = rope_cos_sin(model.freqs_cis.to(device))
         # All weights share one dtype and device. use_cpu_gemv=False keeps torch's kernels (the benchmark
         # compares both).
-        self.use_cpu_gemv = use_cpu_gemv and cpu_gemv.applies(1, model.output.weight)
+        weight = getattr(model.output, "weight", None)  # a quantized output layer (llama.quantize) has none
+        self.use_cpu_gemv = use_cpu_gemv and weight is not None and cpu_gemv.applies(1, weight)
         self.step: Callable[..., torch.Tensor] = decode_step
         if compile:
             mode = "reduce-overhead" if device.type == "cuda" else None  # CUDA graphs on GPU
@@ -120,5 +127,7 @@ class FastDecoder:
     @torch.inference_mode()
     def __call__(self, tokens: torch.Tensor, start_pos: int) -> torch.Tensor:
         pos = torch.tensor([start_pos], dtype=torch.long, device=tokens.device)
-        # clone: a column view of the token grid carries the grid's stride, which would force a recompile
-        return self.step(self.model, tokens.clone(), pos, self.cos, self.sin, self.use_cpu_gemv)
+        # A column view of the token grid carries the grid's stride, which would force a recompile for every grid
+        # width; a plain clone keeps that stride when bsz is 1, so ask for fresh contiguous strides.
+        tokens = tokens.clone(memory_format=torch.contiguous_format)
+        return self.step(self.model, tokens, pos, self.cos, self.sin, self.use_cpu_gemv)

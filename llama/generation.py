@@ -129,6 +129,7 @@ class Llama:
         compile: bool = False,
         rope_scaling_factor: Optional[float] = None,
         timeout_s: Optional[float] = None,
+        quantize: Optional[str] = None,
     ) -> Llama:
         """Load a Meta checkpoint folder and its tokenizer, ready to generate.
 
@@ -153,6 +154,9 @@ class Llama:
             timeout_s: seconds a collective waits for the other ranks before the job fails with an error naming
                 them, instead of hanging (torch's default is 30 min); default ``llama.distributed.DEFAULT_TIMEOUT_S``
                 (300 s, why: there). A process group that already exists keeps its own timeout.
+            quantize: "int8" or "int4": weight-only quantization of the linear layers while loading
+                (``llama.quantize``). A checkpoint written by ``python -m llama.quantize`` loads quantized
+                without it.
         """
         max_seq_len = check_positive_int("max_seq_len", max_seq_len)
         max_batch_size = check_positive_int("max_batch_size", max_batch_size)
@@ -169,13 +173,21 @@ class Llama:
         shard_paths = checkpoint.find_shards(ckpt_dir)
         tokenizer = load_tokenizer(tokenizer_path)
         family = family_of(tokenizer)
+        scheme, prequantized = None, "quantization" in params  # a checkpoint written by llama.quantize
+        if quantize is not None or prequantized:
+            from llama import quantize as quantization  # only when asked for: it registers its kernels' operators
+
+            params, scheme = quantization.split_params(params, quantize)
 
         mp_size = setup_model_parallel(model_parallel_size, device, timeout_s)
         torch.manual_seed(seed)  # same seed on every rank: they must sample the same tokens
 
         start = time.time()
         # Shapes first, from the memory-mapped shards: nothing of the model's size exists before they fit.
-        shards = [checkpoint.load_shard(p) for p in shard_paths]
+        if prequantized:
+            shards = quantization.float_shaped_shards(shard_paths, scheme)
+        else:
+            shards = [checkpoint.load_shard(p) for p in shard_paths]
         vocab = tokenizer.n_words
         model_args, _ = checkpoint.fit_params_to_shards(params, shard_paths, shards, vocab, family.model_cls)
         del shards
@@ -186,7 +198,12 @@ class Llama:
         check_model_parallel_fit(model_args, mp_size, repeat_kv_heads=True)
         with torch.device(device), default_dtype_scope(dtype):
             model = family.model_cls(model_args)
-        checkpoint.load_weights(model, shard_paths, model_parallel_rank(), mp_size, device, dtype)
+        if scheme is None:
+            checkpoint.load_weights(model, shard_paths, model_parallel_rank(), mp_size, device, dtype)
+        else:
+            quantization.load_weights(
+                model, shard_paths, model_parallel_rank(), mp_size, device, dtype, scheme, prequantized
+            )
         if is_main_process():
             logger.info(
                 "loaded %s (%s, %d shard(s) on %d rank(s), %s, %s) in %.2f s",

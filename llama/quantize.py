@@ -1,0 +1,596 @@
+"""Weight-only int8 and int4 quantization of the linear layers (``Llama.build(..., quantize="int8" | "int4")``).
+
+Every linear layer (``wq wk wv wo w1 w2 w3`` and ``output``) is swapped for a ``QuantizedLinear`` by walking
+the model's modules, as gpt-fast does; ``model.py`` knows nothing of it. Activations, the embedding, the norms
+and the KV cache stay in the model's dtype.
+
+Formats. Weights are quantized in groups of ``group_size`` (default 32) consecutive inputs of one output row,
+each group with its own scale, stored in bfloat16 (fp32's range, so no group underflows or overflows as fp16
+scales can; the values are quantized against the rounded scale, so the round trip is exact):
+
+- ``int8``: symmetric, q = round(w / s) in [-127, 127] with s = max|w| / 127; ``qweight`` int8 (n, k).
+  8.5 bits a weight with the scales.
+- ``int4``: symmetric with all 16 levels, as llama.cpp's Q4_0: s = m / -8 for m the group's weight of largest
+  magnitude (so m itself is exactly -8 s), q = round(w / s) clamped to [-8, 7]; 15 levels over +-max|w|
+  would waste one and give a 14% coarser step. Stored as q + 8 in nibbles, two per byte, ``qweight`` uint8
+  (n, k / 2): in each group, byte j holds weight j (low nibble) and weight j + group_size / 2 (high nibble),
+  so the C kernel unpacks a run of bytes into two runs of consecutive weights. 4.5 bits a weight.
+
+Why groups of 32: with one scale per output row, a row's largest weight would set the step for all its
+others; groups bound that to 32 weights for 0.5 bit of scales a weight (llama.cpp's Q8_0 and Q4_0 make the
+same choice). On the demo model's 3,000-token held-out sample (fp32 compute; bf16 checkpoint 91.60), int4
+perplexity was +0.53% with groups of 16, +0.46% with 32 and +0.68% with 96; int8 was within 0.02% at 32 and
+96 (a model this small says little about larger groups on large models, whose rows hold larger outliers).
+
+Products. ``QuantizedLinear(x)`` is ``x @ dequantize(W).T``. On a CPU with one input row (batch-1 decoding) it
+runs the C kernels of ``csrc/gemv_quant.c`` (torch operators ``llama::linear_int8`` and ``llama::linear_int4``):
+they read the packed weights once, multiply in fp32 (exact: q has at most 8 bits) and sum in fp32. Elsewhere
+(prefill, batches, CUDA, or no C compiler) it dequantizes the weight to the model's dtype and calls
+``F.linear``. ``use_int8_inputs(model)`` switches the batch-1 kernels to llama.cpp's way: the input row is
+rounded to int8 in blocks of 32 as well and the products are summed as integers (AVX2's byte multiply-adds),
+which is faster but no longer the exact product with the dequantized weights (it moves the result by about
+0.5% of its norm on random data); it is off by default.
+
+Loading. ``load_weights`` reads a float checkpoint one tensor at a time from the memory-mapped shards and
+quantizes each linear weight as it goes, so the full-precision model is never resident: the shards are mapped
+afresh for every layer, so the pages read for one layer leave the process with it. Under model parallelism each
+rank quantizes its own slice; a group never straddles two ranks, so group_size must divide every rank's
+slice of the inputs. A quantized checkpoint (``python -m llama.quantize``) holds ``P.qweight`` and
+``P.scales`` instead of ``P.weight`` for every linear layer P, and its params.json says how it was made under
+the key ``"quantization": {"mode": "int4", "group_size": 32}``; ``Llama.build`` loads it directly.
+
+    python -m llama.quantize --ckpt_dir llama-2-7b --out_dir llama-2-7b-int4 --mode int4 [--group_size 32]
+"""
+
+from __future__ import annotations
+
+import ctypes
+import dataclasses
+import logging
+import pickle
+import re
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
+
+import fairscale.nn.model_parallel.initialize as fs_init
+import torch
+import torch.nn.functional as F
+from fairscale.nn.model_parallel import layers as fs_layers
+from fairscale.nn.model_parallel import mappings
+from torch import nn
+
+from llama import checkpoint, cpu_gemv
+from llama.families import family_of_folder
+from llama.layout import Layout, _built_as_one_rank
+
+logger = logging.getLogger(__name__)
+
+MODES = ("int8", "int4")
+DEFAULT_GROUP_SIZE = 32
+PARAMS_KEY = "quantization"  # in params.json of a quantized checkpoint
+SCALE_DTYPE = torch.bfloat16
+_ROWS_PER_CHUNK = 1024  # rows quantized at once: bounds the fp32 scratch to 1024 x in_features
+
+SOURCE = Path(__file__).parent / "csrc" / "gemv_quant.c"
+
+
+@dataclass(frozen=True)
+class Scheme:
+    """How weights are quantized: mode "int8" or "int4", and the number of inputs that share a scale."""
+
+    mode: str
+    group_size: int = DEFAULT_GROUP_SIZE
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"unknown quantization mode {self.mode!r}; use one of {', '.join(map(repr, MODES))}")
+        g = self.group_size
+        if not isinstance(g, int) or isinstance(g, bool) or g < 1 or (self.mode == "int4" and g % 2):
+            what = "a positive even integer" if self.mode == "int4" else "a positive integer"
+            raise ValueError(f"group_size must be {what} for {self.mode}, got {g!r}")
+
+    def to_params(self) -> dict[str, Any]:
+        return {"mode": self.mode, "group_size": self.group_size}
+
+    def check_fits(self, name: str, in_features: int, world_size: int = 1) -> None:
+        """Raise a ValueError unless groups tile `in_features` (one rank's inputs of layer `name`)."""
+        if in_features % self.group_size:
+            per_rank = f" per rank ({world_size} model-parallel ranks)" if world_size > 1 else ""
+            raise ValueError(
+                f"group_size {self.group_size} does not divide the {in_features} inputs{per_rank} of {name}: a "
+                "group may not straddle a row's end or a rank's slice; choose a group size that divides it"
+            )
+
+
+def split_params(params: Mapping[str, Any], quantize: Optional[str]) -> tuple[dict[str, Any], Optional[Scheme]]:
+    """params.json without its quantization key, and the scheme to load with: the checkpoint's own if it is
+    quantized (`quantize` must then be None or the same mode), else `quantize` (None: no quantization)."""
+    params = dict(params)
+    recorded = params.pop(PARAMS_KEY, None)
+    if recorded is None:
+        return params, None if quantize is None else Scheme(quantize)
+    if not isinstance(recorded, Mapping) or set(recorded) != {"mode", "group_size"}:
+        raise ValueError(
+            f"params.json's {PARAMS_KEY!r} must be an object with 'mode' and 'group_size', got {recorded!r}"
+        )
+    scheme = Scheme(recorded["mode"], recorded["group_size"])
+    if quantize is not None and quantize != scheme.mode:
+        raise ValueError(
+            f"the checkpoint is already quantized as {scheme.mode}; load it with quantize=None (or "
+            f"{scheme.mode!r}), or quantize the float checkpoint as {quantize!r}"
+        )
+    return params, scheme
+
+
+# ------------------------------------------------------------------------------------- quantize, dequantize
+
+
+def quantize(w: torch.Tensor, scheme: Scheme) -> tuple[torch.Tensor, torch.Tensor]:
+    """(qweight, scales) of a float weight w (n, k): int8 (n, k) or packed uint8 (n, k / 2), and bf16 scales
+    (n, k / group_size). Computed in fp32, `_ROWS_PER_CHUNK` rows at a time."""
+    if w.ndim != 2 or not w.is_floating_point():
+        raise ValueError(f"quantize takes a 2-D float weight, got {w.dtype} of shape {tuple(w.shape)}")
+    n, k = w.shape
+    scheme.check_fits("this weight", k)
+    g = scheme.group_size
+    cols = k if scheme.mode == "int8" else k // 2
+    qweight = torch.empty(n, cols, dtype=torch.int8 if scheme.mode == "int8" else torch.uint8, device=w.device)
+    scales = torch.empty(n, k // g, dtype=SCALE_DTYPE, device=w.device)
+    for lo in range(0, n, _ROWS_PER_CHUNK):
+        groups = w[lo : lo + _ROWS_PER_CHUNK].to(torch.float32, copy=True).reshape(-1, k // g, g)  # changed below
+        magnitude = groups.abs().amax(-1)  # (rows, k / g); NaN and inf carry through
+        if not torch.isfinite(magnitude).all():
+            raise ValueError("cannot quantize a weight holding inf or NaN")
+        if scheme.mode == "int8":
+            scale = (magnitude / 127).to(SCALE_DTYPE)
+            lowest, highest = -127, 127
+        else:
+            # The signed weight of largest magnitude in each group maps to -8 exactly.
+            extreme = groups.gather(-1, groups.abs().argmax(-1, keepdim=True)).squeeze(-1)
+            scale = (extreme / -8).to(SCALE_DTYPE)
+            lowest, highest = -8, 7
+        divisor = scale.float().masked_fill(scale == 0, 1.0)[..., None]  # an all-zero group: q = 0
+        q = groups.div_(divisor).round_().clamp_(lowest, highest).to(torch.int8).reshape(-1, k)
+        scales[lo : lo + _ROWS_PER_CHUNK] = scale
+        qweight[lo : lo + _ROWS_PER_CHUNK] = q if scheme.mode == "int8" else pack_int4(q, g)
+    return qweight, scales
+
+
+def pack_int4(q: torch.Tensor, group_size: int) -> torch.Tensor:
+    """int values in [-8, 7] (n, k) -> uint8 (n, k / 2): each group's first half in the low nibbles."""
+    n, k = q.shape
+    u = (q.to(torch.int16) + 8).to(torch.uint8).reshape(n, k // group_size, 2, group_size // 2)
+    return (u[:, :, 0] | (u[:, :, 1] << 4)).reshape(n, k // 2)
+
+
+def unpack_int4(packed: torch.Tensor, group_size: int) -> torch.Tensor:
+    """uint8 (n, k / 2) -> int8 (n, k) in [-8, 7]; the inverse of pack_int4."""
+    n = packed.shape[0]
+    p = packed.reshape(n, -1, group_size // 2)
+    u = torch.stack([p & 15, p >> 4], dim=2)  # (n, k / g, 2, g / 2)
+    return (u.to(torch.int8) - 8).reshape(n, -1)
+
+
+def dequantize(
+    qweight: torch.Tensor, scales: torch.Tensor, scheme: Scheme, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    """The float weight (n, k) that (qweight, scales) stand for: q * s, computed in fp32 (exactly), cast to dtype."""
+    q = qweight if scheme.mode == "int8" else unpack_int4(qweight, scheme.group_size)
+    n, k = q.shape
+    w = q.float().reshape(n, k // scheme.group_size, scheme.group_size) * scales.float()[..., None]
+    return w.reshape(n, k).to(dtype)
+
+
+# ------------------------------------------------------------------------------------- the C kernels
+
+_lock = threading.Lock()
+_state: dict[str, object] = {}  # "fns": {"int8": fn, "int4": fn}, or None once building them has failed
+
+
+def kernels() -> Optional[dict[str, ctypes._CFuncPtr]]:
+    """The compiled kernels by mode, built on first call (like cpu_gemv's); None where they cannot be built."""
+    if "fns" not in _state:
+        with _lock:
+            if "fns" not in _state:
+                args = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 4
+                names = [f"{m}{x}" for m in MODES for x in ("", "_q8x")]
+                fns = cpu_gemv.load_kernel(
+                    SOURCE, {f"llama_gemv_{name}": args for name in names},
+                    "quantized layers dequantize their weights and use torch's matmul",
+                )  # fmt: skip
+                _state["fns"] = None if fns is None else {name: fns[f"llama_gemv_{name}"] for name in names}
+    return _state["fns"]  # type: ignore[return-value]
+
+
+def available() -> bool:
+    """Whether the quantized GEMV kernels are built (or can be built now) and loaded."""
+    return kernels() is not None
+
+
+_library = torch.library.Library("llama", "FRAGMENT")
+for _mode in MODES:
+    _library.define(
+        f"linear_{_mode}(Tensor x, Tensor qweight, Tensor scales, int group_size, bool int8_x=False) -> Tensor"
+    )
+
+
+def int8_x_applies(mode: str, group_size: int) -> bool:
+    """Whether the kernels with int8 inputs serve this format: blocks of 32 inputs must not straddle a group,
+    and the int4 packing keeps a block's weights in one run of bytes only for groups of 32."""
+    return group_size % 32 == 0 if mode == "int8" else group_size == 32
+
+
+def _linear_kernel(
+    mode: str, x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, group_size: int, int8_x: bool = False
+) -> torch.Tensor:
+    """F.linear(x, dequantize(qweight, scales)) through the C kernel; x (..., k) float on the CPU.
+
+    int8_x: quantize x to int8 in blocks of 32 and sum integer products (llama.cpp's way; see gemv_quant.c),
+    where the format allows (``int8_x_applies``): faster, but it rounds x as well.
+    """
+    scheme = Scheme(mode, group_size)
+    n = qweight.shape[0]
+    k = qweight.shape[1] * (1 if mode == "int8" else 2)
+    if x.device.type != "cpu" or qweight.device.type != "cpu" or scales.dtype != SCALE_DTYPE:
+        raise TypeError(f"linear_{mode} takes CPU tensors and bf16 scales, got x on {x.device}, qweight on "
+                        f"{qweight.device}, scales {scales.dtype}")  # fmt: skip
+    if x.shape[-1] != k or scales.shape != (n, k // group_size):
+        raise ValueError(f"linear_{mode}: x {tuple(x.shape)} does not fit qweight {tuple(qweight.shape)} and "
+                         f"scales {tuple(scales.shape)} with group size {group_size}")  # fmt: skip
+    fns = kernels()
+    if fns is None:
+        return F.linear(x, dequantize(qweight, scales, scheme, x.dtype))
+    x2 = x.reshape(-1, k).float().contiguous()
+    q, s = qweight.contiguous(), scales.contiguous()
+    y = torch.empty(x2.shape[0], n, dtype=torch.float32)
+    fn = fns[f"{mode}_q8x"] if int8_x and int8_x_applies(mode, group_size) else fns[mode]
+    fn(x2.data_ptr(), q.data_ptr(), s.data_ptr(), y.data_ptr(), x2.shape[0], n, k, group_size)
+    return y.to(x.dtype).view(*x.shape[:-1], n)
+
+
+def linear_int8(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, group_size: int,
+                int8_x: bool = False) -> torch.Tensor:  # fmt: skip
+    """``F.linear(x, dequantize(...))`` for int8 weights through the C kernel (``torch.ops.llama.linear_int8``)."""
+    return _linear_kernel("int8", x, qweight, scales, group_size, int8_x)
+
+
+def linear_int4(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, group_size: int,
+                int8_x: bool = False) -> torch.Tensor:  # fmt: skip
+    """``F.linear(x, dequantize(...))`` for packed int4 weights through the C kernel (``llama::linear_int4``)."""
+    return _linear_kernel("int4", x, qweight, scales, group_size, int8_x)
+
+
+def _fake(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, group_size: int,
+          int8_x: bool = False) -> torch.Tensor:  # fmt: skip
+    return x.new_empty(*x.shape[:-1], qweight.shape[0])
+
+
+for _mode, _fn in (("int8", linear_int8), ("int4", linear_int4)):
+    _library.impl(f"linear_{_mode}", _fn, "CompositeExplicitAutograd")
+    torch.library.register_fake(f"llama::linear_{_mode}", _fake)
+
+
+# ------------------------------------------------------------------------------------- the module
+
+PARALLEL_LINEARS = (fs_layers.ColumnParallelLinear, fs_layers.RowParallelLinear)
+
+
+class QuantizedLinear(nn.Module):
+    """A parallel linear layer (column- or row-parallel, no bias) with quantized weights held as buffers.
+
+    qweight and scales are this rank's slice; under model parallelism the layer talks to the other ranks as
+    fairscale's layer it replaces does (copy/gather for column-parallel, reduce for row-parallel).
+    """
+
+    def __init__(
+        self, in_features: int, out_features: int, scheme: Scheme, parallel: str = "column",
+        gather_output: bool = False, device: Optional[torch.device | str] = None,
+    ):  # fmt: skip
+        super().__init__()
+        scheme.check_fits("QuantizedLinear", in_features)
+        self.in_features, self.out_features, self.scheme = in_features, out_features, scheme
+        self.parallel, self.gather_output = parallel, gather_output
+        self.int8_x = False  # batch-1 CPU products with int8 inputs (faster, approximate): use_int8_inputs
+        self.one_rank = fs_init.get_model_parallel_world_size() == 1
+        cols = in_features if scheme.mode == "int8" else in_features // 2
+        qdtype = torch.int8 if scheme.mode == "int8" else torch.uint8
+        self.register_buffer("qweight", torch.zeros(out_features, cols, dtype=qdtype, device=device))
+        groups = in_features // scheme.group_size
+        self.register_buffer("scales", torch.zeros(out_features, groups, dtype=SCALE_DTYPE, device=device))
+
+    @classmethod
+    def from_linear(cls, linear: nn.Module, scheme: Scheme, name: str = "a linear layer") -> QuantizedLinear:
+        """The quantized version of a fairscale Column/RowParallelLinear (its weight is this rank's slice)."""
+        if getattr(linear, "bias", None) is not None:
+            raise ValueError(f"{name} has a bias; QuantizedLinear quantizes bias-free layers only")
+        out_features, in_features = linear.weight.shape
+        scheme.check_fits(name, in_features, fs_init.get_model_parallel_world_size())
+        parallel = "row" if isinstance(linear, fs_layers.RowParallelLinear) else "column"
+        layer = cls(in_features, out_features, scheme, parallel, getattr(linear, "gather_output", False), "meta")
+        layer.qweight, layer.scales = quantize(linear.weight.detach(), scheme)
+        return layer
+
+    def extra_repr(self) -> str:
+        return f"{self.in_features}, {self.out_features}, {self.scheme.mode}, group_size={self.scheme.group_size}"
+
+    def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return dequantize(self.qweight, self.scales, self.scheme, dtype)
+
+    def local_forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.numel() == x.shape[-1] and x.device.type == "cpu" and available():  # one row: the C kernel
+            op = torch.ops.llama.linear_int8 if self.scheme.mode == "int8" else torch.ops.llama.linear_int4
+            return op(x, self.qweight, self.scales, self.scheme.group_size, self.int8_x)
+        return F.linear(x, self.dequantized_weight(x.dtype))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.one_rank:
+            return self.local_forward(x)
+        if self.parallel == "row":  # the input is already this rank's slice (input_is_parallel)
+            return mappings.reduce_from_model_parallel_region(self.local_forward(x))
+        out = self.local_forward(mappings.copy_to_model_parallel_region(x))
+        return mappings.gather_from_model_parallel_region(out) if self.gather_output else out
+
+
+def linear_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """Module name -> module, for every parallel linear layer of the model (the ones quantization swaps)."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, PARALLEL_LINEARS)}
+
+
+def use_int8_inputs(model: nn.Module, on: bool = True) -> nn.Module:
+    """Let the model's quantized layers quantize their input row to int8 as well in the batch-1 CPU kernels,
+    and sum integer products, as llama.cpp does: faster (benchmarks/RESULTS.md), but no longer the exact
+    product with the dequantized weights. Off by default. Returns the model."""
+    for module in model.modules():
+        if isinstance(module, QuantizedLinear):
+            module.int8_x = on
+    return model
+
+
+def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, module)
+
+
+def quantize_model(model: nn.Module, scheme: Scheme) -> nn.Module:
+    """Swap every parallel linear layer of a loaded model for a QuantizedLinear, in place; returns the model.
+
+    Each float weight is dropped once its layer is quantized. (Llama.build quantizes while loading instead.)
+    """
+    world_size = fs_init.get_model_parallel_world_size()
+    layers = linear_layers(model)
+    for name, linear in layers.items():
+        scheme.check_fits(name, linear.weight.shape[1], world_size)
+    for name, linear in layers.items():
+        _set_module(model, name, QuantizedLinear.from_linear(linear, scheme, name))
+    return model
+
+
+def _swap_for_empty(model: nn.Module, scheme: Scheme, world_size: int) -> list[str]:
+    """Replace the parallel linear layers by data-less QuantizedLinears (meta buffers); their names."""
+    layers = linear_layers(model)
+    for name, linear in layers.items():
+        out_features, in_features = linear.weight.shape
+        scheme.check_fits(name, in_features, world_size)
+        parallel = "row" if isinstance(linear, fs_layers.RowParallelLinear) else "column"
+        gather = getattr(linear, "gather_output", False)
+        _set_module(model, name, QuantizedLinear(in_features, out_features, scheme, parallel, gather, "meta"))
+    return list(layers)
+
+
+# ------------------------------------------------------------------------------------- loading
+
+_LAYER = re.compile(r"^layers\.(\d+)\.")
+
+
+def _load_quantized_shard(path: Path) -> dict[str, torch.Tensor]:
+    """Open one shard of a quantized checkpoint memory-mapped and safely (weights_only: tensors only)."""
+    try:
+        state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise ValueError(f"refusing to load {str(path)!r}: it holds objects other than tensors ({e})") from e
+    except (RuntimeError, OSError, EOFError, ValueError) as e:
+        raise ValueError(f"cannot read checkpoint shard {str(path)!r} (corrupt or truncated?): {e}") from e
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"{str(path)!r} must hold a dict of tensors")
+    return state
+
+
+def _quantized_key_dims(layout: Layout, linears: Sequence[str]) -> dict[str, Optional[int]]:
+    """Split dims of a quantized checkpoint's keys: qweight and scales split as the weight they replace."""
+    dims = dict(layout.split_dims)
+    for name in linears:
+        dim = dims.pop(f"{name}.weight")
+        dims[f"{name}.qweight"] = dims[f"{name}.scales"] = dim
+    return dims
+
+
+def float_shaped_shards(paths: Sequence[Path], scheme: Scheme) -> list[dict[str, torch.Tensor]]:
+    """The shards of a quantized checkpoint as meta tensors of the float weights they stand for (P.qweight and
+    P.scales become P.weight), so that ``checkpoint.fit_params_to_shards`` checks them as any checkpoint."""
+    out = []
+    for path in paths:
+        shard, shaped = _load_quantized_shard(path), {}
+        for key, t in shard.items():
+            if key.endswith(".qweight"):
+                cols = t.shape[-1] * (2 if scheme.mode == "int4" else 1) if t.ndim == 2 else -1
+                shaped[key[: -len("qweight")] + "weight"] = torch.empty(t.shape[0], cols, device="meta")
+            elif key.endswith(".scales"):
+                if key[: -len("scales")] + "qweight" not in shard:
+                    shaped[key] = torch.empty(t.shape, device="meta")  # reported as unexpected
+            else:
+                shaped[key] = torch.empty(t.shape, dtype=t.dtype, device="meta")
+        out.append(shaped)
+    return out
+
+
+def load_weights(
+    model: nn.Module,
+    shard_paths: Sequence[Path],
+    rank: int,
+    world_size: int,
+    device: torch.device,
+    dtype: torch.dtype,
+    scheme: Scheme,
+    prequantized: bool = False,
+) -> None:
+    """``checkpoint.load_weights`` for a quantized model: swap the linear layers for QuantizedLinears, then give
+    them rank `rank`'s quantized slice, either quantized here from a float checkpoint one tensor at a time, or
+    read from a quantized checkpoint (`prequantized`). Every key and shape is checked, as for float loading.
+
+    From a float checkpoint, the shards are mapped afresh for each layer and no float tensor outlives its step
+    (the unquantized ones are copied), so the pages of the float weights leave the process as it goes: memory
+    stays near the quantized model's size. A quantized checkpoint's tensors are the mapped file itself, as
+    float checkpoints' are.
+    """
+    source = repr(str(shard_paths[0].parent))
+    layout = Layout.from_model(model, world_size)  # the float layout, before the swap
+    checkpoint.release_parameters(model)
+    linears = _swap_for_empty(model, scheme, world_size)
+    weight_of = {f"{name}.weight": name for name in linears}
+
+    if prequantized:
+
+        def open_shards() -> list[dict[str, torch.Tensor]]:
+            return [_load_quantized_shard(p) for p in shard_paths]
+
+        written = Layout({}, _quantized_key_dims(layout, linears))
+        model_layout = written
+        expected = dict(layout.shapes)
+        for name in linears:
+            n, k = expected.pop(f"{name}.weight")
+            expected[f"{name}.qweight"] = (n, k if scheme.mode == "int8" else k // 2)
+            expected[f"{name}.scales"] = (n, k // scheme.group_size)
+    else:
+
+        def open_shards() -> list[dict[str, torch.Tensor]]:
+            return [checkpoint.load_shard(p) for p in shard_paths]
+
+        model_layout, expected = layout, layout.shapes
+        written = Layout.for_shards(open_shards(), type(model))  # how they were cut (the embedding may differ)
+    shards = open_shards()
+    written.check_shards_agree(shard_paths, shards)
+    checkpoint.check_state_dict(written.merged_shapes(shards), expected, source)
+    if prequantized:
+        _check_quantized_dtypes(shards[0], linears, scheme, source)
+
+    def rank_slice(shards: list[dict[str, torch.Tensor]], key: str) -> torch.Tensor:  # as checkpoint's does
+        if written.split_dim(key) == model_layout.split_dim(key):
+            return model_layout.slice_for_rank(shards, key, rank, world_size)
+        whole = written.slice_for_rank(shards, key, 0, 1)
+        return model_layout.slice_for_rank([{key: whole}], key, rank, world_size)
+
+    state: dict[str, torch.Tensor] = {}
+    layer = None
+    for key in [k for k in shards[0] if k not in checkpoint.IGNORED_KEYS]:
+        match = _LAYER.match(key)
+        if not prequantized and match and match.group(1) != layer:
+            layer = match.group(1)
+            shards = open_shards()  # fresh mappings: the pages of the layers done leave with the old ones
+        if key in weight_of:  # a float linear weight: quantize this rank's slice
+            name = weight_of[key]
+            state[f"{name}.qweight"], state[f"{name}.scales"] = (
+                t.to(device) for t in quantize(rank_slice(shards, key), scheme)
+            )
+        elif prequantized and key.endswith((".qweight", ".scales")):
+            state[key] = rank_slice(shards, key).to(device).contiguous()
+        else:
+            t = rank_slice(shards, key)
+            out = t.to(device=device, dtype=dtype).contiguous()
+            if not prequantized and out.device.type == "cpu" and out.data_ptr() == t.data_ptr():
+                out = out.clone()  # no view may keep a float shard's mapping alive
+            state[key] = out
+    del shards
+    model.load_state_dict(state, strict=True, assign=True)
+
+
+def _check_quantized_dtypes(
+    shard: Mapping[str, torch.Tensor], linears: Sequence[str], scheme: Scheme, source: str
+) -> None:
+    want = torch.int8 if scheme.mode == "int8" else torch.uint8
+    for name in linears:
+        q, s = shard[f"{name}.qweight"], shard[f"{name}.scales"]
+        if q.dtype != want or s.dtype != SCALE_DTYPE:
+            raise ValueError(
+                f"checkpoint {source}: {name}.qweight is {q.dtype} and {name}.scales {s.dtype}, but a "
+                f"{scheme.mode} checkpoint holds {want} and {SCALE_DTYPE}"
+            )
+    for key, t in shard.items():
+        quantized = key.endswith((".qweight", ".scales"))
+        if not quantized and not t.is_floating_point() and key not in checkpoint.IGNORED_KEYS:
+            raise ValueError(f"checkpoint {source}: {key!r} holds {t.dtype} values; it must be floating point")
+
+
+# ------------------------------------------------------------------------------------- quantized checkpoints
+
+
+def quantize_checkpoint(
+    ckpt_dir: str | Path,
+    out_dir: str | Path,
+    mode: str,
+    group_size: int = DEFAULT_GROUP_SIZE,
+    on_shard_saved: Optional[Callable[[Path], None]] = None,
+) -> Path:
+    """Write a quantized copy of the float checkpoint in ckpt_dir, with the same shards; return out_dir.
+
+    Each shard quantizes its own slices (so group_size must divide every shard's inputs of each layer), one
+    shard at a time from fresh memory maps, as ``llama.reshard`` does; params.json gets the scheme under
+    ``"quantization"``, tokenizer.model is copied when the folder has one, and the folder is written atomically
+    (``checkpoint.save_checkpoint``).
+    """
+    scheme = Scheme(mode, group_size)
+    out_dir = Path(out_dir)
+    checkpoint.check_out_dir(out_dir, ckpt_dir)
+    if out_dir.exists():  # fail before reading anything; save_checkpoint checks again
+        raise FileExistsError(f"{str(out_dir)!r} already exists; choose a new output folder or remove it")
+    if PARAMS_KEY in checkpoint.read_params(ckpt_dir):
+        raise ValueError(f"{str(ckpt_dir)!r} is already quantized; quantize its float checkpoint instead")
+    model_cls = family_of_folder(ckpt_dir).model_cls
+    ckpt = checkpoint.open_checkpoint(ckpt_dir, model_cls)
+    with _built_as_one_rank(), torch.device("meta"):  # the model's structure says which weights are linear
+        meta = model_cls(dataclasses.replace(ckpt.args, max_batch_size=1, max_seq_len=1))
+    weight_of = {f"{name}.weight": name for name in linear_layers(meta)}
+    n_shards = len(ckpt.paths)
+    for key, name in weight_of.items():
+        scheme.check_fits(name, ckpt.shards[0][key].shape[1], n_shards)
+
+    def shards() -> Iterator[dict[str, torch.Tensor]]:
+        for rank in range(n_shards):
+            shard = ckpt.remap()[rank]  # fresh mappings: the pages read for one shard leave memory with it
+            out = {}
+            for key, tensor in shard.items():
+                if key in weight_of:
+                    out[f"{weight_of[key]}.qweight"], out[f"{weight_of[key]}.scales"] = quantize(tensor, scheme)
+                else:
+                    out[key] = tensor
+            yield out
+
+    params = {**ckpt.params, PARAMS_KEY: scheme.to_params()}
+    tokenizer = ckpt.folder / "tokenizer.model"
+    extra = [tokenizer] if tokenizer.is_file() else []
+    return checkpoint.save_checkpoint(out_dir, shards(), params, extra, on_shard_saved)
+
+
+def main(ckpt_dir: str, out_dir: str, mode: str, group_size: int = DEFAULT_GROUP_SIZE) -> None:
+    """Write a weight-only quantized copy of a Meta checkpoint folder, which ``Llama.build`` loads directly.
+
+    Args:
+        ckpt_dir: folder with params.json and consolidated.NN.pth (float weights, any number of shards).
+        out_dir: new folder to write (must not exist): the same shards, with P.qweight and P.scales for every
+            linear layer P, params.json with a "quantization" entry, and tokenizer.model if ckpt_dir has one.
+        mode: "int8" or "int4" (see ``llama.quantize``).
+        group_size: inputs that share one scale; must divide every shard's inputs of each layer.
+    """
+    from llama.reshard import ProgressLine
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    progress = ProgressLine("quantize", len(checkpoint.find_shards(ckpt_dir)))
+    out = quantize_checkpoint(ckpt_dir, out_dir, mode, group_size, on_shard_saved=progress)
+    logger.info("wrote %s (%s, group size %d)", out, mode, group_size)
+
+
+if __name__ == "__main__":
+    import fire
+
+    fire.Fire(main)
