@@ -19,7 +19,7 @@ from typing import Callable
 
 import torch
 
-from llama.model import Transformer, ffn_hidden_dim
+from llama.model import Transformer, ffn_hidden_dim, scale_rope_frequencies
 
 
 def _numpy(t: torch.Tensor):
@@ -76,6 +76,11 @@ def write_gguf(model: Transformer, path: Path) -> None:
         for ours, theirs in names.items():
             module = layer.get_submodule(ours)
             tensors[f"blk.{i}.{theirs}.weight"] = module.weight
+    if a.use_scaled_rope:
+        # llama.cpp divides each rotation frequency by a per-pair factor read from this tensor: ours / scaled.
+        inv_freq = 1.0 / (a.rope_theta ** (torch.arange(0, a.head_dim, 2)[: a.head_dim // 2].float() / a.head_dim))
+        factor = 8.0 if a.rope_scaling_factor is None else a.rope_scaling_factor
+        tensors["rope_freqs.weight"] = inv_freq / scale_rope_frequencies(inv_freq, factor)
     for name, t in tensors.items():
         if t.ndim == 1:
             t = t.float()  # llama.cpp keeps norm weights in fp32
@@ -121,10 +126,12 @@ def main() -> None:
     from llama.model import ModelArgs
 
     setup_model_parallel(1, torch.device("cpu"))
-    args = ModelArgs(dim=256, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=1000, multiple_of=32,
-                     max_batch_size=1, max_seq_len=64)  # fmt: skip
+    base = dict(dim=256, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=1000, multiple_of=32, max_batch_size=1,
+                max_seq_len=64)  # fmt: skip
     prompt = [1, 300, 301, 302, 303, 304]
-    for dtype in (torch.float32, torch.bfloat16):
+    llama3 = dict(rope_theta=500000.0, use_scaled_rope=True)  # Llama 3.1's RoPE, through rope_freqs.weight
+    for dtype, args in [(torch.float32, ModelArgs(**base)), (torch.bfloat16, ModelArgs(**base)),
+                        (torch.float32, ModelArgs(**base, **llama3))]:  # fmt: skip
         torch.manual_seed(0)
         model = Transformer(args).eval()
         with torch.no_grad():
@@ -137,7 +144,7 @@ def main() -> None:
             tokens = torch.cat([tokens, torch.tensor([[ours[-1]]])], dim=1)
         with tempfile.TemporaryDirectory() as folder:
             theirs = contender(model, prompt, Path(folder))(12)
-        print(f"{dtype}\n  ours:      {ours}\n  llama.cpp: {theirs}")
+        print(f"{dtype}, scaled RoPE {args.use_scaled_rope}\n  ours:      {ours}\n  llama.cpp: {theirs}")
         if ours != theirs:
             raise SystemExit(f"llama.cpp's greedy tokens differ from ours in {dtype}: the GGUF export is wrong")
     print("same greedy tokens")
