@@ -19,6 +19,10 @@ def main(ckpt_dir: str, tokenizer_path: str, prompts: str) -> None:
     logits = generator.model.forward(tokens, 0)
     if is_main_process():
         print("RESULT " + json.dumps({"generations": [r["generation"] for r in results], "logits": logits.tolist()}))
+        sys.stdout.flush()
+    # Leave together: a rank that tears gloo down while rank 0 is still writing its result has been seen to
+    # abort at exit ("terminate called without an active exception") with 4 ranks on 2 cores.
+    torch.distributed.barrier()
 
 
 if __name__ == "__main__":
