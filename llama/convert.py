@@ -257,6 +257,19 @@ def sentencepiece_model_type(serialized: bytes) -> int:
     return 1
 
 
+def _bos_post_processor(bos: str, bos_id: int) -> dict[str, Any]:
+    """tokenizers' post-processor that puts the BOS token `bos` (id bos_id) before each sequence, as Llama does."""
+    return {
+        "type": "TemplateProcessing",
+        "single": [{"SpecialToken": {"id": bos, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
+        "pair": [
+            {"SpecialToken": {"id": bos, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}},
+            {"SpecialToken": {"id": bos, "type_id": 1}}, {"Sequence": {"id": "B", "type_id": 1}},
+        ],  # fmt: skip
+        "special_tokens": {bos: {"id": bos, "ids": [bos_id], "tokens": [bos]}},
+    }
+
+
 def tokenizer_json(tokenizer: Tokenizer) -> Optional[dict[str, Any]]:
     """A ``tokenizers`` tokenizer.json for a SentencePiece BPE model such as Llama's; None for other models.
 
@@ -295,15 +308,7 @@ def tokenizer_json(tokenizer: Tokenizer) -> Optional[dict[str, Any]]:
             ],
         },
         "pre_tokenizer": None,
-        "post_processor": {
-            "type": "TemplateProcessing",
-            "single": [{"SpecialToken": {"id": bos, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
-            "pair": [
-                {"SpecialToken": {"id": bos, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}},
-                {"SpecialToken": {"id": bos, "type_id": 1}}, {"Sequence": {"id": "B", "type_id": 1}},
-            ],  # fmt: skip
-            "special_tokens": {bos: {"id": bos, "ids": [tokenizer.bos_id], "tokens": [bos]}},
-        },
+        "post_processor": _bos_post_processor(bos, tokenizer.bos_id),
         "decoder": {
             "type": "Sequence",
             "decoders": [
@@ -422,15 +427,7 @@ def llama3_tokenizer_json(tokenizer: Llama3Tokenizer, ranks: Mapping[bytes, int]
                 {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False},
             ],
         },
-        "post_processor": {
-            "type": "TemplateProcessing",
-            "single": [{"SpecialToken": {"id": bos, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
-            "pair": [
-                {"SpecialToken": {"id": bos, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}},
-                {"SpecialToken": {"id": bos, "type_id": 1}}, {"Sequence": {"id": "B", "type_id": 1}},
-            ],  # fmt: skip
-            "special_tokens": {bos: {"id": bos, "ids": [tokenizer.bos_id], "tokens": [bos]}},
-        },
+        "post_processor": _bos_post_processor(bos, tokenizer.bos_id),
         "decoder": {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True},
         "model": {
             "type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,

@@ -225,8 +225,9 @@ class Llama:
     ):
         self.model = model
         self.tokenizer = tokenizer
-        if formatter is None and any(isinstance(tokenizer, f.tokenizer_cls) for f in FAMILIES):
-            formatter = family_of(tokenizer).chat_format(tokenizer)
+        if formatter is None:
+            family = next((f for f in FAMILIES if isinstance(tokenizer, f.tokenizer_cls)), None)
+            formatter = family.chat_format(tokenizer) if family is not None else None
         self.formatter: Optional[ChatFormat] = formatter  # None: a tokenizer of no family (benchmarks), no chat
         self.fast = fast  # decode steps on the static-shape path when set
         self._stop_ids = torch.tensor(tokenizer.stop_ids, dtype=torch.long, device=self.device)
