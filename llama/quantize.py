@@ -22,14 +22,18 @@ same choice). On the demo model's 3,000-token held-out sample (fp32 compute; bf1
 perplexity was +0.53% with groups of 16, +0.46% with 32 and +0.68% with 96; int8 was within 0.02% at 32 and
 96 (a model this small says little about larger groups on large models, whose rows hold larger outliers).
 
-Products. ``QuantizedLinear(x)`` is ``x @ dequantize(W).T``. On a CPU with one input row (batch-1 decoding) it
-runs the C kernels of ``csrc/gemv_quant.c`` (torch operators ``llama::linear_int8`` and ``llama::linear_int4``):
-they read the packed weights once, multiply in fp32 (exact: q has at most 8 bits) and sum in fp32. Elsewhere
-(prefill, batches, CUDA, or no C compiler) it dequantizes the weight to the model's dtype and calls
-``F.linear``. ``use_int8_inputs(model)`` switches the batch-1 kernels to llama.cpp's way: the input row is
-rounded to int8 in blocks of 32 as well and the products are summed as integers (AVX2's byte multiply-adds),
-which is faster but no longer the exact product with the dequantized weights (it moves the result by about
-0.5% of its norm on random data); it is off by default.
+Products. ``QuantizedLinear(x)`` stands for ``x @ dequantize(W).T``. On a CPU it runs the C kernels of
+``csrc/gemv_quant.c`` (torch operators ``llama::linear_int8`` and ``llama::linear_int4``) for any number of
+input rows; they read the packed weights once per call. By default they work as llama.cpp does: each input row
+is rounded to int8 in blocks of 32 as well, and each block's products are summed as integers (AVX2's byte
+multiply-adds), which is what lets them stream the weights at the memory's speed. That rounding moves a result
+by about 0.5% of its norm on random data; on the demo model it moves perplexity by 0.01-0.1% (tests hold the
+bounds). ``use_int8_inputs(model, False)`` switches a model to the exact kernels instead: products with the
+dequantized weights, exact in fp32 and summed in fp32, slower (about bf16's speed per weight). With more than
+``EXACT_KERNEL_MAX_ROWS`` rows the exact way dequantizes the weight to fp32 and calls ``F.linear``. Group
+sizes the int8-input kernels do not serve (int8: not a multiple of 32; int4: other than 32) always take the
+exact way. On CUDA, or without a C compiler, a layer dequantizes its weight to the model's dtype and calls
+``F.linear`` (under ``torch.compile`` inductor fuses the dequantization into the product).
 
 Loading. ``load_weights`` reads a float checkpoint one tensor at a time from the memory-mapped shards and
 quantizes each linear weight as it goes, so the full-precision model is never resident: the shards are mapped
@@ -72,6 +76,8 @@ DEFAULT_GROUP_SIZE = 32
 PARAMS_KEY = "quantization"  # in params.json of a quantized checkpoint
 SCALE_DTYPE = torch.bfloat16
 _ROWS_PER_CHUNK = 1024  # rows quantized at once: bounds the fp32 scratch to 1024 x in_features
+# Above this many input rows (prefill), the exact way dequantizes to fp32 for torch's GEMM, which then wins.
+EXACT_KERNEL_MAX_ROWS = 32
 
 SOURCE = Path(__file__).parent / "csrc" / "gemv_quant.c"
 
@@ -292,7 +298,7 @@ class QuantizedLinear(nn.Module):
         scheme.check_fits("QuantizedLinear", in_features)
         self.in_features, self.out_features, self.scheme = in_features, out_features, scheme
         self.parallel, self.gather_output = parallel, gather_output
-        self.int8_x = False  # batch-1 CPU products with int8 inputs (faster, approximate): use_int8_inputs
+        self.int8_x = True  # CPU products with int8 inputs (llama.cpp's way); False: exact (use_int8_inputs)
         self.one_rank = fs_init.get_model_parallel_world_size() == 1
         cols = in_features if scheme.mode == "int8" else in_features // 2
         qdtype = torch.int8 if scheme.mode == "int8" else torch.uint8
@@ -319,9 +325,12 @@ class QuantizedLinear(nn.Module):
         return dequantize(self.qweight, self.scales, self.scheme, dtype)
 
     def local_forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.numel() == x.shape[-1] and x.device.type == "cpu" and available():  # one row: the C kernel
-            op = torch.ops.llama.linear_int8 if self.scheme.mode == "int8" else torch.ops.llama.linear_int4
-            return op(x, self.qweight, self.scales, self.scheme.group_size, self.int8_x)
+        if x.device.type == "cpu" and available():
+            int8_x = self.int8_x and int8_x_applies(self.scheme.mode, self.scheme.group_size)
+            if int8_x or x.numel() <= EXACT_KERNEL_MAX_ROWS * x.shape[-1]:
+                op = torch.ops.llama.linear_int8 if self.scheme.mode == "int8" else torch.ops.llama.linear_int4
+                return op(x, self.qweight, self.scales, self.scheme.group_size, int8_x)
+            return F.linear(x.float(), self.dequantized_weight(torch.float32)).to(x.dtype)
         return F.linear(x, self.dequantized_weight(x.dtype))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -339,9 +348,9 @@ def linear_layers(model: nn.Module) -> dict[str, nn.Module]:
 
 
 def use_int8_inputs(model: nn.Module, on: bool = True) -> nn.Module:
-    """Let the model's quantized layers quantize their input row to int8 as well in the batch-1 CPU kernels,
-    and sum integer products, as llama.cpp does: faster (benchmarks/RESULTS.md), but no longer the exact
-    product with the dequantized weights. Off by default. Returns the model."""
+    """Whether the model's quantized layers round their inputs to int8 in the CPU kernels (on by default:
+    llama.cpp's way, fast) or compute the exact products with the dequantized weights (off: slower). Returns
+    the model."""
     for module in model.modules():
         if isinstance(module, QuantizedLinear):
             module.int8_x = on

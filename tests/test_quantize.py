@@ -166,17 +166,53 @@ def test_int8_input_kernels_equal_the_product_with_the_rounded_input(mode, g, ro
 
 
 @needs_kernel
-def test_use_int8_inputs_switches_the_layers_batch_1_kernel(tiny_args):
-    _, quantized, twin, _ = quantized_twins(tiny_args, "int8")
-    tokens = torch.randint(0, 97, (1, 6), generator=torch.Generator().manual_seed(2))
-    quantized.forward(tokens[:, :5], 0)
-    exact = quantized.forward(tokens[:, 5:], 5)
-    quant.use_int8_inputs(quantized)
+def test_layers_use_int8_inputs_by_default_and_exact_products_on_request(tiny_args):
+    _, quantized, twin, _ = quantized_twins(tiny_args, "int8", exact=False)
     assert all(m.int8_x for m in quantized.modules() if isinstance(m, QuantizedLinear))
-    approx = quantized.forward(tokens[:, 5:], 5)
-    assert not torch.equal(approx, exact)
-    assert ((approx - exact).norm() / exact.norm()).item() < 0.05
-    assert torch.equal(quant.use_int8_inputs(quantized, False).forward(tokens[:, 5:], 5), exact)
+    tokens = torch.randint(0, 97, (1, 6), generator=torch.Generator().manual_seed(2))
+    expected = twin.forward(tokens, 0)
+    approx = torch.cat([quantized.forward(tokens[:, :5], 0), quantized.forward(tokens[:, 5:], 5)], dim=1)
+    assert not torch.equal(approx, expected)
+    assert ((approx - expected).norm() / expected.norm()).item() < 0.05
+    quant.use_int8_inputs(quantized, False)
+    exact = torch.cat([quantized.forward(tokens[:, :5], 0), quantized.forward(tokens[:, 5:], 5)], dim=1)
+    assert_close(exact, expected, rtol=1e-5, atol=1e-5)
+    assert torch.equal(quant.use_int8_inputs(quantized).forward(tokens, 0), quantized.forward(tokens, 0))
+
+
+@needs_kernel
+@pytest.mark.parametrize("mode", MODES)
+def test_prefill_rows_take_the_kernel_and_the_exact_way_past_the_row_limit(mode, monkeypatch):
+    scheme = Scheme(mode, 32)
+    layer = QuantizedLinear(128, 24, scheme)
+    layer.qweight, layer.scales = quant.quantize(weights(24, 128, seed=6), scheme)
+    rows = quant.EXACT_KERNEL_MAX_ROWS + 8
+    x = torch.randn(2, rows // 2, 128, generator=torch.Generator().manual_seed(7))
+    # int8 inputs: every row through the kernel, each rounded on its own as a decode step would round it
+    expected = exact_product(quantize_input_reference(x.reshape(rows, 128)), layer.qweight, layer.scales, scheme)
+    assert_close(layer(x).reshape(rows, 24).double(), expected, rtol=1e-5, atol=1e-5)
+    one_by_one = torch.cat([layer(x[:, t : t + 1]) for t in range(rows // 2)], dim=1)
+    assert torch.equal(one_by_one, layer(x))
+    # exact: past the row limit, torch's fp32 GEMM on the dequantized weight (the kernel is not called)
+    quant.use_int8_inputs(layer, False)
+    monkeypatch.setitem(quant._state, "fns", None)
+    assert torch.equal(layer(x), F.linear(x, layer.dequantized_weight()))
+
+
+@needs_kernel
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("int8_x", [True, False])
+def test_nan_and_inf_inputs_give_nan_not_garbage(mode, int8_x):
+    scheme = Scheme(mode, 32)
+    qweight, scales = quant.quantize(weights(20, 96, seed=8), scheme)
+    x = torch.randn(3, 96, generator=torch.Generator().manual_seed(9))
+    x[0, 40] = float("nan")
+    x[1, 70] = float("inf")
+    y = quant._linear_kernel(mode, x, qweight, scales, 32, int8_x)
+    assert y[0].isnan().all() and not y[1].isfinite().any()
+    assert y[2].isfinite().all()  # a clean row next to them is untouched
+    assert_close(y[2].double(), exact_product(quantize_input_reference(x[2:]) if int8_x else x[2:], qweight,
+                                              scales, scheme)[0], rtol=1e-5, atol=1e-5)  # fmt: skip
 
 
 @needs_kernel
@@ -225,21 +261,27 @@ def test_quantized_linear_for_any_batch_and_sequence(mode, dtype):
     assert "qweight" in layer.state_dict() and "scales" in layer.state_dict()
     for shape in [(1, 1, 96), (2, 5, 96), (1, 96), (3, 1, 96)]:
         x = torch.randn(*shape, generator=torch.Generator().manual_seed(4)).to(dtype)
-        y = layer(x)
+        y = layer(x)  # int8 inputs where the kernels are built: within x's rounding of the exact product
         assert y.dtype == dtype and y.shape == (*shape[:-1], 40)
+        expected = F.linear(x.float(), w)
+        assert ((y.float() - expected).norm() / expected.norm()).item() < 0.02
+        quant.use_int8_inputs(layer, False)
         tol = {} if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)  # bf16: W rounded to bf16 too
-        assert_close(y.float(), F.linear(x.float(), w), **tol)
+        assert_close(layer(x).float(), expected, **tol)
+        quant.use_int8_inputs(layer, True)
 
 
 # ------------------------------------------------------------------------------------- models
 
 
-def quantized_twins(tiny_args, mode, name="gqa", group_size=32, vocab_size=97):
-    """A random fp32 model, its quantized copy, and a float model holding the dequantized weights."""
+def quantized_twins(tiny_args, mode, name="gqa", group_size=32, vocab_size=97, exact=True):
+    """A random fp32 model, its quantized copy (exact products unless `exact` is False), and a float model
+    holding the dequantized weights."""
     model = random_model(tiny_args(name, vocab_size=vocab_size), seed=5)
     original = {k: v.clone() for k, v in model.state_dict().items()}
     quantized = quant.quantize_model(random_model(tiny_args(name, vocab_size=vocab_size), seed=5),
                                      Scheme(mode, group_size))  # fmt: skip
+    quant.use_int8_inputs(quantized, not exact)
     twin = random_model(tiny_args(name, vocab_size=vocab_size), seed=5)
     with torch.no_grad():
         for layer_name, layer in quant.linear_layers(twin).items():

@@ -11,8 +11,18 @@
  * side (BLOCK streams in flight) and asks for each of them PREFETCH_BYTES ahead; that reached 27.5 GB/s.
  * Each row keeps LANES partial sums, one vector register's worth, which the compiler maps onto the lanes.
  * The blocks of rows are split among the OpenMP threads in contiguous runs.
+ *
+ * That blocking keeps BLOCK x LANES = 128 sums live: 8 of AVX-512's 32 registers, but all 16 of AVX2's, which
+ * then spill (on a Zen 3 the loop was bound by instructions at 6 G weights/s a core, under the memory's
+ * speed on two cores). So on CPUs with AVX2 and FMA but not AVX-512, an intrinsics loop keeps 8 lanes per row
+ * (8 of the 16 registers) and widens 16 weights with two unpacks against zero, which put each bf16 in the top
+ * half of an fp32 lane. The unpacks take the weights of each 128-bit half in the order 0-3, 8-11 (low) and
+ * 4-7, 12-15 (high), so the input row is permuted once per call to match. While a block of rows is summed,
+ * the next block (right after it in memory) is prefetched at the same pace, a whole block ahead. That loop
+ * runs at twice the speed per core and streams at the memory's speed (benchmarks/RESULTS.md).
  */
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 #define BLOCK 8
@@ -52,6 +62,76 @@ static inline void dot_rows(const float *x, const uint16_t *w, int64_t k, int co
     }
 }
 
+#if defined(__AVX2__) && defined(__FMA__) && !defined(__AVX512F__)
+#include <immintrin.h>
+
+static inline float hsum(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+/* Each run of 16 inputs in the order of the unpacks below: 0-3, 8-11, then 4-7, 12-15. */
+static void permute_row(const float *x, int64_t k, float *xp) {
+    int64_t k16 = k / 16 * 16;
+    for (int64_t i = 0; i < k16; i += 16)
+        for (int l = 0; l < 4; l++) {
+            xp[i + l] = x[i + l];
+            xp[i + 4 + l] = x[i + 8 + l];
+            xp[i + 8 + l] = x[i + 4 + l];
+            xp[i + 12 + l] = x[i + 12 + l];
+        }
+    for (int64_t t = k16; t < k; t++) xp[t] = x[t];
+}
+
+/* The rows' sums over runs of 16 inputs (always inlined: with count == BLOCK the trip counts are fixed and the
+ * sums stay in registers); `next` is the next block of rows, prefetched as this one is read. */
+static inline __attribute__((always_inline)) void loop_avx2(const float *xp, const uint16_t *w, int64_t k,
+                                                             int count, uint16_t *out, const uint16_t *next) {
+    int64_t k16 = k / 16 * 16;
+    const __m256i zero = _mm256_setzero_si256();
+    __m256 acc[BLOCK];
+    for (int j = 0; j < count; j++) acc[j] = _mm256_setzero_ps();
+    for (int64_t i = 0; i < k16; i += 16) {
+        __m256 x0 = _mm256_loadu_ps(xp + i), x1 = _mm256_loadu_ps(xp + i + 8);
+        for (int l = 0; l < BLOCK * 32; l += 64) __builtin_prefetch((const char *)(next + i * BLOCK) + l, 0, 3);
+        for (int j = 0; j < count; j++) {
+            __m256i v = _mm256_loadu_si256((const __m256i *)(w + j * k + i));
+            acc[j] = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_unpacklo_epi16(zero, v)), x0, acc[j]);
+            acc[j] = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_unpackhi_epi16(zero, v)), x1, acc[j]);
+        }
+    }
+    for (int j = 0; j < count; j++) {
+        float sum = hsum(acc[j]);
+        for (int64_t t = k16; t < k; t++) sum += xp[t] * bf16_to_float(w[j * k + t]);
+        out[j] = float_to_bf16(sum);
+    }
+}
+
+void llama_gemv_bf16(const float *x, const uint16_t *w, uint16_t *y, int64_t rows, int64_t n, int64_t k) {
+    float *xp = malloc(sizeof(float) * (size_t)(rows * k));
+    int64_t blocks = (n + BLOCK - 1) / BLOCK;
+    if (xp != NULL)
+        for (int64_t r = 0; r < rows; r++) permute_row(x + r * k, k, xp + r * k);
+#pragma omp parallel for schedule(static)
+    for (int64_t b = 0; b < blocks; b++) {
+        int64_t first = b * BLOCK;
+        int count = first + BLOCK <= n ? BLOCK : (int)(n - first);
+        const uint16_t *w_block = w + first * k;
+        const uint16_t *next = first + 2 * BLOCK <= n ? w_block + BLOCK * k : w_block;
+        for (int64_t r = 0; r < rows; r++) {
+            if (xp == NULL)  /* out of memory: the portable loop needs no scratch */
+                dot_rows(x + r * k, w_block, k, count, y + r * n + first);
+            else if (count == BLOCK)
+                loop_avx2(xp + r * k, w_block, k, BLOCK, y + r * n + first, next);
+            else
+                loop_avx2(xp + r * k, w_block, k, count, y + r * n + first, next);
+        }
+    }
+    free(xp);
+}
+#else
 void llama_gemv_bf16(const float *x, const uint16_t *w, uint16_t *y, int64_t rows, int64_t n, int64_t k) {
     int64_t blocks = (n + BLOCK - 1) / BLOCK;
 #pragma omp parallel for schedule(static)
@@ -66,3 +146,4 @@ void llama_gemv_bf16(const float *x, const uint16_t *w, uint16_t *y, int64_t row
         }
     }
 }
+#endif

@@ -1,27 +1,41 @@
-/* Matrix-vector products with int8 and int4 weights for batch-1 decoding on CPUs (see llama/quantize.py).
+/* Matrix products with int8 and int4 weights for decoding on CPUs (see llama/quantize.py).
  *
  * y[r, o] = sum_b s[o, b] * sum_{i in group b} x[r, i] * q[o, i], for x fp32 (rows, k), y fp32 (rows, n),
  * and weights in groups of g consecutive inputs, each group with its own scale s (bf16, (n, k / g)):
  *
  * - int8: q int8 (n, k), one byte per weight;
  * - int4: q in [-8, 7], stored as q + 8 in a nibble, two per byte, (n, k / 2). In each group, byte j holds
- *   weight j in its low nibble and weight j + g / 2 in its high one, so a run of bytes unpacks into two runs
- *   of consecutive weights, which the compiler vectorizes without shuffles.
+ *   weight j in its low nibble and weight j + g / 2 in its high one (llama.cpp's Q4_0 order for g = 32).
  *
- * Every product x * q is exact in fp32 (q has at most 8 bits), the group sums and the scaled sums run in
- * fp32, so the result is the fp32 product with the dequantized weights up to the order of the sums.
+ * Two kinds of kernels:
  *
- * As in gemv_bf16.c, each thread walks BLOCK weight rows side by side, so BLOCK streams of memory are in
- * flight, and asks for each of them PREFETCH_BYTES ahead. Each row keeps LANES partial sums. Group sizes
- * that are a multiple of LANES (int8) or 2 * LANES (int4) take the vectorized loops; any other group size
- * takes a plain loop that gives the same sums.
+ * - "exact" (llama_gemv_int8, llama_gemv_int4): every product x * q is exact in fp32 (q has at most 8 bits)
+ *   and the sums run in fp32, so the result is the fp32 product with the dequantized weights up to the order
+ *   of the sums. Widening every weight to fp32 costs several instructions per 8 weights, which on two cores
+ *   is slower than reading the bytes.
+ * - "int8 inputs" (llama_gemv_int8_q8x, llama_gemv_int4_q8x), llama.cpp's way: each input row is rounded to
+ *   int8 in blocks of 32 with one fp32 scale per block (xs = max|x| / 127), and each block's dot product with
+ *   32 weights is summed exactly in int32 by byte multiply-adds (AVX2's vpmaddubsw) before it is scaled by
+ *   xs * s. That is a few instructions per 32 weights, fast enough to stream the packed weights at the
+ *   memory's speed, but the input's rounding (half a step of 1/127 of each block's largest value) moves the
+ *   result: it approximates the dequantized product. Groups must be multiples of 32 (int4: exactly 32).
+ *
+ * Memory. A core following one stream of addresses reads far below the machine's bandwidth, so each thread
+ * walks BLOCK weight rows side by side (BLOCK streams) and, while it works on one block of rows, prefetches
+ * the next block (which lies right after it: rows are contiguous) at the same pace, so the bytes arrive a
+ * whole block ahead. With several input rows, each block of weight rows serves every input row while it is
+ * in cache, so the weights are read from memory once per call whatever the number of rows.
+ *
+ * AVX2 + FMA code paths where the compiler targets them (-march=native), and portable loops that give the same
+ * sums (up to order) elsewhere; tests check both against exact references.
  */
+#include <math.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
-#define BLOCK 8
-#define LANES 16
-#define PREFETCH_BYTES 256
+#define BLOCK 8   /* weight rows walked side by side */
+#define QBLOCK 32 /* inputs per int8 block of the input row */
 
 static inline float bf16_to_float(uint16_t h) {
     uint32_t bits = (uint32_t)h << 16;
@@ -29,6 +43,15 @@ static inline float bf16_to_float(uint16_t h) {
     memcpy(&f, &bits, sizeof f);
     return f;
 }
+
+/* Prefetch `bytes` bytes at p (a stretch of the next block of weight rows), one cache line at a time. */
+static inline void prefetch_stretch(const void *p, int64_t bytes) {
+    for (int64_t l = 0; l < bytes; l += 64) __builtin_prefetch((const char *)p + l, 0, 3);
+}
+
+/* ---------------------------------------------------------------------------------------------------------
+ * Exact kernels: fp32 input rows.
+ */
 
 #if defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
@@ -42,19 +65,25 @@ static inline float hsum(__m256 v) {
     return _mm_cvtss_f32(s);
 }
 
+/* 8 bf16 values -> 8 fp32 (a bf16 is the top half of an fp32). */
+static inline __m256 load_bf16x8(const uint16_t *p) {
+    __m256i v = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
+}
+
 static inline __m256 int8x8_to_float(__m128i v) { return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v)); }
 
-/* Vectorized rows for group sizes that are multiples of 32, AVX2 + FMA: each group's 32-weight pieces are
- * widened to fp32 (exactly) and multiplied with x into a group sum, which is scaled into the row sum. */
-static void dot_rows_int8_avx2(const float *x, const int8_t *w, const uint16_t *s, int64_t k, int64_t g,
-                               int count, float *out) {
+/* out[j] = x . dequant(w[j]) for `count` (at most BLOCK) int8 rows at w; g a multiple of 32. Each group's
+ * 32-weight pieces are widened to fp32 (exactly) and multiplied with x into a group sum, scaled into the row
+ * sum. `next`: the next block of rows, prefetched g * BLOCK bytes per group. */
+static void rows_int8_exact(const float *x, const int8_t *w, const uint16_t *s, int64_t k, int64_t g, int count,
+                            float *out, const int8_t *next) {
     int64_t groups = k / g;
     __m256 acc[BLOCK];
     for (int j = 0; j < count; j++) acc[j] = _mm256_setzero_ps();
     for (int64_t b = 0; b < groups; b++) {
         const float *xb = x + b * g;
-        for (int j = 0; j < count; j++)
-            __builtin_prefetch((const char *)(w + j * k + b * g) + PREFETCH_BYTES, 0, 3);
+        prefetch_stretch(next + b * g * BLOCK, g * BLOCK);
         for (int j = 0; j < count; j++) {
             const int8_t *wb = w + j * k + b * g;
             __m256 p0 = _mm256_setzero_ps(), p1 = _mm256_setzero_ps();
@@ -73,23 +102,23 @@ static void dot_rows_int8_avx2(const float *x, const int8_t *w, const uint16_t *
     for (int j = 0; j < count; j++) out[j] = hsum(acc[j]);
 }
 
-static void dot_rows_int4_avx2(const float *x, const uint8_t *w, const uint16_t *s, int64_t k, int64_t g,
-                               int count, float *out) {
+/* The same for int4 rows (k / 2 bytes each); g a multiple of 32. */
+static void rows_int4_exact(const float *x, const uint8_t *w, const uint16_t *s, int64_t k, int64_t g, int count,
+                            float *out, const uint8_t *next) {
     int64_t groups = k / g, half = g / 2, row_bytes = k / 2;
     const __m128i low4 = _mm_set1_epi8(15), eight = _mm_set1_epi8(8);
     __m256 acc[BLOCK];
     for (int j = 0; j < count; j++) acc[j] = _mm256_setzero_ps();
     for (int64_t b = 0; b < groups; b++) {
         const float *xb = x + b * g;
-        for (int j = 0; j < count; j++)
-            __builtin_prefetch((const char *)(w + j * row_bytes + b * half) + PREFETCH_BYTES, 0, 3);
+        prefetch_stretch(next + b * half * BLOCK, half * BLOCK);
         for (int j = 0; j < count; j++) {
             const uint8_t *wb = w + j * row_bytes + b * half;
             __m256 p0 = _mm256_setzero_ps(), p1 = _mm256_setzero_ps();
             for (int64_t i = 0; i < half; i += 16) {
                 __m128i v = _mm_loadu_si128((const __m128i *)(wb + i));
-                __m128i lo = _mm_sub_epi8(_mm_and_si128(v, low4), eight);                      /* weights i.. */
-                __m128i hi = _mm_sub_epi8(_mm_and_si128(_mm_srli_epi16(v, 4), low4), eight);   /* half + i.. */
+                __m128i lo = _mm_sub_epi8(_mm_and_si128(v, low4), eight);                    /* weights i.. */
+                __m128i hi = _mm_sub_epi8(_mm_and_si128(_mm_srli_epi16(v, 4), low4), eight); /* half + i.. */
                 p0 = _mm256_fmadd_ps(_mm256_loadu_ps(xb + i), int8x8_to_float(lo), p0);
                 p1 = _mm256_fmadd_ps(_mm256_loadu_ps(xb + i + 8), int8x8_to_float(_mm_srli_si128(lo, 8)), p1);
                 p0 = _mm256_fmadd_ps(_mm256_loadu_ps(xb + half + i), int8x8_to_float(hi), p0);
@@ -103,249 +132,322 @@ static void dot_rows_int4_avx2(const float *x, const uint8_t *w, const uint16_t 
 }
 #endif
 
-/* out[j] = x . dequant(w[j]) for the `count` (at most BLOCK) int8 weight rows starting at w. */
-static inline void dot_rows_int8(const float *x, const int8_t *w, const uint16_t *s, int64_t k, int64_t g,
-                                 int count, float *out) {
+/* Portable exact rows: any group size. */
+static void rows_int8_plain(const float *x, const int8_t *w, const uint16_t *s, int64_t k, int64_t g, int count,
+                            float *out) {
     int64_t groups = k / g;
-    if (g % LANES != 0) {
-        for (int j = 0; j < count; j++) {
-            float sum = 0.0f;
-            for (int64_t b = 0; b < groups; b++) {
-                float part = 0.0f;
-                for (int64_t i = b * g; i < (b + 1) * g; i++) part += x[i] * (float)w[j * k + i];
-                sum += bf16_to_float(s[j * groups + b]) * part;
-            }
-            out[j] = sum;
-        }
-        return;
-    }
-    float acc[BLOCK][LANES] = {{0.0f}};
-    for (int64_t b = 0; b < groups; b++) {
-        const float *xb = x + b * g;
-        for (int j = 0; j < count; j++)
-            __builtin_prefetch((const char *)(w + j * k + b * g) + PREFETCH_BYTES, 0, 3);
-        for (int j = 0; j < count; j++) {
-            const int8_t *wb = w + j * k + b * g;
-            float part[LANES] = {0.0f};
-            if (g == 2 * LANES) {  /* the default group size: fixed trip counts, all in registers */
-                for (int l = 0; l < LANES; l++) part[l] = xb[l] * (float)wb[l] + xb[LANES + l] * (float)wb[LANES + l];
-            } else {
-                for (int64_t i = 0; i < g; i += LANES)
-                    for (int l = 0; l < LANES; l++) part[l] += xb[i + l] * (float)wb[i + l];
-            }
-            float scale = bf16_to_float(s[j * groups + b]);
-            for (int l = 0; l < LANES; l++) acc[j][l] += scale * part[l];
-        }
-    }
     for (int j = 0; j < count; j++) {
         float sum = 0.0f;
-        for (int l = 0; l < LANES; l++) sum += acc[j][l];
+        for (int64_t b = 0; b < groups; b++) {
+            float part = 0.0f;
+            for (int64_t i = b * g; i < (b + 1) * g; i++) part += x[i] * (float)w[j * k + i];
+            sum += bf16_to_float(s[j * groups + b]) * part;
+        }
         out[j] = sum;
     }
 }
 
-/* The same for int4 rows: w points at packed bytes, k / 2 per row. */
-static inline void dot_rows_int4(const float *x, const uint8_t *w, const uint16_t *s, int64_t k, int64_t g,
-                                 int count, float *out) {
+static void rows_int4_plain(const float *x, const uint8_t *w, const uint16_t *s, int64_t k, int64_t g, int count,
+                            float *out) {
     int64_t groups = k / g, half = g / 2, row_bytes = k / 2;
-    if (half % LANES != 0) {
-        for (int j = 0; j < count; j++) {
-            float sum = 0.0f;
-            for (int64_t b = 0; b < groups; b++) {
-                const uint8_t *wb = w + j * row_bytes + b * half;
-                const float *xb = x + b * g;
-                float part = 0.0f;
-                for (int64_t i = 0; i < half; i++)
-                    part += xb[i] * (float)((int)(wb[i] & 15) - 8) + xb[half + i] * (float)((int)(wb[i] >> 4) - 8);
-                sum += bf16_to_float(s[j * groups + b]) * part;
-            }
-            out[j] = sum;
-        }
-        return;
-    }
-    float acc[BLOCK][LANES] = {{0.0f}};
-    for (int64_t b = 0; b < groups; b++) {
-        const float *xb = x + b * g;
-        for (int j = 0; j < count; j++)
-            __builtin_prefetch((const char *)(w + j * row_bytes + b * half) + PREFETCH_BYTES, 0, 3);
-        for (int j = 0; j < count; j++) {
-            const uint8_t *wb = w + j * row_bytes + b * half;
-            float part[LANES] = {0.0f};
-            if (half == LANES) {  /* the default group size */
-                for (int l = 0; l < LANES; l++) {
-                    uint8_t v = wb[l];
-                    part[l] = xb[l] * (float)((int)(v & 15) - 8) + xb[LANES + l] * (float)((int)(v >> 4) - 8);
-                }
-            } else {
-                for (int64_t i = 0; i < half; i += LANES)
-                    for (int l = 0; l < LANES; l++) {
-                        uint8_t v = wb[i + l];
-                        part[l] += xb[i + l] * (float)((int)(v & 15) - 8) + xb[half + i + l] * (float)((int)(v >> 4) - 8);
-                    }
-            }
-            float scale = bf16_to_float(s[j * groups + b]);
-            for (int l = 0; l < LANES; l++) acc[j][l] += scale * part[l];
-        }
-    }
     for (int j = 0; j < count; j++) {
         float sum = 0.0f;
-        for (int l = 0; l < LANES; l++) sum += acc[j][l];
+        for (int64_t b = 0; b < groups; b++) {
+            const uint8_t *wb = w + j * row_bytes + b * half;
+            const float *xb = x + b * g;
+            float part = 0.0f;
+            for (int64_t i = 0; i < half; i++)
+                part += xb[i] * (float)((int)(wb[i] & 15) - 8) + xb[half + i] * (float)((int)(wb[i] >> 4) - 8);
+            sum += bf16_to_float(s[j * groups + b]) * part;
+        }
         out[j] = sum;
+    }
+}
+
+/* One call: blocks of BLOCK weight rows split among the threads; each block serves every input row. */
+static void gemv_exact(const float *x, const void *w, const uint16_t *s, float *y, int64_t rows, int64_t n,
+                       int64_t k, int64_t g, int int4) {
+    int64_t blocks = (n + BLOCK - 1) / BLOCK, groups = k / g, row_bytes = int4 ? k / 2 : k;
+#pragma omp parallel for schedule(static)
+    for (int64_t blk = 0; blk < blocks; blk++) {
+        int64_t first = blk * BLOCK;
+        int count = first + BLOCK <= n ? BLOCK : (int)(n - first);
+        const uint8_t *wb = (const uint8_t *)w + first * row_bytes;
+        const uint8_t *next = first + 2 * BLOCK <= n ? wb + BLOCK * row_bytes : wb;
+        const uint16_t *sb = s + first * groups;
+        for (int64_t r = 0; r < rows; r++) {
+            const float *xr = x + r * k;
+            float *yr = y + r * n + first;
+#ifdef HAVE_AVX2
+            if (g % 32 == 0) {
+                if (int4)
+                    rows_int4_exact(xr, wb, sb, k, g, count, yr, next);
+                else
+                    rows_int8_exact(xr, (const int8_t *)wb, sb, k, g, count, yr, (const int8_t *)next);
+                continue;
+            }
+#endif
+            if (int4)
+                rows_int4_plain(xr, wb, sb, k, g, count, yr);
+            else
+                rows_int8_plain(xr, (const int8_t *)wb, sb, k, g, count, yr);
+        }
     }
 }
 
 void llama_gemv_int8(const float *x, const int8_t *w, const uint16_t *s, float *y, int64_t rows, int64_t n,
                      int64_t k, int64_t g) {
-    int64_t blocks = (n + BLOCK - 1) / BLOCK, groups = k / g;
-#pragma omp parallel for schedule(static)
-    for (int64_t b = 0; b < blocks; b++) {
-        int64_t first = b * BLOCK;
-        int count = first + BLOCK <= n ? BLOCK : (int)(n - first);
-        for (int64_t r = 0; r < rows; r++) {
-#ifdef HAVE_AVX2
-            if (g % 32 == 0) {
-                dot_rows_int8_avx2(x + r * k, w + first * k, s + first * groups, k, g, count, y + r * n + first);
-                continue;
-            }
-#endif
-            dot_rows_int8(x + r * k, w + first * k, s + first * groups, k, g, count, y + r * n + first);
-        }
-    }
+    gemv_exact(x, w, s, y, rows, n, k, g, 0);
 }
 
 void llama_gemv_int4(const float *x, const uint8_t *w, const uint16_t *s, float *y, int64_t rows, int64_t n,
                      int64_t k, int64_t g) {
-    int64_t blocks = (n + BLOCK - 1) / BLOCK, groups = k / g;
-#pragma omp parallel for schedule(static)
-    for (int64_t b = 0; b < blocks; b++) {
-        int64_t first = b * BLOCK;
-        int count = first + BLOCK <= n ? BLOCK : (int)(n - first);
-        for (int64_t r = 0; r < rows; r++) {
-#ifdef HAVE_AVX2
-            if (g % 32 == 0) {
-                dot_rows_int4_avx2(x + r * k, w + first * (k / 2), s + first * groups, k, g, count, y + r * n + first);
-                continue;
-            }
-#endif
-            dot_rows_int4(x + r * k, w + first * (k / 2), s + first * groups, k, g, count, y + r * n + first);
-        }
-    }
+    gemv_exact(x, w, s, y, rows, n, k, g, 1);
 }
 
 /* ---------------------------------------------------------------------------------------------------------
- * The same products with the input row quantized too, as llama.cpp does: x is cut into blocks of 32, each
- * stored as int8 with its own fp32 scale (xs = max|x| / 127), and each block's dot product with 32 weights
- * is summed exactly in int32 before it is scaled by xs * s. Integer multiply-adds do 32 weights in a few
- * instructions, where widening every weight to fp32 takes several per 8. The input's rounding (half a step
- * of 1/127 of each block's largest value) changes the result: this is an approximation of the dequantized
- * product, unlike the kernels above. Group sizes must be multiples of 32.
+ * Kernels with int8 inputs. An input row is quantized once per call into xq (k int8), xs (k / 32 block
+ * scales) and xsum8 (8 * xs * the block's sum of xq, for int4's offset: below).
  */
-#include <stdlib.h>
-#include <math.h>
 
-#define QBLOCK 32
+typedef struct {
+    int8_t *xq;
+    float *xs, *xsum8;
+} QuantRow;
 
-static void quantize_row_q8(const float *x, int64_t k, int8_t *xq, float *xs) {
+/* Round each block of 32 inputs to int8 against its own scale, ties to even (as lrintf; llama.cpp's rounding).
+ * A block holding NaN or inf gets a NaN scale, so the products that use it are NaN, as the exact ones are. */
+static void quantize_row_q8(const float *x, int64_t k, QuantRow q) {
     for (int64_t b = 0; b < k / QBLOCK; b++) {
+        const float *p = x + b * QBLOCK;
         float amax = 0.0f;
-        for (int i = 0; i < QBLOCK; i++) amax = fmaxf(amax, fabsf(x[b * QBLOCK + i]));
-        float scale = amax / 127.0f, inv = amax > 0.0f ? 127.0f / amax : 0.0f;
-        xs[b] = scale;
-        for (int i = 0; i < QBLOCK; i++) xq[b * QBLOCK + i] = (int8_t)lrintf(x[b * QBLOCK + i] * inv);
+        int bad = 0, sum = 0;
+#ifdef HAVE_AVX2
+        __m256 v[4], m = _mm256_setzero_ps(), unordered = _mm256_setzero_ps();
+        for (int i = 0; i < 4; i++) {
+            v[i] = _mm256_loadu_ps(p + 8 * i);
+            m = _mm256_max_ps(m, _mm256_andnot_ps(_mm256_set1_ps(-0.0f), v[i]));
+            unordered = _mm256_or_ps(unordered, _mm256_cmp_ps(v[i], v[i], _CMP_UNORD_Q));
+        }
+        __m128 h = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+        h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+        amax = _mm_cvtss_f32(_mm_max_ss(h, _mm_movehdup_ps(h)));
+        bad = _mm256_movemask_ps(unordered) != 0 || isinf(amax);
+        __m256 inv = _mm256_set1_ps(amax > 0.0f && !bad ? 127.0f / amax : 0.0f);
+        __m256i i0 = _mm256_cvtps_epi32(_mm256_mul_ps(v[0], inv)), i1 = _mm256_cvtps_epi32(_mm256_mul_ps(v[1], inv));
+        __m256i i2 = _mm256_cvtps_epi32(_mm256_mul_ps(v[2], inv)), i3 = _mm256_cvtps_epi32(_mm256_mul_ps(v[3], inv));
+        if (bad) i0 = i1 = i2 = i3 = _mm256_setzero_si256();
+        /* the packs interleave 128-bit halves; the permutation puts the 32 bytes back in order */
+        __m256i packed = _mm256_packs_epi16(_mm256_packs_epi32(i0, i1), _mm256_packs_epi32(i2, i3));
+        packed = _mm256_permutevar8x32_epi32(packed, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+        _mm256_storeu_si256((__m256i *)(q.xq + b * QBLOCK), packed);
+        int32_t parts[8];
+        _mm256_storeu_si256((__m256i *)parts, _mm256_add_epi32(_mm256_add_epi32(i0, i1), _mm256_add_epi32(i2, i3)));
+        for (int i = 0; i < 8; i++) sum += parts[i];
+#else
+        for (int i = 0; i < QBLOCK; i++) {
+            bad |= !isfinite(p[i]);
+            amax = fmaxf(amax, fabsf(p[i]));
+        }
+        float inv = amax > 0.0f && !bad ? 127.0f / amax : 0.0f;
+        for (int i = 0; i < QBLOCK; i++) {
+            int v = (int)lrintf(p[i] * inv);
+            q.xq[b * QBLOCK + i] = (int8_t)v;
+            sum += v;
+        }
+#endif
+        float scale = bad ? NAN : amax / 127.0f;
+        q.xs[b] = scale;
+        q.xsum8[b] = 8.0f * scale * (float)sum;
     }
 }
 
-/* Exact int32 dot product of 32 int8 weights (w) and 32 int8 inputs (x). */
+/* comb[b] = s[b / per] * xs[b]: the scale of block b's integer dot product, for one weight row. */
+static inline void combine_scales(const uint16_t *s, const float *xs, int64_t nb, int64_t per, float *comb) {
+    int64_t b = 0;
+#ifdef HAVE_AVX2
+    if (per == 1)
+        for (; b + 8 <= nb; b += 8) _mm256_storeu_ps(comb + b, _mm256_mul_ps(load_bf16x8(s + b), _mm256_loadu_ps(xs + b)));
+#endif
+    for (; b < nb; b++) comb[b] = bf16_to_float(s[b / per]) * xs[b];
+}
+
+/* int4's offset: the nibbles hold q + 8, so sum_b comb[b] * dot(q + 8, xq) overshoots by
+ * sum_b s[b] * 8 * xs[b] * sum(xq of block b) = s . xsum8 (g = 32: one scale per block). */
+static inline float int4_offset(const uint16_t *s, const float *xsum8, int64_t nb) {
+    float sum = 0.0f;
+    int64_t b = 0;
+#ifdef HAVE_AVX2
+    __m256 acc = _mm256_setzero_ps();
+    for (; b + 8 <= nb; b += 8) acc = _mm256_fmadd_ps(load_bf16x8(s + b), _mm256_loadu_ps(xsum8 + b), acc);
+    sum = hsum(acc);
+#endif
+    for (; b < nb; b++) sum += bf16_to_float(s[b]) * xsum8[b];
+    return sum;
+}
+
+/* Exact int32 dot product of 32 int8 weights and 32 int8 inputs (the portable path). */
 static inline int32_t dot32(const int8_t *w, const int8_t *x) {
     int32_t sum = 0;
     for (int i = 0; i < QBLOCK; i++) sum += (int32_t)w[i] * (int32_t)x[i];
     return sum;
 }
 
+/* The AVX2 loops over the blocks of 32 inputs, for `count` rows (always inlined: with count == BLOCK the trip
+ * counts are fixed and the accumulators stay in registers). */
 #ifdef HAVE_AVX2
-/* The same for 32 weights already in a register, as 8 int32 partial sums. maddubs multiplies unsigned by
- * signed bytes, so the weights' signs move onto the inputs: |w| * (x * sign(w)) = w * x. Pair sums stay within
- * int16 since |w|, |x| <= 127 (2 * 127 * 127 < 32767). */
-static inline __m256i dot32_avx2(__m256i w, __m256i x) {
-    __m256i pairs = _mm256_maddubs_epi16(_mm256_sign_epi8(w, w), _mm256_sign_epi8(x, w));
-    return _mm256_madd_epi16(pairs, _mm256_set1_epi16(1));
-}
-
-static inline __m256i unpack_int4_avx2(const uint8_t *p) {
-    /* 16 packed bytes -> 32 int8 weights: low nibbles are the first 16, high nibbles the next 16 */
-    __m128i v = _mm_loadu_si128((const __m128i *)p);
-    __m128i lo = _mm_and_si128(v, _mm_set1_epi8(15)), hi = _mm_and_si128(_mm_srli_epi16(v, 4), _mm_set1_epi8(15));
-    return _mm256_sub_epi8(_mm256_set_m128i(hi, lo), _mm256_set1_epi8(8));
-}
-#endif
-
-/* out[o] for one row: sum over groups of s * sum over its 32-blocks of xs * dot. int4 rows are unpacked per
- * 32-block: a block of a group with g / 2 bytes... only g == 32 keeps blocks contiguous in the packing, so
- * int4 takes this path for g == 32 alone (checked by the caller). */
-static void gemv_q8x(const int8_t *xq, const float *xs, const void *w, const uint16_t *s, float *y, int64_t n,
-                     int64_t k, int64_t g, int int4) {
-    int64_t groups = k / g, per = g / QBLOCK, row_bytes = int4 ? k / 2 : k;
-#pragma omp parallel for schedule(static)
-    for (int64_t o = 0; o < n; o++) {
-        const uint8_t *row = (const uint8_t *)w + o * row_bytes;
-        __builtin_prefetch(row + 8 * row_bytes, 0, 3);
-#ifdef HAVE_AVX2
-        __m256 acc = _mm256_setzero_ps();
-        for (int64_t b = 0; b < groups; b++) {
-            __m256 part = _mm256_setzero_ps();
-            for (int64_t j = 0; j < per; j++) {
-                int64_t blk = b * per + j;
-                __m256i wv = int4 ? unpack_int4_avx2(row + blk * 16)
-                                  : _mm256_loadu_si256((const __m256i *)(row + blk * QBLOCK));
-                __m256i xv = _mm256_loadu_si256((const __m256i *)(xq + blk * QBLOCK));
-                part = _mm256_fmadd_ps(_mm256_set1_ps(xs[blk]), _mm256_cvtepi32_ps(dot32_avx2(wv, xv)), part);
-            }
-            acc = _mm256_fmadd_ps(_mm256_set1_ps(bf16_to_float(s[o * groups + b])), part, acc);
+static inline __attribute__((always_inline)) void loop_int8_q8x(QuantRow q, const int8_t *w, int64_t k,
+                                                                 int count, float *out, const int8_t *next,
+                                                                 const float *comb) {
+    /* maddubs multiplies unsigned by signed bytes, so the weights' signs move onto the inputs:
+     * |w| * (x * sign(w)) = w * x. Pair sums stay within int16: 2 * 127 * 127 < 32767. */
+    int64_t nb = k / QBLOCK;
+    const __m256i ones = _mm256_set1_epi16(1);
+    __m256 acc[BLOCK];
+    for (int j = 0; j < count; j++) acc[j] = _mm256_setzero_ps();
+    for (int64_t b = 0; b < nb; b++) {
+        __m256i xv = _mm256_loadu_si256((const __m256i *)(q.xq + b * QBLOCK));
+        prefetch_stretch(next + b * QBLOCK * BLOCK, QBLOCK * BLOCK);
+        for (int j = 0; j < count; j++) {
+            __m256i wv = _mm256_loadu_si256((const __m256i *)(w + j * k + b * QBLOCK));
+            __m256i pairs = _mm256_maddubs_epi16(_mm256_sign_epi8(wv, wv), _mm256_sign_epi8(xv, wv));
+            __m256 d = _mm256_cvtepi32_ps(_mm256_madd_epi16(pairs, ones));
+            acc[j] = _mm256_fmadd_ps(d, _mm256_broadcast_ss(comb + j * nb + b), acc[j]);
         }
-        y[o] = hsum(acc);
-#else
-        float acc = 0.0f;
-        for (int64_t b = 0; b < groups; b++) {
-            float part = 0.0f;
-            for (int64_t j = 0; j < per; j++) {
-                int64_t blk = b * per + j;
-                int8_t wq[QBLOCK];
-                if (int4) {
-                    for (int i = 0; i < 16; i++) {
-                        uint8_t v = row[blk * 16 + i];
-                        wq[i] = (int8_t)((v & 15) - 8);
-                        wq[16 + i] = (int8_t)((v >> 4) - 8);
-                    }
-                } else {
-                    memcpy(wq, row + blk * QBLOCK, QBLOCK);
-                }
-                part += xs[blk] * (float)dot32(wq, xq + blk * QBLOCK);
-            }
-            acc += bf16_to_float(s[o * groups + b]) * part;
-        }
-        y[o] = acc;
-#endif
     }
+    for (int j = 0; j < count; j++) out[j] = hsum(acc[j]);
 }
 
-static void gemv_q8x_rows(const float *x, const void *w, const uint16_t *s, float *y, int64_t rows, int64_t n,
-                          int64_t k, int64_t g, int int4) {
-    int8_t *xq = malloc((size_t)k);
-    float *xs = malloc((size_t)(k / QBLOCK) * sizeof(float));
+static inline __attribute__((always_inline)) void loop_int4_q8x(QuantRow q, const uint8_t *w, int64_t k,
+                                                                 int count, float *out, const uint8_t *next,
+                                                                 const float *comb) {
+    /* 16 bytes broadcast to both halves of a register; shifting the upper half by 4 and masking gives the 32
+     * weights in input order: low nibbles (weights 0..15), then high nibbles (16..31). Pair sums of
+     * (q + 8) * x stay within int16: 2 * 15 * 127. */
+    int64_t nb = k / QBLOCK, row_bytes = k / 2;
+    const __m256i ones = _mm256_set1_epi16(1), low4 = _mm256_set1_epi8(15);
+    const __m256i shift = _mm256_set_epi64x(4, 4, 0, 0);
+    __m256 acc[BLOCK];
+    for (int j = 0; j < count; j++) acc[j] = _mm256_setzero_ps();
+    for (int64_t b = 0; b < nb; b++) {
+        __m256i xv = _mm256_loadu_si256((const __m256i *)(q.xq + b * QBLOCK));
+        prefetch_stretch(next + b * 16 * BLOCK, 16 * BLOCK);
+        for (int j = 0; j < count; j++) {
+            __m128i packed = _mm_loadu_si128((const __m128i *)(w + j * row_bytes + b * 16));
+            __m256i wv = _mm256_and_si256(_mm256_srlv_epi64(_mm256_broadcastsi128_si256(packed), shift), low4);
+            __m256 d = _mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_maddubs_epi16(wv, xv), ones));
+            acc[j] = _mm256_fmadd_ps(d, _mm256_broadcast_ss(comb + j * nb + b), acc[j]);
+        }
+    }
+    for (int j = 0; j < count; j++) out[j] = hsum(acc[j]);
+}
+#endif
+
+/* out[j] for `count` int8 rows at w against one quantized input row; comb: scratch of BLOCK * nb floats. */
+static void rows_int8_q8x(QuantRow q, const int8_t *w, const uint16_t *s, int64_t k, int64_t g, int count,
+                          float *out, const int8_t *next, float *comb) {
+    int64_t nb = k / QBLOCK, groups = k / g;
+    for (int j = 0; j < count; j++) combine_scales(s + j * groups, q.xs, nb, g / QBLOCK, comb + j * nb);
+#ifdef HAVE_AVX2
+    if (count == BLOCK)
+        loop_int8_q8x(q, w, k, BLOCK, out, next, comb);
+    else
+        loop_int8_q8x(q, w, k, count, out, next, comb);
+#else
+    (void)next;
+    for (int j = 0; j < count; j++) {
+        float sum = 0.0f;
+        for (int64_t b = 0; b < nb; b++) sum += comb[j * nb + b] * (float)dot32(w + j * k + b * QBLOCK, q.xq + b * QBLOCK);
+        out[j] = sum;
+    }
+#endif
+}
+
+/* The same for int4 rows with groups of 32 (16 bytes a block). The nibbles are used as they are stored
+ * (q + 8, unsigned, which maddubs takes directly), and the offset is taken off at the end. */
+static void rows_int4_q8x(QuantRow q, const uint8_t *w, const uint16_t *s, int64_t k, int count, float *out,
+                          const uint8_t *next, float *comb) {
+    int64_t nb = k / QBLOCK, row_bytes = k / 2;
+    for (int j = 0; j < count; j++) combine_scales(s + j * nb, q.xs, nb, 1, comb + j * nb);
+#ifdef HAVE_AVX2
+    if (count == BLOCK)
+        loop_int4_q8x(q, w, k, BLOCK, out, next, comb);
+    else
+        loop_int4_q8x(q, w, k, count, out, next, comb);
+    for (int j = 0; j < count; j++) out[j] -= int4_offset(s + j * nb, q.xsum8, nb);
+#else
+    (void)next;
+    for (int j = 0; j < count; j++) {
+        float sum = 0.0f;
+        for (int64_t b = 0; b < nb; b++) {
+            int8_t wq[QBLOCK];
+            const uint8_t *p = w + j * row_bytes + b * 16;
+            for (int i = 0; i < 16; i++) {
+                wq[i] = (int8_t)((p[i] & 15) - 8);
+                wq[16 + i] = (int8_t)((p[i] >> 4) - 8);
+            }
+            sum += comb[j * nb + b] * (float)dot32(wq, q.xq + b * QBLOCK);
+        }
+        out[j] = sum;
+    }
+#endif
+}
+
+static void gemv_q8x(const float *x, const void *w, const uint16_t *s, float *y, int64_t rows, int64_t n,
+                     int64_t k, int64_t g, int int4) {
+    int64_t nb = k / QBLOCK, groups = k / g, row_bytes = int4 ? k / 2 : k;
+    int64_t blocks = (n + BLOCK - 1) / BLOCK;
+    int8_t *xq = malloc((size_t)(rows * k));
+    float *xs = malloc(sizeof(float) * (size_t)(2 * rows * nb));
+    if (xq == NULL || xs == NULL) { /* out of memory: the exact kernel needs no scratch */
+        free(xq);
+        free(xs);
+        gemv_exact(x, w, s, y, rows, n, k, g, int4);
+        return;
+    }
     for (int64_t r = 0; r < rows; r++) {
-        quantize_row_q8(x + r * k, k, xq, xs);
-        gemv_q8x(xq, xs, w, s, y + r * n, n, k, g, int4);
+        QuantRow q = {xq + r * k, xs + r * nb, xs + (rows + r) * nb};
+        quantize_row_q8(x + r * k, k, q);
+    }
+#pragma omp parallel
+    {
+        float *comb = malloc(sizeof(float) * (size_t)(BLOCK * nb));
+#pragma omp for schedule(static)
+        for (int64_t blk = 0; blk < blocks; blk++) {
+            int64_t first = blk * BLOCK;
+            int count = first + BLOCK <= n ? BLOCK : (int)(n - first);
+            const uint8_t *wb = (const uint8_t *)w + first * row_bytes;
+            const uint8_t *next = first + 2 * BLOCK <= n ? wb + BLOCK * row_bytes : wb;
+            const uint16_t *sb = s + first * groups;
+            for (int64_t r = 0; r < rows; r++) {
+                float *yr = y + r * n + first;
+                if (comb == NULL) { /* out of memory in this thread */
+                    if (int4)
+                        rows_int4_plain(x + r * k, wb, sb, k, g, count, yr);
+                    else
+                        rows_int8_plain(x + r * k, (const int8_t *)wb, sb, k, g, count, yr);
+                    continue;
+                }
+                QuantRow q = {xq + r * k, xs + r * nb, xs + (rows + r) * nb};
+                if (int4)
+                    rows_int4_q8x(q, wb, sb, k, count, yr, next, comb);
+                else
+                    rows_int8_q8x(q, (const int8_t *)wb, sb, k, g, count, yr, (const int8_t *)next, comb);
+            }
+        }
+        free(comb);
     }
     free(xq);
     free(xs);
 }
 
+/* Group sizes: int8 a multiple of 32, int4 exactly 32 (checked by the caller, llama/quantize.py). */
 void llama_gemv_int8_q8x(const float *x, const int8_t *w, const uint16_t *s, float *y, int64_t rows, int64_t n,
                          int64_t k, int64_t g) {
-    gemv_q8x_rows(x, w, s, y, rows, n, k, g, 0);
+    gemv_q8x(x, w, s, y, rows, n, k, g, 0);
 }
 
 void llama_gemv_int4_q8x(const float *x, const uint8_t *w, const uint16_t *s, float *y, int64_t rows, int64_t n,
                          int64_t k, int64_t g) {
-    gemv_q8x_rows(x, w, s, y, rows, n, k, g, 1);
+    gemv_q8x(x, w, s, y, rows, n, k, g, 1);
 }
