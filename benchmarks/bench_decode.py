@@ -352,6 +352,10 @@ def main(argv: Optional[list[str]] = None) -> None:
     with_llama_cpp = opts.llama_cpp and device.type == "cpu"
     if opts.llama_cpp and not with_llama_cpp:
         print("--llama_cpp: llama.cpp runs on CPUs only here; skipped")
+    if with_llama_cpp:
+        import llama_cpp_contender as lcpp
+
+        llama_cpp = lcpp.require()  # before minutes of setup
 
     setup_model_parallel(1, device)
     # One compiled decode step per model, batch size and int8-input switch: more than dynamo's default of 8.
@@ -387,9 +391,6 @@ def main(argv: Optional[list[str]] = None) -> None:
     scratch = tempfile.TemporaryDirectory(prefix="bench_decode_")
     gguf: dict[str, Path] = {}
     if with_llama_cpp:
-        import llama_cpp
-        import llama_cpp_contender as lcpp
-
         gguf = llama_cpp_files(model, modes, Path(scratch.name))
         files = {llama_cpp_row(w, dtype_name): lcpp.file_summary(path) for w, path in gguf.items()}
         print(f"llama.cpp's GGUF files (llama-cpp-python {llama_cpp.__version__}):")

@@ -106,8 +106,10 @@ def write_gguf(model: Transformer, path: Path) -> None:
 QUANT_FTYPES = {"q8_0": "LLAMA_FTYPE_MOSTLY_Q8_0", "q4_0": "LLAMA_FTYPE_MOSTLY_Q4_0"}
 
 
-def _llama_cpp():
+def require():
+    """The llama_cpp module, once it and gguf are found to be installed; else a SystemExit that says how."""
     try:
+        import gguf  # noqa: F401
         import llama_cpp
     except ImportError as e:
         raise SystemExit(f"--llama_cpp needs llama-cpp-python and gguf ({e}); see {__file__}") from e
@@ -142,7 +144,7 @@ def quiet() -> Iterator[None]:
 
 def quantize_gguf(src: Path, dst: Path, ftype: str) -> None:
     """Quantize the GGUF file src to dst with llama.cpp's own quantizer (its default parameters)."""
-    llama_cpp = _llama_cpp()
+    llama_cpp = require()
     if ftype not in QUANT_FTYPES:
         raise ValueError(f"unknown llama.cpp file type {ftype!r}; choose from {sorted(QUANT_FTYPES)}")
     params = llama_cpp.llama_model_quantize_default_params()
@@ -170,7 +172,7 @@ def load(path: Path, n_ctx: int, n_batch: int = 512):
     that evaluates up to n_batch prompt tokens in one batch."""
     threads = torch.get_num_threads()
     with quiet():
-        return _llama_cpp().Llama(
+        return require().Llama(
             model_path=str(path), n_ctx=n_ctx, n_batch=n_batch, n_ubatch=n_batch, n_threads=threads,
             n_threads_batch=threads, verbose=False,
         )  # fmt: skip
@@ -196,7 +198,7 @@ def prefiller(llm, token: int = 100) -> Callable[[int], None]:
     reset() rewinds to position 0 and eval() first drops every cached position from there, so each call starts
     on an empty KV cache. A prompt longer than the context's batch would go in several batches: refused.
     """
-    llama_cpp = _llama_cpp()
+    llama_cpp = require()
     batch = min(llama_cpp.llama_n_batch(llm.ctx), llama_cpp.llama_n_ubatch(llm.ctx))
 
     def prefill(n: int) -> None:
@@ -212,7 +214,7 @@ def prefiller(llm, token: int = 100) -> Callable[[int], None]:
 
 def contender(model: Transformer, prompt: list[int], folder: Path) -> Callable[[int], object]:
     """A function that greedily generates n tokens after `prompt` with llama.cpp on the same weights."""
-    _llama_cpp()  # fail before writing the file
+    require()  # fail before writing the file
     path = folder / "model.gguf"
     write_gguf(model, path)
     return generator(load(path, model.params.max_seq_len), prompt)
