@@ -1,12 +1,16 @@
 """Checkpoint loading: time and peak host memory of ``Llama.build`` against plain ``torch.load`` and the reference.
 
     python benchmarks/bench_load.py [--workdir DIR] [--dim 2048] [--n_layers 10]
+    python benchmarks/bench_load.py --shape cpu   # bench_decode.py's 0.85B shape: a 1.7 GB file
 
-Writes a random Llama-shaped checkpoint of about 1.3 GB (bfloat16, one shard, vocabulary 32000, like Meta's
-files) with mistral_common's copy of the Llama 2 SentencePiece model, unless --workdir already holds one. Then
-each way of loading runs in a fresh process, so its peak RSS (VmHWM) is its own:
+Writes a random Llama-shaped checkpoint (bfloat16, one shard, vocabulary 32000, like Meta's files; by default
+dim 2048 and 10 layers, about 1.3 GB) with mistral_common's copy of the Llama 2 SentencePiece model, unless
+--workdir already holds one. Then each way of loading runs in a fresh process, so its peak RSS (VmHWM) is its
+own:
 
 - ours:       ``Llama.build(..., device="cpu", dtype=torch.bfloat16)`` (memory-mapped shards, assigned weights);
+- ours int8,  ``Llama.build(..., dtype=torch.bfloat16, quantize="int8")`` (or "int4"): quantize-on-load, one
+  ours int4: tensor at a time from the memory-mapped shards (llama/quantize.py), the float model never resident;
 - torch.load: ``torch.load(path, map_location="cpu", weights_only=True)`` and nothing else;
 - reference:  what Meta's ``Llama.build`` does: a full ``torch.load``, a ``Transformer`` whose weights are
               allocated under a bfloat16 default dtype, then ``load_state_dict(checkpoint, strict=False)``, which
@@ -14,7 +18,9 @@ each way of loading runs in a fresh process, so its peak RSS (VmHWM) is its own:
 
 "load" is the time until the call returns. "ready" adds one forward pass of one token, which touches every
 weight: a memory-mapped load reads the file there rather than in the call, so "ready" is the fair comparison.
-Each way runs with a cold page cache (``echo 3 > /proc/sys/vm/drop_caches``, needs root) and a warm one.
+"weights MB" is the bytes of the loaded tensors (the state dict: quantized weights and scales for int8/int4).
+Each way runs with a cold page cache (``echo 3 > /proc/sys/vm/drop_caches``, needs root) and a warm one
+(``--caches warm`` skips the cold runs, which evict every other program's cached files too).
 """
 
 from __future__ import annotations
@@ -36,8 +42,9 @@ import torch
 
 print = functools.partial(print, flush=True)  # results appear as they come, between child runs
 
-MODES = ("ours", "torch.load", "reference")
-ROW = "{:5} {:10} {:>7} {:>8} {:>11} {:>14} {:>14} {:>12} {:>12}"
+MODES = ("ours", "ours int8", "ours int4", "torch.load", "reference")
+ROW = "{:5} {:10} {:>7} {:>8} {:>11} {:>14} {:>14} {:>11} {:>12} {:>12}"
+DEFAULT_SHAPE = {"dim": 2048, "n_layers": 10}
 
 
 def status_kb(field: str) -> int:
@@ -48,15 +55,16 @@ def status_kb(field: str) -> int:
     raise KeyError(field)
 
 
-def make_checkpoint(folder: Path, tokenizer_path: Path, dim: int, n_layers: int) -> None:
-    """A one-shard bfloat16 checkpoint with random weights, written tensor by tensor to keep memory low."""
+def make_checkpoint(folder: Path, tokenizer_path: Path, shape: dict) -> None:
+    """A one-shard bfloat16 checkpoint with random weights, written tensor by tensor to keep memory low.
+
+    shape: dim, n_layers and optionally n_heads (default dim / 128), n_kv_heads, multiple_of (default 256)."""
     from llama import checkpoint
     from llama.layout import Layout
     from llama.model import ModelArgs
     from llama.tokenizer import Tokenizer
 
-    params = {"dim": dim, "n_layers": n_layers, "n_heads": dim // 128, "multiple_of": 256, "norm_eps": 1e-5,
-              "vocab_size": -1}  # fmt: skip
+    params = {"n_heads": shape["dim"] // 128, "multiple_of": 256, **shape, "norm_eps": 1e-5, "vocab_size": -1}
     args = ModelArgs.from_params({**params, "vocab_size": Tokenizer(tokenizer_path).n_words})
     gen = torch.Generator().manual_seed(0)
     state = {}
@@ -69,6 +77,34 @@ def make_checkpoint(folder: Path, tokenizer_path: Path, dim: int, n_layers: int)
     shutil.copyfile(tokenizer_path, folder / "tokenizer.model")
 
 
+def checkpoint_shape(shape_name: Optional[str], dim: Optional[int], n_layers: Optional[int]) -> dict:
+    """The checkpoint's shape: bench_decode.py's SHAPES[shape_name] (its vocabulary is the tokenizer's), or the
+    default, with dim and n_layers overriding either."""
+    from bench_decode import SHAPES
+
+    shape = dict(DEFAULT_SHAPE)
+    if shape_name is not None:
+        keys = ("dim", "n_layers", "n_heads", "n_kv_heads", "multiple_of")
+        shape = {k: SHAPES[shape_name][k] for k in keys if SHAPES[shape_name].get(k) is not None}
+    shape.update({k: v for k, v in (("dim", dim), ("n_layers", n_layers)) if v is not None})
+    return shape
+
+
+def folder_name(shape: dict) -> str:
+    name = f"llama-d{shape['dim']}-l{shape['n_layers']}"
+    if shape.get("n_heads", shape["dim"] // 128) != shape["dim"] // 128:
+        name += f"-h{shape['n_heads']}"
+    if shape.get("n_kv_heads") is not None:
+        name += f"-kv{shape['n_kv_heads']}"
+    if shape.get("multiple_of", 256) != 256:
+        name += f"-m{shape['multiple_of']}"
+    return name
+
+
+def tensor_mb(tensors) -> float:
+    return sum(t.numel() * t.element_size() for t in tensors) / 2**20
+
+
 def child(mode: str, ckpt_dir: Path) -> dict:
     """Load the checkpoint one way in this (fresh) process; return times (s) and memory (MB)."""
     from llama import Llama
@@ -78,9 +114,10 @@ def child(mode: str, ckpt_dir: Path) -> dict:
     rss_before = status_kb("VmRSS")
     token = torch.tensor([[1]])
     start = time.perf_counter()
-    if mode == "ours":
+    if mode.startswith("ours"):  # "ours", or "ours int8" / "ours int4": quantize-on-load
+        quantize = mode.split()[1] if " " in mode else None
         generator = Llama.build(str(ckpt_dir), str(ckpt_dir / "tokenizer.model"), max_seq_len=64, max_batch_size=1,
-                                device="cpu", dtype=torch.bfloat16)  # fmt: skip
+                                device="cpu", dtype=torch.bfloat16, quantize=quantize)  # fmt: skip
         model = generator.model
     elif mode == "torch.load":
         state = torch.load(ckpt_dir / "consolidated.00.pth", map_location="cpu", weights_only=True)
@@ -97,6 +134,7 @@ def child(mode: str, ckpt_dir: Path) -> dict:
         state = None
     load = time.perf_counter() - start
     rss_loaded = status_kb("VmRSS")
+    weights_mb = tensor_mb((model.state_dict() if model is not None else state).values())
     if model is not None:
         model.forward(token, 0)
     ready = time.perf_counter() - start
@@ -108,7 +146,7 @@ def child(mode: str, ckpt_dir: Path) -> dict:
     peak_ready = status_kb("VmHWM")
     # A forward reads one row of the embedding table; read one element of every page of every weight too, for
     # the worst case of a memory-mapped model: all of the file resident.
-    for tensor in model.parameters() if model is not None else state.values():
+    for tensor in (model.state_dict() if model is not None else state).values():
         flat = tensor.detach().reshape(-1)
         flat[:: max(1, 4096 // flat.element_size())].float().sum()
     return {
@@ -117,6 +155,7 @@ def child(mode: str, ckpt_dir: Path) -> dict:
         "forward_s": forward,
         "rss_before_mb": rss_before / 1024,
         "rss_loaded_mb": rss_loaded / 1024,
+        "weights_mb": weights_mb,
         "peak_mb": peak_ready / 1024,
         "peak_all_mb": status_kb("VmHWM") / 1024,
     }
@@ -156,21 +195,53 @@ def machine() -> str:
     return f"{model}, {os.cpu_count()} cores, {ram_gb:.0f} GB RAM; {versions}"
 
 
+def summary(results: dict, caches: list[str]) -> None:
+    """Ratios of each of our ways to the reference and to a plain torch.load, per cache state."""
+    for cache in caches:
+        for name in ("reference", "torch.load"):
+            other = results[cache, name]
+            for mode in (m for m in MODES if m.startswith("ours")):
+                ours = results[cache, mode]
+                print(
+                    f"{cache}: {mode} vs {name}: ready {other['ready_s'] / ours['ready_s']:.1f}x faster, peak RSS "
+                    f"{ours['peak_mb'] / other['peak_mb']:.2f}x ({ours['peak_all_mb'] / other['peak_all_mb']:.2f}x "
+                    "with all of the file read)"
+                )
+    # Quantize-on-load should leave about the quantized size plus the runtime, and peak below a plain torch.load.
+    cache = caches[-1]
+    plain = results[cache, "torch.load"]["peak_mb"]
+    for mode in ("ours int8", "ours int4"):
+        r = results[cache, mode]
+        rest = r["rss_loaded_mb"] - r["weights_mb"]
+        print(f"{mode}: RSS once loaded {r['rss_loaded_mb']:.0f} MB = {r['weights_mb']:.0f} MB of weights + "
+              f"{rest:.0f} MB (the process held {r['rss_before_mb']:.0f} MB before loading); peak "
+              f"{r['peak_mb']:.0f} MB, {'below' if r['peak_mb'] < plain else 'NOT below'} torch.load's "
+              f"{plain:.0f} MB ({cache} cache)")  # fmt: skip
+
+
 def main(argv: Optional[list[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--workdir", type=Path, help="folder for the checkpoint (kept); default: a temporary one")
-    parser.add_argument("--dim", type=int, default=2048)
-    parser.add_argument("--n_layers", type=int, default=10)
+    parser.add_argument(
+        "--shape", choices=["cpu", "cuda"],
+        help="a shape of bench_decode.py: cpu is its 0.85B one (1.7 GB), cuda Llama-2-7B's (13.5 GB); default: dim "
+        f"{DEFAULT_SHAPE['dim']}, {DEFAULT_SHAPE['n_layers']} layers (1.3 GB)",
+    )  # fmt: skip
+    parser.add_argument("--dim", type=int, help="overrides the shape's")
+    parser.add_argument("--n_layers", type=int, help="overrides the shape's")
     parser.add_argument("--repeats", type=int, default=2, help="runs of each way per cache state; best is shown")
+    parser.add_argument("--caches", default="cold,warm", help="cold (needs root), warm, or both (default)")
     parser.add_argument("--tokenizer_path", type=Path, help="default: mistral_common's Llama 2 tokenizer.model")
+    parser.add_argument("--json", type=Path, help="also write the results to this file")
     parser.add_argument("--child", choices=MODES, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
         print(json.dumps(child(args.child, args.workdir)))
         return
 
+    shape = checkpoint_shape(args.shape, args.dim, args.n_layers)
     tmp = None if args.workdir else Path(tempfile.mkdtemp(prefix="bench_load."))
-    ckpt_dir = (args.workdir or tmp) / f"llama-d{args.dim}-l{args.n_layers}"
+    ckpt_dir = (args.workdir or tmp) / folder_name(shape)
     try:
         if not (ckpt_dir / "consolidated.00.pth").is_file():
             tokenizer = args.tokenizer_path
@@ -179,15 +250,16 @@ def main(argv: Optional[list[str]] = None) -> None:
 
                 tokenizer = Path(mistral_common.__file__).parent / "data" / "tokenizer.model.v1"
             print(f"writing a random checkpoint to {ckpt_dir} ...", file=sys.stderr)
-            make_checkpoint(ckpt_dir, tokenizer, args.dim, args.n_layers)
+            make_checkpoint(ckpt_dir, tokenizer, shape)
         size_mb = (ckpt_dir / "consolidated.00.pth").stat().st_size / 2**20
         print(f"machine: {machine()}")
-        print(f"checkpoint: {ckpt_dir / 'consolidated.00.pth'} ({size_mb:.0f} MB, bfloat16)")
-        caches = ["cold", "warm"] if drop_page_cache() else ["warm"]
-        if caches == ["warm"]:
+        print(f"checkpoint: {ckpt_dir / 'consolidated.00.pth'} ({size_mb:.0f} MB, bfloat16, {shape})")
+        caches = [c for c in ("cold", "warm") if c in args.caches.split(",")]
+        if "cold" in caches and not drop_page_cache():
             print("cannot drop the page cache (not root?): warm-cache runs only")
+            caches = ["warm"]
         header = ROW.format("cache", "way", "load s", "ready s", "(forward s)", "RSS before MB", "RSS loaded MB",
-                            "peak RSS MB", "all read MB")  # fmt: skip
+                            "weights MB", "peak RSS MB", "all read MB")  # fmt: skip
         results = {}
         for cache in caches:
             print(header)
@@ -201,17 +273,14 @@ def main(argv: Optional[list[str]] = None) -> None:
                 best["peak_all_mb"] = max(r["peak_all_mb"] for r in runs)
                 results[cache, mode] = best
                 times = (f"{best[k]:.2f}" for k in ("load_s", "ready_s", "forward_s"))
-                sizes = (f"{best[k]:.0f}" for k in ("rss_before_mb", "rss_loaded_mb", "peak_mb", "peak_all_mb"))
+                sizes = (f"{best[k]:.0f}" for k in ("rss_before_mb", "rss_loaded_mb", "weights_mb", "peak_mb",
+                                                     "peak_all_mb"))  # fmt: skip
                 print(ROW.format(cache, mode, *times, *sizes))
-        for cache in caches:
-            ours = results[cache, "ours"]
-            for name in ("reference", "torch.load"):
-                other = results[cache, name]
-                print(
-                    f"{cache}: ours vs {name}: ready {other['ready_s'] / ours['ready_s']:.1f}x faster, peak RSS "
-                    f"{ours['peak_mb'] / other['peak_mb']:.2f}x ({ours['peak_all_mb'] / other['peak_all_mb']:.2f}x "
-                    "with all of the file read)"
-                )
+        summary(results, caches)
+        if args.json:
+            rows = [{"cache": cache, "way": mode, **r} for (cache, mode), r in results.items()]
+            out = {"machine": machine(), "checkpoint_MB": size_mb, "shape": shape, "rows": rows}
+            args.json.write_text(json.dumps(out, indent=2))
     finally:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)

@@ -34,11 +34,11 @@ from types import SimpleNamespace
 from typing import Callable
 
 import torch
-from bench_decode import SHAPES, best_of, decode_ms_per_token, random_model, read_bandwidth
+from bench_decode import SHAPES, best_of, decode_ms_per_token, quantized, random_model, read_bandwidth
 
 from llama import Llama, checkpoint, cpu_gemv
 from llama import quantize as quant
-from llama.distributed import default_dtype_scope, setup_model_parallel
+from llama.distributed import setup_model_parallel
 from llama.fast import FastDecoder
 from llama.model import ModelArgs, Transformer
 
@@ -138,12 +138,9 @@ def main() -> None:
     shape = {k: getattr(opts, k) for k in SHAPES["cpu"]}
     args = ModelArgs(**shape, max_batch_size=1, max_seq_len=opts.max_seq_len)
     models = {"bf16": random_model(args, cpu, torch.bfloat16)}
-    for mode in MODES:  # a model sharing the bf16 tensors, whose linear layers are then swapped
-        with torch.device(cpu), default_dtype_scope(torch.bfloat16):
-            twin = Transformer(args)
-        twin.load_state_dict(models["bf16"].state_dict(), assign=True)
+    for mode in MODES:  # a model sharing the bf16 embedding and norms, its linear layers quantized
         start = time.perf_counter()
-        models[mode] = quant.quantize_model(twin, quant.Scheme(mode, opts.group_size)).eval()
+        models[mode] = quantized(models["bf16"], mode, opts.group_size)
         print(f"quantized to {mode} in {time.perf_counter() - start:.1f} s")
 
     bandwidth = read_bandwidth(cpu)

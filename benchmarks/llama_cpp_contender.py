@@ -10,12 +10,22 @@ model's size: the benchmark feeds token ids and never tokenizes text. llama.cpp'
 architecture rotates adjacent pairs, as Meta's checkpoints expect, so the file holds Meta's layout as is.
 `python benchmarks/llama_cpp_contender.py` checks that: a small random model, in fp32 and in bf16, must give
 llama.cpp the same greedy tokens as our faithful path.
+
+The quantized contenders (q8_0, q4_0) are made by llama.cpp itself from that file (``quantize_gguf``, as its
+``llama-quantize`` tool does, with its default parameters: q4_0 keeps ``output.weight`` in q6_K, and
+``file_summary`` shows the mix). ``prefiller`` evaluates a prompt in one batch on an emptied KV cache (prefill timing).
 """
 
 from __future__ import annotations
 
+import collections
+import contextlib
+import ctypes
+import os
+import sys
+import tempfile
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 
@@ -92,20 +102,84 @@ def write_gguf(model: Transformer, path: Path) -> None:
     writer.close()
 
 
-def contender(model: Transformer, prompt: list[int], folder: Path) -> Callable[[int], object]:
-    """A function that greedily generates n tokens after `prompt` with llama.cpp on the same weights."""
+# llama.cpp's quantized file types, by the names its tools give them -> the ftype constant of llama_cpp
+QUANT_FTYPES = {"q8_0": "LLAMA_FTYPE_MOSTLY_Q8_0", "q4_0": "LLAMA_FTYPE_MOSTLY_Q4_0"}
+
+
+def require():
+    """The llama_cpp module, once it and gguf are found to be installed; else a SystemExit that says how."""
     try:
-        from llama_cpp import Llama as LlamaCpp
+        import gguf  # noqa: F401
+        import llama_cpp
     except ImportError as e:
         raise SystemExit(f"--llama_cpp needs llama-cpp-python and gguf ({e}); see {__file__}") from e
+    return llama_cpp
 
-    path = folder / "model.gguf"
-    write_gguf(model, path)
+
+@contextlib.contextmanager
+def quiet() -> Iterator[None]:
+    """Send what C code writes to stdout and stderr (llama.cpp's log: a line per tensor quantized or loaded) to a
+    temporary file, shown only if the block raises."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = os.dup(1), os.dup(2)
+    failed = False
+    with tempfile.TemporaryFile() as log:
+        os.dup2(log.fileno(), 1)
+        os.dup2(log.fileno(), 2)
+        try:
+            yield
+        except BaseException:
+            failed = True
+            raise
+        finally:
+            os.dup2(saved[0], 1)
+            os.dup2(saved[1], 2)
+            os.close(saved[0])
+            os.close(saved[1])
+            if failed:
+                log.seek(0)
+                sys.stderr.write(log.read().decode(errors="replace"))
+
+
+def quantize_gguf(src: Path, dst: Path, ftype: str) -> None:
+    """Quantize the GGUF file src to dst with llama.cpp's own quantizer (its default parameters)."""
+    llama_cpp = require()
+    if ftype not in QUANT_FTYPES:
+        raise ValueError(f"unknown llama.cpp file type {ftype!r}; choose from {sorted(QUANT_FTYPES)}")
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = getattr(llama_cpp, QUANT_FTYPES[ftype])
+    with quiet():
+        if llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params)) != 0:
+            raise RuntimeError(f"llama.cpp could not quantize {src} to {ftype} (its log is above)")
+
+
+def file_summary(path: Path) -> dict:
+    """The GGUF file's size in MB, how many of its tensors have each GGML type (e.g. {"Q4_0": 112, "Q6_K": 1,
+    "F32": 33}), and the bytes a decode step reads: every tensor but the embedding table, of which it reads a row."""
+    import gguf
+
+    tensors = gguf.GGUFReader(str(path)).tensors
+    return {
+        "MB": path.stat().st_size / 1e6,
+        "tensor_types": dict(collections.Counter(t.tensor_type.name for t in tensors)),
+        "bytes_per_token": sum(int(t.n_bytes) for t in tensors if t.name != "token_embd.weight"),
+    }
+
+
+def load(path: Path, n_ctx: int, n_batch: int = 512):
+    """llama.cpp's model of the GGUF file, on as many threads as torch uses, with one context of n_ctx positions
+    that evaluates up to n_batch prompt tokens in one batch."""
     threads = torch.get_num_threads()
-    llm = LlamaCpp(
-        model_path=str(path), n_ctx=model.params.max_seq_len, n_threads=threads, n_threads_batch=threads,
-        verbose=False,
-    )  # fmt: skip
+    with quiet():
+        return require().Llama(
+            model_path=str(path), n_ctx=n_ctx, n_batch=n_batch, n_ubatch=n_batch, n_threads=threads,
+            n_threads_batch=threads, verbose=False,
+        )  # fmt: skip
+
+
+def generator(llm, prompt: list[int]) -> Callable[[int], list[int]]:
+    """A function that greedily generates n tokens after `prompt` with the llama.cpp model llm."""
 
     def generate(n: int) -> list[int]:
         out: list[int] = []
@@ -116,6 +190,34 @@ def contender(model: Transformer, prompt: list[int], folder: Path) -> Callable[[
         return out
 
     return generate
+
+
+def prefiller(llm, token: int = 100) -> Callable[[int], None]:
+    """A function that evaluates a prompt of n tokens (all `token`) with the llama.cpp model llm, from position 0.
+
+    reset() rewinds to position 0 and eval() first drops every cached position from there, so each call starts
+    on an empty KV cache. A prompt longer than the context's batch would go in several batches: refused.
+    """
+    llama_cpp = require()
+    batch = min(llama_cpp.llama_n_batch(llm.ctx), llama_cpp.llama_n_ubatch(llm.ctx))
+
+    def prefill(n: int) -> None:
+        if n > batch:
+            raise ValueError(f"a {n}-token prompt does not fit llama.cpp's batch of {batch}; load it with n_batch={n}")
+        llm.reset()
+        llm.eval([token] * n)
+        if llm.n_tokens != n:
+            raise RuntimeError(f"llama.cpp holds {llm.n_tokens} positions after a {n}-token prompt")
+
+    return prefill
+
+
+def contender(model: Transformer, prompt: list[int], folder: Path) -> Callable[[int], object]:
+    """A function that greedily generates n tokens after `prompt` with llama.cpp on the same weights."""
+    require()  # fail before writing the file
+    path = folder / "model.gguf"
+    write_gguf(model, path)
+    return generator(load(path, model.params.max_seq_len), prompt)
 
 
 def main() -> None:
@@ -144,9 +246,18 @@ def main() -> None:
             tokens = torch.cat([tokens, torch.tensor([[ours[-1]]])], dim=1)
         with tempfile.TemporaryDirectory() as folder:
             theirs = contender(model, prompt, Path(folder))(12)
-        print(f"{dtype}, scaled RoPE {args.use_scaled_rope}\n  ours:      {ours}\n  llama.cpp: {theirs}")
-        if ours != theirs:
-            raise SystemExit(f"llama.cpp's greedy tokens differ from ours in {dtype}: the GGUF export is wrong")
+            print(f"{dtype}, scaled RoPE {args.use_scaled_rope}\n  ours:      {ours}\n  llama.cpp: {theirs}")
+            if ours != theirs:
+                raise SystemExit(f"llama.cpp's greedy tokens differ from ours in {dtype}: the GGUF export is wrong")
+            if dtype == torch.bfloat16:  # smoke test of llama.cpp's quantizer and prompt evaluation on this file
+                for ftype in QUANT_FTYPES:
+                    path = Path(folder) / f"model-{ftype}.gguf"
+                    quantize_gguf(Path(folder) / "model.gguf", path, ftype)
+                    llm = load(path, args.max_seq_len)
+                    quantized = generator(llm, prompt)(12)
+                    prefiller(llm)(args.max_seq_len)
+                    same = next((i for i, (a, b) in enumerate(zip(quantized, ours)) if a != b), len(ours))
+                    print(f"  llama.cpp {ftype}: {quantized} (the first {same} as bf16's; {file_summary(path)})")
     print("same greedy tokens")
 
 
