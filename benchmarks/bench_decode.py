@@ -13,8 +13,9 @@ percentage of that limit, for the bytes its own weights take.
 On a CPU with bf16 weights the fast path runs its linear layers through the C kernel of llama/cpu_gemv.py;
 the row "fast, torch GEMV" is the same path with torch's kernels, to show what the kernel brings.
 `--quantize int8,int4` (the default on CPUs; "" for none) adds the fast path on the same weights quantized by
-llama/quantize.py ("fast int8", "fast int4"), and with the batch-1 kernels taking int8 inputs
-("fast int8 (int8 inputs)": ``quantize.use_int8_inputs``; `--int8_inputs` picks which of the two are shown).
+llama/quantize.py ("fast int8", "fast int4": the CPU kernels round the input rows to int8, the library's
+default), and with the exact kernels ("fast int8 (exact)": ``quantize.use_int8_inputs(model, False)``;
+`--int8_inputs` picks which of the two are shown).
 `--llama_cpp` adds llama.cpp on the same weights at batch 1 on CPUs (benchmarks/llama_cpp_contender.py): the
 bf16 GGUF file ("llama.cpp"), and for each mode of --quantize the file llama.cpp's own quantizer makes from it
 (int8: "llama.cpp q8_0", int4: "llama.cpp q4_0"). "vs llama.cpp same dtype" is llama.cpp's time over ours for
@@ -54,7 +55,7 @@ SHAPES = {
 }  # fmt: skip
 DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 GGUF_TYPES = {"int8": "q8_0", "int4": "q4_0"}  # llama.cpp's file type next to each of our modes
-INT8_INPUTS = " (int8 inputs)"  # the suffix of rows whose batch-1 kernels round the input row to int8
+EXACT = " (exact)"  # the suffix of quantized rows whose CPU kernels take the input rows as they are
 
 
 def sync(device: torch.device) -> None:
@@ -147,10 +148,10 @@ def quant_variants(modes: list[str], int8_inputs: str) -> dict[str, tuple[str, b
     "only" (the kernels with int8 inputs only). The int8-input rows need ``quantize.use_int8_inputs``."""
     variants = {}
     for mode in modes:
+        if int8_inputs != "off":
+            variants[f"fast {mode}"] = (mode, True)
         if int8_inputs != "only":
-            variants[f"fast {mode}"] = (mode, False)
-        if int8_inputs != "off" and hasattr(quant, "use_int8_inputs"):
-            variants[f"fast {mode}{INT8_INPUTS}"] = (mode, True)
+            variants[f"fast {mode}{EXACT}"] = (mode, False)
     return variants
 
 
@@ -325,7 +326,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     )  # fmt: skip
     parser.add_argument(
         "--int8_inputs", default="both", choices=["both", "off", "only"],
-        help="quantized rows with the exact kernels, with int8 inputs (CPU, batch 1) or both",
+        help="quantized rows with int8 inputs (the default kernels on CPUs), with the exact kernels, or both",
     )  # fmt: skip
     parser.add_argument("--group_size", type=int, default=quant.DEFAULT_GROUP_SIZE, help="of --quantize")
     parser.add_argument(
@@ -409,7 +410,7 @@ def main(argv: Optional[list[str]] = None) -> None:
         fast_torch_gemv = Llama(model, tokenizer, fast=decoder)  # type: ignore[arg-type]
     fast_quant = {mode: Llama(models[mode], tokenizer, fast=FastDecoder(models[mode], compile=True))  # type: ignore[arg-type]
                   for mode in modes}  # fmt: skip
-    # Our quantized rows: name -> (mode, int8 inputs). The int8-input kernels serve one row on a CPU.
+    # Our quantized rows: name -> (mode, int8 inputs). The int8-input kernels are C kernels, on a CPU.
     variants = quant_variants(modes, opts.int8_inputs)
     if any(x8 for _, x8 in variants.values()) and not (device.type == "cpu" and quant.available()):
         print("no rows with int8 inputs: they need the quantized C kernels, on a CPU")
