@@ -81,10 +81,10 @@ def _compile(compiler: str, flags: list[str], out: Path, source: Path = SOURCE) 
 
 
 def load_kernel(
-    source: Path, symbols: dict[str, list], fallback: str
+    source: Path, symbols: dict[str, list], fallback: str, restype: Optional[type] = None
 ) -> Optional[dict[str, ctypes._CFuncPtr]]:
     """Compile (or take from the cache) the C file `source` and load its functions `symbols` (name -> ctypes
-    argument types; they return nothing); None, after one warning ending in `fallback`, where that fails."""
+    argument types; they return `restype`); None, after one warning ending in `fallback`, where that fails."""
     compiler = os.environ.get("CC", "cc")
     if shutil.which(compiler) is None:
         logger.warning("no C compiler %r on PATH (set CC): %s", compiler, fallback)
@@ -110,7 +110,7 @@ def load_kernel(
             continue
         for name, fn in fns.items():
             fn.argtypes = symbols[name]
-            fn.restype = None
+            fn.restype = restype
         if "-fopenmp" not in flags:
             logger.warning("%s has no OpenMP: the kernels of %s run on one thread", compiler, source.name)
         return fns
@@ -120,8 +120,9 @@ def load_kernel(
 
 def _load() -> Optional[ctypes._CFuncPtr]:
     fns = load_kernel(
-        SOURCE, {SYMBOL: [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 3}, "the fast path uses torch's bf16 GEMV"
-    )
+        SOURCE, {SYMBOL: [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 3}, "the fast path uses torch's bf16 GEMV",
+        restype=ctypes.c_int,
+    )  # fmt: skip
     return None if fns is None else fns[SYMBOL]
 
 
@@ -162,10 +163,11 @@ def linear_bf16(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     if fn is None:
         return F.linear(x, weight)
     n, k = weight.shape
-    x2 = x.reshape(-1, k).float().contiguous()  # exact: every bf16 value is an fp32 value
+    x2 = x.reshape(-1, k).contiguous()  # the kernel widens it to fp32 (exactly)
     w = weight.contiguous()
     y = torch.empty(x2.shape[0], n, dtype=torch.bfloat16)
-    fn(x2.data_ptr(), w.data_ptr(), y.data_ptr(), x2.shape[0], n, k)
+    if fn(x2.data_ptr(), w.data_ptr(), y.data_ptr(), x2.shape[0], n, k):
+        raise MemoryError(f"linear_bf16: out of memory for the kernel's scratch ({x2.shape[0]} rows of {k})")
     return y.view(*x.shape[:-1], n)
 
 

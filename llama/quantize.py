@@ -200,11 +200,11 @@ def kernels() -> Optional[dict[str, ctypes._CFuncPtr]]:
     if "fns" not in _state:
         with _lock:
             if "fns" not in _state:
-                args = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 4
+                args = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 5
                 names = [f"{m}{x}" for m in MODES for x in ("", "_q8x")]
                 fns = cpu_gemv.load_kernel(
                     SOURCE, {f"llama_gemv_{name}": args for name in names},
-                    "quantized layers dequantize their weights and use torch's matmul",
+                    "quantized layers dequantize their weights and use torch's matmul", restype=ctypes.c_int,
                 )  # fmt: skip
                 _state["fns"] = None if fns is None else {name: fns[f"llama_gemv_{name}"] for name in names}
     return _state["fns"]  # type: ignore[return-value]
@@ -236,24 +236,29 @@ def _linear_kernel(
     int8_x: quantize x to int8 in blocks of 32 and sum integer products (llama.cpp's way; see gemv_quant.c),
     where the format allows (``int8_x_applies``): faster, but it rounds x as well.
     """
-    scheme = Scheme(mode, group_size)
     n = qweight.shape[0]
     k = qweight.shape[1] * (1 if mode == "int8" else 2)
     if x.device.type != "cpu" or qweight.device.type != "cpu" or scales.dtype != SCALE_DTYPE:
         raise TypeError(f"linear_{mode} takes CPU tensors and bf16 scales, got x on {x.device}, qweight on "
                         f"{qweight.device}, scales {scales.dtype}")  # fmt: skip
-    if x.shape[-1] != k or scales.shape != (n, k // group_size):
+    if x.shape[-1] != k or scales.shape != (n, k // group_size) or k % group_size:
         raise ValueError(f"linear_{mode}: x {tuple(x.shape)} does not fit qweight {tuple(qweight.shape)} and "
                          f"scales {tuple(scales.shape)} with group size {group_size}")  # fmt: skip
     fns = kernels()
     if fns is None:
-        return F.linear(x, dequantize(qweight, scales, scheme, x.dtype))
-    x2 = x.reshape(-1, k).float().contiguous()
+        return F.linear(x, dequantize(qweight, scales, Scheme(mode, group_size), x.dtype))
+    # fp32 and bf16 inputs and outputs pass as they are (io flags); any other float dtype as fp32
+    dtype = x.dtype if x.dtype in _IO_FLAGS else torch.float32
+    x2 = x.reshape(-1, k).to(dtype).contiguous()
     q, s = qweight.contiguous(), scales.contiguous()
-    y = torch.empty(x2.shape[0], n, dtype=torch.float32)
+    y = torch.empty(x2.shape[0], n, dtype=dtype)
     fn = fns[f"{mode}_q8x"] if int8_x and int8_x_applies(mode, group_size) else fns[mode]
-    fn(x2.data_ptr(), q.data_ptr(), s.data_ptr(), y.data_ptr(), x2.shape[0], n, k, group_size)
+    if fn(x2.data_ptr(), q.data_ptr(), s.data_ptr(), y.data_ptr(), x2.shape[0], n, k, group_size, _IO_FLAGS[dtype]):
+        raise MemoryError(f"linear_{mode}: out of memory for the kernel's scratch ({x2.shape[0]} rows of {k})")
     return y.to(x.dtype).view(*x.shape[:-1], n)
+
+
+_IO_FLAGS = {torch.float32: 0, torch.bfloat16: 1 | 2}  # gemv_quant.c's IO_X_BF16 | IO_Y_BF16
 
 
 def linear_int8(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, group_size: int,

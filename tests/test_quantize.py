@@ -158,6 +158,11 @@ def test_int8_input_kernels_equal_the_product_with_the_rounded_input(mode, g, ro
     # and it is near the exact product: x's rounding costs about 0.5% here
     exact = exact_product(x, qweight, scales, scheme)
     assert ((y.double() - exact).norm() / exact.norm()).item() < 0.02
+    # bf16 rows go in and come out as they are: the fp32 result of the same values, rounded to bf16
+    xb = x.bfloat16()
+    yb = quant._linear_kernel(mode, xb, qweight, scales, g, int8_x=True)
+    assert yb.dtype == torch.bfloat16
+    assert torch.equal(yb, quant._linear_kernel(mode, xb.float(), qweight, scales, g, int8_x=True).bfloat16())
     if mode == "int4":  # groups of 64 do not fit the int4 packing's blocks: the exact kernel serves them
         q64, s64 = quant.quantize(weights(n, 128), Scheme("int4", 64))
         x64 = torch.randn(1, 128)

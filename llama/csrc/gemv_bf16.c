@@ -1,6 +1,7 @@
 /* Matrix-vector product with bfloat16 weights for batch-1 decoding on CPUs (see llama/cpu_gemv.py).
  *
- * y[r, o] = sum_i x[r, i] * w[o, i], for x fp32 (rows, k), w bf16 (n, k) and y bf16 (rows, n).
+ * y[r, o] = sum_i x[r, i] * w[o, i], for x, w and y bf16: x (rows, k), w (n, k), y (rows, n). The input rows
+ * are widened to fp32 once per call.
  *
  * Plain C that the compiler vectorizes for the CPU it runs on (-O3 -march=native): a bf16 value is the top
  * half of an fp32, so widening is a shift, and the sums run in fp32 like torch's own kernels.
@@ -72,17 +73,17 @@ static inline float hsum(__m256 v) {
     return _mm_cvtss_f32(s);
 }
 
-/* Each run of 16 inputs in the order of the unpacks below: 0-3, 8-11, then 4-7, 12-15. */
-static void permute_row(const float *x, int64_t k, float *xp) {
+/* x in fp32, each run of 16 inputs in the order of the unpacks below: 0-3, 8-11, then 4-7, 12-15. */
+static void permute_row(const uint16_t *x, int64_t k, float *xp) {
     int64_t k16 = k / 16 * 16;
     for (int64_t i = 0; i < k16; i += 16)
         for (int l = 0; l < 4; l++) {
-            xp[i + l] = x[i + l];
-            xp[i + 4 + l] = x[i + 8 + l];
-            xp[i + 8 + l] = x[i + 4 + l];
-            xp[i + 12 + l] = x[i + 12 + l];
+            xp[i + l] = bf16_to_float(x[i + l]);
+            xp[i + 4 + l] = bf16_to_float(x[i + 8 + l]);
+            xp[i + 8 + l] = bf16_to_float(x[i + 4 + l]);
+            xp[i + 12 + l] = bf16_to_float(x[i + 12 + l]);
         }
-    for (int64_t t = k16; t < k; t++) xp[t] = x[t];
+    for (int64_t t = k16; t < k; t++) xp[t] = bf16_to_float(x[t]);
 }
 
 /* The rows' sums over runs of 16 inputs (always inlined: with count == BLOCK the trip counts are fixed and the
@@ -109,11 +110,12 @@ static inline __attribute__((always_inline)) void loop_avx2(const float *xp, con
     }
 }
 
-void llama_gemv_bf16(const float *x, const uint16_t *w, uint16_t *y, int64_t rows, int64_t n, int64_t k) {
+/* Returns 0, or 1 if out of memory for the converted input rows (nothing written). */
+int llama_gemv_bf16(const uint16_t *x, const uint16_t *w, uint16_t *y, int64_t rows, int64_t n, int64_t k) {
     float *xp = malloc(sizeof(float) * (size_t)(rows * k));
     int64_t blocks = (n + BLOCK - 1) / BLOCK;
-    if (xp != NULL)
-        for (int64_t r = 0; r < rows; r++) permute_row(x + r * k, k, xp + r * k);
+    if (xp == NULL) return 1;
+    for (int64_t r = 0; r < rows; r++) permute_row(x + r * k, k, xp + r * k);
 #pragma omp parallel for schedule(static)
     for (int64_t b = 0; b < blocks; b++) {
         int64_t first = b * BLOCK;
@@ -121,29 +123,33 @@ void llama_gemv_bf16(const float *x, const uint16_t *w, uint16_t *y, int64_t row
         const uint16_t *w_block = w + first * k;
         const uint16_t *next = first + 2 * BLOCK <= n ? w_block + BLOCK * k : w_block;
         for (int64_t r = 0; r < rows; r++) {
-            if (xp == NULL)  /* out of memory: the portable loop needs no scratch */
-                dot_rows(x + r * k, w_block, k, count, y + r * n + first);
-            else if (count == BLOCK)
+            if (count == BLOCK)
                 loop_avx2(xp + r * k, w_block, k, BLOCK, y + r * n + first, next);
             else
                 loop_avx2(xp + r * k, w_block, k, count, y + r * n + first, next);
         }
     }
     free(xp);
+    return 0;
 }
 #else
-void llama_gemv_bf16(const float *x, const uint16_t *w, uint16_t *y, int64_t rows, int64_t n, int64_t k) {
+int llama_gemv_bf16(const uint16_t *x, const uint16_t *w, uint16_t *y, int64_t rows, int64_t n, int64_t k) {
+    float *xf = malloc(sizeof(float) * (size_t)(rows * k));
     int64_t blocks = (n + BLOCK - 1) / BLOCK;
+    if (xf == NULL) return 1;
+    for (int64_t i = 0; i < rows * k; i++) xf[i] = bf16_to_float(x[i]);
 #pragma omp parallel for schedule(static)
     for (int64_t b = 0; b < blocks; b++) {
         int64_t first = b * BLOCK;
         const uint16_t *w_block = w + first * k;
         for (int64_t r = 0; r < rows; r++) {
             if (first + BLOCK <= n)
-                dot_rows(x + r * k, w_block, k, BLOCK, y + r * n + first);
+                dot_rows(xf + r * k, w_block, k, BLOCK, y + r * n + first);
             else
-                dot_rows(x + r * k, w_block, k, (int)(n - first), y + r * n + first);
+                dot_rows(xf + r * k, w_block, k, (int)(n - first), y + r * n + first);
         }
     }
+    free(xf);
+    return 0;
 }
 #endif

@@ -31,6 +31,12 @@
  */
 #include <math.h>
 #include <stdint.h>
+#ifdef _OPENMP
+#include <omp.h>
+#else
+static inline int omp_get_max_threads(void) { return 1; }
+static inline int omp_get_thread_num(void) { return 0; }
+#endif
 #include <stdlib.h>
 #include <string.h>
 
@@ -42,6 +48,38 @@ static inline float bf16_to_float(uint16_t h) {
     float f;
     memcpy(&f, &bits, sizeof f);
     return f;
+}
+
+/* Round to nearest, ties to even, as torch does; NaN stays a (quiet) NaN. */
+static inline uint16_t float_to_bf16(float f) {
+    uint32_t bits;
+    memcpy(&bits, &f, sizeof bits);
+    if ((bits & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((bits >> 16) | 0x40u);
+    bits += 0x7fffu + ((bits >> 16) & 1u);
+    return (uint16_t)(bits >> 16);
+}
+
+/* Inputs and outputs are fp32, or bf16 where these bits of `io` say so (saves the caller two conversions). */
+#define IO_X_BF16 1
+#define IO_Y_BF16 2
+
+/* The input rows as fp32: x itself, or a converted copy to free (NULL if out of memory). */
+static const float *float_rows(const void *x, int64_t count, int64_t io) {
+    if (!(io & IO_X_BF16)) return (const float *)x;
+    float *out = malloc(sizeof(float) * (size_t)count);
+    if (out != NULL)
+        for (int64_t i = 0; i < count; i++) out[i] = bf16_to_float(((const uint16_t *)x)[i]);
+    return out;
+}
+
+/* y[offset + j] = v[j] for j < count, in y's dtype. */
+static inline void store(void *y, int64_t offset, const float *v, int count, int64_t io) {
+    for (int j = 0; j < count; j++) {
+        if (io & IO_Y_BF16)
+            ((uint16_t *)y)[offset + j] = float_to_bf16(v[j]);
+        else
+            ((float *)y)[offset + j] = v[j];
+    }
 }
 
 /* Prefetch `bytes` bytes at p (a stretch of the next block of weight rows), one cache line at a time. */
@@ -165,8 +203,8 @@ static void rows_int4_plain(const float *x, const uint8_t *w, const uint16_t *s,
 }
 
 /* One call: blocks of BLOCK weight rows split among the threads; each block serves every input row. */
-static void gemv_exact(const float *x, const void *w, const uint16_t *s, float *y, int64_t rows, int64_t n,
-                       int64_t k, int64_t g, int int4) {
+static void gemv_exact(const float *x, const void *w, const uint16_t *s, void *y, int64_t rows, int64_t n,
+                       int64_t k, int64_t g, int int4, int64_t io) {
     int64_t blocks = (n + BLOCK - 1) / BLOCK, groups = k / g, row_bytes = int4 ? k / 2 : k;
 #pragma omp parallel for schedule(static)
     for (int64_t blk = 0; blk < blocks; blk++) {
@@ -177,32 +215,44 @@ static void gemv_exact(const float *x, const void *w, const uint16_t *s, float *
         const uint16_t *sb = s + first * groups;
         for (int64_t r = 0; r < rows; r++) {
             const float *xr = x + r * k;
-            float *yr = y + r * n + first;
+            float out[BLOCK];
 #ifdef HAVE_AVX2
             if (g % 32 == 0) {
                 if (int4)
-                    rows_int4_exact(xr, wb, sb, k, g, count, yr, next);
+                    rows_int4_exact(xr, wb, sb, k, g, count, out, next);
                 else
-                    rows_int8_exact(xr, (const int8_t *)wb, sb, k, g, count, yr, (const int8_t *)next);
+                    rows_int8_exact(xr, (const int8_t *)wb, sb, k, g, count, out, (const int8_t *)next);
+                store(y, r * n + first, out, count, io);
                 continue;
             }
 #endif
             if (int4)
-                rows_int4_plain(xr, wb, sb, k, g, count, yr);
+                rows_int4_plain(xr, wb, sb, k, g, count, out);
             else
-                rows_int8_plain(xr, (const int8_t *)wb, sb, k, g, count, yr);
+                rows_int8_plain(xr, (const int8_t *)wb, sb, k, g, count, out);
+            store(y, r * n + first, out, count, io);
         }
     }
 }
 
-void llama_gemv_int8(const float *x, const int8_t *w, const uint16_t *s, float *y, int64_t rows, int64_t n,
-                     int64_t k, int64_t g) {
-    gemv_exact(x, w, s, y, rows, n, k, g, 0);
+/* The exact product; returns 0, or 1 if out of memory (nothing written). */
+static int exact_call(const void *x, const void *w, const uint16_t *s, void *y, int64_t rows, int64_t n, int64_t k,
+                      int64_t g, int int4, int64_t io) {
+    const float *xf = float_rows(x, rows * k, io);
+    if (xf == NULL) return 1;
+    gemv_exact(xf, w, s, y, rows, n, k, g, int4, io);
+    if ((const void *)xf != x) free((void *)xf);
+    return 0;
 }
 
-void llama_gemv_int4(const float *x, const uint8_t *w, const uint16_t *s, float *y, int64_t rows, int64_t n,
-                     int64_t k, int64_t g) {
-    gemv_exact(x, w, s, y, rows, n, k, g, 1);
+int llama_gemv_int8(const void *x, const int8_t *w, const uint16_t *s, void *y, int64_t rows, int64_t n, int64_t k,
+                    int64_t g, int64_t io) {
+    return exact_call(x, w, s, y, rows, n, k, g, 0, io);
+}
+
+int llama_gemv_int4(const void *x, const uint8_t *w, const uint16_t *s, void *y, int64_t rows, int64_t n, int64_t k,
+                    int64_t g, int64_t io) {
+    return exact_call(x, w, s, y, rows, n, k, g, 1, io);
 }
 
 /* ---------------------------------------------------------------------------------------------------------
@@ -393,61 +443,54 @@ static void rows_int4_q8x(QuantRow q, const uint8_t *w, const uint16_t *s, int64
 #endif
 }
 
-static void gemv_q8x(const float *x, const void *w, const uint16_t *s, float *y, int64_t rows, int64_t n,
-                     int64_t k, int64_t g, int int4) {
+static int gemv_q8x(const void *x, const void *w, const uint16_t *s, void *y, int64_t rows, int64_t n, int64_t k,
+                    int64_t g, int int4, int64_t io) {
     int64_t nb = k / QBLOCK, groups = k / g, row_bytes = int4 ? k / 2 : k;
     int64_t blocks = (n + BLOCK - 1) / BLOCK;
+    const float *xf = float_rows(x, rows * k, io);
     int8_t *xq = malloc((size_t)(rows * k));
     float *xs = malloc(sizeof(float) * (size_t)(2 * rows * nb));
-    if (xq == NULL || xs == NULL) { /* out of memory: the exact kernel needs no scratch */
-        free(xq);
-        free(xs);
-        gemv_exact(x, w, s, y, rows, n, k, g, int4);
-        return;
-    }
-    for (int64_t r = 0; r < rows; r++) {
-        QuantRow q = {xq + r * k, xs + r * nb, xs + (rows + r) * nb};
-        quantize_row_q8(x + r * k, k, q);
-    }
-#pragma omp parallel
-    {
-        float *comb = malloc(sizeof(float) * (size_t)(BLOCK * nb));
-#pragma omp for schedule(static)
+    float *comb = malloc(sizeof(float) * (size_t)(BLOCK * nb) * (size_t)omp_get_max_threads());
+    int failed = xf == NULL || xq == NULL || xs == NULL || comb == NULL;
+    if (!failed) {
+        for (int64_t r = 0; r < rows; r++) {
+            QuantRow q = {xq + r * k, xs + r * nb, xs + (rows + r) * nb};
+            quantize_row_q8(xf + r * k, k, q);
+        }
+#pragma omp parallel for schedule(static)
         for (int64_t blk = 0; blk < blocks; blk++) {
+            float *scratch = comb + (size_t)omp_get_thread_num() * (size_t)(BLOCK * nb);
             int64_t first = blk * BLOCK;
             int count = first + BLOCK <= n ? BLOCK : (int)(n - first);
             const uint8_t *wb = (const uint8_t *)w + first * row_bytes;
             const uint8_t *next = first + 2 * BLOCK <= n ? wb + BLOCK * row_bytes : wb;
             const uint16_t *sb = s + first * groups;
             for (int64_t r = 0; r < rows; r++) {
-                float *yr = y + r * n + first;
-                if (comb == NULL) { /* out of memory in this thread */
-                    if (int4)
-                        rows_int4_plain(x + r * k, wb, sb, k, g, count, yr);
-                    else
-                        rows_int8_plain(x + r * k, (const int8_t *)wb, sb, k, g, count, yr);
-                    continue;
-                }
                 QuantRow q = {xq + r * k, xs + r * nb, xs + (rows + r) * nb};
+                float out[BLOCK];
                 if (int4)
-                    rows_int4_q8x(q, wb, sb, k, count, yr, next, comb);
+                    rows_int4_q8x(q, wb, sb, k, count, out, next, scratch);
                 else
-                    rows_int8_q8x(q, (const int8_t *)wb, sb, k, g, count, yr, (const int8_t *)next, comb);
+                    rows_int8_q8x(q, (const int8_t *)wb, sb, k, g, count, out, (const int8_t *)next, scratch);
+                store(y, r * n + first, out, count, io);
             }
         }
-        free(comb);
     }
+    if (xf != NULL && (const void *)xf != x) free((void *)xf);
     free(xq);
     free(xs);
+    free(comb);
+    return failed;
 }
 
-/* Group sizes: int8 a multiple of 32, int4 exactly 32 (checked by the caller, llama/quantize.py). */
-void llama_gemv_int8_q8x(const float *x, const int8_t *w, const uint16_t *s, float *y, int64_t rows, int64_t n,
-                         int64_t k, int64_t g) {
-    gemv_q8x(x, w, s, y, rows, n, k, g, 0);
+/* Group sizes: int8 a multiple of 32, int4 exactly 32 (checked by the caller, llama/quantize.py). Return 0, or
+ * 1 if out of memory (nothing written; the caller falls back). */
+int llama_gemv_int8_q8x(const void *x, const int8_t *w, const uint16_t *s, void *y, int64_t rows, int64_t n,
+                        int64_t k, int64_t g, int64_t io) {
+    return gemv_q8x(x, w, s, y, rows, n, k, g, 0, io);
 }
 
-void llama_gemv_int4_q8x(const float *x, const uint8_t *w, const uint16_t *s, float *y, int64_t rows, int64_t n,
-                         int64_t k, int64_t g) {
-    gemv_q8x(x, w, s, y, rows, n, k, g, 1);
+int llama_gemv_int4_q8x(const void *x, const uint8_t *w, const uint16_t *s, void *y, int64_t rows, int64_t n,
+                        int64_t k, int64_t g, int64_t io) {
+    return gemv_q8x(x, w, s, y, rows, n, k, g, 1, io);
 }
