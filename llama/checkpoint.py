@@ -143,7 +143,8 @@ class Checkpoint:
     args: ModelArgs  # from params.json, with vocab_size taken from the weights
     paths: list[Path]
     shards: list[dict[str, torch.Tensor]]
-    layout: Layout
+    layout: Layout  # the generation's own layout of args: what loading and resharding cut the weights into
+    written: Layout  # split dims as the shards were cut (another tool may split the embedding the other way)
 
     @property
     def keys(self) -> list[str]:
@@ -154,6 +155,12 @@ class Checkpoint:
         """The shards mapped afresh. Pages read through a mapping count in this process's memory until the
         mapping goes, so a tool that reads the checkpoint piece by piece takes fresh mappings for each piece."""
         return [load_shard(p) for p in self.paths]
+
+    def slice_for_rank(
+        self, shards: Sequence[Mapping[str, torch.Tensor]], key: str, rank: int, world_size: int
+    ) -> torch.Tensor:
+        """Rank `rank`'s slice (of `world_size`) of weight `key` in `layout`, from shards of this checkpoint."""
+        return self.layout.slice_from(self.written, shards, key, rank, world_size)
 
 
 def open_checkpoint(ckpt_dir: str | os.PathLike, model_cls: type = Transformer) -> Checkpoint:
@@ -166,7 +173,7 @@ def open_checkpoint(ckpt_dir: str | os.PathLike, model_cls: type = Transformer) 
     paths = find_shards(folder)
     shards = [load_shard(p) for p in paths]
     args, layout = fit_params_to_shards(params, paths, shards, None, model_cls)
-    return Checkpoint(folder, params, args, paths, shards, layout)
+    return Checkpoint(folder, params, args, paths, shards, layout, Layout.for_shards(shards, model_cls))
 
 
 def fit_params_to_shards(
@@ -255,14 +262,10 @@ def load_weights(
     check_state_dict(written.merged_shapes(shards), layout.shapes, source)
     release_parameters(model)
 
-    def rank_slice(key: str) -> torch.Tensor:
-        if written.split_dim(key) == layout.split_dim(key):
-            return layout.slice_for_rank(shards, key, rank, world_size)
-        whole = written.slice_for_rank(shards, key, 0, 1)  # cut the other way: join, then cut as the model does
-        return layout.slice_for_rank([{key: whole}], key, rank, world_size)
-
     state = {
-        key: rank_slice(key).to(device=device, dtype=dtype).contiguous() for key in shards[0] if key not in IGNORED_KEYS
+        key: layout.slice_from(written, shards, key, rank, world_size).to(device=device, dtype=dtype).contiguous()
+        for key in shards[0]
+        if key not in IGNORED_KEYS
     }
     model.load_state_dict(state, strict=True, assign=True)
 

@@ -588,7 +588,7 @@ def to_hf(
 
     def hf_tensor(inputs: list[dict[str, torch.Tensor]], key: str) -> torch.Tensor:
         """The whole weight, in HF's layout and the output dtype."""
-        tensor = qk_to_hf(key, ckpt.layout.slice_for_rank(inputs, key, 0, 1), args)
+        tensor = qk_to_hf(key, ckpt.slice_for_rank(inputs, key, 0, 1), args)
         return tensor.to(out_dtype).contiguous()
 
     progress = ProgressLine("to_hf", len(files))
@@ -624,8 +624,8 @@ def embeddings_tied(ckpt: checkpoint.Checkpoint) -> bool:
     if shapes.get("output.weight") != shapes.get("tok_embeddings.weight"):
         return False
     inputs = ckpt.remap()  # read through a mapping of its own, released on return
-    embedding = ckpt.layout.slice_for_rank(inputs, "tok_embeddings.weight", 0, 1)
-    output = ckpt.layout.slice_for_rank(inputs, "output.weight", 0, 1)
+    embedding = ckpt.slice_for_rank(inputs, "tok_embeddings.weight", 0, 1)
+    output = ckpt.slice_for_rank(inputs, "output.weight", 0, 1)
     return embedding.dtype == output.dtype and torch.equal(embedding, output)
 
 

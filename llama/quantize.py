@@ -475,11 +475,8 @@ def load_weights(
     if prequantized:
         _check_quantized_dtypes(shards[0], linears, scheme, source)
 
-    def rank_slice(shards: list[dict[str, torch.Tensor]], key: str) -> torch.Tensor:  # as checkpoint's does
-        if written.split_dim(key) == model_layout.split_dim(key):
-            return model_layout.slice_for_rank(shards, key, rank, world_size)
-        whole = written.slice_for_rank(shards, key, 0, 1)
-        return model_layout.slice_for_rank([{key: whole}], key, rank, world_size)
+    def rank_slice(shards: list[dict[str, torch.Tensor]], key: str) -> torch.Tensor:
+        return model_layout.slice_from(written, shards, key, rank, world_size)
 
     state: dict[str, torch.Tensor] = {}
     layer = None

@@ -74,7 +74,7 @@ def reshard(
     def shards() -> Iterator[dict[str, torch.Tensor]]:
         for rank in range(model_parallel_size):
             inputs = ckpt.remap()  # so the input pages read for one output shard leave memory with it
-            yield {key: ckpt.layout.slice_for_rank(inputs, key, rank, model_parallel_size) for key in ckpt.keys}
+            yield {key: ckpt.slice_for_rank(inputs, key, rank, model_parallel_size) for key in ckpt.keys}
 
     tokenizer = ckpt.folder / "tokenizer.model"
     extra = [tokenizer] if tokenizer.is_file() else []
