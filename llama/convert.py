@@ -566,6 +566,11 @@ def to_hf(
             about one file's worth of weights at a time.
     """
     checkpoint.check_out_dir(out_dir, ckpt_dir)
+    checkpoint.refuse_quantized(
+        ckpt_dir,
+        checkpoint.read_params(ckpt_dir),
+        "Hugging Face's Llama folders hold float weights: convert the float checkpoint it was quantized from",
+    )
     tokenizer = load_tokenizer(tokenizer_path)
     family = family_of(tokenizer)
     ckpt = checkpoint.open_checkpoint(ckpt_dir, family.model_cls)
