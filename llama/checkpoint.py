@@ -27,7 +27,7 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, Optional, Sequenc
 import torch
 
 from llama.layout import Layout
-from llama.model import ModelArgs, Transformer, ffn_hidden_dim
+from llama.model import ModelArgs, Transformer, check_model_parallel_fit, ffn_hidden_dim
 
 logger = logging.getLogger(__name__)
 
@@ -35,6 +35,10 @@ logger = logging.getLogger(__name__)
 IGNORED_KEYS = frozenset({"rope.freqs"})
 
 SHARD_PATTERN = re.compile(r"consolidated\.(\d+)\.pth")
+
+# The params.json key of a checkpoint written by ``python -m llama.quantize`` (read by ``llama.quantize``).
+QUANTIZATION_KEY = "quantization"
+
 
 def read_params(ckpt_dir: str | os.PathLike) -> dict[str, Any]:
     """The contents of ckpt_dir/params.json, with errors that name the file."""
@@ -53,6 +57,17 @@ def read_params(ckpt_dir: str | os.PathLike) -> dict[str, Any]:
     if not isinstance(params, dict):
         raise ValueError(f"{str(path)!r} must hold a JSON object, got {type(params).__name__}")
     return params
+
+
+def refuse_quantized(ckpt_dir: str | os.PathLike, params: Mapping[str, Any], fix: str) -> None:
+    """Raise a ValueError saying how it was quantized, and `fix`, when params (ckpt_dir's params.json) are a
+    quantized checkpoint's: for the tools that read float weights only."""
+    if QUANTIZATION_KEY not in params:
+        return
+    from llama.quantize import split_params  # only for a quantized folder: it registers its kernels' operators
+
+    _, scheme = split_params(params, None)
+    raise ValueError(f"{str(ckpt_dir)!r} is a quantized checkpoint ({scheme.mode}, group {scheme.group_size}); {fix}")
 
 
 def find_shards(ckpt_dir: str | os.PathLike) -> list[Path]:
@@ -103,7 +118,8 @@ def load_shard(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         if not value.is_floating_point() and key not in IGNORED_KEYS:
             raise ValueError(
                 f"{str(path)!r}: {key!r} holds {value.dtype} values; weights must be floating point "
-                "(bfloat16, float16 or float32). Quantized checkpoints are not supported"
+                f"(bfloat16, float16 or float32), or params.json must say how they were quantized "
+                f"({QUANTIZATION_KEY!r}, written by python -m llama.quantize)"
             )
     return state
 
@@ -143,7 +159,8 @@ class Checkpoint:
     args: ModelArgs  # from params.json, with vocab_size taken from the weights
     paths: list[Path]
     shards: list[dict[str, torch.Tensor]]
-    layout: Layout
+    layout: Layout  # the generation's own layout of args: what loading and resharding cut the weights into
+    written: Layout  # split dims as the shards were cut (another tool may split the embedding the other way)
 
     @property
     def keys(self) -> list[str]:
@@ -154,6 +171,16 @@ class Checkpoint:
         """The shards mapped afresh. Pages read through a mapping count in this process's memory until the
         mapping goes, so a tool that reads the checkpoint piece by piece takes fresh mappings for each piece."""
         return [load_shard(p) for p in self.paths]
+
+    def slice_for_rank(
+        self, shards: Sequence[Mapping[str, torch.Tensor]], key: str, rank: int, world_size: int
+    ) -> torch.Tensor:
+        """Rank `rank`'s slice (of `world_size`) of weight `key` in `layout`, from shards of this checkpoint."""
+        return self.layout.slice_from(self.written, shards, key, rank, world_size)
+
+    def check_split(self, n_shards: int) -> None:
+        """Raise a ValueError naming the usable sizes unless the weights can be cut into n_shards shards."""
+        check_model_parallel_fit(self.args, n_shards)
 
 
 def open_checkpoint(ckpt_dir: str | os.PathLike, model_cls: type = Transformer) -> Checkpoint:
@@ -166,7 +193,7 @@ def open_checkpoint(ckpt_dir: str | os.PathLike, model_cls: type = Transformer) 
     paths = find_shards(folder)
     shards = [load_shard(p) for p in paths]
     args, layout = fit_params_to_shards(params, paths, shards, None, model_cls)
-    return Checkpoint(folder, params, args, paths, shards, layout)
+    return Checkpoint(folder, params, args, paths, shards, layout, Layout.for_shards(shards, model_cls))
 
 
 def fit_params_to_shards(
@@ -255,14 +282,10 @@ def load_weights(
     check_state_dict(written.merged_shapes(shards), layout.shapes, source)
     release_parameters(model)
 
-    def rank_slice(key: str) -> torch.Tensor:
-        if written.split_dim(key) == layout.split_dim(key):
-            return layout.slice_for_rank(shards, key, rank, world_size)
-        whole = written.slice_for_rank(shards, key, 0, 1)  # cut the other way: join, then cut as the model does
-        return layout.slice_for_rank([{key: whole}], key, rank, world_size)
-
     state = {
-        key: rank_slice(key).to(device=device, dtype=dtype).contiguous() for key in shards[0] if key not in IGNORED_KEYS
+        key: layout.slice_from(written, shards, key, rank, world_size).to(device=device, dtype=dtype).contiguous()
+        for key in shards[0]
+        if key not in IGNORED_KEYS
     }
     model.load_state_dict(state, strict=True, assign=True)
 

@@ -566,6 +566,11 @@ def to_hf(
             about one file's worth of weights at a time.
     """
     checkpoint.check_out_dir(out_dir, ckpt_dir)
+    checkpoint.refuse_quantized(
+        ckpt_dir,
+        checkpoint.read_params(ckpt_dir),
+        "Hugging Face's Llama folders hold float weights: convert the float checkpoint it was quantized from",
+    )
     tokenizer = load_tokenizer(tokenizer_path)
     family = family_of(tokenizer)
     ckpt = checkpoint.open_checkpoint(ckpt_dir, family.model_cls)
@@ -588,7 +593,7 @@ def to_hf(
 
     def hf_tensor(inputs: list[dict[str, torch.Tensor]], key: str) -> torch.Tensor:
         """The whole weight, in HF's layout and the output dtype."""
-        tensor = qk_to_hf(key, ckpt.layout.slice_for_rank(inputs, key, 0, 1), args)
+        tensor = qk_to_hf(key, ckpt.slice_for_rank(inputs, key, 0, 1), args)
         return tensor.to(out_dtype).contiguous()
 
     progress = ProgressLine("to_hf", len(files))
@@ -624,8 +629,8 @@ def embeddings_tied(ckpt: checkpoint.Checkpoint) -> bool:
     if shapes.get("output.weight") != shapes.get("tok_embeddings.weight"):
         return False
     inputs = ckpt.remap()  # read through a mapping of its own, released on return
-    embedding = ckpt.layout.slice_for_rank(inputs, "tok_embeddings.weight", 0, 1)
-    output = ckpt.layout.slice_for_rank(inputs, "output.weight", 0, 1)
+    embedding = ckpt.slice_for_rank(inputs, "tok_embeddings.weight", 0, 1)
+    output = ckpt.slice_for_rank(inputs, "output.weight", 0, 1)
     return embedding.dtype == output.dtype and torch.equal(embedding, output)
 
 

@@ -173,11 +173,11 @@ class Llama:
         shard_paths = checkpoint.find_shards(ckpt_dir)
         tokenizer = load_tokenizer(tokenizer_path)
         family = family_of(tokenizer)
-        scheme, prequantized = None, "quantization" in params  # a checkpoint written by llama.quantize
+        scheme, prequantized = None, checkpoint.QUANTIZATION_KEY in params  # written by llama.quantize
         if quantize is not None or prequantized:
             from llama import quantize as quantization  # only when asked for: it registers its kernels' operators
 
-            params, scheme = quantization.split_params(params, quantize)
+            params, scheme = quantization.split_params(params, quantize, repr(str(ckpt_dir)))
 
         mp_size = setup_model_parallel(model_parallel_size, device, timeout_s)
         torch.manual_seed(seed)  # same seed on every rank: they must sample the same tokens

@@ -180,6 +180,19 @@ class Layout:
             offset += size
         return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=dim)
 
+    def slice_from(
+        self, written: Layout, shards: Sequence[Mapping[str, torch.Tensor]], key: str, rank: int, world_size: int
+    ) -> torch.Tensor:
+        """Rank `rank`'s slice of weight `key` as this layout cuts it, from shards cut as `written` says.
+
+        Where both split the weight alike, only the overlapping parts are read; otherwise (an embedding split
+        the other way) the weight is joined whole as written, then cut.
+        """
+        if written.split_dim(key) == self.split_dim(key):
+            return self.slice_for_rank(shards, key, rank, world_size)
+        whole = written.slice_for_rank(shards, key, 0, 1)
+        return self.slice_for_rank([{key: whole}], key, rank, world_size)
+
     def split_state_dict(self, state: Mapping[str, torch.Tensor], world_size: int) -> list[dict[str, torch.Tensor]]:
         """Cut a full (one-shard) state dict into world_size model-parallel shards."""
         return [

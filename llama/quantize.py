@@ -41,13 +41,16 @@ afresh for every layer, so the pages read for one layer leave the process with i
 rank quantizes its own slice; a group never straddles two ranks, so group_size must divide every rank's
 slice of the inputs. A quantized checkpoint (``python -m llama.quantize``) holds ``P.qweight`` and
 ``P.scales`` instead of ``P.weight`` for every linear layer P, and its params.json says how it was made under
-the key ``"quantization": {"mode": "int4", "group_size": 32}``; ``Llama.build`` loads it directly.
+the key ``"quantization": {"mode": "int4", "group_size": 32}``; ``Llama.build`` loads it directly, and
+``python -m llama.reshard`` re-cuts it as it is (each shard must hold whole groups). Tools that need float weights
+(``python -m llama.convert to_hf``, quantizing again) refuse it, naming the scheme.
 
     python -m llama.quantize --ckpt_dir llama-2-7b --out_dir llama-2-7b-int4 --mode int4 [--group_size 32]
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import dataclasses
 import logging
@@ -68,12 +71,13 @@ from torch import nn
 from llama import checkpoint, cpu_gemv
 from llama.families import family_of_folder
 from llama.layout import Layout, _built_as_one_rank
+from llama.model import ModelArgs, Transformer
 
 logger = logging.getLogger(__name__)
 
 MODES = ("int8", "int4")
 DEFAULT_GROUP_SIZE = 32
-PARAMS_KEY = "quantization"  # in params.json of a quantized checkpoint
+PARAMS_KEY = checkpoint.QUANTIZATION_KEY  # in params.json of a quantized checkpoint
 SCALE_DTYPE = torch.bfloat16
 _ROWS_PER_CHUNK = 1024  # rows quantized at once: bounds the fp32 scratch to 1024 x in_features
 # Above this many input rows (prefill), the exact way dequantizes to fp32 for torch's GEMM, which then wins.
@@ -110,9 +114,12 @@ class Scheme:
             )
 
 
-def split_params(params: Mapping[str, Any], quantize: Optional[str]) -> tuple[dict[str, Any], Optional[Scheme]]:
+def split_params(
+    params: Mapping[str, Any], quantize: Optional[str], source: str = "the checkpoint"
+) -> tuple[dict[str, Any], Optional[Scheme]]:
     """params.json without its quantization key, and the scheme to load with: the checkpoint's own if it is
-    quantized (`quantize` must then be None or the same mode), else `quantize` (None: no quantization)."""
+    quantized (`quantize` must then be None or the same mode), else `quantize` (None: no quantization).
+    source: the checkpoint, as errors name it."""
     params = dict(params)
     recorded = params.pop(PARAMS_KEY, None)
     if recorded is None:
@@ -124,8 +131,9 @@ def split_params(params: Mapping[str, Any], quantize: Optional[str]) -> tuple[di
     scheme = Scheme(recorded["mode"], recorded["group_size"])
     if quantize is not None and quantize != scheme.mode:
         raise ValueError(
-            f"the checkpoint is already quantized as {scheme.mode}; load it with quantize=None (or "
-            f"{scheme.mode!r}), or quantize the float checkpoint as {quantize!r}"
+            f"{source} is already quantized as {scheme.mode} (group {scheme.group_size}); load it with "
+            f"quantize=None (no --quantize in the example scripts) or {scheme.mode!r}, or quantize the float "
+            f"checkpoint it was made from as {quantize!r}"
         )
     return params, scheme
 
@@ -411,32 +419,61 @@ def _load_quantized_shard(path: Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def _quantized_key_dims(layout: Layout, linears: Sequence[str]) -> dict[str, Optional[int]]:
-    """Split dims of a quantized checkpoint's keys: qweight and scales split as the weight they replace."""
-    dims = dict(layout.split_dims)
+def quantized_layout(layout: Layout, linears: Sequence[str], scheme: Scheme) -> Layout:
+    """The layout of a quantized checkpoint of a model of `layout`: P.qweight and P.scales in place of P.weight
+    for every linear layer P, split (and repeated over ranks) as the weight they replace. Full shapes where
+    `layout` has them; a linear layer that `layout` lacks (shards missing it) is left out."""
+    shapes, dims, repeats = dict(layout.shapes), dict(layout.split_dims), dict(layout.repeats)
     for name in linears:
-        dim = dims.pop(f"{name}.weight")
-        dims[f"{name}.qweight"] = dims[f"{name}.scales"] = dim
-    return dims
+        weight, qweight, scales = f"{name}.weight", f"{name}.qweight", f"{name}.scales"
+        if weight not in dims:
+            continue
+        dims[qweight] = dims[scales] = dims.pop(weight)
+        if weight in repeats:
+            repeats[qweight] = repeats[scales] = repeats.pop(weight)
+        if weight in shapes:
+            n, k = shapes.pop(weight)
+            shapes[qweight] = (n, k if scheme.mode == "int8" else k // 2)
+            shapes[scales] = (n, k // scheme.group_size)
+    return Layout(shapes, dims, repeats)
+
+
+def _float_shaped(shard: Mapping[str, torch.Tensor], scheme: Scheme) -> dict[str, torch.Tensor]:
+    """One quantized shard as meta tensors of the float weights it stands for (P.qweight and P.scales become
+    P.weight)."""
+    shaped = {}
+    for key, t in shard.items():
+        if key.endswith(".qweight"):
+            cols = t.shape[-1] * (2 if scheme.mode == "int4" else 1) if t.ndim == 2 else -1
+            shaped[key[: -len("qweight")] + "weight"] = torch.empty(t.shape[0], cols, device="meta")
+        elif key.endswith(".scales"):
+            if key[: -len("scales")] + "qweight" not in shard:
+                shaped[key] = torch.empty(t.shape, device="meta")  # reported as unexpected
+        else:
+            shaped[key] = torch.empty(t.shape, dtype=t.dtype, device="meta")
+    return shaped
 
 
 def float_shaped_shards(paths: Sequence[Path], scheme: Scheme) -> list[dict[str, torch.Tensor]]:
     """The shards of a quantized checkpoint as meta tensors of the float weights they stand for (P.qweight and
     P.scales become P.weight), so that ``checkpoint.fit_params_to_shards`` checks them as any checkpoint."""
-    out = []
-    for path in paths:
-        shard, shaped = _load_quantized_shard(path), {}
-        for key, t in shard.items():
-            if key.endswith(".qweight"):
-                cols = t.shape[-1] * (2 if scheme.mode == "int4" else 1) if t.ndim == 2 else -1
-                shaped[key[: -len("qweight")] + "weight"] = torch.empty(t.shape[0], cols, device="meta")
-            elif key.endswith(".scales"):
-                if key[: -len("scales")] + "qweight" not in shard:
-                    shaped[key] = torch.empty(t.shape, device="meta")  # reported as unexpected
-            else:
-                shaped[key] = torch.empty(t.shape, dtype=t.dtype, device="meta")
-        out.append(shaped)
-    return out
+    return [_float_shaped(_load_quantized_shard(path), scheme) for path in paths]
+
+
+def _open_quantized_shards(
+    paths: Sequence[Path], scheme: Scheme, linears: Sequence[str], expected: Layout, model_cls: type
+) -> tuple[Layout, list[dict[str, torch.Tensor]]]:
+    """The layout a quantized checkpoint's shards were cut in, and the shards (memory-mapped), once checked
+    against `expected` (a ``quantized_layout`` with full shapes): the same keys in every shard, every key and
+    shape, and the dtypes."""
+    source = repr(str(paths[0].parent))
+    shards = [_load_quantized_shard(p) for p in paths]
+    as_float = Layout.for_shards([_float_shaped(shard, scheme) for shard in shards], model_cls)
+    written = quantized_layout(as_float, linears, scheme)
+    written.check_shards_agree(paths, shards)
+    checkpoint.check_state_dict(written.merged_shapes(shards), expected.shapes, source)
+    _check_quantized_dtypes(shards[0], linears, scheme, source)
+    return written, shards
 
 
 def load_weights(
@@ -458,42 +495,26 @@ def load_weights(
     stays near the quantized model's size. A quantized checkpoint's tensors are the mapped file itself, as
     float checkpoints' are.
     """
-    source = repr(str(shard_paths[0].parent))
     layout = Layout.from_model(model, world_size)  # the float layout, before the swap
     checkpoint.release_parameters(model)
     linears = _swap_for_empty(model, scheme, world_size)
     weight_of = {f"{name}.weight": name for name in linears}
 
     if prequantized:
-
-        def open_shards() -> list[dict[str, torch.Tensor]]:
-            return [_load_quantized_shard(p) for p in shard_paths]
-
-        written = Layout({}, _quantized_key_dims(layout, linears))
-        model_layout = written
-        expected = dict(layout.shapes)
-        for name in linears:
-            n, k = expected.pop(f"{name}.weight")
-            expected[f"{name}.qweight"] = (n, k if scheme.mode == "int8" else k // 2)
-            expected[f"{name}.scales"] = (n, k // scheme.group_size)
+        model_layout = quantized_layout(layout, linears, scheme)
+        written, shards = _open_quantized_shards(shard_paths, scheme, linears, model_layout, type(model))
     else:
 
         def open_shards() -> list[dict[str, torch.Tensor]]:
             return [checkpoint.load_shard(p) for p in shard_paths]
 
-        model_layout, expected = layout, layout.shapes
-        written = Layout.for_shards(open_shards(), type(model))  # how they were cut (the embedding may differ)
-    shards = open_shards()
-    written.check_shards_agree(shard_paths, shards)
-    checkpoint.check_state_dict(written.merged_shapes(shards), expected, source)
-    if prequantized:
-        _check_quantized_dtypes(shards[0], linears, scheme, source)
+        model_layout, shards = layout, open_shards()
+        written = Layout.for_shards(shards, type(model))  # how they were cut (the embedding may differ)
+        written.check_shards_agree(shard_paths, shards)
+        checkpoint.check_state_dict(written.merged_shapes(shards), layout.shapes, repr(str(shard_paths[0].parent)))
 
-    def rank_slice(shards: list[dict[str, torch.Tensor]], key: str) -> torch.Tensor:  # as checkpoint's does
-        if written.split_dim(key) == model_layout.split_dim(key):
-            return model_layout.slice_for_rank(shards, key, rank, world_size)
-        whole = written.slice_for_rank(shards, key, 0, 1)
-        return model_layout.slice_for_rank([{key: whole}], key, rank, world_size)
+    def rank_slice(shards: list[dict[str, torch.Tensor]], key: str) -> torch.Tensor:
+        return model_layout.slice_from(written, shards, key, rank, world_size)
 
     state: dict[str, torch.Tensor] = {}
     layer = None
@@ -539,6 +560,74 @@ def _check_quantized_dtypes(
 # ------------------------------------------------------------------------------------- quantized checkpoints
 
 
+def _linear_names(args: ModelArgs, model_cls: type) -> list[str]:
+    """The names of the linear layers of a model_cls(args), from its structure (built on the meta device)."""
+    with _built_as_one_rank(), torch.device("meta"):
+        meta = model_cls(dataclasses.replace(args, max_batch_size=1, max_seq_len=1))
+    return list(linear_layers(meta))
+
+
+@dataclass
+class QuantizedCheckpoint(checkpoint.Checkpoint):
+    """A checkpoint written by ``quantize_checkpoint``, opened and checked: `args` are those of the float model
+    it stands for, and `layout` and `written` hold P.qweight and P.scales in place of every linear layer's
+    P.weight (`linears`: the layers P)."""
+
+    scheme: Scheme
+    linears: list[str]
+
+    def remap(self) -> list[dict[str, torch.Tensor]]:
+        return [_load_quantized_shard(p) for p in self.paths]
+
+    def check_split(self, n_shards: int) -> None:
+        """As a float checkpoint's, and each shard must hold whole groups of the layers split by their inputs."""
+        usable = []
+        for n in range(1, self.args.kv_heads + 1):
+            with contextlib.suppress(ValueError):
+                super().check_split(n)
+                usable += [n] if self._cut_layer(n) is None else []
+        if n_shards in usable:
+            return
+        how = f"{str(self.folder)!r} is a quantized checkpoint ({self.scheme.mode}, group {self.scheme.group_size})"
+        try:
+            super().check_split(n_shards)
+        except ValueError as e:
+            raise ValueError(f"{e}; {how}, whose shards must also hold whole groups: of those, use {usable}") from None
+        cut = self._cut_layer(n_shards)
+        each = self._inputs_per_shard(cut, n_shards)
+        raise ValueError(
+            f"{how}, and {n_shards} shards would cut its groups: each would hold {each} inputs of {cut}; use a "
+            f"model-parallel size in {usable}, or reshard the float checkpoint and quantize the result with "
+            "python -m llama.quantize"
+        )
+
+    def _inputs_per_shard(self, name: str, n_shards: int) -> int:
+        inputs = self.layout.shapes[f"{name}.scales"][1] * self.scheme.group_size
+        return inputs // n_shards if self.layout.split_dim(f"{name}.scales") == 1 else inputs
+
+    def _cut_layer(self, n_shards: int) -> Optional[str]:
+        """The first linear layer whose groups n_shards shards would cut; None if none would."""
+        g = self.scheme.group_size
+        return next((name for name in self.linears if self._inputs_per_shard(name, n_shards) % g), None)
+
+
+def open_quantized_checkpoint(ckpt_dir: str | Path, model_cls: type = Transformer) -> QuantizedCheckpoint:
+    """``checkpoint.open_checkpoint`` for a checkpoint written by ``quantize_checkpoint``: its params.json, and
+    every key, shape and dtype of its shards, checked as ``Llama.build`` checks them."""
+    folder = Path(ckpt_dir)
+    params = checkpoint.read_params(folder)
+    float_params, scheme = split_params(params, None)
+    if scheme is None:
+        raise ValueError(f"{str(folder)!r} is not a quantized checkpoint: its params.json has no {PARAMS_KEY!r}")
+    paths = checkpoint.find_shards(folder)
+    as_float = float_shaped_shards(paths, scheme)
+    args, float_layout = checkpoint.fit_params_to_shards(float_params, paths, as_float, None, model_cls)
+    linears = _linear_names(args, model_cls)
+    layout = quantized_layout(float_layout, linears, scheme)
+    written, shards = _open_quantized_shards(paths, scheme, linears, layout, model_cls)
+    return QuantizedCheckpoint(folder, params, args, paths, shards, layout, written, scheme, linears)
+
+
 def quantize_checkpoint(
     ckpt_dir: str | Path,
     out_dir: str | Path,
@@ -558,13 +647,12 @@ def quantize_checkpoint(
     checkpoint.check_out_dir(out_dir, ckpt_dir)
     if out_dir.exists():  # fail before reading anything; save_checkpoint checks again
         raise FileExistsError(f"{str(out_dir)!r} already exists; choose a new output folder or remove it")
-    if PARAMS_KEY in checkpoint.read_params(ckpt_dir):
-        raise ValueError(f"{str(ckpt_dir)!r} is already quantized; quantize its float checkpoint instead")
+    checkpoint.refuse_quantized(
+        ckpt_dir, checkpoint.read_params(ckpt_dir), "quantize the float checkpoint it was made from instead"
+    )
     model_cls = family_of_folder(ckpt_dir).model_cls
     ckpt = checkpoint.open_checkpoint(ckpt_dir, model_cls)
-    with _built_as_one_rank(), torch.device("meta"):  # the model's structure says which weights are linear
-        meta = model_cls(dataclasses.replace(ckpt.args, max_batch_size=1, max_seq_len=1))
-    weight_of = {f"{name}.weight": name for name in linear_layers(meta)}
+    weight_of = {f"{name}.weight": name for name in _linear_names(ckpt.args, model_cls)}
     n_shards = len(ckpt.paths)
     for key, name in weight_of.items():
         scheme.check_fits(name, ckpt.shards[0][key].shape[1], n_shards)

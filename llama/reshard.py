@@ -4,6 +4,8 @@
 
 ``Llama.build`` already loads any shard count on any world size the heads allow, so resharding is never required.
 It pays off when a checkpoint is loaded often with one size: each rank then reads exactly one file.
+A quantized checkpoint (``python -m llama.quantize``) is resharded as it is, without dequantizing: P.qweight and
+P.scales are cut as the weight P.weight they replace, and each shard must hold whole groups.
 """
 
 from __future__ import annotations
@@ -19,7 +21,6 @@ import torch
 from llama import checkpoint
 from llama.checks import check_positive_int
 from llama.families import family_of_folder
-from llama.model import check_model_parallel_fit
 
 logger = logging.getLogger(__name__)
 
@@ -59,6 +60,7 @@ def reshard(
     Output shards are cut one at a time from the memory-mapped input shards and written before the next one is
     made, so memory holds about one output shard, plus the input pages it was cut from (clean page cache, which
     the kernel can reclaim). params.json is copied as is, and tokenizer.model too when the folder has one.
+    A quantized checkpoint stays quantized, bit for bit: its groups of inputs must not straddle two shards.
     Everything is checked before anything is written, and an interrupted run leaves nothing behind (see
     ``checkpoint.save_checkpoint``).
     """
@@ -67,14 +69,19 @@ def reshard(
     if out_dir.exists():  # fail before reading anything; save_checkpoint checks again
         raise FileExistsError(f"{str(out_dir)!r} already exists; choose a new output folder or remove it")
     model_parallel_size = check_positive_int("model_parallel_size", model_parallel_size)
+    open_checkpoint = checkpoint.open_checkpoint
+    if checkpoint.QUANTIZATION_KEY in checkpoint.read_params(ckpt_dir):
+        from llama.quantize import open_quantized_checkpoint  # only when asked for: it registers its operators
+
+        open_checkpoint = open_quantized_checkpoint
     # Each generation's own layout: Llama 3 splits the embedding by vocabulary rows, Llama 2 by columns.
-    ckpt = checkpoint.open_checkpoint(ckpt_dir, family_of_folder(ckpt_dir).model_cls)
-    check_model_parallel_fit(ckpt.args, model_parallel_size)
+    ckpt = open_checkpoint(ckpt_dir, family_of_folder(ckpt_dir).model_cls)
+    ckpt.check_split(model_parallel_size)
 
     def shards() -> Iterator[dict[str, torch.Tensor]]:
         for rank in range(model_parallel_size):
             inputs = ckpt.remap()  # so the input pages read for one output shard leave memory with it
-            yield {key: ckpt.layout.slice_for_rank(inputs, key, rank, model_parallel_size) for key in ckpt.keys}
+            yield {key: ckpt.slice_for_rank(inputs, key, rank, model_parallel_size) for key in ckpt.keys}
 
     tokenizer = ckpt.folder / "tokenizer.model"
     extra = [tokenizer] if tokenizer.is_file() else []
@@ -85,11 +92,12 @@ def main(ckpt_dir: str, out_dir: str, model_parallel_size: int) -> None:
     """Write a copy of a Meta checkpoint folder split for a different model-parallel size.
 
     Args:
-        ckpt_dir: folder with params.json and consolidated.NN.pth (any number of shards).
+        ckpt_dir: folder with params.json and consolidated.NN.pth (any number of shards; float or quantized).
         out_dir: new folder to write (must not exist); it gets params.json, consolidated.00.pth ... and
             tokenizer.model if ckpt_dir has one.
         model_parallel_size: number of shards to write; must divide the heads, KV heads, dim, FFN hidden size
-            and vocabulary (the error lists the sizes that do).
+            and vocabulary (the error lists the sizes that do); for a quantized checkpoint, each shard's
+            inputs of every layer must also be whole groups.
     """
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     progress = ProgressLine("reshard", model_parallel_size) if isinstance(model_parallel_size, int) else None

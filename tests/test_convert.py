@@ -185,6 +185,24 @@ def test_to_hf_refuses_a_foreign_tokenizer_and_leaves_nothing(make_checkpoint, t
         convert.to_hf(str(make_checkpoint("gqa")), str(tokenizer_path), str(tmp_path / "c"))
 
 
+def test_to_hf_refuses_a_quantized_checkpoint_before_reading_it(make_checkpoint, tokenizer_path, tmp_path,
+                                                                  monkeypatch):  # fmt: skip
+    from llama import quantize as quant
+
+    src = quant.quantize_checkpoint(make_checkpoint("gqa"), tmp_path / "q", "int8", 16)
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("read before the checkpoint was refused")
+
+    monkeypatch.setattr(convert, "load_tokenizer", must_not_run)
+    monkeypatch.setattr(checkpoint, "open_checkpoint", must_not_run)
+    message = (r"'.*q' is a quantized checkpoint \(int8, group 16\); Hugging Face's Llama folders hold float "
+               r"weights: convert the float checkpoint it was quantized from")  # fmt: skip
+    with pytest.raises(ValueError, match=message):
+        convert.to_hf(str(src), str(tokenizer_path), str(tmp_path / "hf"))
+    assert list(tmp_path.iterdir()) == [src]
+
+
 @pytest.mark.slow
 def test_cli_both_ways(make_checkpoint, tokenizer_path, tmp_path):
     src = make_checkpoint("gqa", n_shards=2)

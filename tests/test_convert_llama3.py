@@ -302,6 +302,18 @@ def test_to_hf_refuses_a_llama2_tokenizer_for_llama3_weights(ckpts, tokenizer_pa
     assert list(tmp_path.iterdir()) == []
 
 
+def test_to_hf_of_an_embedding_split_by_columns(ckpts, tmp_path):
+    """Shards cut as another tool might cut them (the embedding by columns) give the same Hugging Face weights."""
+    model = tiny_model(PARAMS, seed=5)  # the model of ckpts
+    layout = Layout.from_model(model)
+    layout = Layout(layout.shapes, {**layout.split_dims, "tok_embeddings.weight": 1})
+    shards = layout.split_state_dict(model.state_dict(), 2)
+    meta = checkpoint.save_checkpoint(tmp_path / "meta", shards, PARAMS, [META_TOKENIZER])
+    hf = convert.to_hf(str(meta), str(meta / "tokenizer.model"), str(tmp_path / "hf"))
+    got, want = hf_weights(hf), hf_weights(ckpts / "hf")
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+
+
 def test_safetensors_are_in_hf_layout(ckpts):
     state = safetensors.torch.load_file(ckpts / "hf" / "model.safetensors")
     assert state["model.embed_tokens.weight"].shape == (128256, 64) and "lm_head.weight" in state

@@ -11,10 +11,11 @@ pytestmark = pytest.mark.slow
 SEPARATOR = "=================================="
 
 
-def run(cmd: list[str]) -> subprocess.CompletedProcess:
+def run(cmd: list[str], input: str | None = None, ok: bool = True) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, (proc.stdout[-2000:], proc.stderr[-4000:])
+    proc = subprocess.run(cmd, cwd=REPO, env=env, input=input, capture_output=True, text=True, timeout=300)
+    if ok:
+        assert proc.returncode == 0, (proc.stdout[-2000:], proc.stderr[-4000:])
     return proc
 
 
@@ -47,6 +48,46 @@ def test_chat_example(make_checkpoint, tokenizer_path, nproc):
     assert out.count(SEPARATOR) == 6  # six dialogs, in two batches of at most 4
     assert "> Assistant: " in out
     assert "User: Why is the sky blue?" in out
+
+
+@pytest.fixture(scope="module")
+def int4_checkpoint(make_checkpoint, tmp_path_factory):
+    from llama import quantize as quant
+
+    return quant.quantize_checkpoint(make_checkpoint("gqa"), tmp_path_factory.mktemp("q") / "int4", "int4")
+
+
+@pytest.mark.parametrize("flag", [None, "--quantize=int4"], ids=["quantized-folder", "same-mode-flag"])
+def test_text_example_runs_a_quantized_checkpoint(int4_checkpoint, tokenizer_path, flag):
+    cmd = [sys.executable, "example_text_completion.py", str(int4_checkpoint), str(tokenizer_path),
+           "--max_gen_len=8", "--temperature=0"] + ([flag] if flag else [])  # fmt: skip
+    out = run(cmd).stdout
+    assert out.count(SEPARATOR) == 4 and f"Using {int4_checkpoint}" in out
+    assert all(generations(out))  # every prompt got a continuation
+
+
+def test_text_example_quantizes_a_float_checkpoint_while_loading(make_checkpoint, tokenizer_path):
+    cmd = [sys.executable, "example_text_completion.py", str(make_checkpoint("gqa")), str(tokenizer_path),
+           "--max_gen_len=8", "--temperature=0"]  # fmt: skip
+    out = run(cmd + ["--quantize=int8"]).stdout
+    assert out.count(SEPARATOR) == 4 and all(generations(out))
+    bad = run(cmd + ["--quantize=int3"], ok=False)  # the flag reaches Llama.build
+    assert bad.returncode != 0 and "unknown quantization mode 'int3'" in bad.stderr
+
+
+def test_example_refuses_another_mode_for_a_quantized_checkpoint(int4_checkpoint, tokenizer_path):
+    proc = run([sys.executable, "example_text_completion.py", str(int4_checkpoint), str(tokenizer_path),
+                "--quantize=int8"], ok=False)  # fmt: skip
+    assert proc.returncode != 0
+    assert f"'{int4_checkpoint}' is already quantized as int4 (group 32)" in proc.stderr
+    assert "no --quantize in the example scripts" in proc.stderr
+
+
+def test_interactive_chat_on_a_quantized_checkpoint(int4_checkpoint, tokenizer_path):
+    cmd = [sys.executable, "example_chat_completion.py", str(int4_checkpoint), str(tokenizer_path), "--interactive",
+           "--temperature=0", "--max_gen_len=8", "--max_seq_len=96"]  # fmt: skip
+    out = run(cmd, input="Hello there, llama.\n/exit\n").stdout
+    assert "You: Assistant: " in out and f"Using {int4_checkpoint}" in out
 
 
 def test_example_rejects_half_a_model():

@@ -132,6 +132,14 @@ def test_reshard_writes_llama3s_layout(llama3_dir, tmp_path):
     assert greedy(build(tmp_path / "mp2")) == greedy(build(llama3_dir))
 
 
+def test_reshard_of_an_embedding_split_by_columns(llama3_dir, tmp_path):
+    """Shards cut as another tool might cut them are joined as they were cut, then written in Llama 3's layout."""
+    two = write_checkpoint(tmp_path / "mp2", tiny_llama3(), 2, embedding_dim=1)
+    one = reshard.reshard(two, tmp_path / "mp1", 1)
+    assert checkpoint.load_shard(one / "consolidated.00.pth")["tok_embeddings.weight"].shape == (128256, 64)
+    assert greedy(build(one)) == greedy(build(llama3_dir))
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("nproc, n_shards", [(2, 2), (4, 1), (4, 2)])
 def test_processes_match_one(llama3_dir, tmp_path, nproc, n_shards):

@@ -421,10 +421,16 @@ def test_bad_quantized_checkpoints_and_arguments(make_checkpoint, tokenizer_path
     assert not (tmp_path / "bad").exists()
 
     out = quant.quantize_checkpoint(ckpt, tmp_path / "q4", "int4")
-    with pytest.raises(ValueError, match="already quantized as int4"):
+    other_mode = (
+        r"'.*q4' is already quantized as int4 \(group 32\); load it with quantize=None \(no --quantize in the example "
+        r"scripts\) or 'int4', or quantize the float checkpoint it was made from as 'int8'"
+    )
+    with pytest.raises(ValueError, match=other_mode):
         build(out, tokenizer_path, "int8")
-    with pytest.raises(ValueError, match="already quantized"):
+    again = r"'.*q4' is a quantized checkpoint \(int4, group 32\); quantize the float checkpoint it was made from"
+    with pytest.raises(ValueError, match=again):
         quant.quantize_checkpoint(out, tmp_path / "again", "int8")
+    assert not (tmp_path / "again").exists()
 
     broken = tmp_path / "broken"
     shard = torch.load(out / "consolidated.00.pth", weights_only=True)
@@ -443,6 +449,14 @@ def test_bad_quantized_checkpoints_and_arguments(make_checkpoint, tokenizer_path
     checkpoint.save_checkpoint(odd, [shard], {**params, "quantization": {"mode": "int4"}})
     with pytest.raises(ValueError, match="'mode' and 'group_size'"):
         build(odd, tokenizer_path)
+    # quantized shards whose params.json lost its "quantization" (edited by hand) are read as float ones
+    unsaid = tmp_path / "unsaid"
+    checkpoint.save_checkpoint(unsaid, [shard], {k: v for k, v in params.items() if k != "quantization"})
+    unsaid_message = (r"'layers.0.attention.wq.qweight' holds torch.uint8 values; weights must be floating point .*, "
+                      r"or params.json must say how they were quantized \('quantization', written by python -m "
+                      r"llama.quantize\)")  # fmt: skip
+    with pytest.raises(ValueError, match=unsaid_message):
+        build(unsaid, tokenizer_path)
 
 
 # ------------------------------------------------------------------------------------- the demo model
@@ -496,8 +510,9 @@ if is_main_process():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("mode,prequantized", [("int8", False), ("int4", True)])
-def test_two_model_parallel_ranks_match_one(make_checkpoint, tokenizer_path, tmp_path, mode, prequantized):
+@pytest.mark.parametrize("mode,prequantized,nproc", [("int8", False, 2), ("int4", True, 2), ("int4", True, 4)])
+def test_model_parallel_ranks_match_one(make_checkpoint, tokenizer_path, tmp_path, mode, prequantized, nproc):
+    """2 ranks, and 4: more ranks than the 2 KV heads, each repeated on two ranks (groups of 16 fit 64 / 4)."""
     import os
     import subprocess
     import sys
@@ -506,10 +521,10 @@ def test_two_model_parallel_ranks_match_one(make_checkpoint, tokenizer_path, tmp
 
     ckpt = make_checkpoint("gqa", n_shards=2)
     if prequantized:
-        ckpt = quant.quantize_checkpoint(ckpt, tmp_path / "q", mode)
+        ckpt = quant.quantize_checkpoint(ckpt, tmp_path / "q", mode, 32 if nproc == 2 else 16)
     script = tmp_path / "worker.py"
     script.write_text(MP_WORKER)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", str(script),
            str(ckpt), str(tokenizer_path), "none" if prequantized else mode]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)

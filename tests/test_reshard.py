@@ -1,4 +1,5 @@
-"""python -m llama.reshard: a resharded copy holds exactly the same model, and failures leave nothing behind."""
+"""python -m llama.reshard: a resharded copy holds exactly the same model (float or quantized), and failures
+leave nothing behind."""
 
 import shutil
 import subprocess
@@ -10,6 +11,7 @@ from conftest import REPO
 from torch.testing import assert_close
 
 from llama import Llama, checkpoint, reshard
+from llama import quantize as quant
 
 PROMPTS = ["The quick brown fox", "Llamas live in"]
 
@@ -114,6 +116,56 @@ def test_bad_source_is_refused_naming_the_file(make_checkpoint, tmp_path):
     with pytest.raises(ValueError, match=r"consolidated.01.pth.*'layers.0.attention.wq.weight' has shape \(32, 32\)"):
         reshard.reshard(src, tmp_path / "out", 1)
     assert not (tmp_path / "out").exists()
+
+
+def shard_tensors(folder) -> list[dict[str, torch.Tensor]]:
+    return [torch.load(p, weights_only=True) for p in checkpoint.find_shards(folder)]
+
+
+@pytest.mark.parametrize("mode, group_size, src_shards, n", [("int4", 32, 2, 1), ("int8", 16, 1, 4)])
+def test_quantized_checkpoint_reshards_as_it_is(make_checkpoint, tokenizer_path, tmp_path, mode, group_size,
+                                                src_shards, n):  # fmt: skip
+    float_src = make_checkpoint("mha", n_shards=src_shards)
+    src = quant.quantize_checkpoint(float_src, tmp_path / "q", mode, group_size)
+    out = reshard.reshard(src, tmp_path / "out", n)
+    assert (out / "params.json").read_bytes() == (src / "params.json").read_bytes()  # still quantized
+    # Resharding the quantized files is quantizing the resharded float ones: the same bytes, not requantized.
+    expected = quant.quantize_checkpoint(reshard.reshard(float_src, tmp_path / "f", n), tmp_path / "fq", mode,
+                                         group_size)  # fmt: skip
+    got, want = shard_tensors(out), shard_tensors(expected)
+    assert len(got) == n and all(g.keys() == w.keys() for g, w in zip(got, want))
+    assert "layers.0.attention.wo.qweight" in got[0] and "layers.0.attention.wo.weight" not in got[0]
+    for g, w in zip(got, want):
+        for key in w:
+            assert g[key].dtype == w[key].dtype and torch.equal(g[key], w[key]), key
+    tokens = torch.tensor([[1, 40, 41, 42, 43], [1, 7, 8, 9, 10]])
+    assert torch.equal(build(out, tokenizer_path).model.forward(tokens, 0),
+                       build(src, tokenizer_path).model.forward(tokens, 0))  # fmt: skip
+
+
+def test_quantized_reshard_that_would_cut_groups_is_refused_before_writing(make_checkpoint, tmp_path):
+    src = quant.quantize_checkpoint(make_checkpoint("mha"), tmp_path / "q", "int4", 32)
+    # wo's 64 inputs in 4 shards are 16 each, half a group; 2 shards hold 32 (and w2's 192 inputs, 96)
+    message = (r"'.*q' is a quantized checkpoint \(int4, group 32\), and 4 shards would cut its groups: each would "
+               r"hold 16 inputs of layers.0.attention.wo; use a model-parallel size in \[1, 2\], or reshard the "
+               r"float checkpoint and quantize the result with python -m llama.quantize")  # fmt: skip
+    with pytest.raises(ValueError, match=message):
+        reshard.reshard(src, tmp_path / "out", 4)
+    assert list(tmp_path.iterdir()) == [src]
+    with pytest.raises(ValueError, match=r"vocab_size=512 not divisible\); .* \(int4, group 32\), whose shards must "
+                                         r"also hold whole groups: of those, use \[1, 2\]$"):  # fmt: skip
+        reshard.reshard(src, tmp_path / "out", 3)
+    assert list(tmp_path.iterdir()) == [src]
+
+
+def test_broken_quantized_checkpoint_is_refused_before_writing(make_checkpoint, tmp_path):
+    src = quant.quantize_checkpoint(make_checkpoint("mha"), tmp_path / "q", "int8", 32)
+    shard = torch.load(src / "consolidated.00.pth", weights_only=True)
+    del shard["layers.1.feed_forward.w2.scales"]
+    torch.save(shard, src / "consolidated.00.pth")
+    with pytest.raises(ValueError, match="missing keys: layers.1.feed_forward.w2.scales"):
+        reshard.reshard(src, tmp_path / "out", 2)
+    assert list(tmp_path.iterdir()) == [src]
 
 
 def test_progress_line(capsys):
