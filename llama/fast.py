@@ -30,7 +30,7 @@ import fairscale.nn.model_parallel.initialize as fs_init
 import torch
 import torch.nn.functional as F
 
-from llama import cpu_gemv
+from llama import cpu_gemv, quantize
 from llama.model import Transformer
 from llama.quantize import QuantizedLinear
 
@@ -59,18 +59,23 @@ def decode_step(
     cos: torch.Tensor,
     sin: torch.Tensor,
     use_cpu_gemv: bool = False,
+    quantized_on_cpu: bool = False,
 ) -> torch.Tensor:
     """Logits (bsz, 1, vocab) in fp32 for tokens (bsz, 1) at position pos (a 1-element long tensor).
 
     Every shape is fixed by (bsz, max_seq_len), so the step compiles once per batch size. use_cpu_gemv: run
     the linear layers through ``cpu_gemv.linear_bf16`` when bsz is 1 (the caller checks it applies).
+    quantized_on_cpu: quantized layers call their CPU kernels directly (the caller checked they are built;
+    checking inside the step would trace the kernels' one-time build, which breaks the graph).
     """
     bsz = tokens.shape[0]
     plain = torch.ops.llama.linear_bf16 if use_cpu_gemv and bsz == 1 else F.linear
 
     def linear(x: torch.Tensor, module: torch.nn.Module) -> torch.Tensor:
         # A quantized layer (llama.quantize) computes its own product; a float one is called with its weight.
-        return module(x) if isinstance(module, QuantizedLinear) else plain(x, module.weight)
+        if isinstance(module, QuantizedLinear):
+            return module.cpu_forward(x) if quantized_on_cpu else module(x)
+        return plain(x, module.weight)
 
     h = F.embedding(tokens, model.tok_embeddings.weight)  # (bsz, 1, dim)
     c, s = cos.index_select(0, pos), sin.index_select(0, pos)  # (1, head_dim // 2)
@@ -119,6 +124,7 @@ class FastDecoder:
         # compares both).
         weight = getattr(model.output, "weight", None)  # a quantized output layer (llama.quantize) has none
         self.use_cpu_gemv = use_cpu_gemv and weight is not None and cpu_gemv.applies(1, weight)
+        self.quantized_on_cpu = weight is None and device.type == "cpu" and quantize.available()
         self.step: Callable[..., torch.Tensor] = decode_step
         if compile:
             mode = "reduce-overhead" if device.type == "cuda" else None  # CUDA graphs on GPU
@@ -130,4 +136,4 @@ class FastDecoder:
         # A column view of the token grid carries the grid's stride, which would force a recompile for every grid
         # width; a plain clone keeps that stride when bsz is 1, so ask for fresh contiguous strides.
         tokens = tokens.clone(memory_format=torch.contiguous_format)
-        return self.step(self.model, tokens, pos, self.cos, self.sin, self.use_cpu_gemv)
+        return self.step(self.model, tokens, pos, self.cos, self.sin, self.use_cpu_gemv, self.quantized_on_cpu)

@@ -337,13 +337,18 @@ class QuantizedLinear(nn.Module):
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return dequantize(self.qweight, self.scales, self.scheme, dtype)
 
+    def cpu_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """This rank's product on a CPU whose kernels are built (``available()``, which the caller checks: the
+        fast path checks it once, outside its compiled step)."""
+        int8_x = self.int8_x and int8_x_applies(self.scheme.mode, self.scheme.group_size)
+        if int8_x or x.numel() <= EXACT_KERNEL_MAX_ROWS * x.shape[-1]:
+            op = torch.ops.llama.linear_int8 if self.scheme.mode == "int8" else torch.ops.llama.linear_int4
+            return op(x, self.qweight, self.scales, self.scheme.group_size, int8_x)
+        return F.linear(x.float(), self.dequantized_weight(torch.float32)).to(x.dtype)
+
     def local_forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.device.type == "cpu" and available():
-            int8_x = self.int8_x and int8_x_applies(self.scheme.mode, self.scheme.group_size)
-            if int8_x or x.numel() <= EXACT_KERNEL_MAX_ROWS * x.shape[-1]:
-                op = torch.ops.llama.linear_int8 if self.scheme.mode == "int8" else torch.ops.llama.linear_int4
-                return op(x, self.qweight, self.scales, self.scheme.group_size, int8_x)
-            return F.linear(x.float(), self.dequantized_weight(torch.float32)).to(x.dtype)
+            return self.cpu_forward(x)
         return F.linear(x, self.dequantized_weight(x.dtype))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
