@@ -163,12 +163,12 @@ def linear_bf16(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     if fn is None:
         return F.linear(x, weight)
     n, k = weight.shape
-    x2 = x.reshape(-1, k).contiguous()  # the kernel widens it to fp32 (exactly)
-    w = weight.contiguous()
-    y = torch.empty(x2.shape[0], n, dtype=torch.bfloat16)
-    if fn(x2.data_ptr(), w.data_ptr(), y.data_ptr(), x2.shape[0], n, k):
-        raise MemoryError(f"linear_bf16: out of memory for the kernel's scratch ({x2.shape[0]} rows of {k})")
-    return y.view(*x.shape[:-1], n)
+    x2 = x if x.is_contiguous() else x.contiguous()  # the kernel widens it to fp32 (exactly)
+    w = weight if weight.is_contiguous() else weight.contiguous()
+    y = torch.empty(*x.shape[:-1], n, dtype=torch.bfloat16)  # few aten calls: a decode step makes 100+ of these
+    if fn(x2.data_ptr(), w.data_ptr(), y.data_ptr(), x2.numel() // k, n, k):
+        raise MemoryError(f"linear_bf16: out of memory for the kernel's scratch ({x2.numel() // k} rows of {k})")
+    return y
 
 
 _library.impl("linear_bf16", linear_bf16, "CompositeExplicitAutograd")
