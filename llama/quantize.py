@@ -22,18 +22,19 @@ same choice). On the demo model's 3,000-token held-out sample (fp32 compute; bf1
 perplexity was +0.53% with groups of 16, +0.46% with 32 and +0.68% with 96; int8 was within 0.02% at 32 and
 96 (a model this small says little about larger groups on large models, whose rows hold larger outliers).
 
-Products. ``QuantizedLinear(x)`` stands for ``x @ dequantize(W).T``. On a CPU it runs the C kernels of
-``csrc/gemv_quant.c`` (torch operators ``llama::linear_int8`` and ``llama::linear_int4``) for any number of
-input rows; they read the packed weights once per call. By default they work as llama.cpp does: each input row
-is rounded to int8 in blocks of 32 as well, and each block's products are summed as integers (AVX2's byte
-multiply-adds), which is what lets them stream the weights at the memory's speed. That rounding moves a result
-by about 0.5% of its norm on random data; on the demo model it moves perplexity by 0.01-0.1% (tests hold the
-bounds). ``use_int8_inputs(model, False)`` switches a model to the exact kernels instead: products with the
-dequantized weights, exact in fp32 and summed in fp32, slower (about bf16's speed per weight). With more than
-``EXACT_KERNEL_MAX_ROWS`` rows the exact way dequantizes the weight to fp32 and calls ``F.linear``. Group
-sizes the int8-input kernels do not serve (int8: not a multiple of 32; int4: other than 32) always take the
-exact way. On CUDA, or without a C compiler, a layer dequantizes its weight to the model's dtype and calls
-``F.linear`` (under ``torch.compile`` inductor fuses the dequantization into the product).
+Products. ``QuantizedLinear(x)`` stands for ``x @ dequantize(W).T``. On a CPU, for up to ``KERNEL_MAX_ROWS``
+input rows (decoding), it runs the C kernels of ``csrc/gemv_quant.c`` (torch operators ``llama::linear_int8``
+and ``llama::linear_int4``), which read the packed weights once per call. By default they work as llama.cpp
+does: each input row is rounded to int8 in blocks of 32 as well, and each block's products are summed as
+integers (AVX2's byte multiply-adds), which is what lets them stream the weights at the memory's speed. That
+rounding moves a result by about 0.5% of its norm on random data; on the demo model it moves perplexity by 0.03%
+or less (tests hold the bounds). ``use_int8_inputs(model, False)`` switches a model to the exact kernels
+instead: products with the dequantized weights, exact in fp32 and summed in fp32, slower (about bf16's speed per
+weight). Group sizes the int8-input kernels do not serve (int8: not a multiple of 32; int4: other than 32)
+always take the exact kernels. With more than ``KERNEL_MAX_ROWS`` input rows (prefill), a C loop dequantizes the
+weight to fp32 and torch's fp32 GEMM computes the exact product, which is faster there. On CUDA, or without a C
+compiler, a layer dequantizes its weight to the model's dtype and calls ``F.linear`` (under ``torch.compile``
+inductor fuses the dequantization into the product).
 
 Loading. ``load_weights`` reads a float checkpoint one tensor at a time from the memory-mapped shards and
 quantizes each linear weight as it goes, so the full-precision model is never resident: the shards are mapped
@@ -80,8 +81,9 @@ DEFAULT_GROUP_SIZE = 32
 PARAMS_KEY = checkpoint.QUANTIZATION_KEY  # in params.json of a quantized checkpoint
 SCALE_DTYPE = torch.bfloat16
 _ROWS_PER_CHUNK = 1024  # rows quantized at once: bounds the fp32 scratch to 1024 x in_features
-# Above this many input rows (prefill), the exact way dequantizes to fp32 for torch's GEMM, which then wins.
-EXACT_KERNEL_MAX_ROWS = 32
+# Above this many input rows (prefill), the CPU path dequantizes the weight to fp32 (in C) for torch's GEMM,
+# which then beats the kernels.
+KERNEL_MAX_ROWS = 16
 
 SOURCE = Path(__file__).parent / "csrc" / "gemv_quant.c"
 
@@ -208,13 +210,16 @@ def kernels() -> Optional[dict[str, ctypes._CFuncPtr]]:
     if "fns" not in _state:
         with _lock:
             if "fns" not in _state:
-                args = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 5
-                names = [f"{m}{x}" for m in MODES for x in ("", "_q8x")]
+                # name -> (C symbol, argument types): the products, then the dequantizations to fp32
+                spec = {f"{m}{x}": (f"llama_gemv_{m}{x}", [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 5)
+                        for m in MODES for x in ("", "_q8x")}  # fmt: skip
+                spec.update({f"dequant_{m}": (f"llama_dequant_{m}", [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 3)
+                             for m in MODES})  # fmt: skip
                 fns = cpu_gemv.load_kernel(
-                    SOURCE, {f"llama_gemv_{name}": args for name in names},
-                    "quantized layers dequantize their weights and use torch's matmul", restype=ctypes.c_int,
+                    SOURCE, dict(spec.values()), "quantized layers dequantize their weights and use torch's matmul",
+                    restype=ctypes.c_int,
                 )  # fmt: skip
-                _state["fns"] = None if fns is None else {name: fns[f"llama_gemv_{name}"] for name in names}
+                _state["fns"] = None if fns is None else {name: fns[symbol] for name, (symbol, _) in spec.items()}
     return _state["fns"]  # type: ignore[return-value]
 
 
@@ -269,6 +274,53 @@ def _linear_kernel(
 
 
 _IO_FLAGS = {torch.float32: 0, torch.bfloat16: 1 | 2}  # gemv_quant.c's IO_X_BF16 | IO_Y_BF16
+
+
+def dequantize_cpu(
+    qweight: torch.Tensor, scales: torch.Tensor, scheme: Scheme, out: Optional[torch.Tensor] = None
+) -> torch.Tensor:
+    """``dequantize(qweight, scales, scheme)`` in fp32 by the C kernels (many times faster than torch's ops),
+    for CPU tensors, into `out` (fp32, contiguous, at least n * k elements) if given; torch's ops where the
+    kernels are not built."""
+    fns = kernels()
+    if fns is None:
+        return dequantize(qweight, scales, scheme)
+    q, s = qweight.contiguous(), scales.contiguous()
+    n, k = q.shape[0], q.shape[1] * (1 if scheme.mode == "int8" else 2)
+    if s.shape != (n, k // scheme.group_size) or s.dtype != SCALE_DTYPE or q.device.type != "cpu":
+        raise ValueError(f"dequantize_cpu: qweight {tuple(q.shape)} on {q.device} does not fit scales "
+                         f"{tuple(s.shape)} {s.dtype} with group size {scheme.group_size}")  # fmt: skip
+    if out is None:
+        out = torch.empty(n, k, dtype=torch.float32)
+    elif out.dtype != torch.float32 or not out.is_contiguous() or out.numel() < n * k:
+        raise ValueError(f"dequantize_cpu: out must be a contiguous fp32 tensor of at least {n * k} elements")
+    out = out.view(-1)[: n * k].view(n, k)
+    fns[f"dequant_{scheme.mode}"](q.data_ptr(), s.data_ptr(), out.data_ptr(), n, k, scheme.group_size)
+    return out
+
+
+_DEQUANT_CHUNK = 1 << 24  # fp32 elements (64 MB) of weight dequantized at a time for prefill
+_scratch = threading.local()  # each thread's reused chunk buffer: fresh pages would cost a fault per 4 KB
+
+
+def linear_dequantized(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, scheme: Scheme) -> torch.Tensor:
+    """``F.linear(x, dequantize(qweight, scales))`` on the CPU for many input rows: torch's fp32 GEMM over the
+    weight's rows dequantized a chunk at a time into a reused buffer (so neither the whole fp32 weight nor fresh
+    memory is needed), the result in x's dtype."""
+    n = qweight.shape[0]
+    k = x.shape[-1]
+    x2 = x.reshape(-1, k).float()
+    step = max(1, min(n, _DEQUANT_CHUNK // k))
+    buffer = getattr(_scratch, "buffer", None)
+    if buffer is None or buffer.numel() < step * k:
+        buffer = _scratch.buffer = torch.empty(step * k, dtype=torch.float32)
+    if step == n:  # the usual case: one chunk
+        return F.linear(x2, dequantize_cpu(qweight, scales, scheme, out=buffer)).to(x.dtype).view(*x.shape[:-1], n)
+    y = torch.empty(x2.shape[0], n, dtype=torch.float32)
+    for lo in range(0, n, step):
+        y[:, lo : lo + step] = F.linear(x2, dequantize_cpu(qweight[lo : lo + step], scales[lo : lo + step], scheme,
+                                                           out=buffer))  # fmt: skip
+    return y.to(x.dtype).view(*x.shape[:-1], n)
 
 
 def linear_int8(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, group_size: int,
@@ -342,11 +394,11 @@ class QuantizedLinear(nn.Module):
     def cpu_forward(self, x: torch.Tensor) -> torch.Tensor:
         """This rank's product on a CPU whose kernels are built (``available()``, which the caller checks: the
         fast path checks it once, outside its compiled step)."""
+        if x.numel() > KERNEL_MAX_ROWS * x.shape[-1]:  # prefill: torch's fp32 GEMM, exact
+            return linear_dequantized(x, self.qweight, self.scales, self.scheme)
         int8_x = self.int8_x and int8_x_applies(self.scheme.mode, self.scheme.group_size)
-        if int8_x or x.numel() <= EXACT_KERNEL_MAX_ROWS * x.shape[-1]:
-            op = torch.ops.llama.linear_int8 if self.scheme.mode == "int8" else torch.ops.llama.linear_int4
-            return op(x, self.qweight, self.scales, self.scheme.group_size, int8_x)
-        return F.linear(x.float(), self.dequantized_weight(torch.float32)).to(x.dtype)
+        op = torch.ops.llama.linear_int8 if self.scheme.mode == "int8" else torch.ops.llama.linear_int4
+        return op(x, self.qweight, self.scales, self.scheme.group_size, int8_x)
 
     def local_forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.device.type == "cpu" and available():

@@ -494,3 +494,36 @@ int llama_gemv_int4_q8x(const void *x, const uint8_t *w, const uint16_t *s, void
                         int64_t k, int64_t g, int64_t io) {
     return gemv_q8x(x, w, s, y, rows, n, k, g, 1, io);
 }
+
+/* ---------------------------------------------------------------------------------------------------------
+ * Dequantization to fp32, (n, k), for prefill: torch's fp32 GEMM on the result beats any of the kernels above
+ * once there are more than a few input rows. Each value is q * s exactly. Returns 0.
+ */
+int llama_dequant_int8(const int8_t *w, const uint16_t *s, float *out, int64_t n, int64_t k, int64_t g) {
+    int64_t groups = k / g;
+#pragma omp parallel for schedule(static)
+    for (int64_t o = 0; o < n; o++)
+        for (int64_t b = 0; b < groups; b++) {
+            float scale = bf16_to_float(s[o * groups + b]);
+            const int8_t *q = w + o * k + b * g;
+            float *y = out + o * k + b * g;
+            for (int64_t i = 0; i < g; i++) y[i] = (float)q[i] * scale;
+        }
+    return 0;
+}
+
+int llama_dequant_int4(const uint8_t *w, const uint16_t *s, float *out, int64_t n, int64_t k, int64_t g) {
+    int64_t groups = k / g, half = g / 2;
+#pragma omp parallel for schedule(static)
+    for (int64_t o = 0; o < n; o++)
+        for (int64_t b = 0; b < groups; b++) {
+            float scale = bf16_to_float(s[o * groups + b]);
+            const uint8_t *q = w + o * (k / 2) + b * half;
+            float *y = out + o * k + b * g;
+            for (int64_t i = 0; i < half; i++) {
+                y[i] = (float)((int)(q[i] & 15) - 8) * scale;
+                y[half + i] = (float)((int)(q[i] >> 4) - 8) * scale;
+            }
+        }
+    return 0;
+}
