@@ -3,8 +3,9 @@
 On random weights of the 0.85B shape (bench_decode.py's, whose helpers this reuses), one process:
 
 1. GEMV: one input row through every linear weight, as a decode step: bf16's C kernel (cpu_gemv) against the
-   int8 and int4 kernels (csrc/gemv_quant.c); ms per pass and GB/s of packed weights and scales read. "+x8"
-   rows: the kernels that also round the input row to int8 (``quantize.use_int8_inputs``).
+   int8 and int4 kernels (csrc/gemv_quant.c); ms per pass and GB/s of packed weights and scales read. The
+   int8 and int4 rows are the library's default kernels (the input row rounded to int8); "exact" rows take it
+   as it is (``quantize.use_int8_inputs(model, False)``). `--gemv_only` stops here.
 2. Decoding: ms/token of the default loop and the fast path (compile=True) for bf16, int8 and int4, timed in
    interleaved rounds (bench_decode.decode_ms_per_token), and the share of 32 greedy tokens of int8 and int4
    equal to bf16's, position by position.
@@ -126,6 +127,7 @@ def main() -> None:
     parser.add_argument("--group_size", type=int, default=quant.DEFAULT_GROUP_SIZE)
     parser.add_argument("--skip_memory", action="store_true")
     parser.add_argument("--demo_only", action="store_true", help="only the greedy agreement on the demo model")
+    parser.add_argument("--gemv_only", action="store_true", help="the demo model's agreement and the GEMV pass only")
     parser.add_argument("--json", default=None)
     opts = parser.parse_args()
 
@@ -151,10 +153,11 @@ def main() -> None:
     results: dict = {"shape": shape, "bandwidth_GBps": bandwidth / 1e9, "torch": torch.__version__,
                      "demo_greedy_agreement": demo}  # fmt: skip
 
-    # Variants: name -> (model, int8 inputs). "+x8": the batch-1 kernels quantize the input row to int8 too.
+    # Variants: name -> (model, int8 inputs). "exact": the kernels take the input rows as they are (the
+    # library's default rounds them to int8).
     variants = {"bf16": ("bf16", False)}
     for mode in MODES:
-        variants[mode], variants[f"{mode}+x8"] = (mode, False), (mode, True)
+        variants[mode], variants[f"{mode} exact"] = (mode, True), (mode, False)
 
     def select(name: str) -> Transformer:
         mode, int8_x = variants[name]
@@ -181,6 +184,10 @@ def main() -> None:
         print(f"  {name:8s} {'':34s} {t * 1e3:7.1f} {size / t / 1e9:6.1f} {size / 1e6:9.0f}   "
               f"{size / t / bandwidth * 100:5.0f}%")  # fmt: skip
     results["gemv"] = gemv
+    if opts.gemv_only:
+        if opts.json:
+            Path(opts.json).write_text(json.dumps(results, indent=2))
+        return
 
     # 2. Decoding
     tokenizer = SimpleNamespace(eos_id=-2, pad_id=-1, stop_ids=[-2])  # an EOS that never comes
@@ -207,7 +214,7 @@ def main() -> None:
                 start = time.perf_counter()
                 run(name, path)(opts.gen_short)
                 print(f"{name} fast path compile + first run: {time.perf_counter() - start:.1f} s")
-            if path == "fast" or not name.endswith("+x8"):
+            if path == "fast" or not name.endswith("exact"):
                 contenders[f"{name} {path}"] = run(name, path)
     ms = decode_ms_per_token(contenders, cpu, opts.gen_short, opts.gen_long, opts.repeat)
     greedy = {name: run(name, "fast")(opts.agree_steps)[0][0] for name in variants}
