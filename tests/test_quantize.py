@@ -364,6 +364,22 @@ def test_compiled_fast_path_calls_the_int8_kernel(tiny_args, tokenizer_path, mon
     assert len(calls) >= 7 * quantized.params.n_layers + 1  # every layer of every compiled step
 
 
+@needs_kernel
+def test_compiled_quantized_step_is_one_graph_in_a_fresh_process(tiny_args, monkeypatch):
+    # Kernels not loaded yet, as in a fresh process: checking for them inside the step used to trace their
+    # one-time build (a lock), which broke the graph and left the whole step running eagerly.
+    _, quantized, _, _ = quantized_twins(tiny_args, "int4", exact=False)
+    monkeypatch.setattr(quant, "_state", {})
+    torch._dynamo.reset()
+    counters = torch._dynamo.utils.counters
+    counters.clear()
+    fast = FastDecoder(quantized, compile=True)
+    fast(torch.tensor([[3]]), 0)
+    fast(torch.tensor([[4]]), 1)
+    assert not counters["graph_break"], dict(counters["graph_break"])
+    assert counters["stats"]["unique_graphs"] == 1
+
+
 # ------------------------------------------------------------------------------------- loading and files
 
 
