@@ -20,7 +20,10 @@ def spawn(ckpt, tokenizer_path, *extra, nproc=0):
     args = [*launcher, "example_chat_completion.py", str(ckpt), str(tokenizer_path), "--interactive", "--temperature=0",
             "--max_gen_len=8", "--max_seq_len=96", "--dtype=float32", *extra]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return pexpect.spawn(sys.executable, args, cwd=str(REPO), env=env, encoding="utf-8", timeout=120)
+    # A job started in the background by a shell without job control inherits SIGINT ignored, and Python then
+    # installs no KeyboardInterrupt handler: give the chat Ctrl-C's default, as a terminal would.
+    return pexpect.spawn(sys.executable, args, cwd=str(REPO), env=env, encoding="utf-8", timeout=120,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # fmt: skip
 
 
 def exit_cleanly(child) -> None:
