@@ -24,7 +24,7 @@ can differ from the default path's.
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Optional
 
 import fairscale.nn.model_parallel.initialize as fs_init
 import torch
@@ -60,13 +60,16 @@ def decode_step(
     sin: torch.Tensor,
     use_cpu_gemv: bool = False,
     quantized_on_cpu: bool = False,
+    fused: Optional[list[tuple[torch.Tensor, ...]]] = None,
 ) -> torch.Tensor:
     """Logits (bsz, 1, vocab) in fp32 for tokens (bsz, 1) at position pos (a 1-element long tensor).
 
     Every shape is fixed by (bsz, max_seq_len), so the step compiles once per batch size. use_cpu_gemv: run
     the linear layers through ``cpu_gemv.linear_bf16`` when bsz is 1 (the caller checks it applies).
     quantized_on_cpu: quantized layers call their CPU kernels directly (the caller checked they are built;
-    checking inside the step would trace the kernels' one-time build, which breaks the graph).
+    checking inside the step would trace the kernels' one-time build, which breaks the graph). fused: per
+    layer, the quantized (qweight, scales) of wq/wk/wv stacked and of w1/w3 stacked (fuse_projections), so
+    that each group is one product.
     """
     bsz = tokens.shape[0]
     plain = torch.ops.llama.linear_bf16 if use_cpu_gemv and bsz == 1 else F.linear
@@ -82,12 +85,17 @@ def decode_step(
     max_len = model.params.max_seq_len
     # Positions after pos hold stale or zero keys: mask them out. (1, max_len), broadcast over batch and heads.
     visible = torch.arange(max_len, device=tokens.device)[None, :] <= pos
-    for layer in model.layers:
+    for i, layer in enumerate(model.layers):
         attn = layer.attention
         x = layer.attention_norm(h)
-        xq = linear(x, attn.wq).view(bsz, 1, attn.n_local_heads, attn.head_dim)
-        xk = linear(x, attn.wk).view(bsz, 1, attn.n_local_kv_heads, attn.head_dim)
-        xv = linear(x, attn.wv).view(bsz, 1, attn.n_local_kv_heads, attn.head_dim)
+        if fused is not None:
+            qkv = quantize.cpu_linear(x, fused[i][0], fused[i][1], attn.wq.scheme, attn.wq.int8_x)
+            xq, xk, xv = qkv.split([attn.wq.out_features, attn.wk.out_features, attn.wv.out_features], dim=-1)
+        else:
+            xq, xk, xv = linear(x, attn.wq), linear(x, attn.wk), linear(x, attn.wv)
+        xq = xq.reshape(bsz, 1, attn.n_local_heads, attn.head_dim)
+        xk = xk.reshape(bsz, 1, attn.n_local_kv_heads, attn.head_dim)
+        xv = xv.reshape(bsz, 1, attn.n_local_kv_heads, attn.head_dim)
         xq, xk = apply_rotary_emb_real(xq, c, s), apply_rotary_emb_real(xk, c, s)
         cache_k, cache_v = attn.update_cache(xk, xv, pos)  # (bsz, max_len, n_kv_heads, head_dim)
         # The query heads are grouped by the KV head they share instead of repeat_kv copies: head h = kv *
@@ -100,8 +108,39 @@ def decode_step(
         h = h + linear(out, attn.wo)
         ff = layer.feed_forward
         x = layer.ffn_norm(h)
-        h = h + linear(F.silu(linear(x, ff.w1)) * linear(x, ff.w3), ff.w2)
+        if fused is not None:
+            gate, up = quantize.cpu_linear(x, fused[i][2], fused[i][3], ff.w1.scheme, ff.w1.int8_x).split(
+                [ff.w1.out_features, ff.w3.out_features], dim=-1
+            )
+        else:
+            gate, up = linear(x, ff.w1), linear(x, ff.w3)
+        h = h + linear(F.silu(gate) * up, ff.w2)
     return linear(model.norm(h), model.output).float()
+
+
+def fuse_projections(model: Transformer) -> Optional[list[tuple[torch.Tensor, ...]]]:
+    """Per layer, (qweight, scales) of the quantized wq, wk and wv stacked, then of w1 and w3: one kernel call
+    for each group in a decode step (65 calls instead of 113, each with torch's dispatch cost). The layers' own
+    buffers become views into the stacked tensors, so no weight is held twice, and every other path computes
+    what it computed before. None unless every group is quantized alike."""
+    groups = [(layer.attention.wq, layer.attention.wk, layer.attention.wv) for layer in model.layers]
+    groups += [(layer.feed_forward.w1, layer.feed_forward.w3) for layer in model.layers]
+    for parts in groups:
+        first = parts[0]
+        alike = all(isinstance(p, QuantizedLinear) and p.scheme == getattr(first, "scheme", None) and
+                    p.in_features == first.in_features and p.int8_x == first.int8_x for p in parts)  # fmt: skip
+        if not alike:
+            return None
+    stacked = []
+    for parts in groups:
+        qweight, scales = torch.cat([p.qweight for p in parts]), torch.cat([p.scales for p in parts])
+        lo = 0
+        for p in parts:
+            p.qweight, p.scales = qweight[lo : lo + p.out_features], scales[lo : lo + p.out_features]
+            lo += p.out_features
+        stacked.append((qweight, scales))
+    n = len(model.layers)
+    return [(*stacked[i], *stacked[n + i]) for i in range(n)]
 
 
 class FastDecoder:
@@ -125,6 +164,7 @@ class FastDecoder:
         weight = getattr(model.output, "weight", None)  # a quantized output layer (llama.quantize) has none
         self.use_cpu_gemv = use_cpu_gemv and weight is not None and cpu_gemv.applies(1, weight)
         self.quantized_on_cpu = weight is None and device.type == "cpu" and quantize.available()
+        self.fused = fuse_projections(model) if self.quantized_on_cpu else None
         self.step: Callable[..., torch.Tensor] = decode_step
         if compile:
             mode = "reduce-overhead" if device.type == "cuda" else None  # CUDA graphs on GPU
@@ -136,4 +176,6 @@ class FastDecoder:
         # A column view of the token grid carries the grid's stride, which would force a recompile for every grid
         # width; a plain clone keeps that stride when bsz is 1, so ask for fresh contiguous strides.
         tokens = tokens.clone(memory_format=torch.contiguous_format)
-        return self.step(self.model, tokens, pos, self.cos, self.sin, self.use_cpu_gemv, self.quantized_on_cpu)
+        return self.step(
+            self.model, tokens, pos, self.cos, self.sin, self.use_cpu_gemv, self.quantized_on_cpu, self.fused
+        )

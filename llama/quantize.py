@@ -345,6 +345,18 @@ for _mode, _fn in (("int8", linear_int8), ("int4", linear_int4)):
     torch.library.register_fake(f"llama::linear_{_mode}", _fake)
 
 
+def cpu_linear(
+    x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, scheme: Scheme, int8_x: bool = True
+) -> torch.Tensor:
+    """``F.linear(x, dequantize(qweight, scales))`` on a CPU whose kernels are built: the kernels (with int8
+    inputs where asked and the format allows) for up to KERNEL_MAX_ROWS rows, else the exact fp32 GEMM."""
+    if x.numel() > KERNEL_MAX_ROWS * x.shape[-1]:  # prefill: torch's fp32 GEMM, exact
+        return linear_dequantized(x, qweight, scales, scheme)
+    int8_x = int8_x and int8_x_applies(scheme.mode, scheme.group_size)
+    op = torch.ops.llama.linear_int8 if scheme.mode == "int8" else torch.ops.llama.linear_int4
+    return op(x, qweight, scales, scheme.group_size, int8_x)
+
+
 # ------------------------------------------------------------------------------------- the module
 
 PARALLEL_LINEARS = (fs_layers.ColumnParallelLinear, fs_layers.RowParallelLinear)
@@ -394,11 +406,7 @@ class QuantizedLinear(nn.Module):
     def cpu_forward(self, x: torch.Tensor) -> torch.Tensor:
         """This rank's product on a CPU whose kernels are built (``available()``, which the caller checks: the
         fast path checks it once, outside its compiled step)."""
-        if x.numel() > KERNEL_MAX_ROWS * x.shape[-1]:  # prefill: torch's fp32 GEMM, exact
-            return linear_dequantized(x, self.qweight, self.scales, self.scheme)
-        int8_x = self.int8_x and int8_x_applies(self.scheme.mode, self.scheme.group_size)
-        op = torch.ops.llama.linear_int8 if self.scheme.mode == "int8" else torch.ops.llama.linear_int4
-        return op(x, self.qweight, self.scales, self.scheme.group_size, int8_x)
+        return cpu_linear(x, self.qweight, self.scales, self.scheme, self.int8_x)
 
     def local_forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.device.type == "cpu" and available():

@@ -365,6 +365,27 @@ def test_compiled_fast_path_calls_the_int8_kernel(tiny_args, tokenizer_path, mon
 
 
 @needs_kernel
+def test_fast_path_stacks_projections_without_holding_weights_twice(tiny_args, tokenizer_path):
+    _, quantized, twin, _ = quantized_twins(tiny_args, "int4", exact=False)
+    before = {k: v.clone() for k, v in quantized.state_dict().items()}
+    fast = FastDecoder(quantized, compile=False)
+    assert fast.fused is not None and len(fast.fused) == quantized.params.n_layers
+    attn, ff = quantized.layers[0].attention, quantized.layers[0].feed_forward
+    qkv, w13 = fast.fused[0][0], fast.fused[0][2]
+    assert qkv.shape[0] == attn.wq.out_features + attn.wk.out_features + attn.wv.out_features
+    for module, stacked in [(attn.wq, qkv), (attn.wk, qkv), (attn.wv, qkv), (ff.w1, w13), (ff.w3, w13)]:
+        assert module.qweight.untyped_storage().data_ptr() == stacked.untyped_storage().data_ptr()
+    assert all(torch.equal(v, quantized.state_dict()[k]) for k, v in before.items())  # same values, now views
+    tokens = torch.randint(3, 90, (1, 6), generator=torch.Generator().manual_seed(3))
+    quantized.forward(tokens[:, :5], 0)
+    expected = quantized.forward(tokens[:, 5:], 5)  # the default path: one kernel call per layer
+    assert_close(fast(tokens[:, 5:], 5), expected, rtol=1e-5, atol=1e-5)
+    quant.use_int8_inputs(quantized, False)  # still switches the stacked products
+    quantized.forward(tokens[:, :5], 0)  # the cache again, from exact products
+    assert_close(fast(tokens[:, 5:], 5), twin.forward(tokens, 0)[:, 5:], rtol=1e-5, atol=1e-5)
+
+
+@needs_kernel
 def test_compiled_quantized_step_is_one_graph_in_a_fresh_process(tiny_args, monkeypatch):
     # Kernels not loaded yet, as in a fresh process: checking for them inside the step used to trace their
     # one-time build (a lock), which broke the graph and left the whole step running eagerly.
