@@ -13,7 +13,8 @@ keeps the math and removes that overhead:
   ``Attention.update_cache``;
 - ``torch.compile`` of the whole step (inductor on CPU; CUDA graphs on GPU via "reduce-overhead");
 - on CPUs with bf16 weights and one row, the linear layers run through ``llama.cpu_gemv``'s C kernel, which
-  streams the weights faster than torch's bf16 kernel does.
+  streams the weights faster than torch's bf16 kernel does; quantized layers (``llama.quantize``) call their
+  C kernels directly, with wq/wk/wv and w1/w3 stacked into one product each (``fuse_projections``).
 
 Prefill stays on the faithful eager path. The decoding loop in ``Llama._decode`` also keeps sampling on the
 device and checks for EOS only every few steps. In fp32 the numbers are the faithful path's within rounding;
