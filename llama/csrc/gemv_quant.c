@@ -202,26 +202,46 @@ static void rows_int4_plain(const float *x, const uint8_t *w, const uint16_t *s,
     }
 }
 
+/* The b-th block of BLOCK weight rows (count of them at the end), the next block to prefetch (itself when the
+ * next one is short or absent) and its scales. */
+typedef struct {
+    int64_t first;
+    int count;
+    const uint8_t *w, *next;
+    const uint16_t *s;
+} RowBlock;
+
+static inline RowBlock row_block(const void *w, const uint16_t *s, int64_t b, int64_t n, int64_t row_bytes,
+                                 int64_t groups) {
+    RowBlock block;
+    block.first = b * BLOCK;
+    block.count = block.first + BLOCK <= n ? BLOCK : (int)(n - block.first);
+    block.w = (const uint8_t *)w + block.first * row_bytes;
+    block.next = block.first + 2 * BLOCK <= n ? block.w + BLOCK * row_bytes : block.w;
+    block.s = s + block.first * groups;
+    return block;
+}
+
 /* One call: blocks of BLOCK weight rows split among the threads; each block serves every input row. */
 static void gemv_exact(const float *x, const void *w, const uint16_t *s, void *y, int64_t rows, int64_t n,
                        int64_t k, int64_t g, int int4, int64_t io) {
     int64_t blocks = (n + BLOCK - 1) / BLOCK, groups = k / g, row_bytes = int4 ? k / 2 : k;
 #pragma omp parallel for schedule(static)
     for (int64_t blk = 0; blk < blocks; blk++) {
-        int64_t first = blk * BLOCK;
-        int count = first + BLOCK <= n ? BLOCK : (int)(n - first);
-        const uint8_t *wb = (const uint8_t *)w + first * row_bytes;
-        const uint8_t *next = first + 2 * BLOCK <= n ? wb + BLOCK * row_bytes : wb;
-        const uint16_t *sb = s + first * groups;
+        RowBlock rb = row_block(w, s, blk, n, row_bytes, groups);
+        int64_t first = rb.first;
+        int count = rb.count;
+        const uint8_t *wb = rb.w;
+        const uint16_t *sb = rb.s;
         for (int64_t r = 0; r < rows; r++) {
             const float *xr = x + r * k;
             float out[BLOCK];
 #ifdef HAVE_AVX2
             if (g % 32 == 0) {
                 if (int4)
-                    rows_int4_exact(xr, wb, sb, k, g, count, out, next);
+                    rows_int4_exact(xr, wb, sb, k, g, count, out, rb.next);
                 else
-                    rows_int8_exact(xr, (const int8_t *)wb, sb, k, g, count, out, (const int8_t *)next);
+                    rows_int8_exact(xr, (const int8_t *)wb, sb, k, g, count, out, (const int8_t *)rb.next);
                 store(y, r * n + first, out, count, io);
                 continue;
             }
@@ -417,7 +437,7 @@ static void rows_int8_q8x(QuantRow q, const int8_t *w, const uint16_t *s, int64_
  * (q + 8, unsigned, which maddubs takes directly), and the offset is taken off at the end. */
 static void rows_int4_q8x(QuantRow q, const uint8_t *w, const uint16_t *s, int64_t k, int count, float *out,
                           const uint8_t *next, float *comb) {
-    int64_t nb = k / QBLOCK, row_bytes = k / 2;
+    int64_t nb = k / QBLOCK;
     for (int j = 0; j < count; j++) combine_scales(s + j * nb, q.xs, nb, 1, comb + j * nb);
 #ifdef HAVE_AVX2
     if (count == BLOCK)
@@ -431,7 +451,7 @@ static void rows_int4_q8x(QuantRow q, const uint8_t *w, const uint16_t *s, int64
         float sum = 0.0f;
         for (int64_t b = 0; b < nb; b++) {
             int8_t wq[QBLOCK];
-            const uint8_t *p = w + j * row_bytes + b * 16;
+            const uint8_t *p = w + j * (k / 2) + b * 16;
             for (int i = 0; i < 16; i++) {
                 wq[i] = (int8_t)((p[i] & 15) - 8);
                 wq[16 + i] = (int8_t)((p[i] >> 4) - 8);
@@ -460,19 +480,16 @@ static int gemv_q8x(const void *x, const void *w, const uint16_t *s, void *y, in
 #pragma omp parallel for schedule(static)
         for (int64_t blk = 0; blk < blocks; blk++) {
             float *scratch = comb + (size_t)omp_get_thread_num() * (size_t)(BLOCK * nb);
-            int64_t first = blk * BLOCK;
-            int count = first + BLOCK <= n ? BLOCK : (int)(n - first);
-            const uint8_t *wb = (const uint8_t *)w + first * row_bytes;
-            const uint8_t *next = first + 2 * BLOCK <= n ? wb + BLOCK * row_bytes : wb;
-            const uint16_t *sb = s + first * groups;
+            RowBlock rb = row_block(w, s, blk, n, row_bytes, groups);
             for (int64_t r = 0; r < rows; r++) {
                 QuantRow q = {xq + r * k, xs + r * nb, xs + (rows + r) * nb};
                 float out[BLOCK];
                 if (int4)
-                    rows_int4_q8x(q, wb, sb, k, count, out, next, scratch);
+                    rows_int4_q8x(q, rb.w, rb.s, k, rb.count, out, rb.next, scratch);
                 else
-                    rows_int8_q8x(q, (const int8_t *)wb, sb, k, g, count, out, (const int8_t *)next, scratch);
-                store(y, r * n + first, out, count, io);
+                    rows_int8_q8x(q, (const int8_t *)rb.w, rb.s, k, g, rb.count, out, (const int8_t *)rb.next,
+                                  scratch);
+                store(y, r * n + rb.first, out, rb.count, io);
             }
         }
     }
