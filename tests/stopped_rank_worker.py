@@ -29,6 +29,9 @@ def main(ckpt_dir: str, tokenizer_path: str, pid_dir: str, where: str) -> None:
         line = broadcast_from_main("the next line", patient=True)
         generator.text_completion([line], temperature=0, max_gen_len=2)  # the ranks still agree afterwards
         print(f"RANK {os.environ['RANK']} GOT {line!r}", flush=True)
+        # Leave together, as tests/mp_worker.py does: a rank tearing down its gloo groups while the other is
+        # still in a collective aborted once at exit ("terminate called without an active exception").
+        torch.distributed.barrier()
         return
     rank = os.environ["RANK"]
     with open(os.path.join(pid_dir, rank + ".tmp"), "w") as f:
