@@ -415,7 +415,6 @@ def main(argv: Optional[list[str]] = None) -> None:
     if any(x8 for _, x8 in variants.values()) and not (device.type == "cpu" and quant.available()):
         print("no rows with int8 inputs: they need the quantized C kernels, on a CPU")
         variants = {name: v for name, v in variants.items() if not v[1]}
-    switch = hasattr(quant, "use_int8_inputs")
     # Each row's weights (our dtype name or mode) and the bytes of them a decode step reads.
     weights_of = {name: dtype_name for name in ("faithful", "fast", "fast, torch GEMV", "transformers")}
     weights_of.update({name: mode for name, (mode, _) in variants.items()})
@@ -446,7 +445,7 @@ def main(argv: Optional[list[str]] = None) -> None:
         for mode in modes:
             for name, (m, x8) in variants.items():
                 if m == mode and (bsz == 1 or not x8):
-                    contenders[name] = ours(fast_quant[mode], prompts, x8 if switch else None)
+                    contenders[name] = ours(fast_quant[mode], prompts, x8)
             if llama_cpp_here:
                 contenders[llama_cpp_row(mode, dtype_name)] = lcpp.generator(
                     lcpp.load(gguf[mode], max_seq_len), prompts[0]

@@ -211,6 +211,24 @@ def test_decode_rows_take_the_kernel_and_prefill_the_exact_fp32_gemm(mode, monke
 
 
 @needs_kernel
+def test_kernel_failures_are_errors_not_silent_garbage(monkeypatch):
+    scheme = Scheme("int8", 32)
+    qweight, scales = quant.quantize(weights(8, 64), scheme)
+    with pytest.raises(ValueError, match="does not fit scales"):
+        quant.dequantize_cpu(qweight, scales[:, :1].contiguous(), scheme)
+    with pytest.raises(ValueError, match="contiguous fp32 tensor of at least 512"):
+        quant.dequantize_cpu(qweight, scales, scheme, out=torch.empty(100))
+    # a kernel that reports it could not allocate its scratch (returns 1) raises, for products of either kind
+    monkeypatch.setitem(quant._state, "fns", {name: (lambda *args: 1) for name in quant.kernels()})
+    for int8_x in (True, False):
+        with pytest.raises(MemoryError, match="out of memory"):
+            quant._linear_kernel("int8", torch.randn(1, 64), qweight, scales, 32, int8_x)
+    monkeypatch.setitem(quant.cpu_gemv._state, "fn", lambda *args: 1)
+    with pytest.raises(MemoryError, match="out of memory"):
+        quant.cpu_gemv.linear_bf16(torch.randn(1, 64).bfloat16(), torch.randn(8, 64).bfloat16())
+
+
+@needs_kernel
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("int8_x", [True, False])
 def test_nan_and_inf_inputs_give_nan_not_garbage(mode, int8_x):

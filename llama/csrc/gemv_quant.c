@@ -229,28 +229,21 @@ static void gemv_exact(const float *x, const void *w, const uint16_t *s, void *y
 #pragma omp parallel for schedule(static)
     for (int64_t blk = 0; blk < blocks; blk++) {
         RowBlock rb = row_block(w, s, blk, n, row_bytes, groups);
-        int64_t first = rb.first;
-        int count = rb.count;
-        const uint8_t *wb = rb.w;
-        const uint16_t *sb = rb.s;
         for (int64_t r = 0; r < rows; r++) {
             const float *xr = x + r * k;
             float out[BLOCK];
-#ifdef HAVE_AVX2
-            if (g % 32 == 0) {
-                if (int4)
-                    rows_int4_exact(xr, wb, sb, k, g, count, out, rb.next);
-                else
-                    rows_int8_exact(xr, (const int8_t *)wb, sb, k, g, count, out, (const int8_t *)rb.next);
-                store(y, r * n + first, out, count, io);
-                continue;
-            }
+#ifdef HAVE_AVX2 /* groups of a multiple of 32: the AVX2 rows; otherwise (or without AVX2) the plain ones */
+            if (g % 32 == 0 && int4)
+                rows_int4_exact(xr, rb.w, rb.s, k, g, rb.count, out, rb.next);
+            else if (g % 32 == 0)
+                rows_int8_exact(xr, (const int8_t *)rb.w, rb.s, k, g, rb.count, out, (const int8_t *)rb.next);
+            else
 #endif
             if (int4)
-                rows_int4_plain(xr, wb, sb, k, g, count, out);
+                rows_int4_plain(xr, rb.w, rb.s, k, g, rb.count, out);
             else
-                rows_int8_plain(xr, (const int8_t *)wb, sb, k, g, count, out);
-            store(y, r * n + first, out, count, io);
+                rows_int8_plain(xr, (const int8_t *)rb.w, rb.s, k, g, rb.count, out);
+            store(y, r * n + rb.first, out, rb.count, io);
         }
     }
 }
