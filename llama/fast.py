@@ -31,7 +31,7 @@ import fairscale.nn.model_parallel.initialize as fs_init
 import torch
 import torch.nn.functional as F
 
-from llama import cpu_gemv, quantize
+from llama import cpu_attention, cpu_gemv, quantize
 from llama.model import Transformer
 from llama.quantize import QuantizedLinear
 
@@ -62,6 +62,7 @@ def decode_step(
     use_cpu_gemv: bool = False,
     quantized_on_cpu: bool = False,
     fused: Optional[list[tuple[torch.Tensor, ...]]] = None,
+    attention_on_cpu: bool = False,
 ) -> torch.Tensor:
     """Logits (bsz, 1, vocab) in fp32 for tokens (bsz, 1) at position pos (a 1-element long tensor).
 
@@ -70,7 +71,8 @@ def decode_step(
     quantized_on_cpu: quantized layers call their CPU kernels directly (the caller checked they are built;
     checking inside the step would trace the kernels' one-time build, which breaks the graph). fused: per
     layer, the quantized (qweight, scales) of wq/wk/wv stacked and of w1/w3 stacked (fuse_projections), so
-    that each group is one product.
+    that each group is one product. attention_on_cpu: attention through ``llama.cpu_attention``'s C kernel
+    (the caller checked that it applies).
     """
     bsz = tokens.shape[0]
     plain = torch.ops.llama.linear_bf16 if use_cpu_gemv and bsz == 1 else F.linear
@@ -83,9 +85,6 @@ def decode_step(
 
     h = F.embedding(tokens, model.tok_embeddings.weight)  # (bsz, 1, dim)
     c, s = cos.index_select(0, pos), sin.index_select(0, pos)  # (1, head_dim // 2)
-    max_len = model.params.max_seq_len
-    # Positions after pos hold stale or zero keys: mask them out. (1, max_len), broadcast over batch and heads.
-    visible = torch.arange(max_len, device=tokens.device)[None, :] <= pos
     for i, layer in enumerate(model.layers):
         attn = layer.attention
         x = layer.attention_norm(h)
@@ -99,13 +98,12 @@ def decode_step(
         xv = xv.reshape(bsz, 1, attn.n_local_kv_heads, attn.head_dim)
         xq, xk = apply_rotary_emb_real(xq, c, s), apply_rotary_emb_real(xk, c, s)
         cache_k, cache_v = attn.update_cache(xk, xv, pos)  # (bsz, max_len, n_kv_heads, head_dim)
-        # The query heads are grouped by the KV head they share instead of repeat_kv copies: head h = kv *
-        # n_rep + r, as in repeat_kv, and the n_rep heads of a group are the rows of one attention. SDPA's
-        # kernels sum and take the softmax in fp32 whatever the input dtype, so in half precision this is
-        # more precise than the reference's half-precision matmuls, and it reads the cache as it is stored.
-        q = xq.view(bsz, attn.n_local_kv_heads, attn.n_rep, attn.head_dim)
-        keys, values = cache_k.transpose(1, 2), cache_v.transpose(1, 2)  # (bsz, n_kv_heads, max_len, head_dim)
-        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=visible).reshape(bsz, 1, -1)
+        # One query per head: llama::attend_one's C kernel on CPUs (it reads only the visible positions), else
+        # SDPA over the whole cache with the later positions masked. Both sum and take the softmax in fp32
+        # whatever the input dtype, so in half precision this is more precise than the reference's
+        # half-precision matmuls, and both read the cache as it is stored.
+        attend = torch.ops.llama.attend_one if attention_on_cpu else cpu_attention.sdpa
+        out = attend(xq, cache_k, cache_v, pos).reshape(bsz, 1, -1)
         h = h + linear(out, attn.wo)
         ff = layer.feed_forward
         x = layer.ffn_norm(h)
@@ -150,7 +148,9 @@ class FastDecoder:
     # The fast loop asks the device whether every row has ended only this often.
     eos_check_every = 16
 
-    def __init__(self, model: Transformer, compile: bool = True, use_cpu_gemv: bool = True):
+    def __init__(
+        self, model: Transformer, compile: bool = True, use_cpu_gemv: bool = True, use_cpu_attention: bool = True
+    ):
         if fs_init.model_parallel_is_initialized() and fs_init.get_model_parallel_world_size() != 1:
             raise ValueError(
                 "the fast path (compile=True) runs with one model-parallel rank; load the checkpoint on one "
@@ -160,12 +160,13 @@ class FastDecoder:
         device = model.tok_embeddings.weight.device
         # The model's own rotations, whatever frequencies it uses (Llama 3.1's scaled ones, say).
         self.cos, self.sin = rope_cos_sin(model.freqs_cis.to(device))
-        # All weights share one dtype and device. use_cpu_gemv=False keeps torch's kernels (the benchmark
-        # compares both).
+        # All weights share one dtype and device. use_cpu_gemv=False and use_cpu_attention=False keep torch's
+        # kernels (the benchmark and the tests compare both).
         weight = getattr(model.output, "weight", None)  # a quantized output layer (llama.quantize) has none
         self.use_cpu_gemv = use_cpu_gemv and weight is not None and cpu_gemv.applies(1, weight)
         self.quantized_on_cpu = weight is None and device.type == "cpu" and quantize.available()
         self.fused = fuse_projections(model) if self.quantized_on_cpu else None
+        self.attention_on_cpu = use_cpu_attention and cpu_attention.applies(model.layers[0].attention.cache_k)
         self.step: Callable[..., torch.Tensor] = decode_step
         if compile:
             mode = "reduce-overhead" if device.type == "cuda" else None  # CUDA graphs on GPU
@@ -177,6 +178,5 @@ class FastDecoder:
         # A column view of the token grid carries the grid's stride, which would force a recompile for every grid
         # width; a plain clone keeps that stride when bsz is 1, so ask for fresh contiguous strides.
         tokens = tokens.clone(memory_format=torch.contiguous_format)
-        return self.step(
-            self.model, tokens, pos, self.cos, self.sin, self.use_cpu_gemv, self.quantized_on_cpu, self.fused
-        )
+        return self.step(self.model, tokens, pos, self.cos, self.sin, self.use_cpu_gemv, self.quantized_on_cpu,
+                         self.fused, self.attention_on_cpu)  # fmt: skip

@@ -86,7 +86,9 @@ def test_without_a_working_compiler_falls_back_to_torch(tmp_path, monkeypatch, c
 
 def bf16_pair(tiny_args, name="gqa"):
     model = random_model(tiny_args(name, vocab_size=512), seed=7).to(torch.bfloat16)
-    return model, FastDecoder(model, compile=False, use_cpu_gemv=False), FastDecoder(model, compile=False)
+    # torch's attention in both, so that only the GEMV differs
+    plain = FastDecoder(model, compile=False, use_cpu_gemv=False, use_cpu_attention=False)
+    return model, plain, FastDecoder(model, compile=False, use_cpu_attention=False)
 
 
 @needs_kernel

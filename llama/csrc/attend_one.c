@@ -1,0 +1,248 @@
+/* Attention of one new query per row over the KV cache, for decoding on CPUs (see llama/cpu_attention.py).
+ *
+ * For each row b and query head h = g * n_rep + r (g: the KV head it shares, as repeat_kv has it):
+ *
+ *   out[b, h] = sum_{j <= pos} p_j v[b, j, g],  p = softmax_j(q[b, h] . k[b, j, g] / sqrt(head_dim)),
+ *
+ * which is the reference's attention for a single query at position pos: every cached position up to and
+ * including pos is visible. Only those positions are read, where SDPA over the static cache reads all of it
+ * and masks the rest; and one call replaces SDPA's dispatch and setup, which cost ~240 us a layer on two cores
+ * for a 256-position cache.
+ *
+ * Numerics: q, k and v are widened to fp32 (exact), the dot products, the softmax and the weighted sum of
+ * values all run in fp32, as the reference's fp32 path does, and the result is rounded once to the model's
+ * dtype. Only the order of the sums differs from torch's kernels. NaN in the inputs gives NaN outputs.
+ *
+ * Threads (OpenMP) take the (row, KV head) pairs: the n_rep query heads of a pair read each cached key and
+ * value once, while they are in cache.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define IO_BF16 1 /* q, the cache and out are bf16; fp32 otherwise */
+
+static inline float bf16_to_float(uint16_t h) {
+    uint32_t bits = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &bits, sizeof f);
+    return f;
+}
+
+/* Round to nearest, ties to even, as torch does; NaN stays a (quiet) NaN. */
+static inline uint16_t float_to_bf16(float f) {
+    uint32_t bits;
+    memcpy(&bits, &f, sizeof bits);
+    if ((bits & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((bits >> 16) | 0x40u);
+    bits += 0x7fffu + ((bits >> 16) & 1u);
+    return (uint16_t)(bits >> 16);
+}
+
+/* dst[i] = src[offset + i] as fp32, for i < count. */
+static inline void widen(const void *src, int64_t offset, int64_t count, int io, float *dst) {
+    if (io & IO_BF16)
+        for (int64_t i = 0; i < count; i++) dst[i] = bf16_to_float(((const uint16_t *)src)[offset + i]);
+    else
+        memcpy(dst, (const float *)src + offset, sizeof(float) * (size_t)count);
+}
+
+/* e^x for x <= 0 (NaN stays NaN) within 2 ulp, as a plain expression the compiler vectorizes (libm's expf
+ * is one call per value): e^x = 2^n e^r with n = round(x / ln 2), |r| <= ln(2) / 2, and e^r by its Taylor
+ * polynomial to degree 7 (error under 1e-8 relative). Below -87 the result is 0 (e^-87 ~ 1.6e-38). */
+static inline float exp_nonpositive(float x) {
+    const float clamped = x < -87.0f ? -87.0f : x;
+    const float n = __builtin_roundf(clamped * 1.44269504f);
+    const float r = (clamped - n * 0.693145751953125f) - n * 1.428606765330187e-06f; /* ln 2 in two parts */
+    float p = 1.0f / 5040.0f;
+    p = p * r + 1.0f / 720.0f;
+    p = p * r + 1.0f / 120.0f;
+    p = p * r + 1.0f / 24.0f;
+    p = p * r + 1.0f / 6.0f;
+    p = p * r + 0.5f;
+    p = p * r + 1.0f;
+    p = p * r + 1.0f;
+    const int32_t bits = ((int32_t)n + 127) << 23;
+    float scale;
+    memcpy(&scale, &bits, sizeof scale);
+    return x < -87.0f ? 0.0f : p * scale;
+}
+
+#define KEYS 8 /* cached positions whose scores are summed side by side */
+
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+
+/* scores[r * stride + jj] = q_r . keys[jj] / root for the n_rep queries and KEYS keys (fp32, head_dim each, a
+ * multiple of 8). The KEYS sums of a query run side by side, so none waits on the one before it. */
+static inline void score_block(const float *queries, const float *keys, int64_t n_rep, int64_t head_dim,
+                               float root, float *scores, int64_t stride) {
+    const __m256 divisor = _mm256_set1_ps(root);
+    for (int64_t r = 0; r < n_rep; r++) {
+        __m256 acc[KEYS];
+        for (int jj = 0; jj < KEYS; jj++) acc[jj] = _mm256_setzero_ps();
+        for (int64_t d = 0; d < head_dim; d += 8) {
+            const __m256 qv = _mm256_loadu_ps(queries + r * head_dim + d);
+            for (int jj = 0; jj < KEYS; jj++) acc[jj] = _mm256_fmadd_ps(qv, _mm256_loadu_ps(keys + jj * head_dim + d), acc[jj]);
+        }
+        /* the 8 horizontal sums at once: pairwise adds leave each 128-bit half with half of every sum */
+        const __m256 a = _mm256_hadd_ps(_mm256_hadd_ps(acc[0], acc[1]), _mm256_hadd_ps(acc[2], acc[3]));
+        const __m256 b = _mm256_hadd_ps(_mm256_hadd_ps(acc[4], acc[5]), _mm256_hadd_ps(acc[6], acc[7]));
+        const __m256 sums = _mm256_add_ps(_mm256_permute2f128_ps(a, b, 0x20), _mm256_permute2f128_ps(a, b, 0x31));
+        _mm256_storeu_ps(scores + r * stride, _mm256_div_ps(sums, divisor));
+    }
+}
+
+/* exp_nonpositive on 8 lanes, the same steps in the same order. */
+static inline __m256 exp_nonpositive8(__m256 x) {
+    const __m256 low = _mm256_set1_ps(-87.0f);
+    const __m256 clamped = _mm256_max_ps(low, x); /* NaN in x stays NaN (max_ps returns its second operand) */
+    const __m256 n = _mm256_round_ps(_mm256_mul_ps(clamped, _mm256_set1_ps(1.44269504f)),
+                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693145751953125f), clamped);
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(1.428606765330187e-06f), r);
+    __m256 p = _mm256_set1_ps(1.0f / 5040.0f);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 720.0f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 120.0f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 24.0f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 6.0f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+    const __m256i bits = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    const __m256 e = _mm256_mul_ps(p, _mm256_castsi256_ps(bits));
+    return _mm256_andnot_ps(_mm256_cmp_ps(x, low, _CMP_LT_OQ), e);
+}
+
+/* s[j] = exp_nonpositive(s[j] - top) for j < length; returns their sum. */
+static inline float exp_shifted(float *s, int64_t length, float top) {
+    const __m256 t = _mm256_set1_ps(top);
+    __m256 total8 = _mm256_setzero_ps();
+    int64_t j = 0;
+    for (; j + 8 <= length; j += 8) {
+        const __m256 e = exp_nonpositive8(_mm256_sub_ps(_mm256_loadu_ps(s + j), t));
+        _mm256_storeu_ps(s + j, e);
+        total8 = _mm256_add_ps(total8, e);
+    }
+    float lanes[8], total = 0.0f;
+    _mm256_storeu_ps(lanes, total8);
+    for (int l = 0; l < 8; l++) total += lanes[l];
+    for (; j < length; j++) {
+        s[j] = exp_nonpositive(s[j] - top);
+        total += s[j];
+    }
+    return total;
+}
+
+/* acc[r] += sum_jj p[r * stride + jj] * values[jj] for the n_rep queries and `count` values (fp32). */
+static inline __attribute__((always_inline)) void add_values(const float *p, int64_t stride, const float *values,
+                                                             int count, int64_t n_rep, int64_t head_dim, float *acc) {
+    for (int64_t r = 0; r < n_rep; r++) {
+        __m256 weight[KEYS];
+        for (int jj = 0; jj < count; jj++) weight[jj] = _mm256_set1_ps(p[r * stride + jj]);
+        for (int64_t d = 0; d + 8 <= head_dim; d += 8) {
+            __m256 sum = _mm256_loadu_ps(acc + r * head_dim + d);
+            for (int jj = 0; jj < count; jj++) sum = _mm256_fmadd_ps(weight[jj], _mm256_loadu_ps(values + jj * head_dim + d), sum);
+            _mm256_storeu_ps(acc + r * head_dim + d, sum);
+        }
+        for (int64_t d = head_dim / 8 * 8; d < head_dim; d++)
+            for (int jj = 0; jj < count; jj++) acc[r * head_dim + d] += p[r * stride + jj] * values[jj * head_dim + d];
+    }
+}
+#define VECTOR_SCORES 1
+#else
+#define VECTOR_SCORES 0
+static inline void score_block(const float *queries, const float *keys, int64_t n_rep, int64_t head_dim,
+                               float root, float *scores, int64_t stride) {
+    (void)queries, (void)keys, (void)n_rep, (void)head_dim, (void)root, (void)scores, (void)stride;
+}
+
+static inline float exp_shifted(float *s, int64_t length, float top) {
+    float total = 0.0f;
+    for (int64_t j = 0; j < length; j++) {
+        s[j] = exp_nonpositive(s[j] - top);
+        total += s[j];
+    }
+    return total;
+}
+
+static inline void add_values(const float *p, int64_t stride, const float *values, int count, int64_t n_rep,
+                              int64_t head_dim, float *acc) {
+    for (int64_t r = 0; r < n_rep; r++)
+        for (int jj = 0; jj < count; jj++)
+            for (int64_t d = 0; d < head_dim; d++) acc[r * head_dim + d] += p[r * stride + jj] * values[jj * head_dim + d];
+}
+#endif
+
+/* One (row, KV head) pair: the n_rep query heads at q_offset, keys and values at kv_offset + j * pos_stride.
+ * scratch: n_rep * (length + 2 * head_dim) + KEYS * head_dim floats. */
+static void attend_pair(const void *q, const void *k, const void *v, void *out, int64_t q_offset,
+                        int64_t kv_offset, int64_t pos_stride, int64_t length, int64_t n_rep, int64_t head_dim,
+                        int io, float *scratch) {
+    float *scores = scratch;                  /* (n_rep, length) */
+    float *queries = scores + n_rep * length; /* (n_rep, head_dim) */
+    float *acc = queries + n_rep * head_dim;  /* (n_rep, head_dim) */
+    float *rows = acc + n_rep * head_dim;     /* (KEYS, head_dim): keys or values of KEYS positions */
+    const float root = sqrtf((float)head_dim);
+    const int blocked = VECTOR_SCORES && head_dim % 8 == 0;
+    widen(q, q_offset, n_rep * head_dim, io, queries);
+    for (int64_t j = 0; j < length; j += KEYS) {
+        const int count = length - j < KEYS ? (int)(length - j) : KEYS;
+        for (int jj = 0; jj < count; jj++) widen(k, kv_offset + (j + jj) * pos_stride, head_dim, io, rows + jj * head_dim);
+        if (count == KEYS && blocked) {
+            score_block(queries, rows, n_rep, head_dim, root, scores + j, length);
+            continue;
+        }
+        for (int64_t r = 0; r < n_rep; r++)
+            for (int jj = 0; jj < count; jj++) {
+                float dot = 0.0f;
+                for (int64_t d = 0; d < head_dim; d++) dot += queries[r * head_dim + d] * rows[jj * head_dim + d];
+                scores[r * length + j + jj] = dot / root;
+            }
+    }
+    for (int64_t r = 0; r < n_rep; r++) {
+        float *s = scores + r * length;
+        float top = s[0];
+        for (int64_t j = 1; j < length; j++) top = s[j] > top ? s[j] : top;
+        if (isnan(top)) top = 0.0f; /* NaN scores stay NaN below */
+        const float inverse = 1.0f / exp_shifted(s, length, top);
+        for (int64_t j = 0; j < length; j++) s[j] *= inverse;
+    }
+    memset(acc, 0, sizeof(float) * (size_t)(n_rep * head_dim));
+    for (int64_t j = 0; j < length; j += KEYS) {
+        const int count = length - j < KEYS ? (int)(length - j) : KEYS;
+        for (int jj = 0; jj < count; jj++) widen(v, kv_offset + (j + jj) * pos_stride, head_dim, io, rows + jj * head_dim);
+        if (count == KEYS) /* a constant count: the weights stay in registers */
+            add_values(scores + j, length, rows, KEYS, n_rep, head_dim, acc);
+        else
+            add_values(scores + j, length, rows, count, n_rep, head_dim, acc);
+    }
+    for (int64_t i = 0; i < n_rep * head_dim; i++) {
+        if (io & IO_BF16)
+            ((uint16_t *)out)[q_offset + i] = float_to_bf16(acc[i]);
+        else
+            ((float *)out)[q_offset + i] = acc[i];
+    }
+}
+
+/* q and out: (bsz, n_kv * n_rep, head_dim), contiguous. k, v: element (b, j, g, d) at
+ * b * batch_stride + j * pos_stride + g * head_dim + d, for positions j < max_len. pos: the query's position
+ * (one int64, read here so that a compiled graph can pass it as data).
+ * Returns 0; 1 if out of memory; 2 if pos is outside [0, max_len) (nothing written in either case). */
+int llama_attend_one(const void *q, const void *k, const void *v, void *out, const int64_t *pos, int64_t bsz,
+                     int64_t n_kv, int64_t n_rep, int64_t head_dim, int64_t max_len, int64_t batch_stride,
+                     int64_t pos_stride, int io) {
+    if (*pos < 0 || *pos >= max_len) return 2;
+    const int64_t length = *pos + 1, pairs = bsz * n_kv;
+    const int64_t per_pair = n_rep * (length + 2 * head_dim) + KEYS * head_dim;
+    float *scratch = malloc(sizeof(float) * (size_t)(pairs * per_pair));
+    if (scratch == NULL) return 1;
+#pragma omp parallel for schedule(static)
+    for (int64_t i = 0; i < pairs; i++) {
+        const int64_t b = i / n_kv, g = i % n_kv;
+        attend_pair(q, k, v, out, i * n_rep * head_dim, b * batch_stride + g * head_dim, pos_stride, length,
+                    n_rep, head_dim, io, scratch + i * per_pair);
+    }
+    free(scratch);
+    return 0;
+}

@@ -1,0 +1,153 @@
+"""The fast path's C attention for one query per row: the reference's math, only the visible positions, bad
+input refused, a clean fallback, and really used by the compiled step."""
+
+import math
+
+import pytest
+import torch
+from conftest import random_model
+from torch.testing import assert_close
+
+from llama import cpu_attention
+from llama.fast import FastDecoder
+
+needs_kernel = pytest.mark.skipif(cpu_attention.kernel() is None, reason="no C compiler could build the kernel")
+
+
+def case(bsz, n_kv, n_rep, head_dim, max_len, dtype=torch.float32, seed=0):
+    """q (bsz, 1, n_heads, head_dim) and a cache pair (bsz, max_len, n_kv, head_dim), cut from a bigger batch
+    as the model's cache is (its first rows)."""
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(bsz, 1, n_kv * n_rep, head_dim, generator=gen).to(dtype)
+    k = torch.randn(bsz + 1, max_len, n_kv, head_dim, generator=gen).to(dtype)[:bsz]
+    v = torch.randn(bsz + 1, max_len, n_kv, head_dim, generator=gen).to(dtype)[:bsz]
+    return q, k, v
+
+
+def reference(q, k, v, pos):
+    """The reference's attention for one query at pos, in float64: repeat_kv, then softmax(q k^T / sqrt(d)) v
+    over positions 0..pos."""
+    n_rep = q.shape[2] // k.shape[2]
+    keys = k[:, : pos + 1].double().repeat_interleave(n_rep, dim=2).transpose(1, 2)
+    values = v[:, : pos + 1].double().repeat_interleave(n_rep, dim=2).transpose(1, 2)
+    scores = q.double().transpose(1, 2) @ keys.transpose(2, 3) / math.sqrt(q.shape[-1])
+    return (torch.softmax(scores, dim=-1) @ values).transpose(1, 2)
+
+
+SHAPES = [(1, 4, 4, 128, 64), (2, 2, 1, 16, 40), (3, 1, 8, 64, 17), (1, 2, 3, 12, 30)]  # head_dim 12: no vectors
+
+
+@needs_kernel
+@pytest.mark.parametrize("bsz,n_kv,n_rep,head_dim,max_len", SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_equals_the_reference_attention(bsz, n_kv, n_rep, head_dim, max_len, dtype):
+    q, k, v = case(bsz, n_kv, n_rep, head_dim, max_len, dtype)
+    for pos in sorted({0, 1, 7, 8, 9, max_len // 2, max_len - 1}):  # around a block of 8 positions, and the ends
+        out = cpu_attention.attend_one(q, k, v, torch.tensor([pos]))
+        assert out.dtype == dtype and out.shape == q.shape
+        if dtype == torch.float32:  # fp32 sums in another order: within fp32 rounding
+            assert_close(out.double(), reference(q, k, v, pos), rtol=1e-5, atol=1e-6)
+        else:  # rounded once to bf16 from fp32 sums: as close as torch's SDPA, which does the same
+            expected = reference(q, k, v, pos)
+            assert_close(out.double(), expected, rtol=2**-7, atol=1e-3)
+            sdpa_error = (cpu_attention.sdpa(q, k, v, torch.tensor([pos])).double() - expected).abs().max()
+            assert (out.double() - expected).abs().max() <= sdpa_error + 2**-8
+
+
+@needs_kernel
+def test_reads_only_the_visible_positions():
+    q, k, v = case(2, 2, 2, 32, 24)
+    expected = cpu_attention.attend_one(q, k, v, torch.tensor([10]))
+    k[:, 11:], v[:, 11:] = float("nan"), float("inf")  # stale entries after pos
+    assert torch.equal(cpu_attention.attend_one(q, k, v, torch.tensor([10])), expected)
+
+
+@needs_kernel
+def test_nan_in_a_visible_key_gives_nan_for_the_heads_that_read_it():
+    q, k, v = case(1, 2, 2, 16, 12)
+    k[0, 3, 1, 5] = float("nan")  # KV head 1 is read by query heads 2 and 3
+    out = cpu_attention.attend_one(q, k, v, torch.tensor([5]))
+    assert torch.isnan(out[0, 0, 2:]).all() and torch.isfinite(out[0, 0, :2]).all()
+    huge = case(1, 1, 1, 16, 12)[0] * 1e38  # scores overflow to +-inf: NaN, as torch's softmax gives
+    assert torch.isnan(cpu_attention.attend_one(huge, k[:, :, :1], v[:, :, :1], torch.tensor([5]))).all()
+
+
+@needs_kernel
+def test_any_cache_layout():
+    q, k, v = case(2, 2, 2, 16, 20)
+    k_t = k.transpose(2, 3).contiguous().transpose(2, 3)  # rows not contiguous: copied for the kernel
+    out = cpu_attention.attend_one(q, k_t, v, torch.tensor([13]))
+    assert torch.equal(out, cpu_attention.attend_one(q, k, v, torch.tensor([13])))
+    q_t = q.transpose(0, 1).contiguous().transpose(0, 1)
+    assert_close(cpu_attention.attend_one(q_t, k, v, torch.tensor([4])).double(), reference(q, k, v, 4))
+
+
+@needs_kernel
+def test_bad_input_is_refused_with_the_reason():
+    q, k, v = case(1, 2, 2, 16, 8)
+    with pytest.raises(ValueError, match="position 8 is outside the cache of 8"):
+        cpu_attention.attend_one(q, k, v, torch.tensor([8]))
+    with pytest.raises(ValueError, match="outside"):
+        cpu_attention.attend_one(q, k, v, torch.tensor([-1]))
+    with pytest.raises(TypeError, match="1-element long tensor"):
+        cpu_attention.attend_one(q, k, v, torch.tensor([1.0]))
+    with pytest.raises(ValueError, match="does not fit the cache"):
+        cpu_attention.attend_one(q, k[:, :, :, :8], v[:, :, :, :8], torch.tensor([1]))
+    with pytest.raises(ValueError, match="do not group"):
+        cpu_attention.attend_one(torch.zeros(1, 1, 3, 16), k, v, torch.tensor([1]))
+    assert torch.isfinite(cpu_attention.attend_one(q, k, v, torch.tensor([7]))).all()  # still usable
+
+
+def test_falls_back_to_sdpa_where_the_kernel_does_not_serve(monkeypatch):
+    pos = torch.tensor([3])
+    q, k, v = case(1, 2, 2, 16, 8, dtype=torch.float16)  # no fp16 kernel
+    assert not cpu_attention.applies(k)
+    assert torch.equal(cpu_attention.attend_one(q, k, v, pos), cpu_attention.sdpa(q, k, v, pos))
+    monkeypatch.setitem(cpu_attention._state, "fn", None)  # as where no compiler could build it
+    q, k, v = case(1, 2, 2, 16, 8)
+    assert not cpu_attention.applies(k)
+    assert torch.equal(cpu_attention.attend_one(q, k, v, pos), cpu_attention.sdpa(q, k, v, pos))
+
+
+@needs_kernel
+@pytest.mark.parametrize("name", ["gqa", "mha"])
+def test_compiled_steps_with_the_kernel_equal_sdpa_steps(tiny_args, name):
+    model = random_model(tiny_args(name, vocab_size=128))
+    ours, sdpa = FastDecoder(model, compile=True), FastDecoder(model, compile=True, use_cpu_attention=False)
+    assert ours.attention_on_cpu and not sdpa.attention_on_cpu
+    tokens = torch.randint(3, 120, (2, 20), generator=torch.Generator().manual_seed(1))
+    model.forward(tokens[:, :5], 0)
+    for p in range(5, 20):  # both write the same keys and values into the cache
+        assert_close(ours(tokens[:, p : p + 1], p), sdpa(tokens[:, p : p + 1], p))
+
+
+@needs_kernel
+def test_the_compiled_step_calls_the_kernel_once_a_layer(tiny_args, monkeypatch):
+    model = random_model(tiny_args("gqa", vocab_size=128)).to(torch.bfloat16)
+    fast = FastDecoder(model, compile=True)
+    real, positions = cpu_attention.kernel(), []
+
+    def counting(*args):
+        positions.append(args[9])  # max_len
+        return real(*args)
+
+    monkeypatch.setitem(cpu_attention._state, "fn", counting)
+    model.forward(torch.full((1, 3), 4), 0)
+    fast(torch.full((1, 1), 5), 3)
+    assert positions == [model.params.max_seq_len] * model.params.n_layers
+
+
+@needs_kernel
+def test_portable_c_loops_without_avx2_give_the_same_attention(tmp_path, monkeypatch):
+    # Built for the baseline x86-64 (or without -march at all elsewhere), the kernel takes its plain loops.
+    portable = "-march=x86-64" if torch.backends.cpu.get_cpu_capability() != "DEFAULT" else "-O3"
+    flags = [portable if f == "-march=native" else f for f in cpu_attention.cpu_gemv.BASE_FLAGS]
+    monkeypatch.setattr(cpu_attention.cpu_gemv, "BASE_FLAGS", flags)
+    monkeypatch.setenv("LLAMA_KERNEL_CACHE", str(tmp_path))
+    monkeypatch.setattr(cpu_attention, "_state", {})
+    assert cpu_attention.kernel() is not None
+    for shape in SHAPES:
+        q, k, v = case(*shape)
+        for pos in (0, 9, shape[-1] - 1):
+            out = cpu_attention.attend_one(q, k, v, torch.tensor([pos]))
+            assert_close(out.double(), reference(q, k, v, pos), rtol=1e-5, atol=1e-6)
