@@ -61,7 +61,7 @@ def decode_step(
     sin: torch.Tensor,
     use_cpu_gemv: bool = False,
     quantized_on_cpu: bool = False,
-    fused: Optional[list[tuple[torch.Tensor, ...]]] = None,
+    fused: Optional[list[tuple[Stacked, Stacked]]] = None,
     attention_on_cpu: bool = False,
 ) -> torch.Tensor:
     """Logits (bsz, 1, vocab) in fp32 for tokens (bsz, 1) at position pos (a 1-element long tensor).
@@ -70,9 +70,8 @@ def decode_step(
     the linear layers through ``cpu_gemv.linear_bf16`` when bsz is 1 (the caller checks it applies).
     quantized_on_cpu: quantized layers call their CPU kernels directly (the caller checked they are built;
     checking inside the step would trace the kernels' one-time build, which breaks the graph). fused: per
-    layer, the quantized (qweight, scales) of wq/wk/wv stacked and of w1/w3 stacked (fuse_projections), so
-    that each group is one product. attention_on_cpu: attention through ``llama.cpu_attention``'s C kernel
-    (the caller checked that it applies).
+    layer, wq/wk/wv and w1/w3 stacked (fuse_projections), so that each group is one product.
+    attention_on_cpu: attention through ``llama.cpu_attention``'s C kernel (the caller checked it applies).
     """
     bsz = tokens.shape[0]
     plain = torch.ops.llama.linear_bf16 if use_cpu_gemv and bsz == 1 else F.linear
@@ -89,8 +88,7 @@ def decode_step(
         attn = layer.attention
         x = layer.attention_norm(h)
         if fused is not None:
-            qkv = quantize.cpu_linear(x, fused[i][0], fused[i][1], attn.wq.scheme, attn.wq.int8_x)
-            xq, xk, xv = qkv.split([attn.wq.out_features, attn.wk.out_features, attn.wv.out_features], dim=-1)
+            xq, xk, xv = fused[i][0](x, plain)
         else:
             xq, xk, xv = linear(x, attn.wq), linear(x, attn.wk), linear(x, attn.wv)
         xq = xq.reshape(bsz, 1, attn.n_local_heads, attn.head_dim)
@@ -108,38 +106,80 @@ def decode_step(
         ff = layer.feed_forward
         x = layer.ffn_norm(h)
         if fused is not None:
-            gate, up = quantize.cpu_linear(x, fused[i][2], fused[i][3], ff.w1.scheme, ff.w1.int8_x).split(
-                [ff.w1.out_features, ff.w3.out_features], dim=-1
-            )
+            gate, up = fused[i][1](x, plain)
         else:
             gate, up = linear(x, ff.w1), linear(x, ff.w3)
         h = h + linear(F.silu(gate) * up, ff.w2)
     return linear(model.norm(h), model.output).float()
 
 
-def fuse_projections(model: Transformer) -> Optional[list[tuple[torch.Tensor, ...]]]:
-    """Per layer, (qweight, scales) of the quantized wq, wk and wv stacked, then of w1 and w3: one kernel call
-    for each group in a decode step (65 calls instead of 113, each with torch's dispatch cost). The layers' own
-    buffers become views into the stacked tensors, so no weight is held twice, and every other path computes
-    what it computed before. None unless every group is quantized alike."""
-    groups = [(layer.attention.wq, layer.attention.wk, layer.attention.wv) for layer in model.layers]
-    groups += [(layer.feed_forward.w1, layer.feed_forward.w3) for layer in model.layers]
-    for parts in groups:
+def _stack(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """The 2-D tensors concatenated along the rows: a view where they already lie one after another in one
+    storage (a model stacked before, by another FastDecoder), else a new tensor."""
+    first = tensors[0]
+    offsets = [first.storage_offset() + sum(t.numel() for t in tensors[:i]) for i in range(len(tensors))]
+    adjacent = all(t.is_contiguous() and t.untyped_storage().data_ptr() == first.untyped_storage().data_ptr()
+                   and t.storage_offset() == offset for t, offset in zip(tensors, offsets))  # fmt: skip
+    if not adjacent:
+        return torch.cat(tensors)
+    rows = sum(t.shape[0] for t in tensors)
+    return torch.empty(0, dtype=first.dtype, device=first.device).set_(
+        first.untyped_storage(), first.storage_offset(), (rows, first.shape[1])
+    )
+
+
+class Stacked:
+    """Linear layers that read the same input (wq, wk, wv; or w1, w3), their weights stacked along the outputs,
+    so that a decode step makes one product (one kernel call, each with torch's dispatch cost) for all of them.
+    The layers' own weights become views into the stacked ones: nothing is held twice, and every other path
+    computes what it computed before."""
+
+    def __init__(self, parts: tuple[torch.nn.Module, ...]):
+        self.parts = parts
+        with torch.no_grad():
+            if isinstance(parts[0], QuantizedLinear):
+                self.qweight, self.scales = _stack([p.qweight for p in parts]), _stack([p.scales for p in parts])
+                self.sizes = [p.out_features for p in parts]
+                for p, q, s in zip(parts, self.qweight.split(self.sizes), self.scales.split(self.sizes)):
+                    p.qweight, p.scales = q, s
+            else:
+                self.weight = _stack([p.weight for p in parts])
+                self.sizes = [p.weight.shape[0] for p in parts]
+                for p, w in zip(parts, self.weight.split(self.sizes)):
+                    p.weight = torch.nn.Parameter(w, requires_grad=p.weight.requires_grad)
+
+    @staticmethod
+    def applies(parts: tuple[torch.nn.Module, ...]) -> bool:
+        """Whether the layers stack: all quantized alike (the scheme, the int8-input switch) or all float with one
+        dtype, and one input size."""
         first = parts[0]
-        alike = all(isinstance(p, QuantizedLinear) and p.scheme == getattr(first, "scheme", None) and
-                    p.in_features == first.in_features and p.int8_x == first.int8_x for p in parts)  # fmt: skip
-        if not alike:
-            return None
-    stacked = []
-    for parts in groups:
-        qweight, scales = torch.cat([p.qweight for p in parts]), torch.cat([p.scales for p in parts])
-        lo = 0
-        for p in parts:
-            p.qweight, p.scales = qweight[lo : lo + p.out_features], scales[lo : lo + p.out_features]
-            lo += p.out_features
-        stacked.append((qweight, scales))
-    n = len(model.layers)
-    return [(*stacked[i], *stacked[n + i]) for i in range(n)]
+        if isinstance(first, QuantizedLinear):
+            return all(isinstance(p, QuantizedLinear) and p.scheme == first.scheme and p.int8_x == first.int8_x
+                       and p.in_features == first.in_features for p in parts)  # fmt: skip
+        weights = [getattr(p, "weight", None) for p in parts]
+        return all(isinstance(w, torch.Tensor) and w.ndim == 2 and not isinstance(p, QuantizedLinear)
+                   and w.dtype == weights[0].dtype and w.shape[1] == weights[0].shape[1]
+                   for p, w in zip(parts, weights))  # fmt: skip
+
+    def __call__(self, x: torch.Tensor, plain: Callable[..., torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        """Each layer's output for x; plain(x, weight) multiplies float weights. Quantized layers call their CPU
+        kernels (the caller checked they are built), with the first layer's int8-input switch read now."""
+        first = self.parts[0]
+        if isinstance(first, QuantizedLinear):
+            y = quantize.cpu_linear(x, self.qweight, self.scales, first.scheme, first.int8_x)
+        else:
+            y = plain(x, self.weight)
+        return y.split(self.sizes, dim=-1)
+
+
+def fuse_projections(model: Transformer) -> Optional[list[tuple[Stacked, Stacked]]]:
+    """Per layer, wq/wk/wv and w1/w3 as Stacked products (65 calls a CPU decode step instead of 113). None
+    unless every group stacks."""
+    groups = [((layer.attention.wq, layer.attention.wk, layer.attention.wv), (layer.feed_forward.w1,
+              layer.feed_forward.w3)) for layer in model.layers]  # fmt: skip
+    if not all(Stacked.applies(parts) for pair in groups for parts in pair):
+        return None
+    return [(Stacked(qkv), Stacked(w13)) for qkv, w13 in groups]
 
 
 class FastDecoder:
@@ -165,7 +205,9 @@ class FastDecoder:
         weight = getattr(model.output, "weight", None)  # a quantized output layer (llama.quantize) has none
         self.use_cpu_gemv = use_cpu_gemv and weight is not None and cpu_gemv.applies(1, weight)
         self.quantized_on_cpu = weight is None and device.type == "cpu" and quantize.available()
-        self.fused = fuse_projections(model) if self.quantized_on_cpu else None
+        # Stacked products on CPUs, where each call costs torch's dispatch (measured); on GPUs CUDA graphs do.
+        on_cpu = device.type == "cpu" and (self.quantized_on_cpu or weight is not None)
+        self.fused = fuse_projections(model) if on_cpu else None
         self.attention_on_cpu = use_cpu_attention and cpu_attention.applies(model.layers[0].attention.cache_k)
         self.step: Callable[..., torch.Tensor] = decode_step
         if compile:

@@ -123,9 +123,30 @@ def test_compiled_step_calls_the_kernel_only_for_one_row(tiny_args, monkeypatch)
         fast(torch.full((bsz, 1), 5), 3)
         return len(calls)
 
-    assert kernel_calls(1) == 7 * model.params.n_layers + 1  # q k v o w1 w3 w2 per layer, and the output
+    assert kernel_calls(1) == 4 * model.params.n_layers + 1  # qkv (stacked), o, w1w3 (stacked), w2; the output
     assert calls[-1] == (1, 512, model.params.dim)
     assert kernel_calls(2) == 0
+
+
+@needs_kernel
+def test_stacked_projections_hold_no_weight_twice_and_compute_the_same(tiny_args):
+    model = random_model(tiny_args("gqa", vocab_size=512), seed=7).to(torch.bfloat16)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    tokens = torch.randint(3, 500, (1, 6), generator=torch.Generator().manual_seed(3))
+    model.forward(tokens[:, :5], 0)
+    unstacked = FastDecoder(model, compile=False)
+    unstacked.fused = None  # the layers one by one
+    expected = unstacked(tokens[:, 5:], 5)
+    fast = FastDecoder(model, compile=False)
+    attn = model.layers[0].attention
+    qkv = fast.fused[0][0].weight
+    assert qkv.shape == (attn.wq.weight.shape[0] + 2 * attn.wk.weight.shape[0], model.params.dim)
+    assert all(m.weight.untyped_storage().data_ptr() == qkv.untyped_storage().data_ptr() for m in (attn.wq, attn.wv))
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())  # same values, now views
+    assert_close(fast(tokens[:, 5:], 5), expected, rtol=0, atol=0)  # each output row is the same dot product
+    again = FastDecoder(model, compile=False)  # a second decoder on the model stacks nothing anew
+    assert again.fused[0][0].weight.data_ptr() == qkv.data_ptr()
+    assert model.forward(tokens[:, 5:], 5).shape == (1, 1, 512)  # the default path still runs
 
 
 def test_not_used_for_fp32_models(tiny_args):

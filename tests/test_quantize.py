@@ -389,7 +389,7 @@ def test_fast_path_stacks_projections_without_holding_weights_twice(tiny_args, t
     fast = FastDecoder(quantized, compile=False)
     assert fast.fused is not None and len(fast.fused) == quantized.params.n_layers
     attn, ff = quantized.layers[0].attention, quantized.layers[0].feed_forward
-    qkv, w13 = fast.fused[0][0], fast.fused[0][2]
+    qkv, w13 = fast.fused[0][0].qweight, fast.fused[0][1].qweight
     assert qkv.shape[0] == attn.wq.out_features + attn.wk.out_features + attn.wv.out_features
     for module, stacked in [(attn.wq, qkv), (attn.wk, qkv), (attn.wv, qkv), (ff.w1, w13), (ff.w3, w13)]:
         assert module.qweight.untyped_storage().data_ptr() == stacked.untyped_storage().data_ptr()
