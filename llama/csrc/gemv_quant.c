@@ -335,6 +335,24 @@ static inline void combine_scales(const uint16_t *s, const float *xs, int64_t nb
     for (; b < nb; b++) comb[b] = bf16_to_float(s[b / per]) * xs[b];
 }
 
+/* comb4[4 b + l] = s[b] * xs[b] for l < 4: combine_scales (groups of 32) with each scale 4 times, for int4's
+ * loop, whose vectors hold 4 sums of each of two blocks. */
+static inline void combine_scales4(const uint16_t *s, const float *xs, int64_t nb, float *comb4) {
+    int64_t b = 0;
+#ifdef HAVE_AVX2
+    for (; b + 8 <= nb; b += 8) {
+        __m256 c = _mm256_mul_ps(load_bf16x8(s + b), _mm256_loadu_ps(xs + b));
+        for (int pair = 0; pair < 4; pair++) {
+            __m256i spread = _mm256_setr_epi32(2 * pair, 2 * pair, 2 * pair, 2 * pair, 2 * pair + 1, 2 * pair + 1,
+                                               2 * pair + 1, 2 * pair + 1);
+            _mm256_storeu_ps(comb4 + 4 * (b + 2 * pair), _mm256_permutevar8x32_ps(c, spread));
+        }
+    }
+#endif
+    for (; b < nb; b++)
+        for (int l = 0; l < 4; l++) comb4[4 * b + l] = bf16_to_float(s[b]) * xs[b];
+}
+
 /* int4's offset: the nibbles hold q + 8, so sum_b comb[b] * dot(q + 8, xq) overshoots by
  * sum_b s[b] * 8 * xs[b] * sum(xq of block b) = s . xsum8 (g = 32: one scale per block). */
 static inline float int4_offset(const uint16_t *s, const float *xsum8, int64_t nb) {
@@ -383,23 +401,39 @@ static inline __attribute__((always_inline)) void loop_int8_q8x(QuantRow q, cons
 
 static inline __attribute__((always_inline)) void loop_int4_q8x(QuantRow q, const uint8_t *w, int64_t k,
                                                                  int count, float *out, const uint8_t *next,
-                                                                 const float *comb) {
-    /* 16 bytes broadcast to both halves of a register; shifting the upper half by 4 and masking gives the 32
-     * weights in input order: low nibbles (weights 0..15), then high nibbles (16..31). Pair sums of
-     * (q + 8) * x stay within int16: 2 * 15 * 127. */
+                                                                 const float *comb4) {
+    /* Two blocks at a time: the 32 bytes of blocks b and b + 1 in one load. Their low nibbles are weights
+     * 0..15 of each block and their high nibbles weights 16..31, so they meet the inputs rearranged to match
+     * (x_lo: inputs 0..15 of both blocks, x_hi: inputs 16..31). The two byte products, pair sums of
+     * (q + 8) * x each within 2 * 15 * 127, add up in int16 (within 4 * 15 * 127 < 32767), and one multiply-add
+     * gives 4 int32 sums per block; comb4 holds each block's scale 4 times to match. Odd block counts end with
+     * one block alone: 16 bytes broadcast to both halves, the upper half shifted by 4. */
     int64_t nb = k / QBLOCK, row_bytes = k / 2;
     const __m256i ones = _mm256_set1_epi16(1), low4 = _mm256_set1_epi8(15);
-    const __m256i shift = _mm256_set_epi64x(4, 4, 0, 0);
     __m256 acc[BLOCK];
     for (int j = 0; j < count; j++) acc[j] = _mm256_setzero_ps();
-    for (int64_t b = 0; b < nb; b++) {
+    int64_t b = 0;
+    for (; b + 2 <= nb; b += 2) {
+        __m256i x0 = _mm256_loadu_si256((const __m256i *)(q.xq + b * QBLOCK));
+        __m256i x1 = _mm256_loadu_si256((const __m256i *)(q.xq + (b + 1) * QBLOCK));
+        __m256i x_lo = _mm256_permute2x128_si256(x0, x1, 0x20), x_hi = _mm256_permute2x128_si256(x0, x1, 0x31);
+        prefetch_stretch(next + b * 16 * BLOCK, 32 * BLOCK);
+        for (int j = 0; j < count; j++) {
+            __m256i packed = _mm256_loadu_si256((const __m256i *)(w + j * row_bytes + b * 16));
+            __m256i lo = _mm256_and_si256(packed, low4), hi = _mm256_and_si256(_mm256_srli_epi16(packed, 4), low4);
+            __m256i pairs = _mm256_add_epi16(_mm256_maddubs_epi16(lo, x_lo), _mm256_maddubs_epi16(hi, x_hi));
+            __m256 d = _mm256_cvtepi32_ps(_mm256_madd_epi16(pairs, ones));
+            acc[j] = _mm256_fmadd_ps(d, _mm256_loadu_ps(comb4 + (j * nb + b) * 4), acc[j]);
+        }
+    }
+    if (b < nb) {
+        const __m256i shift = _mm256_set_epi64x(4, 4, 0, 0);
         __m256i xv = _mm256_loadu_si256((const __m256i *)(q.xq + b * QBLOCK));
-        prefetch_stretch(next + b * 16 * BLOCK, 16 * BLOCK);
         for (int j = 0; j < count; j++) {
             __m128i packed = _mm_loadu_si128((const __m128i *)(w + j * row_bytes + b * 16));
             __m256i wv = _mm256_and_si256(_mm256_srlv_epi64(_mm256_broadcastsi128_si256(packed), shift), low4);
             __m256 d = _mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_maddubs_epi16(wv, xv), ones));
-            acc[j] = _mm256_fmadd_ps(d, _mm256_broadcast_ss(comb + j * nb + b), acc[j]);
+            acc[j] = _mm256_fmadd_ps(d, _mm256_broadcast_ss(comb4 + (j * nb + b) * 4), acc[j]);
         }
     }
     for (int j = 0; j < count; j++) out[j] = hsum(acc[j]);
@@ -431,7 +465,7 @@ static void rows_int8_q8x(QuantRow q, const int8_t *w, const uint16_t *s, int64_
 static void rows_int4_q8x(QuantRow q, const uint8_t *w, const uint16_t *s, int64_t k, int count, float *out,
                           const uint8_t *next, float *comb) {
     int64_t nb = k / QBLOCK;
-    for (int j = 0; j < count; j++) combine_scales(s + j * nb, q.xs, nb, 1, comb + j * nb);
+    for (int j = 0; j < count; j++) combine_scales4(s + j * nb, q.xs, nb, comb + 4 * j * nb);
 #ifdef HAVE_AVX2
     if (count == BLOCK)
         loop_int4_q8x(q, w, k, BLOCK, out, next, comb);
@@ -449,7 +483,7 @@ static void rows_int4_q8x(QuantRow q, const uint8_t *w, const uint16_t *s, int64
                 wq[i] = (int8_t)((p[i] & 15) - 8);
                 wq[16 + i] = (int8_t)((p[i] >> 4) - 8);
             }
-            sum += comb[j * nb + b] * (float)dot32(wq, q.xq + b * QBLOCK);
+            sum += comb[4 * (j * nb + b)] * (float)dot32(wq, q.xq + b * QBLOCK);
         }
         out[j] = sum;
     }
@@ -463,7 +497,8 @@ static int gemv_q8x(const void *x, const void *w, const uint16_t *s, void *y, in
     const float *xf = float_rows(x, rows * k, io);
     int8_t *xq = malloc((size_t)(rows * k));
     float *xs = malloc(sizeof(float) * (size_t)(2 * rows * nb));
-    float *comb = malloc(sizeof(float) * (size_t)(BLOCK * nb) * (size_t)omp_get_max_threads());
+    const int64_t per_thread = BLOCK * nb * (int4 ? 4 : 1); /* combined scales (int4: each 4 times) */
+    float *comb = malloc(sizeof(float) * (size_t)per_thread * (size_t)omp_get_max_threads());
     int failed = xf == NULL || xq == NULL || xs == NULL || comb == NULL;
     if (!failed) {
         for (int64_t r = 0; r < rows; r++) {
@@ -472,7 +507,7 @@ static int gemv_q8x(const void *x, const void *w, const uint16_t *s, void *y, in
         }
 #pragma omp parallel for schedule(static)
         for (int64_t blk = 0; blk < blocks; blk++) {
-            float *scratch = comb + (size_t)omp_get_thread_num() * (size_t)(BLOCK * nb);
+            float *scratch = comb + (size_t)omp_get_thread_num() * (size_t)per_thread;
             RowBlock rb = row_block(w, s, blk, n, row_bytes, groups);
             for (int64_t r = 0; r < rows; r++) {
                 QuantRow q = {xq + r * k, xs + r * nb, xs + (rows + r) * nb};
