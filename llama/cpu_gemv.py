@@ -92,9 +92,11 @@ def load_kernel(
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
     problems = []
     # OpenMP first; a compiler without it (Apple clang) still gives a one-thread kernel, better than nothing.
+    # The source and the headers next to it (it includes them) decide the build, with the compiler and the CPU.
+    texts = [source.read_text()] + [h.read_text() for h in sorted(source.parent.glob("*.h"))]
     for flags in (BASE_FLAGS + ["-fopenmp"], BASE_FLAGS):
         key = hashlib.sha256(
-            "\0".join([source.read_text(), compiler, version, " ".join(flags), _cpu_signature()]).encode()
+            "\0".join([*texts, compiler, version, " ".join(flags), _cpu_signature()]).encode()
         ).hexdigest()[:20]
         path = cache_dir() / f"{source.stem}-{key}.so"
         if not path.exists():

@@ -21,23 +21,9 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "common.h"
+
 #define IO_BF16 1 /* q, the cache and out are bf16; fp32 otherwise */
-
-static inline float bf16_to_float(uint16_t h) {
-    uint32_t bits = (uint32_t)h << 16;
-    float f;
-    memcpy(&f, &bits, sizeof f);
-    return f;
-}
-
-/* Round to nearest, ties to even, as torch does; NaN stays a (quiet) NaN. */
-static inline uint16_t float_to_bf16(float f) {
-    uint32_t bits;
-    memcpy(&bits, &f, sizeof bits);
-    if ((bits & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((bits >> 16) | 0x40u);
-    bits += 0x7fffu + ((bits >> 16) & 1u);
-    return (uint16_t)(bits >> 16);
-}
 
 /* dst[i] = src[offset + i] as fp32, for i < count. */
 static inline void widen(const void *src, int64_t offset, int64_t count, int io, float *dst) {
@@ -45,27 +31,6 @@ static inline void widen(const void *src, int64_t offset, int64_t count, int io,
         for (int64_t i = 0; i < count; i++) dst[i] = bf16_to_float(((const uint16_t *)src)[offset + i]);
     else
         memcpy(dst, (const float *)src + offset, sizeof(float) * (size_t)count);
-}
-
-/* e^x for x <= 0 (NaN stays NaN) within 2 ulp, as a plain expression the compiler vectorizes (libm's expf
- * is one call per value): e^x = 2^n e^r with n = round(x / ln 2), |r| <= ln(2) / 2, and e^r by its Taylor
- * polynomial to degree 7 (error under 1e-8 relative). Below -87 the result is 0 (e^-87 ~ 1.6e-38). */
-static inline float exp_nonpositive(float x) {
-    const float clamped = x < -87.0f ? -87.0f : x;
-    const float n = __builtin_roundf(clamped * 1.44269504f);
-    const float r = (clamped - n * 0.693145751953125f) - n * 1.428606765330187e-06f; /* ln 2 in two parts */
-    float p = 1.0f / 5040.0f;
-    p = p * r + 1.0f / 720.0f;
-    p = p * r + 1.0f / 120.0f;
-    p = p * r + 1.0f / 24.0f;
-    p = p * r + 1.0f / 6.0f;
-    p = p * r + 0.5f;
-    p = p * r + 1.0f;
-    p = p * r + 1.0f;
-    const int32_t bits = ((int32_t)n + 127) << 23;
-    float scale;
-    memcpy(&scale, &bits, sizeof scale);
-    return x < -87.0f ? 0.0f : p * scale;
 }
 
 #define KEYS 8 /* cached positions whose scores are summed side by side */

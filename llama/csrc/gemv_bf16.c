@@ -26,25 +26,11 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "common.h"
+
 #define BLOCK 8
 #define LANES 16
 #define PREFETCH_BYTES 512
-
-static inline float bf16_to_float(uint16_t h) {
-    uint32_t bits = (uint32_t)h << 16;
-    float f;
-    memcpy(&f, &bits, sizeof f);
-    return f;
-}
-
-/* Round to nearest, ties to even, as torch does; NaN stays a (quiet) NaN. */
-static inline uint16_t float_to_bf16(float f) {
-    uint32_t bits;
-    memcpy(&bits, &f, sizeof bits);
-    if ((bits & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((bits >> 16) | 0x40u);
-    bits += 0x7fffu + ((bits >> 16) & 1u);
-    return (uint16_t)(bits >> 16);
-}
 
 /* out[j] = x . w[j] for the `count` (at most BLOCK) weight rows starting at w. */
 static inline void dot_rows(const float *x, const uint16_t *w, int64_t k, int count, uint16_t *out) {

@@ -40,24 +40,10 @@ static inline int omp_get_thread_num(void) { return 0; }
 #include <stdlib.h>
 #include <string.h>
 
+#include "common.h"
+
 #define BLOCK 8   /* weight rows walked side by side */
 #define QBLOCK 32 /* inputs per int8 block of the input row */
-
-static inline float bf16_to_float(uint16_t h) {
-    uint32_t bits = (uint32_t)h << 16;
-    float f;
-    memcpy(&f, &bits, sizeof f);
-    return f;
-}
-
-/* Round to nearest, ties to even, as torch does; NaN stays a (quiet) NaN. */
-static inline uint16_t float_to_bf16(float f) {
-    uint32_t bits;
-    memcpy(&bits, &f, sizeof bits);
-    if ((bits & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((bits >> 16) | 0x40u);
-    bits += 0x7fffu + ((bits >> 16) & 1u);
-    return (uint16_t)(bits >> 16);
-}
 
 /* Inputs and outputs are fp32, or bf16 where these bits of `io` say so (saves the caller two conversions). */
 #define IO_X_BF16 1
