@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from llama import cpu_attention, cpu_gemv, quantize
+from llama.cpu_decode import CpuDecoder
 from llama.model import Transformer
 from llama.quantize import QuantizedLinear
 
@@ -189,8 +190,9 @@ class FastDecoder:
     eos_check_every = 16
 
     def __init__(
-        self, model: Transformer, compile: bool = True, use_cpu_gemv: bool = True, use_cpu_attention: bool = True
-    ):
+        self, model: Transformer, compile: bool = True, use_cpu_gemv: bool = True, use_cpu_attention: bool = True,
+        use_cpu_step: bool = True,
+    ):  # fmt: skip
         if fs_init.model_parallel_is_initialized() and fs_init.get_model_parallel_world_size() != 1:
             raise ValueError(
                 "the fast path (compile=True) runs with one model-parallel rank; load the checkpoint on one "
@@ -209,6 +211,11 @@ class FastDecoder:
         on_cpu = device.type == "cpu" and (self.quantized_on_cpu or weight is not None)
         self.fused = fuse_projections(model) if on_cpu else None
         self.attention_on_cpu = use_cpu_attention and cpu_attention.applies(model.layers[0].attention.cache_k)
+        # The whole step as one C call where its kernels serve every layer (llama.cpu_decode); it uses both the
+        # GEMV and the attention kernels, so it is off where either is.
+        self.cpu_step = None
+        if use_cpu_step and use_cpu_gemv and self.attention_on_cpu:
+            self.cpu_step = CpuDecoder.build(model, self.fused)
         self.step: Callable[..., torch.Tensor] = decode_step
         if compile:
             mode = "reduce-overhead" if device.type == "cuda" else None  # CUDA graphs on GPU
@@ -220,5 +227,7 @@ class FastDecoder:
         # A column view of the token grid carries the grid's stride, which would force a recompile for every grid
         # width; a plain clone keeps that stride when bsz is 1, so ask for fresh contiguous strides.
         tokens = tokens.clone(memory_format=torch.contiguous_format)
+        if self.cpu_step is not None and self.cpu_step.applies(tokens.shape[0]):
+            return self.cpu_step(tokens, pos)
         return self.step(self.model, tokens, pos, self.cos, self.sin, self.use_cpu_gemv, self.quantized_on_cpu,
                          self.fused, self.attention_on_cpu)  # fmt: skip

@@ -124,7 +124,7 @@ def test_compiled_steps_with_the_kernel_equal_sdpa_steps(tiny_args, name):
 @needs_kernel
 def test_the_compiled_step_calls_the_kernel_once_a_layer(tiny_args, monkeypatch):
     model = random_model(tiny_args("gqa", vocab_size=128)).to(torch.bfloat16)
-    fast = FastDecoder(model, compile=True)
+    fast = FastDecoder(model, compile=True, use_cpu_step=False)  # the compiled step's calls
     real, positions = cpu_attention.kernel(), []
 
     def counting(*args):

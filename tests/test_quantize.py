@@ -376,7 +376,7 @@ def test_compiled_fast_path_calls_the_int8_kernel(tiny_args, tokenizer_path, mon
 
     monkeypatch.setitem(quant._state, "fns", {**real, "int8": counting})
     prompts = [tokenizer.encode("Llamas live in", bos=True, eos=False)]
-    fast = Llama(quantized, tokenizer, fast=FastDecoder(quantized, compile=True))
+    fast = Llama(quantized, tokenizer, fast=FastDecoder(quantized, compile=True, use_cpu_step=False))
     out = fast.generate(prompts, max_gen_len=8, temperature=0)[0]
     assert out == Llama(twin, tokenizer).generate(prompts, max_gen_len=8, temperature=0)[0]
     assert len(calls) >= 7 * quantized.params.n_layers + 1  # every layer of every compiled step
@@ -412,7 +412,7 @@ def test_compiled_quantized_step_is_one_graph_in_a_fresh_process(tiny_args, monk
     torch._dynamo.reset()
     counters = torch._dynamo.utils.counters
     counters.clear()
-    fast = FastDecoder(quantized, compile=True)
+    fast = FastDecoder(quantized, compile=True, use_cpu_step=False)  # the compiled step
     fast(torch.tensor([[3]]), 0)
     fast(torch.tensor([[4]]), 1)
     assert not counters["graph_break"], dict(counters["graph_break"])

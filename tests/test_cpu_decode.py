@@ -1,0 +1,119 @@
+"""The fast path's decode step as one C call (llama.cpu_decode): the reference's numbers in fp32, the compiled
+step's in bf16, the models it serves and those it leaves to the compiled step, and bad positions refused."""
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+from conftest import random_model
+from torch.testing import assert_close
+
+from llama import cpu_decode
+from llama import quantize as quant
+from llama.fast import FastDecoder
+from llama.generation import Llama
+from llama.quantize import Scheme
+
+needs_kernels = pytest.mark.skipif(
+    cpu_decode.kernel() is None or not quant.available(), reason="no C compiler could build the kernels here"
+)
+TOKENS = torch.randint(3, 90, (2, 14), generator=torch.Generator().manual_seed(0))
+
+
+def model_of(tiny_args, mode, dtype=torch.float32, name="gqa", exact=True):
+    model = random_model(tiny_args(name, vocab_size=97), seed=5).to(dtype)
+    if mode is not None:
+        model = quant.quantize_model(model, Scheme(mode, 32))
+        quant.use_int8_inputs(model, not exact)
+    return model
+
+
+@needs_kernels
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+@pytest.mark.parametrize("name", ["gqa", "mha", "mqa", "ffn_multiplier"])
+def test_fp32_steps_equal_the_reference_forward(tiny_args, mode, name):
+    model = model_of(tiny_args, mode, name=name)  # exact products: only the order of fp32 sums differs
+    fast = FastDecoder(model, compile=False)
+    assert fast.cpu_step is not None and fast.cpu_step.applies(2)
+    expected = model.forward(TOKENS, 0)  # the reference's forward over the whole sequence
+    model.forward(TOKENS[:, :5], 0)
+    for p in range(5, TOKENS.shape[1]):
+        assert_close(fast(TOKENS[:, p : p + 1], p), expected[:, p : p + 1])
+
+
+@needs_kernels
+@pytest.mark.parametrize("mode", ["int8", "int4", None])
+def test_bf16_steps_equal_the_compiled_step(tiny_args, mode):
+    model = model_of(tiny_args, mode, torch.bfloat16, exact=False)
+    ours, compiled = FastDecoder(model, compile=False), FastDecoder(model, compile=False, use_cpu_step=False)
+    assert ours.cpu_step is not None and compiled.cpu_step is None
+    bsz = 1 if mode is None else 2  # bf16 float layers: one row (the GEMV kernel's case)
+    model.forward(TOKENS[:bsz, :5], 0)
+    for p in range(5, TOKENS.shape[1]):
+        step = TOKENS[:bsz, p : p + 1]
+        got = ours(step, p)  # both write the same keys and values at p
+        # the same kernels and the same roundings; the norms' fp32 sums run in another order, which can move
+        # a bf16 rounding by one step
+        assert_close(got, compiled(step, p), rtol=0.02, atol=0.02)
+
+
+@needs_kernels
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_greedy_generation_equals_the_default_loop(tiny_args, mode):
+    model = model_of(tiny_args, mode)
+    tokenizer = SimpleNamespace(eos_id=-2, pad_id=-1, stop_ids=[-2])
+    fast = FastDecoder(model, compile=True)
+    assert fast.cpu_step is not None
+    prompts = [[1, 40, 41, 42, 43], [1, 50, 51]]
+    want = Llama(model, tokenizer).generate(prompts, max_gen_len=10, temperature=0)[0]
+    assert Llama(model, tokenizer, fast=fast).generate(prompts, max_gen_len=10, temperature=0)[0] == want
+
+
+@needs_kernels
+def test_int8_input_switch_after_building_changes_the_products(tiny_args):
+    model = model_of(tiny_args, "int4", exact=False)
+    fast = FastDecoder(model, compile=False)
+    model.forward(TOKENS[:1, :5], 0)
+    rounded = fast(TOKENS[:1, 5:6], 5)
+    quant.use_int8_inputs(model, False)
+    model.forward(TOKENS[:1, :5], 0)  # the cache again, from exact products
+    exact = fast(TOKENS[:1, 5:6], 5)
+    assert not torch.equal(rounded, exact)
+    assert_close(exact, model.forward(TOKENS[:1, :6], 0)[:, 5:])
+
+
+@needs_kernels
+def test_models_and_batches_it_does_not_serve_run_the_compiled_step(tiny_args):
+    assert FastDecoder(model_of(tiny_args, None), compile=False).cpu_step is None  # fp32 float layers: no kernel
+    mixed = model_of(tiny_args, None)
+    quant._set_module(mixed, "layers.0.attention.wq", quant.QuantizedLinear.from_linear(
+        mixed.layers[0].attention.wq, Scheme("int8", 32)))  # fmt: skip
+    assert FastDecoder(mixed, compile=False).cpu_step is None  # wq/wk/wv do not stack
+    bf16 = model_of(tiny_args, None, torch.bfloat16)
+    fast = FastDecoder(bf16, compile=False)
+    assert fast.cpu_step is not None and not fast.cpu_step.applies(2)
+    bf16.forward(TOKENS[:, :5], 0)
+    compiled = FastDecoder(bf16, compile=False, use_cpu_step=False)
+    assert torch.equal(fast(TOKENS[:, 5:6], 5), compiled(TOKENS[:, 5:6], 5))  # two rows: the compiled step
+
+
+def test_without_the_kernel_the_compiled_step_runs(tiny_args, monkeypatch):
+    monkeypatch.setitem(cpu_decode._state, "fn", None)  # as where no compiler could build it
+    model = model_of(tiny_args, "int8")
+    fast = FastDecoder(model, compile=False)
+    assert fast.cpu_step is None
+    model.forward(TOKENS[:1, :5], 0)
+    assert_close(fast(TOKENS[:1, 5:6], 5), model.forward(TOKENS[:1, :6], 0)[:, 5:])
+
+
+@needs_kernels
+def test_a_position_outside_the_cache_is_refused_and_nothing_is_written(tiny_args):
+    model = model_of(tiny_args, "int8")
+    fast = FastDecoder(model, compile=False)
+    caches = [layer.attention.cache_k.clone() for layer in model.layers]
+    for bad in (model.params.max_seq_len, -1):
+        with pytest.raises(ValueError, match="outside the KV cache"):
+            fast.cpu_step(TOKENS[:1, :1], torch.tensor([bad]))
+    assert all(torch.equal(c, layer.attention.cache_k) for c, layer in zip(caches, model.layers))
+    model.forward(TOKENS[:1, :5], 0)  # still usable
+    assert_close(fast(TOKENS[:1, 5:6], 5), model.forward(TOKENS[:1, :6], 0)[:, 5:])
