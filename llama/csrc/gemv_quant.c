@@ -20,11 +20,11 @@
  *   memory's speed, but the input's rounding (half a step of 1/127 of each block's largest value) moves the
  *   result: it approximates the dequantized product. Groups must be multiples of 32 (int4: exactly 32).
  *
- * Memory. A core following one stream of addresses reads far below the machine's bandwidth, so each thread
- * walks BLOCK weight rows side by side (BLOCK streams) and, while it works on one block of rows, prefetches
- * the next block (which lies right after it: rows are contiguous) at the same pace, so the bytes arrive a
- * whole block ahead. With several input rows, each block of weight rows serves every input row while it is
- * in cache, so the weights are read from memory once per call whatever the number of rows.
+ * Memory. Each thread walks a few weight rows side by side (BLOCK for the exact kernels, QROWS for those with
+ * int8 inputs: as many streams) and, while it works on one block of rows, prefetches the next block (which
+ * lies right after it: rows are contiguous) at the same pace, so the bytes arrive a whole block ahead. With
+ * several input rows, each block of weight rows serves every input row while it is in cache, so the weights
+ * are read from memory once per call whatever the number of rows.
  *
  * AVX2 + FMA code paths where the compiler targets them (-march=native), and portable loops that give the same
  * sums (up to order) elsewhere; tests check both against exact references.
@@ -42,7 +42,15 @@ static inline int omp_get_thread_num(void) { return 0; }
 
 #include "common.h"
 
-#define BLOCK 8   /* weight rows walked side by side */
+#define BLOCK 8 /* weight rows walked side by side (the exact kernels) */
+/* The same for the kernels with int8 inputs, which need few instructions per byte: on a Zen 3 (AVX2, two
+ * cores) two rows side by side streamed 12-18% faster than eight (benchmarks/RESULTS.md); CPUs with AVX-512
+ * keep eight, as measured before on a Xeon. */
+#ifdef __AVX512F__
+#define QROWS 8
+#else
+#define QROWS 2
+#endif
 #define QBLOCK 32 /* inputs per int8 block of the input row */
 
 /* Inputs and outputs are fp32, or bf16 where these bits of `io` say so (saves the caller two conversions). */
@@ -188,8 +196,8 @@ static void rows_int4_plain(const float *x, const uint8_t *w, const uint16_t *s,
     }
 }
 
-/* The b-th block of BLOCK weight rows (count of them at the end), the next block to prefetch (itself when the
- * next one is short or absent) and its scales. */
+/* The b-th block of `size` weight rows (count of them at the end), the next block to prefetch (itself when
+ * the next one is short or absent) and its scales. */
 typedef struct {
     int64_t first;
     int count;
@@ -197,13 +205,13 @@ typedef struct {
     const uint16_t *s;
 } RowBlock;
 
-static inline RowBlock row_block(const void *w, const uint16_t *s, int64_t b, int64_t n, int64_t row_bytes,
-                                 int64_t groups) {
+static inline RowBlock row_block(const void *w, const uint16_t *s, int64_t b, int size, int64_t n,
+                                 int64_t row_bytes, int64_t groups) {
     RowBlock block;
-    block.first = b * BLOCK;
-    block.count = block.first + BLOCK <= n ? BLOCK : (int)(n - block.first);
+    block.first = b * size;
+    block.count = block.first + size <= n ? size : (int)(n - block.first);
     block.w = (const uint8_t *)w + block.first * row_bytes;
-    block.next = block.first + 2 * BLOCK <= n ? block.w + BLOCK * row_bytes : block.w;
+    block.next = block.first + 2 * size <= n ? block.w + size * row_bytes : block.w;
     block.s = s + block.first * groups;
     return block;
 }
@@ -214,7 +222,7 @@ static void gemv_exact(const float *x, const void *w, const uint16_t *s, void *y
     int64_t blocks = (n + BLOCK - 1) / BLOCK, groups = k / g, row_bytes = int4 ? k / 2 : k;
 #pragma omp parallel for schedule(static)
     for (int64_t blk = 0; blk < blocks; blk++) {
-        RowBlock rb = row_block(w, s, blk, n, row_bytes, groups);
+        RowBlock rb = row_block(w, s, blk, BLOCK, n, row_bytes, groups);
         for (int64_t r = 0; r < rows; r++) {
             const float *xr = x + r * k;
             float out[BLOCK];
@@ -360,7 +368,7 @@ static inline int32_t dot32(const int8_t *w, const int8_t *x) {
     return sum;
 }
 
-/* The AVX2 loops over the blocks of 32 inputs, for `count` rows (always inlined: with count == BLOCK the trip
+/* The AVX2 loops over the blocks of 32 inputs, for `count` rows (always inlined: with count == QROWS the trip
  * counts are fixed and the accumulators stay in registers). */
 #ifdef HAVE_AVX2
 static inline __attribute__((always_inline)) void loop_int8_q8x(QuantRow q, const int8_t *w, int64_t k,
@@ -370,11 +378,11 @@ static inline __attribute__((always_inline)) void loop_int8_q8x(QuantRow q, cons
      * |w| * (x * sign(w)) = w * x. Pair sums stay within int16: 2 * 127 * 127 < 32767. */
     int64_t nb = k / QBLOCK;
     const __m256i ones = _mm256_set1_epi16(1);
-    __m256 acc[BLOCK];
+    __m256 acc[QROWS];
     for (int j = 0; j < count; j++) acc[j] = _mm256_setzero_ps();
     for (int64_t b = 0; b < nb; b++) {
         __m256i xv = _mm256_loadu_si256((const __m256i *)(q.xq + b * QBLOCK));
-        prefetch_stretch(next + b * QBLOCK * BLOCK, QBLOCK * BLOCK);
+        prefetch_stretch(next + b * QBLOCK * QROWS, QBLOCK * QROWS);
         for (int j = 0; j < count; j++) {
             __m256i wv = _mm256_loadu_si256((const __m256i *)(w + j * k + b * QBLOCK));
             __m256i pairs = _mm256_maddubs_epi16(_mm256_sign_epi8(wv, wv), _mm256_sign_epi8(xv, wv));
@@ -396,14 +404,14 @@ static inline __attribute__((always_inline)) void loop_int4_q8x(QuantRow q, cons
      * one block alone: 16 bytes broadcast to both halves, the upper half shifted by 4. */
     int64_t nb = k / QBLOCK, row_bytes = k / 2;
     const __m256i ones = _mm256_set1_epi16(1), low4 = _mm256_set1_epi8(15);
-    __m256 acc[BLOCK];
+    __m256 acc[QROWS];
     for (int j = 0; j < count; j++) acc[j] = _mm256_setzero_ps();
     int64_t b = 0;
     for (; b + 2 <= nb; b += 2) {
         __m256i x0 = _mm256_loadu_si256((const __m256i *)(q.xq + b * QBLOCK));
         __m256i x1 = _mm256_loadu_si256((const __m256i *)(q.xq + (b + 1) * QBLOCK));
         __m256i x_lo = _mm256_permute2x128_si256(x0, x1, 0x20), x_hi = _mm256_permute2x128_si256(x0, x1, 0x31);
-        prefetch_stretch(next + b * 16 * BLOCK, 32 * BLOCK);
+        prefetch_stretch(next + b * 16 * QROWS, 32 * QROWS);
         for (int j = 0; j < count; j++) {
             __m256i packed = _mm256_loadu_si256((const __m256i *)(w + j * row_bytes + b * 16));
             __m256i lo = _mm256_and_si256(packed, low4), hi = _mm256_and_si256(_mm256_srli_epi16(packed, 4), low4);
@@ -426,14 +434,14 @@ static inline __attribute__((always_inline)) void loop_int4_q8x(QuantRow q, cons
 }
 #endif
 
-/* out[j] for `count` int8 rows at w against one quantized input row; comb: scratch of BLOCK * nb floats. */
+/* out[j] for `count` int8 rows at w against one quantized input row; comb: scratch of QROWS * nb floats. */
 static void rows_int8_q8x(QuantRow q, const int8_t *w, const uint16_t *s, int64_t k, int64_t g, int count,
                           float *out, const int8_t *next, float *comb) {
     int64_t nb = k / QBLOCK, groups = k / g;
     for (int j = 0; j < count; j++) combine_scales(s + j * groups, q.xs, nb, g / QBLOCK, comb + j * nb);
 #ifdef HAVE_AVX2
-    if (count == BLOCK)
-        loop_int8_q8x(q, w, k, BLOCK, out, next, comb);
+    if (count == QROWS)
+        loop_int8_q8x(q, w, k, QROWS, out, next, comb);
     else
         loop_int8_q8x(q, w, k, count, out, next, comb);
 #else
@@ -453,8 +461,8 @@ static void rows_int4_q8x(QuantRow q, const uint8_t *w, const uint16_t *s, int64
     int64_t nb = k / QBLOCK;
     for (int j = 0; j < count; j++) combine_scales4(s + j * nb, q.xs, nb, comb + 4 * j * nb);
 #ifdef HAVE_AVX2
-    if (count == BLOCK)
-        loop_int4_q8x(q, w, k, BLOCK, out, next, comb);
+    if (count == QROWS)
+        loop_int4_q8x(q, w, k, QROWS, out, next, comb);
     else
         loop_int4_q8x(q, w, k, count, out, next, comb);
     for (int j = 0; j < count; j++) out[j] -= int4_offset(s + j * nb, q.xsum8, nb);
@@ -479,11 +487,11 @@ static void rows_int4_q8x(QuantRow q, const uint8_t *w, const uint16_t *s, int64
 static int gemv_q8x(const void *x, const void *w, const uint16_t *s, void *y, int64_t rows, int64_t n, int64_t k,
                     int64_t g, int int4, int64_t io) {
     int64_t nb = k / QBLOCK, groups = k / g, row_bytes = int4 ? k / 2 : k;
-    int64_t blocks = (n + BLOCK - 1) / BLOCK;
+    int64_t blocks = (n + QROWS - 1) / QROWS;
     const float *xf = float_rows(x, rows * k, io);
     int8_t *xq = malloc((size_t)(rows * k));
     float *xs = malloc(sizeof(float) * (size_t)(2 * rows * nb));
-    const int64_t per_thread = BLOCK * nb * (int4 ? 4 : 1); /* combined scales (int4: each 4 times) */
+    const int64_t per_thread = QROWS * nb * (int4 ? 4 : 1); /* combined scales (int4: each 4 times) */
     float *comb = malloc(sizeof(float) * (size_t)per_thread * (size_t)omp_get_max_threads());
     int failed = xf == NULL || xq == NULL || xs == NULL || comb == NULL;
     if (!failed) {
@@ -494,10 +502,10 @@ static int gemv_q8x(const void *x, const void *w, const uint16_t *s, void *y, in
 #pragma omp parallel for schedule(static)
         for (int64_t blk = 0; blk < blocks; blk++) {
             float *scratch = comb + (size_t)omp_get_thread_num() * (size_t)per_thread;
-            RowBlock rb = row_block(w, s, blk, n, row_bytes, groups);
+            RowBlock rb = row_block(w, s, blk, QROWS, n, row_bytes, groups);
             for (int64_t r = 0; r < rows; r++) {
                 QuantRow q = {xq + r * k, xs + r * nb, xs + (rows + r) * nb};
-                float out[BLOCK];
+                float out[QROWS];
                 if (int4)
                     rows_int4_q8x(q, rb.w, rb.s, k, rb.count, out, rb.next, scratch);
                 else
