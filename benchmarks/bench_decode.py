@@ -22,8 +22,9 @@ bf16 GGUF file ("llama.cpp"), and for each mode of --quantize the file llama.cpp
 the same weights (bf16 against bf16, int8 against q8_0, int4 against q4_0): above 1 where ours is faster.
 
 Prefill, for each dtype: the time to evaluate a prompt of each of --prefill_lens tokens on an empty cache.
-Ours is ``model.forward`` (both of our paths prefill with it; it returns the logits of every position, as the
-reference does); llama.cpp evaluates the prompt in one batch and computes the last position's logits only.
+Ours are the faithful path's ``model.forward`` and the fast path's ``FastDecoder.prefill`` (fp32 attention and
+GEMMs on CPUs; see llama/fast.py), which both return the logits of every position, as the reference does;
+llama.cpp evaluates the prompt in one batch and computes the last position's logits only.
 """
 
 from __future__ import annotations
@@ -247,7 +248,7 @@ def decode_table(
 
 
 DECODE_ROW = "  {:24s} {:7s} {:>9s} {:>9s} {:>16s} {:>24s} {:>21s}"
-PREFILL_ROW = "  {:7s} {:>7} {:>10s} {:>9s}"
+PREFILL_ROW = "  {:7s} {:>7} {:>12s} {:>9s} {:>12s} {:>9s}"
 PREFILL_THEIRS = "   {:15s} {:>10s} {:>9s} {:>18s}"
 
 
@@ -274,27 +275,31 @@ def prefill_table(models: dict[str, Transformer], gguf: dict[str, Path], lengths
         long_args = dataclasses.replace(model.params, max_batch_size=1, max_seq_len=max(lengths))
         long_model = twin(model, long_args)
         prefill[f"ours {weights}"] = lambda n, m=long_model: m.forward(prompts[n], 0)
+        decoder = FastDecoder(long_model, compile=False)  # its prefill is eager
+        prefill[f"ours fast {weights}"] = lambda n, d=decoder: d.prefill(prompts[n], 0)
         if gguf:  # the longest prompt in one batch; prefiller's reset() and eval() empty the cache each time
             llm = lcpp.load(gguf[weights], max(lengths), n_batch=max(lengths))
             prefill[llama_cpp_row(weights, model_dtype)] = lcpp.prefiller(llm)
     fastest = fastest_in_rounds(prefill, prompts[lengths[0]].device, lengths, repeat)
 
-    print(f"\nprefill, the fastest of {repeat} interleaved round(s); ours: model.forward, logits of every position"
+    print(f"\nprefill, the fastest of {repeat} interleaved round(s); ours: logits of every position"
           + ("; llama.cpp: one batch, the last position's logits" if gguf else ""))  # fmt: skip
-    theirs_header = PREFILL_THEIRS.format("llama.cpp", "ms", "tok/s", "ours vs llama.cpp") if gguf else ""
-    print(PREFILL_ROW.format("weights", "tokens", "ours ms", "tok/s") + theirs_header)
+    theirs_header = PREFILL_THEIRS.format("llama.cpp", "ms", "tok/s", "fast vs llama.cpp") if gguf else ""
+    print(PREFILL_ROW.format("weights", "tokens", "faithful ms", "tok/s", "fast ms", "tok/s") + theirs_header)
     rows = []
     for weights in models:
         for n in lengths:
-            t = fastest[f"ours {weights}"][n]
-            row = {"weights": weights, "tokens": n, "ms": t * 1e3, "tok_per_s": n / t}
-            line = PREFILL_ROW.format(weights, n, f"{t * 1e3:.1f}", f"{n / t:.1f}")
+            t, fast = fastest[f"ours {weights}"][n], fastest[f"ours fast {weights}"][n]
+            row = {"weights": weights, "tokens": n, "ms": t * 1e3, "tok_per_s": n / t, "fast_ms": fast * 1e3,
+                   "fast_tok_per_s": n / fast}  # fmt: skip
+            line = PREFILL_ROW.format(weights, n, f"{t * 1e3:.1f}", f"{n / t:.1f}", f"{fast * 1e3:.1f}",
+                                      f"{n / fast:.1f}")  # fmt: skip
             if gguf:
                 name = llama_cpp_row(weights, model_dtype)
                 theirs = fastest[name][n]
                 row.update(llama_cpp=name, llama_cpp_ms=theirs * 1e3, llama_cpp_tok_per_s=n / theirs,
-                           vs_llama_cpp=theirs / t)  # fmt: skip
-                line += PREFILL_THEIRS.format(name, f"{theirs * 1e3:.1f}", f"{n / theirs:.1f}", ratio(theirs / t))
+                           vs_llama_cpp=theirs / fast)  # fmt: skip
+                line += PREFILL_THEIRS.format(name, f"{theirs * 1e3:.1f}", f"{n / theirs:.1f}", ratio(theirs / fast))
             rows.append(row)
             print(line)
     return rows

@@ -28,7 +28,7 @@ import subprocess
 import tempfile
 import threading
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -187,3 +187,39 @@ def applies(x_rows: int, weight: torch.Tensor) -> bool:
     With more rows it reads each weight row once per input row from cache, and torch's kernels win.
     """
     return x_rows == 1 and weight.device.type == "cpu" and weight.dtype == torch.bfloat16 and available()
+
+
+FP32_CHUNK = 1 << 24  # fp32 elements (64 MB) of weight held at a time by linear_in_fp32_chunks
+_scratch = threading.local()  # each thread's reused chunk buffer: fresh pages would cost a fault per 4 KB
+
+
+def linear_in_fp32_chunks(
+    x: torch.Tensor, n: int, rows: Callable[[int, int, torch.Tensor], torch.Tensor]
+) -> torch.Tensor:
+    """``F.linear(x, weight)`` in fp32 for a weight (n, k) that ``rows(lo, hi, out)`` gives as fp32 rows lo..hi,
+    written into the fp32 buffer `out`: torch's fp32 GEMM a chunk of rows at a time, so neither the whole fp32
+    weight nor fresh memory is needed. The result is in x's dtype. For prefill on CPUs, where torch's fp32 GEMM
+    is many times faster than its kernels for bf16 or quantized weights (without native bf16 instructions)."""
+    k = x.shape[-1]
+    x2 = x.reshape(-1, k).float()
+    step = max(1, min(n, FP32_CHUNK // k))
+    buffer = getattr(_scratch, "buffer", None)
+    if buffer is None or buffer.numel() < step * k:
+        buffer = _scratch.buffer = torch.empty(step * k, dtype=torch.float32)
+    if step == n:  # the usual case: one chunk
+        return F.linear(x2, rows(0, n, buffer)).to(x.dtype).view(*x.shape[:-1], n)
+    y = torch.empty(x2.shape[0], n, dtype=torch.float32)
+    for lo in range(0, n, step):
+        hi = min(n, lo + step)
+        y[:, lo:hi] = F.linear(x2, rows(lo, hi, buffer))
+    return y.to(x.dtype).view(*x.shape[:-1], n)
+
+
+def linear_upcast(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``F.linear(x, weight)`` for a half-precision CPU weight, by torch's fp32 GEMM over fp32 copies of its rows
+    (a chunk at a time): the exact products summed in fp32, rounded once to x's dtype."""
+
+    def rows(lo: int, hi: int, out: torch.Tensor) -> torch.Tensor:
+        return out[: (hi - lo) * weight.shape[1]].view(hi - lo, -1).copy_(weight[lo:hi])
+
+    return linear_in_fp32_chunks(x, weight.shape[0], rows)

@@ -6,17 +6,22 @@ captured), the host waits on the device every step, and hundreds of small kernel
 keeps the math and removes that overhead:
 
 - static shapes: the step writes its keys and values into the preallocated cache at the current position
-  (``index_copy_``) and attends over the whole cache (``F.scaled_dot_product_attention``), with the
-  unwritten positions masked;
+  (``index_copy_``) and attends over the cache up to that position (on CPUs ``llama.cpu_attention``'s C
+  kernel; elsewhere ``F.scaled_dot_product_attention`` over the whole cache, the later positions masked);
 - RoPE with real cos/sin tables taken from the model's own complex ``freqs_cis`` (so any frequency scaling the
   model applies carries over; proven equal in the tests), and the KV cache written through the model's own
   ``Attention.update_cache``;
 - ``torch.compile`` of the whole step (inductor on CPU; CUDA graphs on GPU via "reduce-overhead");
-- on CPUs with bf16 weights and one row, the linear layers run through ``llama.cpu_gemv``'s C kernel, which
-  streams the weights faster than torch's bf16 kernel does; quantized layers (``llama.quantize``) call their
-  C kernels directly, with wq/wk/wv and w1/w3 stacked into one product each (``fuse_projections``).
+- on CPUs, wq/wk/wv and w1/w3 stacked into one product each (``fuse_projections``); bf16 weights with one
+  row run through ``llama.cpu_gemv``'s C kernel, which streams them faster than torch's bf16 kernel does, and
+  quantized layers (``llama.quantize``) call their C kernels directly;
+- on CPUs where those kernels serve every layer, the whole step is one C call (``llama.cpu_decode``): the
+  same kernels and roundings without ~150 dispatched calls a token.
 
-Prefill stays on the faithful eager path. The decoding loop in ``Llama._decode`` also keeps sampling on the
+Prompts are prefilled eagerly: on GPUs by the model's own forward, on CPUs by ``prefill_forward``, which
+keeps the reference's math but runs attention in fp32 and multiplies half-precision weights by torch's fp32
+GEMM on fp32 copies of them, a chunk at a time (on CPUs without native bf16 instructions, torch's bf16
+kernels are several times slower). The decoding loop in ``Llama._decode`` also keeps sampling on the
 device and checks for EOS only every few steps. In fp32 the numbers are the faithful path's within rounding;
 the tests compare logits and greedy tokens. In half precision, the attention here sums in fp32, which is
 more precise than the reference's half-precision matmuls. So where two logits nearly tie, greedy tokens
@@ -110,6 +115,64 @@ def decode_step(
             gate, up = fused[i][1](x, plain)
         else:
             gate, up = linear(x, ff.w1), linear(x, ff.w3)
+        h = h + linear(F.silu(gate) * up, ff.w2)
+    return linear(model.norm(h), model.output).float()
+
+
+def prefill_forward(
+    model: Transformer,
+    tokens: torch.Tensor,
+    start_pos: int,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    quantized_on_cpu: bool = False,
+    fused: Optional[list[tuple[Stacked, Stacked]]] = None,
+) -> torch.Tensor:
+    """Logits (bsz, seqlen, vocab) in fp32 of tokens (bsz, seqlen) at positions start_pos...: the model's forward
+    (``Transformer.forward``), with its KV cache written the same way, but computed as fast CPUs allow.
+
+    The reference's math and roundings, except where half precision would be slow on CPUs without native bf16
+    instructions: attention runs in fp32 (SDPA with the causal mask; more precise than the reference's
+    half-precision matmuls, as the decode step's is), and on CPUs the products with half-precision weights run
+    in fp32 on fp32 copies of the weights, a chunk of rows at a time (``cpu_gemv.linear_upcast``), rounded
+    once to the model's dtype. Quantized layers prefill through their exact fp32 GEMM (``quantize.cpu_linear``).
+    """
+    bsz, seqlen = tokens.shape
+
+    def plain(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        if weight.device.type == "cpu" and weight.dtype in (torch.bfloat16, torch.float16):
+            return cpu_gemv.linear_upcast(x, weight)
+        return F.linear(x, weight)
+
+    def linear(x: torch.Tensor, module: torch.nn.Module) -> torch.Tensor:
+        if isinstance(module, QuantizedLinear):
+            return module.cpu_forward(x) if quantized_on_cpu else module(x)
+        return plain(x, module.weight)
+
+    h = F.embedding(tokens, model.tok_embeddings.weight)  # (bsz, seqlen, dim)
+    c, s = cos[start_pos : start_pos + seqlen], sin[start_pos : start_pos + seqlen]
+    end = start_pos + seqlen
+    # query i (position start_pos + i) sees the cached positions up to its own
+    visible = torch.ones(seqlen, end, dtype=torch.bool, device=tokens.device).tril(diagonal=start_pos)
+    for i, layer in enumerate(model.layers):
+        attn = layer.attention
+        x = layer.attention_norm(h)
+        if fused is not None:
+            xq, xk, xv = fused[i][0](x, plain)
+        else:
+            xq, xk, xv = linear(x, attn.wq), linear(x, attn.wk), linear(x, attn.wv)
+        xq = xq.reshape(bsz, seqlen, attn.n_local_heads, attn.head_dim)
+        xk = xk.reshape(bsz, seqlen, attn.n_local_kv_heads, attn.head_dim)
+        xv = xv.reshape(bsz, seqlen, attn.n_local_kv_heads, attn.head_dim)
+        xq, xk = apply_rotary_emb_real(xq, c, s), apply_rotary_emb_real(xk, c, s)
+        cache_k, cache_v = attn.update_cache(xk, xv, start_pos)
+        keys, values = cache_k[:, :end].float().transpose(1, 2), cache_v[:, :end].float().transpose(1, 2)
+        out = F.scaled_dot_product_attention(xq.float().transpose(1, 2), keys, values, attn_mask=visible,
+                                             enable_gqa=True)  # fmt: skip
+        h = h + linear(out.transpose(1, 2).reshape(bsz, seqlen, -1).type_as(x), attn.wo)
+        ff = layer.feed_forward
+        x = layer.ffn_norm(h)
+        gate, up = fused[i][1](x, plain) if fused is not None else (linear(x, ff.w1), linear(x, ff.w3))
         h = h + linear(F.silu(gate) * up, ff.w2)
     return linear(model.norm(h), model.output).float()
 
@@ -220,6 +283,20 @@ class FastDecoder:
         if compile:
             mode = "reduce-overhead" if device.type == "cuda" else None  # CUDA graphs on GPU
             self.step = torch.compile(decode_step, dynamic=False, mode=mode)
+
+    @torch.inference_mode()
+    def prefill(self, tokens: torch.Tensor, start_pos: int) -> torch.Tensor:
+        """Logits (bsz, seqlen, vocab) in fp32 of a prompt chunk tokens (bsz, seqlen) at start_pos, written into
+        the KV cache: ``prefill_forward`` on CPUs, the model's own forward on GPUs."""
+        if start_pos < 0 or start_pos + tokens.shape[1] > self.model.params.max_seq_len:
+            raise ValueError(f"prefill of {tokens.shape[1]} tokens at position {start_pos}: past the KV cache of "
+                             f"{self.model.params.max_seq_len} positions")  # fmt: skip
+        if tokens.shape[0] > self.model.params.max_batch_size:
+            raise ValueError(f"prefill of {tokens.shape[0]} rows: the KV cache holds "
+                             f"{self.model.params.max_batch_size}")  # fmt: skip
+        if tokens.device.type != "cpu":  # GPUs run the reference's half-precision matmuls fast: its forward
+            return self.model.forward(tokens, start_pos)
+        return prefill_forward(self.model, tokens, start_pos, self.cos, self.sin, self.quantized_on_cpu, self.fused)
 
     @torch.inference_mode()
     def __call__(self, tokens: torch.Tensor, start_pos: int) -> torch.Tensor:

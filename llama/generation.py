@@ -328,6 +328,8 @@ class Llama:
                 )
             if self.fast is not None and prev_pos > 0:  # one new token per row: the static-shape step
                 logits = self.fast(tokens[:, prev_pos:cur_pos], prev_pos)
+            elif self.fast is not None:  # the prompts: the fast path's prefill (fp32 attention and GEMMs)
+                logits = self.fast.prefill(tokens[:, prev_pos:cur_pos], prev_pos)
             else:
                 logits = self.model.forward(tokens[:, prev_pos:cur_pos], prev_pos)  # (bsz, cur - prev, vocab)
             next_token = select_next_token(logits[:, -1], temperature, top_p)

@@ -299,28 +299,14 @@ def dequantize_cpu(
     return out
 
 
-_DEQUANT_CHUNK = 1 << 24  # fp32 elements (64 MB) of weight dequantized at a time for prefill
-_scratch = threading.local()  # each thread's reused chunk buffer: fresh pages would cost a fault per 4 KB
-
-
 def linear_dequantized(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, scheme: Scheme) -> torch.Tensor:
     """``F.linear(x, dequantize(qweight, scales))`` on the CPU for many input rows: torch's fp32 GEMM over the
-    weight's rows dequantized a chunk at a time into a reused buffer (so neither the whole fp32 weight nor fresh
-    memory is needed), the result in x's dtype."""
-    n = qweight.shape[0]
-    k = x.shape[-1]
-    x2 = x.reshape(-1, k).float()
-    step = max(1, min(n, _DEQUANT_CHUNK // k))
-    buffer = getattr(_scratch, "buffer", None)
-    if buffer is None or buffer.numel() < step * k:
-        buffer = _scratch.buffer = torch.empty(step * k, dtype=torch.float32)
-    if step == n:  # the usual case: one chunk
-        return F.linear(x2, dequantize_cpu(qweight, scales, scheme, out=buffer)).to(x.dtype).view(*x.shape[:-1], n)
-    y = torch.empty(x2.shape[0], n, dtype=torch.float32)
-    for lo in range(0, n, step):
-        y[:, lo : lo + step] = F.linear(x2, dequantize_cpu(qweight[lo : lo + step], scales[lo : lo + step], scheme,
-                                                           out=buffer))  # fmt: skip
-    return y.to(x.dtype).view(*x.shape[:-1], n)
+    weight's rows dequantized a chunk at a time (``cpu_gemv.linear_in_fp32_chunks``), the result in x's dtype."""
+
+    def rows(lo: int, hi: int, out: torch.Tensor) -> torch.Tensor:
+        return dequantize_cpu(qweight[lo:hi], scales[lo:hi], scheme, out=out)
+
+    return cpu_gemv.linear_in_fp32_chunks(x, qweight.shape[0], rows)
 
 
 def linear_int8(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, group_size: int,

@@ -145,3 +145,40 @@ def test_bf16_decode_steps_stay_within_bf16_rounding_of_faithful(tiny_args, name
     model.forward(tokens[:, :6], 0)
     steps = torch.cat([fast(tokens[:, p : p + 1], p) for p in range(6, 14)], dim=1)
     assert_close(steps, expected[:, 6:], rtol=0.0, atol=0.15)
+
+
+@pytest.mark.parametrize("name", ["gqa", "mha", "odd_multiple_of"])
+def test_prefill_equals_the_forward_in_fp32_and_fills_the_cache_alike(tiny_args, name):
+    model = random_model(tiny_args(name, vocab_size=128))
+    fast = FastDecoder(model, compile=False)
+    tokens = torch.randint(3, 120, (2, 21), generator=torch.Generator().manual_seed(4))
+    expected = model.forward(tokens, 0)
+    for layer in model.layers:  # start from an empty cache
+        layer.attention.cache_k.zero_(), layer.attention.cache_v.zero_()
+    got = torch.cat([fast.prefill(tokens[:, :13], 0), fast.prefill(tokens[:, 13:], 13)], dim=1)  # two chunks
+    cache = [(layer.attention.cache_k.clone(), layer.attention.cache_v.clone()) for layer in model.layers]
+    assert_close(got, expected)
+    model.forward(tokens, 0)  # the reference's keys and values, against the prefill's
+    for (k, v), layer in zip(cache, model.layers):
+        assert_close(k, layer.attention.cache_k)
+        assert_close(v, layer.attention.cache_v)
+
+
+def test_bf16_prefill_is_at_least_as_close_to_fp32_as_the_faithful_forward(tiny_args):
+    exact = random_model(tiny_args("gqa", vocab_size=128), seed=2)
+    model = random_model(tiny_args("gqa", vocab_size=128), seed=2).to(torch.bfloat16)
+    tokens = torch.randint(3, 120, (1, 40), generator=torch.Generator().manual_seed(5))
+    reference = exact.forward(tokens, 0)
+    faithful_error = (model.forward(tokens, 0) - reference).abs().mean()
+    fast_error = (FastDecoder(model, compile=False).prefill(tokens, 0) - reference).abs().mean()
+    assert fast_error <= faithful_error * 1.05  # fp32 attention and GEMMs round less than bf16 matmuls
+
+
+def test_prefill_refuses_what_the_cache_cannot_hold(tiny_args):
+    model = random_model(tiny_args("gqa", vocab_size=128, max_seq_len=16, max_batch_size=2))
+    fast = FastDecoder(model, compile=False)
+    with pytest.raises(ValueError, match="past the KV cache of 16"):
+        fast.prefill(torch.ones(1, 10, dtype=torch.long), 8)
+    with pytest.raises(ValueError, match="the KV cache holds 2"):
+        fast.prefill(torch.ones(3, 4, dtype=torch.long), 0)
+    assert fast.prefill(torch.ones(1, 16, dtype=torch.long), 0).shape == (1, 16, 128)

@@ -206,7 +206,7 @@ def test_decode_rows_take_the_kernel_and_prefill_the_exact_fp32_gemm(mode, monke
     w = layer.dequantized_weight()
     assert torch.equal(layer(longer), F.linear(longer, w))
     assert torch.equal(layer(longer.bfloat16()), F.linear(longer.bfloat16().float(), w).bfloat16())
-    monkeypatch.setattr(quant, "_DEQUANT_CHUNK", 5 * 128)  # 5 weight rows at a time, the last chunk short
+    monkeypatch.setattr(quant.cpu_gemv, "FP32_CHUNK", 5 * 128)  # 5 weight rows at a time, the last chunk short
     assert_close(layer(longer), F.linear(longer, w), rtol=1e-6, atol=1e-6)
 
 
