@@ -11,7 +11,6 @@ kernel (same compiler, cache folder and fallback); without it, ``attend_one`` is
 from __future__ import annotations
 
 import ctypes
-import threading
 from pathlib import Path
 from typing import Optional
 
@@ -22,21 +21,15 @@ from llama import cpu_gemv
 
 SOURCE = Path(__file__).parent / "csrc" / "attend_one.c"
 SYMBOL = "llama_attend_one"
+ARGTYPES = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 7 + [ctypes.c_int]  # of SYMBOL
 _IO_FLAGS = {torch.float32: 0, torch.bfloat16: 1}  # attend_one.c's IO_BF16
 
-_lock = threading.Lock()
 _state: dict[str, object] = {}  # "fn": the loaded function, or None once building it has failed
 
 
 def kernel() -> Optional[ctypes._CFuncPtr]:
     """The compiled kernel, built on first call; None where it cannot be built (warned once)."""
-    if "fn" not in _state:
-        with _lock:
-            if "fn" not in _state:
-                argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 7 + [ctypes.c_int]
-                fns = cpu_gemv.load_kernel(SOURCE, {SYMBOL: argtypes}, "the fast path uses SDPA", restype=ctypes.c_int)
-                _state["fn"] = None if fns is None else fns[SYMBOL]
-    return _state["fn"]  # type: ignore[return-value]
+    return cpu_gemv.load_once(_state, SOURCE, SYMBOL, ARGTYPES, "the fast path uses SDPA")
 
 
 def applies(cache: torch.Tensor) -> bool:

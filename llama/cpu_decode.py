@@ -17,7 +17,6 @@ were when it was built, and holds them.
 from __future__ import annotations
 
 import ctypes
-import threading
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -53,20 +52,13 @@ class Model(ctypes.Structure):
     _fields_ += [("layers", ctypes.POINTER(Layer))]
 
 
-_lock = threading.Lock()
+ARGTYPES = [ctypes.POINTER(Model), ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p]  # SYMBOL's
 _state: dict[str, object] = {}  # "fn": the loaded function, or None once building it has failed
 
 
 def kernel() -> Optional[ctypes._CFuncPtr]:
     """The compiled step, built on first call; None where it cannot be built (warned once)."""
-    if "fn" not in _state:
-        with _lock:
-            if "fn" not in _state:
-                argtypes = [ctypes.POINTER(Model), ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p]
-                fns = cpu_gemv.load_kernel(SOURCE, {SYMBOL: argtypes}, "the fast path runs its compiled step",
-                                           restype=ctypes.c_int)  # fmt: skip
-                _state["fn"] = None if fns is None else fns[SYMBOL]
-    return _state["fn"]  # type: ignore[return-value]
+    return cpu_gemv.load_once(_state, SOURCE, SYMBOL, ARGTYPES, "the fast path runs its compiled step")
 
 
 def _address(fn: ctypes._CFuncPtr) -> int:

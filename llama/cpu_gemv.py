@@ -37,11 +37,11 @@ logger = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).parent / "csrc" / "gemv_bf16.c"
 SYMBOL = "llama_gemv_bf16"
+ARGTYPES = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 3  # of SYMBOL
 # -fassociative-math (with the two flags it needs) lets the compiler split the dot product over vector lanes.
 BASE_FLAGS = ["-O3", "-march=native", "-fassociative-math", "-fno-signed-zeros", "-fno-trapping-math"]
 BASE_FLAGS += ["-shared", "-fPIC"]
 
-_lock = threading.Lock()
 _state: dict[str, object] = {}  # "fn": the loaded function, or None once loading has failed
 
 
@@ -120,21 +120,26 @@ def load_kernel(
     return None
 
 
-def _load() -> Optional[ctypes._CFuncPtr]:
-    fns = load_kernel(
-        SOURCE, {SYMBOL: [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 3}, "the fast path uses torch's bf16 GEMV",
-        restype=ctypes.c_int,
-    )  # fmt: skip
-    return None if fns is None else fns[SYMBOL]
+_build_lock = threading.Lock()  # guards the first build of each kernel (load_once)
+
+
+def load_once(
+    state: dict[str, object], source: Path, symbol: str, argtypes: list, fallback: str
+) -> Optional[ctypes._CFuncPtr]:
+    """The C function `symbol` of `source` (returning int), built and loaded on the first call and kept in
+    state["fn"]; None, kept too, where that fails (load_kernel warns once). The lock only guards the first
+    build: later calls (every product of a decode step) only read the dict."""
+    if "fn" not in state:
+        with _build_lock:
+            if "fn" not in state:
+                fns = load_kernel(source, {symbol: argtypes}, fallback, restype=ctypes.c_int)
+                state["fn"] = None if fns is None else fns[symbol]
+    return state["fn"]  # type: ignore[return-value]
 
 
 def kernel() -> Optional[ctypes._CFuncPtr]:
     """The compiled kernel, building it on first call; None where it cannot be built (warned once)."""
-    if "fn" not in _state:  # the lock only guards the first build; later calls (every linear) skip it
-        with _lock:
-            if "fn" not in _state:
-                _state["fn"] = _load()
-    return _state["fn"]  # type: ignore[return-value]
+    return load_once(_state, SOURCE, SYMBOL, ARGTYPES, "the fast path uses torch's bf16 GEMV")
 
 
 def available() -> bool:

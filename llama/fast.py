@@ -59,6 +59,51 @@ def apply_rotary_emb_real(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor)
     return out.flatten(-2).type_as(x)
 
 
+def _linear(plain: Callable[..., torch.Tensor], quantized_on_cpu: bool) -> Callable[..., torch.Tensor]:
+    """linear(x, module): a quantized layer (llama.quantize) computes its own product (by its CPU kernels when
+    quantized_on_cpu); a float one is plain(x, weight)."""
+
+    def linear(x: torch.Tensor, module: torch.nn.Module) -> torch.Tensor:
+        if isinstance(module, QuantizedLinear):
+            return module.cpu_forward(x) if quantized_on_cpu else module(x)
+        return plain(x, module.weight)
+
+    return linear
+
+
+def _block(
+    h: torch.Tensor,
+    layer: torch.nn.Module,
+    fused: Optional[tuple[Stacked, Stacked]],
+    linear: Callable[..., torch.Tensor],
+    plain: Callable[..., torch.Tensor],
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    start_pos: int | torch.Tensor,
+    attend: Callable[..., torch.Tensor],
+) -> torch.Tensor:
+    """One transformer block, as ``TransformerBlock.forward`` computes it, for h (bsz, seqlen, dim) at positions
+    start_pos... (cos, sin: their rotations): the block's keys and values go into its cache, and
+    attend(xq, cache_k, cache_v) gives the attention output (bsz, seqlen, n_heads, head_dim). fused: the block's
+    stacked wq/wk/wv and w1/w3, or None."""
+    bsz, seqlen = h.shape[:2]
+    attn, ff = layer.attention, layer.feed_forward
+    x = layer.attention_norm(h)
+    if fused is not None:
+        xq, xk, xv = fused[0](x, plain)
+    else:
+        xq, xk, xv = linear(x, attn.wq), linear(x, attn.wk), linear(x, attn.wv)
+    xq = xq.reshape(bsz, seqlen, attn.n_local_heads, attn.head_dim)
+    xk = xk.reshape(bsz, seqlen, attn.n_local_kv_heads, attn.head_dim)
+    xv = xv.reshape(bsz, seqlen, attn.n_local_kv_heads, attn.head_dim)
+    xq, xk = apply_rotary_emb_real(xq, cos, sin), apply_rotary_emb_real(xk, cos, sin)
+    cache_k, cache_v = attn.update_cache(xk, xv, start_pos)  # (bsz, max_len, n_kv_heads, head_dim)
+    h = h + linear(attend(xq, cache_k, cache_v).reshape(bsz, seqlen, -1), attn.wo)
+    x = layer.ffn_norm(h)
+    gate, up = fused[1](x, plain) if fused is not None else (linear(x, ff.w1), linear(x, ff.w3))
+    return h + linear(F.silu(gate) * up, ff.w2)
+
+
 def decode_step(
     model: Transformer,
     tokens: torch.Tensor,
@@ -81,41 +126,20 @@ def decode_step(
     """
     bsz = tokens.shape[0]
     plain = torch.ops.llama.linear_bf16 if use_cpu_gemv and bsz == 1 else F.linear
+    linear = _linear(plain, quantized_on_cpu)
+    # One query per head: llama::attend_one's C kernel on CPUs (it reads only the visible positions), else SDPA
+    # over the whole cache with the later positions masked. Both sum and take the softmax in fp32 whatever the
+    # input dtype, so in half precision this is more precise than the reference's half-precision matmuls, and
+    # both read the cache as it is stored.
+    attend_one = torch.ops.llama.attend_one if attention_on_cpu else cpu_attention.sdpa
 
-    def linear(x: torch.Tensor, module: torch.nn.Module) -> torch.Tensor:
-        # A quantized layer (llama.quantize) computes its own product; a float one is called with its weight.
-        if isinstance(module, QuantizedLinear):
-            return module.cpu_forward(x) if quantized_on_cpu else module(x)
-        return plain(x, module.weight)
+    def attend(xq: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor) -> torch.Tensor:
+        return attend_one(xq, cache_k, cache_v, pos)
 
     h = F.embedding(tokens, model.tok_embeddings.weight)  # (bsz, 1, dim)
     c, s = cos.index_select(0, pos), sin.index_select(0, pos)  # (1, head_dim // 2)
     for i, layer in enumerate(model.layers):
-        attn = layer.attention
-        x = layer.attention_norm(h)
-        if fused is not None:
-            xq, xk, xv = fused[i][0](x, plain)
-        else:
-            xq, xk, xv = linear(x, attn.wq), linear(x, attn.wk), linear(x, attn.wv)
-        xq = xq.reshape(bsz, 1, attn.n_local_heads, attn.head_dim)
-        xk = xk.reshape(bsz, 1, attn.n_local_kv_heads, attn.head_dim)
-        xv = xv.reshape(bsz, 1, attn.n_local_kv_heads, attn.head_dim)
-        xq, xk = apply_rotary_emb_real(xq, c, s), apply_rotary_emb_real(xk, c, s)
-        cache_k, cache_v = attn.update_cache(xk, xv, pos)  # (bsz, max_len, n_kv_heads, head_dim)
-        # One query per head: llama::attend_one's C kernel on CPUs (it reads only the visible positions), else
-        # SDPA over the whole cache with the later positions masked. Both sum and take the softmax in fp32
-        # whatever the input dtype, so in half precision this is more precise than the reference's
-        # half-precision matmuls, and both read the cache as it is stored.
-        attend = torch.ops.llama.attend_one if attention_on_cpu else cpu_attention.sdpa
-        out = attend(xq, cache_k, cache_v, pos).reshape(bsz, 1, -1)
-        h = h + linear(out, attn.wo)
-        ff = layer.feed_forward
-        x = layer.ffn_norm(h)
-        if fused is not None:
-            gate, up = fused[i][1](x, plain)
-        else:
-            gate, up = linear(x, ff.w1), linear(x, ff.w3)
-        h = h + linear(F.silu(gate) * up, ff.w2)
+        h = _block(h, layer, None if fused is None else fused[i], linear, plain, c, s, pos, attend)
     return linear(model.norm(h), model.output).float()
 
 
@@ -144,36 +168,21 @@ def prefill_forward(
             return cpu_gemv.linear_upcast(x, weight)
         return F.linear(x, weight)
 
-    def linear(x: torch.Tensor, module: torch.nn.Module) -> torch.Tensor:
-        if isinstance(module, QuantizedLinear):
-            return module.cpu_forward(x) if quantized_on_cpu else module(x)
-        return plain(x, module.weight)
-
-    h = F.embedding(tokens, model.tok_embeddings.weight)  # (bsz, seqlen, dim)
-    c, s = cos[start_pos : start_pos + seqlen], sin[start_pos : start_pos + seqlen]
+    linear = _linear(plain, quantized_on_cpu)
     end = start_pos + seqlen
     # query i (position start_pos + i) sees the cached positions up to its own
     visible = torch.ones(seqlen, end, dtype=torch.bool, device=tokens.device).tril(diagonal=start_pos)
-    for i, layer in enumerate(model.layers):
-        attn = layer.attention
-        x = layer.attention_norm(h)
-        if fused is not None:
-            xq, xk, xv = fused[i][0](x, plain)
-        else:
-            xq, xk, xv = linear(x, attn.wq), linear(x, attn.wk), linear(x, attn.wv)
-        xq = xq.reshape(bsz, seqlen, attn.n_local_heads, attn.head_dim)
-        xk = xk.reshape(bsz, seqlen, attn.n_local_kv_heads, attn.head_dim)
-        xv = xv.reshape(bsz, seqlen, attn.n_local_kv_heads, attn.head_dim)
-        xq, xk = apply_rotary_emb_real(xq, c, s), apply_rotary_emb_real(xk, c, s)
-        cache_k, cache_v = attn.update_cache(xk, xv, start_pos)
+
+    def attend(xq: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor) -> torch.Tensor:
         keys, values = cache_k[:, :end].float().transpose(1, 2), cache_v[:, :end].float().transpose(1, 2)
         out = F.scaled_dot_product_attention(xq.float().transpose(1, 2), keys, values, attn_mask=visible,
                                              enable_gqa=True)  # fmt: skip
-        h = h + linear(out.transpose(1, 2).reshape(bsz, seqlen, -1).type_as(x), attn.wo)
-        ff = layer.feed_forward
-        x = layer.ffn_norm(h)
-        gate, up = fused[i][1](x, plain) if fused is not None else (linear(x, ff.w1), linear(x, ff.w3))
-        h = h + linear(F.silu(gate) * up, ff.w2)
+        return out.transpose(1, 2).type_as(xq)
+
+    h = F.embedding(tokens, model.tok_embeddings.weight)  # (bsz, seqlen, dim)
+    c, s = cos[start_pos:end], sin[start_pos:end]
+    for i, layer in enumerate(model.layers):
+        h = _block(h, layer, None if fused is None else fused[i], linear, plain, c, s, start_pos, attend)
     return linear(model.norm(h), model.output).float()
 
 

@@ -134,3 +134,14 @@ def make_checkpoint(tmp_path_factory, tokenizer_path) -> Callable[..., Path]:
         return made[key]
 
     return make
+
+
+def build_kernels_portably(monkeypatch, tmp_path, module) -> None:
+    """Make `module` (llama.quantize, llama.cpu_attention...) build its C kernels anew into tmp_path for the
+    baseline x86-64 (or without -march at all elsewhere), so that they take their plain loops, not AVX2's."""
+    from llama import cpu_gemv
+
+    portable = "-march=x86-64" if torch.backends.cpu.get_cpu_capability() != "DEFAULT" else "-O3"
+    monkeypatch.setattr(cpu_gemv, "BASE_FLAGS", [portable if f == "-march=native" else f for f in cpu_gemv.BASE_FLAGS])
+    monkeypatch.setenv("LLAMA_KERNEL_CACHE", str(tmp_path))
+    monkeypatch.setattr(module, "_state", {})

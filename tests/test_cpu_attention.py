@@ -5,7 +5,7 @@ import math
 
 import pytest
 import torch
-from conftest import random_model
+from conftest import build_kernels_portably, random_model
 from torch.testing import assert_close
 
 from llama import cpu_attention
@@ -139,12 +139,7 @@ def test_the_compiled_step_calls_the_kernel_once_a_layer(tiny_args, monkeypatch)
 
 @needs_kernel
 def test_portable_c_loops_without_avx2_give_the_same_attention(tmp_path, monkeypatch):
-    # Built for the baseline x86-64 (or without -march at all elsewhere), the kernel takes its plain loops.
-    portable = "-march=x86-64" if torch.backends.cpu.get_cpu_capability() != "DEFAULT" else "-O3"
-    flags = [portable if f == "-march=native" else f for f in cpu_attention.cpu_gemv.BASE_FLAGS]
-    monkeypatch.setattr(cpu_attention.cpu_gemv, "BASE_FLAGS", flags)
-    monkeypatch.setenv("LLAMA_KERNEL_CACHE", str(tmp_path))
-    monkeypatch.setattr(cpu_attention, "_state", {})
+    build_kernels_portably(monkeypatch, tmp_path, cpu_attention)
     assert cpu_attention.kernel() is not None
     for shape in SHAPES:
         q, k, v = case(*shape)

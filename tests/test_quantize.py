@@ -10,7 +10,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import random_model
+from conftest import build_kernels_portably, random_model
 from torch.testing import assert_close
 
 from llama import Llama, Tokenizer, checkpoint
@@ -246,12 +246,7 @@ def test_nan_and_inf_inputs_give_nan_not_garbage(mode, int8_x):
 
 @needs_kernel
 def test_portable_c_loops_without_avx2_give_the_same_products(tmp_path, monkeypatch):
-    # Built for the baseline x86-64 (or without -march at all elsewhere), the kernels take their plain loops.
-    portable = "-march=x86-64" if torch.backends.cpu.get_cpu_capability() != "DEFAULT" else "-O3"
-    flags = [portable if f == "-march=native" else f for f in quant.cpu_gemv.BASE_FLAGS]
-    monkeypatch.setattr(quant.cpu_gemv, "BASE_FLAGS", flags)
-    monkeypatch.setenv("LLAMA_KERNEL_CACHE", str(tmp_path))
-    monkeypatch.setattr(quant, "_state", {})
+    build_kernels_portably(monkeypatch, tmp_path, quant)
     assert quant.available()
     for mode, g, int8_x in [("int8", 32, False), ("int8", 16, False), ("int4", 32, False), ("int4", 64, False),
                             ("int8", 64, True), ("int4", 32, True)]:  # fmt: skip
