@@ -164,6 +164,7 @@ class CpuDecoder:
                      _address(cpu_attention.kernel()), layers)  # fmt: skip
 
     def applies(self, bsz: int) -> bool:
+        """Whether a step of bsz rows is this decoder's (more rows: the compiled step)."""
         return bsz <= self.max_rows
 
     @torch.inference_mode()
@@ -173,6 +174,10 @@ class CpuDecoder:
         if switches != self.switches:  # use_int8_inputs was called: other products
             self.switches, self.struct = switches, self._describe()
         bsz = tokens.shape[0]
+        if tokens.shape != (bsz, 1) or not 1 <= bsz <= min(self.max_rows, self.model.params.max_batch_size):
+            raise ValueError(f"decode step: tokens {tuple(tokens.shape)} must be (bsz, 1) with bsz at most "
+                             f"{min(self.max_rows, self.model.params.max_batch_size)} (the KV cache's batch and "
+                             "the kernels' rows)")  # fmt: skip
         h = F.embedding(tokens.reshape(bsz), self.model.tok_embeddings.weight).contiguous()  # (bsz, dim)
         logits = torch.empty(bsz, self.struct.output.n, dtype=self.dtype)
         code = self.fn(ctypes.byref(self.struct), h.data_ptr(), bsz, pos.data_ptr(), logits.data_ptr())

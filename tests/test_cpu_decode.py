@@ -115,5 +115,11 @@ def test_a_position_outside_the_cache_is_refused_and_nothing_is_written(tiny_arg
         with pytest.raises(ValueError, match="outside the KV cache"):
             fast.cpu_step(TOKENS[:1, :1], torch.tensor([bad]))
     assert all(torch.equal(c, layer.attention.cache_k) for c, layer in zip(caches, model.layers))
+    rows = model.params.max_batch_size + 1  # more rows than the KV cache has: refused, not written past it
+    with pytest.raises(ValueError, match="must be \\(bsz, 1\\) with bsz at most 4"):
+        fast.cpu_step(torch.ones(rows, 1, dtype=torch.long), torch.tensor([0]))
+    with pytest.raises(ValueError, match="must be"):
+        fast.cpu_step(torch.ones(1, 2, dtype=torch.long), torch.tensor([0]))
+    assert all(torch.equal(c, layer.attention.cache_k) for c, layer in zip(caches, model.layers))
     model.forward(TOKENS[:1, :5], 0)  # still usable
     assert_close(fast(TOKENS[:1, 5:6], 5), model.forward(TOKENS[:1, :6], 0)[:, 5:])
