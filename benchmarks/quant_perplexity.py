@@ -5,7 +5,7 @@ chunks of at most --max_seq_len positions (tools/demo_eval.py). Each quantized m
 runs it (prefill through the exact fp32 GEMM, decoding through the kernels with int8 inputs), and with every
 product through the kernels with int8 inputs, as a token-by-token evaluation would run them.
 
-    python benchmarks/quant_perplexity.py [--tokens 3000] [--max_seq_len 128]
+    PYTHONPATH=. python benchmarks/quant_perplexity.py [--tokens 3000] [--max_seq_len 128]  # it reads tools/
 """
 
 from __future__ import annotations
