@@ -219,12 +219,17 @@ def main() -> None:
     ms = decode_ms_per_token(contenders, cpu, opts.gen_short, opts.gen_long, opts.repeat)
     greedy = {name: run(name, "fast")(opts.agree_steps)[0][0] for name in variants}
     agree = {name: sum(a == b for a, b in zip(greedy[name], greedy["bf16"])) / opts.agree_steps for name in variants}
+    # once one token differs, the sequences continue from different text: the first difference says more
+    first = {name: next((i for i, (a, b) in enumerate(zip(greedy[name], greedy["bf16"])) if a != b), opts.agree_steps)
+             for name in variants}  # fmt: skip
     results["decode_ms_per_token"], results["greedy_agreement"] = ms, agree
-    print(f"\nbatch 1, {opts.max_seq_len}-position cache:  ms/token   tok/s   vs bf16 (same path)   greedy = bf16")
+    results["greedy_first_difference"] = first
+    print(f"\nbatch 1, {opts.max_seq_len}-position cache:  ms/token   tok/s   vs bf16 (same path)   greedy = bf16"
+          "   equal up to step")  # fmt: skip
     for name, t in ms.items():
-        variant, path = name.split()
+        variant, path = name.rsplit(" ", 1)  # "int8 exact fast" -> ("int8 exact", "fast")
         print(f"  {name:16s} {'':15s} {t:8.1f} {1e3 / t:7.1f}   {ms[f'bf16 {path}'] / t:5.2f}x"
-              f"{'':14s}{agree[variant] * 100:5.0f}%")  # fmt: skip
+              f"{'':14s}{agree[variant] * 100:5.0f}%   {first[variant]:8d}")  # fmt: skip
 
     # 3. Memory
     if not opts.skip_memory:
