@@ -105,8 +105,26 @@ class CpuDecoder:
             return None
         if any(cls._linear(m, s, weight.dtype) is None for m, s in cls._products(model, fused)):
             return None
+        if not cls._laid_out_as_the_c_step_reads(model, weight.dtype):
+            return None
         float_layers = any(not isinstance(m, QuantizedLinear) for m, _ in cls._products(model, fused))
         return cls(model, fused, fn, 1 if float_layers else KERNEL_MAX_ROWS)
+
+    @staticmethod
+    def _laid_out_as_the_c_step_reads(model: Transformer, dtype: torch.dtype) -> bool:
+        """Whether every KV cache and norm weight is a contiguous tensor of the model's dtype with the shape the C
+        step indexes (it reads them through raw addresses: anything else would be read out of bounds)."""
+        p, first = model.params, model.layers[0].attention
+        cache_shape = (p.max_batch_size, p.max_seq_len, first.n_local_kv_heads, first.head_dim)
+        tensors = [(layer.attention.cache_k, cache_shape) for layer in model.layers]
+        tensors += [(layer.attention.cache_v, cache_shape) for layer in model.layers]
+        norms = [model.norm] + [n for layer in model.layers for n in (layer.attention_norm, layer.ffn_norm)]
+        tensors += [(norm.weight, (p.dim,)) for norm in norms]
+        freqs = model.freqs_cis
+        return freqs.shape[0] >= p.max_seq_len and freqs.shape[1] == first.head_dim // 2 and all(
+            t.dtype == dtype and t.device.type == "cpu" and t.is_contiguous() and tuple(t.shape) == shape
+            for t, shape in tensors
+        )
 
     @staticmethod
     def _products(model: Transformer, fused: Sequence) -> list[tuple[torch.nn.Module, Optional[object]]]:
@@ -173,6 +191,9 @@ class CpuDecoder:
         switches = self._switches()
         if switches != self.switches:  # use_int8_inputs was called: other products
             self.switches, self.struct = switches, self._describe()
+        if pos.numel() != 1 or pos.dtype != torch.long or pos.device.type != "cpu":
+            raise TypeError(f"decode step: pos must be a 1-element long CPU tensor, got {pos.dtype} "
+                            f"{tuple(pos.shape)} on {pos.device}")  # fmt: skip
         bsz = tokens.shape[0]
         if tokens.shape != (bsz, 1) or not 1 <= bsz <= min(self.max_rows, self.model.params.max_batch_size):
             raise ValueError(f"decode step: tokens {tuple(tokens.shape)} must be (bsz, 1) with bsz at most "

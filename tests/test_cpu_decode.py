@@ -123,3 +123,18 @@ def test_a_position_outside_the_cache_is_refused_and_nothing_is_written(tiny_arg
     assert all(torch.equal(c, layer.attention.cache_k) for c, layer in zip(caches, model.layers))
     model.forward(TOKENS[:1, :5], 0)  # still usable
     assert_close(fast(TOKENS[:1, 5:6], 5), model.forward(TOKENS[:1, :6], 0)[:, 5:])
+
+
+@needs_kernels
+def test_caches_or_norms_the_c_step_cannot_index_leave_it_to_the_compiled_step(tiny_args):
+    model = model_of(tiny_args, "int8")
+    for layer in model.layers:  # a cache in another dtype than the model's: the C step would misread it
+        layer.attention.cache_k = layer.attention.cache_k.bfloat16()
+        layer.attention.cache_v = layer.attention.cache_v.bfloat16()
+    assert FastDecoder(model, compile=False).cpu_step is None
+    other = model_of(tiny_args, "int8")
+    other.layers[1].ffn_norm.weight = torch.nn.Parameter(torch.ones(2 * other.params.dim)[::2])  # strided
+    assert FastDecoder(other, compile=False).cpu_step is None
+    fast = FastDecoder(model_of(tiny_args, "int8"), compile=False)
+    with pytest.raises(TypeError, match="1-element long CPU tensor"):
+        fast.cpu_step(TOKENS[:1, :1], torch.tensor([3], dtype=torch.int32))

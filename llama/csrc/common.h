@@ -27,7 +27,8 @@ static inline uint16_t float_to_bf16(float f) {
 static inline float exp_nonpositive(float x) {
     const float clamped = x < -87.0f ? -87.0f : x;
     const float n = __builtin_roundf(clamped * 1.44269504f);
-    const float r = (clamped - n * 0.693145751953125f) - n * 1.428606765330187e-06f; /* ln 2 in two parts */
+    /* ln 2 in two parts, as fused multiply-adds: the build's -fassociative-math would fold plain ones */
+    const float r = __builtin_fmaf(-n, 1.428606765330187e-06f, __builtin_fmaf(-n, 0.693145751953125f, clamped));
     float p = 1.0f / 5040.0f;
     p = p * r + 1.0f / 720.0f;
     p = p * r + 1.0f / 120.0f;

@@ -272,6 +272,15 @@ typedef struct {
     float *xs, *xsum8;
 } QuantRow;
 
+/* 127 / amax, the factor that maps a block onto [-127, 127]; 0 for a block of zeros, a bad one (NaN or inf),
+ * or one so small (amax under ~4e-37) that the factor would overflow: its inputs then round to 0, an error of
+ * under 1e-36 per input. */
+static inline float input_step_inverse(float amax, int bad) {
+    if (bad || !(amax > 0.0f)) return 0.0f;
+    const float inv = 127.0f / amax;
+    return isinf(inv) ? 0.0f : inv;
+}
+
 /* Round each block of 32 inputs to int8 against its own scale, ties to even (as lrintf; llama.cpp's rounding).
  * A block holding NaN or inf gets a NaN scale, so the products that use it are NaN, as the exact ones are. */
 static void quantize_row_q8(const float *x, int64_t k, QuantRow q) {
@@ -290,7 +299,7 @@ static void quantize_row_q8(const float *x, int64_t k, QuantRow q) {
         h = _mm_max_ps(h, _mm_movehl_ps(h, h));
         amax = _mm_cvtss_f32(_mm_max_ss(h, _mm_movehdup_ps(h)));
         bad = _mm256_movemask_ps(unordered) != 0 || isinf(amax);
-        __m256 inv = _mm256_set1_ps(amax > 0.0f && !bad ? 127.0f / amax : 0.0f);
+        __m256 inv = _mm256_set1_ps(input_step_inverse(amax, bad));
         __m256i i0 = _mm256_cvtps_epi32(_mm256_mul_ps(v[0], inv)), i1 = _mm256_cvtps_epi32(_mm256_mul_ps(v[1], inv));
         __m256i i2 = _mm256_cvtps_epi32(_mm256_mul_ps(v[2], inv)), i3 = _mm256_cvtps_epi32(_mm256_mul_ps(v[3], inv));
         if (bad) i0 = i1 = i2 = i3 = _mm256_setzero_si256();
@@ -306,7 +315,7 @@ static void quantize_row_q8(const float *x, int64_t k, QuantRow q) {
             bad |= !isfinite(p[i]);
             amax = fmaxf(amax, fabsf(p[i]));
         }
-        float inv = amax > 0.0f && !bad ? 127.0f / amax : 0.0f;
+        float inv = input_step_inverse(amax, bad);
         for (int i = 0; i < QBLOCK; i++) {
             int v = (int)lrintf(p[i] * inv);
             q.xq[b * QBLOCK + i] = (int8_t)v;
