@@ -29,7 +29,6 @@ from llama.quantize import KERNEL_MAX_ROWS, QuantizedLinear
 
 SOURCE = Path(__file__).parent / "csrc" / "decode_step.c"
 SYMBOL = "llama_decode_step"
-DTYPES = (torch.bfloat16, torch.float32)
 
 
 class Linear(ctypes.Structure):
@@ -72,8 +71,8 @@ def _product(module: torch.nn.Module, weight: torch.Tensor, scales: Optional[tor
         fns = quantize.kernels()
         if fns is None or scales is None or scales.dtype != quantize.SCALE_DTYPE:
             return None
-        x8 = module.int8_x and quantize.int8_x_applies(module.scheme.mode, module.scheme.group_size)
-        return fns[f"{module.scheme.mode}{'_q8x' if x8 else ''}"], 3 if dtype == torch.bfloat16 else 0
+        fn = quantize.product_kernel(fns, module.scheme.mode, module.scheme.group_size, module.int8_x)
+        return fn, quantize.IO_FLAGS[dtype]
     if weight.dtype != torch.bfloat16 or dtype != torch.bfloat16 or cpu_gemv.kernel() is None:
         return None
     return cpu_gemv.kernel(), 0
@@ -91,6 +90,8 @@ class CpuDecoder:
         freqs = model.freqs_cis.to("cpu")
         self.cos, self.sin = freqs.real.float().contiguous(), freqs.imag.float().contiguous()
         self.fused = fused
+        # the layers whose int8-input switch (quantize.use_int8_inputs) picks their product's kernel
+        self.switched = [m for m, _ in self._products(model, fused) if isinstance(m, QuantizedLinear)]
         self.switches = self._switches()
         self.struct = self._describe()
 
@@ -100,12 +101,12 @@ class CpuDecoder:
         weight = model.tok_embeddings.weight
         if fused is None or not isinstance(model, Transformer) or weight.device.type != "cpu":
             return None
-        fn, attend = kernel(), cpu_attention.applies(model.layers[0].attention.cache_k)
-        if fn is None or not attend or weight.dtype not in DTYPES:
+        fn, attend = kernel(), cpu_attention.applies(model.layers[0].attention.cache_k)  # bf16 or fp32 caches
+        if fn is None or not attend:
+            return None
+        if not cls._laid_out_as_the_c_step_reads(model, weight.dtype):  # also: caches in the model's dtype
             return None
         if any(cls._linear(m, s, weight.dtype) is None for m, s in cls._products(model, fused)):
-            return None
-        if not cls._laid_out_as_the_c_step_reads(model, weight.dtype):
             return None
         float_layers = any(not isinstance(m, QuantizedLinear) for m, _ in cls._products(model, fused))
         return cls(model, fused, fn, 1 if float_layers else KERNEL_MAX_ROWS)
@@ -155,7 +156,7 @@ class CpuDecoder:
 
     def _switches(self) -> list[bool]:
         """The layers' int8-input switches (``quantize.use_int8_inputs``): the products follow them."""
-        return [getattr(m, "int8_x", False) for m, _ in self._products(self.model, self.fused)]
+        return [m.int8_x for m in self.switched]
 
     def _describe(self) -> Model:
         """The ctypes description of the model: pointers into tensors this decoder holds (``held``), so that

@@ -210,7 +210,9 @@ def linear_in_fp32_chunks(
     step = max(1, min(n, FP32_CHUNK // k))
     buffer = getattr(_scratch, "buffer", None)
     if buffer is None or buffer.numel() < step * k:
-        buffer = _scratch.buffer = torch.empty(step * k, dtype=torch.float32)
+        # a normal tensor even when made under inference mode, so that later calls outside it can write it
+        with torch.inference_mode(False):
+            buffer = _scratch.buffer = torch.empty(step * k, dtype=torch.float32)
     if step == n:  # the usual case: one chunk
         return F.linear(x2, rows(0, n, buffer)).to(x.dtype).view(*x.shape[:-1], n)
     y = torch.empty(x2.shape[0], n, dtype=torch.float32)

@@ -310,10 +310,10 @@ class FastDecoder:
     @torch.inference_mode()
     def __call__(self, tokens: torch.Tensor, start_pos: int) -> torch.Tensor:
         pos = torch.tensor([start_pos], dtype=torch.long, device=tokens.device)
+        if self.cpu_step is not None and self.cpu_step.applies(tokens.shape[0]):
+            return self.cpu_step(tokens, pos)
         # A column view of the token grid carries the grid's stride, which would force a recompile for every grid
         # width; a plain clone keeps that stride when bsz is 1, so ask for fresh contiguous strides.
         tokens = tokens.clone(memory_format=torch.contiguous_format)
-        if self.cpu_step is not None and self.cpu_step.applies(tokens.shape[0]):
-            return self.cpu_step(tokens, pos)
         return self.step(self.model, tokens, pos, self.cos, self.sin, self.use_cpu_gemv, self.quantized_on_cpu,
                          self.fused, self.attention_on_cpu)  # fmt: skip

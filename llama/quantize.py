@@ -262,18 +262,24 @@ def _linear_kernel(
         return F.linear(x, dequantize(qweight, scales, Scheme(mode, group_size), x.dtype))
     # fp32 and bf16 inputs and outputs pass as they are (io flags); any other float dtype as fp32. Each aten
     # call costs microseconds, and a decode step makes over a hundred of these calls: only the needed ones.
-    dtype = x.dtype if x.dtype in _IO_FLAGS else torch.float32
+    dtype = x.dtype if x.dtype in IO_FLAGS else torch.float32
     x2 = x if x.dtype == dtype and x.is_contiguous() else x.to(dtype).contiguous()
     q = qweight if qweight.is_contiguous() else qweight.contiguous()
     s = scales if scales.is_contiguous() else scales.contiguous()
     y = torch.empty(*x.shape[:-1], n, dtype=dtype)
-    fn = fns[f"{mode}_q8x"] if int8_x and int8_x_applies(mode, group_size) else fns[mode]
-    if fn(x2.data_ptr(), q.data_ptr(), s.data_ptr(), y.data_ptr(), x2.numel() // k, n, k, group_size, _IO_FLAGS[dtype]):
+    fn = product_kernel(fns, mode, group_size, int8_x)
+    if fn(x2.data_ptr(), q.data_ptr(), s.data_ptr(), y.data_ptr(), x2.numel() // k, n, k, group_size, IO_FLAGS[dtype]):
         raise MemoryError(f"linear_{mode}: out of memory for the kernel's scratch ({x2.numel() // k} rows of {k})")
     return y if y.dtype == x.dtype else y.to(x.dtype)
 
 
-_IO_FLAGS = {torch.float32: 0, torch.bfloat16: 1 | 2}  # gemv_quant.c's IO_X_BF16 | IO_Y_BF16
+IO_FLAGS = {torch.float32: 0, torch.bfloat16: 1 | 2}  # gemv_quant.c's IO_X_BF16 | IO_Y_BF16, by activation dtype
+
+
+def product_kernel(fns: dict[str, ctypes._CFuncPtr], mode: str, group_size: int, int8_x: bool) -> ctypes._CFuncPtr:
+    """The C product for a format, of the built `fns` (``kernels()``): with int8 inputs where asked and the
+    format allows, else exact."""
+    return fns[f"{mode}_q8x"] if int8_x and int8_x_applies(mode, group_size) else fns[mode]
 
 
 def dequantize_cpu(

@@ -146,3 +146,11 @@ def test_portable_c_loops_without_avx2_give_the_same_attention(tmp_path, monkeyp
         for pos in (0, 9, shape[-1] - 1):
             out = cpu_attention.attend_one(q, k, v, torch.tensor([pos]))
             assert_close(out.double(), reference(q, k, v, pos), rtol=1e-5, atol=1e-6)
+
+
+@needs_kernel
+def test_a_kernel_out_of_memory_is_a_memory_error(monkeypatch):
+    q, k, v = case(1, 2, 2, 16, 8)
+    monkeypatch.setitem(cpu_attention._state, "fn", lambda *args: 1)  # the kernel's out-of-memory return
+    with pytest.raises(MemoryError, match="out of memory for the scores of 4 positions"):
+        cpu_attention.attend_one(q, k, v, torch.tensor([3]))

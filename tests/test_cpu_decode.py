@@ -138,3 +138,11 @@ def test_caches_or_norms_the_c_step_cannot_index_leave_it_to_the_compiled_step(t
     fast = FastDecoder(model_of(tiny_args, "int8"), compile=False)
     with pytest.raises(TypeError, match="1-element long CPU tensor"):
         fast.cpu_step(TOKENS[:1, :1], torch.tensor([3], dtype=torch.int32))
+
+
+@needs_kernels
+def test_a_kernel_failure_in_the_step_is_an_error(tiny_args):
+    fast = FastDecoder(model_of(tiny_args, "int8"), compile=False)
+    fast.cpu_step.fn = lambda *args: 1  # a kernel's out-of-memory return, passed up by the step
+    with pytest.raises(MemoryError, match="ran out of memory"):
+        fast(TOKENS[:1, :1], 0)

@@ -1,6 +1,7 @@
 """The C bf16 GEMV kernel of the fast path: exact where it can be, cached, optional, and really used."""
 
 import logging
+import threading
 
 import pytest
 import torch
@@ -147,6 +148,19 @@ def test_stacked_projections_hold_no_weight_twice_and_compute_the_same(tiny_args
     again = FastDecoder(model, compile=False)  # a second decoder on the model stacks nothing anew
     assert again.fused[0][0].weight.data_ptr() == qkv.data_ptr()
     assert model.forward(tokens[:, 5:], 5).shape == (1, 1, 512)  # the default path still runs
+
+
+@pytest.mark.parametrize("chunk", [cpu_gemv.FP32_CHUNK, 5 * 64])  # one chunk; 5 rows at a time, the last short
+def test_upcast_product_is_the_fp32_product_rounded_once(monkeypatch, chunk):
+    monkeypatch.setattr(cpu_gemv, "FP32_CHUNK", chunk)
+    monkeypatch.setattr(cpu_gemv, "_scratch", threading.local())  # no chunk buffer yet
+    x, w = bf16(3, 7, 64, seed=3), bf16(23, 64, seed=4)
+    expected = F.linear(x.float(), w.float()).bfloat16()
+    with torch.inference_mode():  # the buffer made here (a prefill) is written again outside inference mode
+        assert_close(cpu_gemv.linear_upcast(x, w), expected)
+    y = cpu_gemv.linear_upcast(x, w)
+    assert y.dtype == torch.bfloat16 and y.shape == (3, 7, 23)
+    assert_close(y, expected)  # within one bf16 rounding: only the fp32 sums may run in another order
 
 
 def test_not_used_for_fp32_models(tiny_args):

@@ -114,14 +114,7 @@ static inline __attribute__((always_inline)) void add_values(const float *p, int
             for (int jj = 0; jj < count; jj++) acc[r * head_dim + d] += p[r * stride + jj] * values[jj * head_dim + d];
     }
 }
-#define VECTOR_SCORES 1
 #else
-#define VECTOR_SCORES 0
-static inline void score_block(const float *queries, const float *keys, int64_t n_rep, int64_t head_dim,
-                               float root, float *scores, int64_t stride) {
-    (void)queries, (void)keys, (void)n_rep, (void)head_dim, (void)root, (void)scores, (void)stride;
-}
-
 static inline float exp_shifted(float *s, int64_t length, float top) {
     float total = 0.0f;
     for (int64_t j = 0; j < length; j++) {
@@ -149,15 +142,16 @@ static void attend_pair(const void *q, const void *k, const void *v, void *out, 
     float *acc = queries + n_rep * head_dim;  /* (n_rep, head_dim) */
     float *rows = acc + n_rep * head_dim;     /* (KEYS, head_dim): keys or values of KEYS positions */
     const float root = sqrtf((float)head_dim);
-    const int blocked = VECTOR_SCORES && head_dim % 8 == 0;
     widen(q, q_offset, n_rep * head_dim, io, queries);
     for (int64_t j = 0; j < length; j += KEYS) {
         const int count = length - j < KEYS ? (int)(length - j) : KEYS;
         for (int jj = 0; jj < count; jj++) widen(k, kv_offset + (j + jj) * pos_stride, head_dim, io, rows + jj * head_dim);
-        if (count == KEYS && blocked) {
+#if defined(__AVX2__) && defined(__FMA__)
+        if (count == KEYS && head_dim % 8 == 0) {
             score_block(queries, rows, n_rep, head_dim, root, scores + j, length);
             continue;
         }
+#endif
         for (int64_t r = 0; r < n_rep; r++)
             for (int jj = 0; jj < count; jj++) {
                 float dot = 0.0f;

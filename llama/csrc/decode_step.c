@@ -72,6 +72,11 @@ static inline void put(void *p, int64_t i, float v, int64_t bf16) {
 /* The dtype's rounding of an fp32 value (what storing it and reading it back gives). */
 static inline float rounded(float v, int64_t bf16) { return bf16 ? bf16_to_float(float_to_bf16(v)) : v; }
 
+/* h += o over count elements, rounded to the dtype (the residual connections). */
+static void add_residual(void *h, const void *o, int64_t count, int64_t bf16) {
+    for (int64_t i = 0; i < count; i++) put(h, i, get(h, i, bf16) + get(o, i, bf16), bf16);
+}
+
 static int linear(const Linear *l, const void *x, void *y, int64_t rows) {
     if (l->s == NULL) return ((GemvBf16)l->fn)(x, l->w, y, rows, l->n, l->k);
     return ((GemvQuant)l->fn)(x, l->w, l->s, y, rows, l->n, l->k, l->g, l->io);
@@ -145,7 +150,7 @@ int llama_decode_step(const Model *m, void *h, int64_t rows, const int64_t *pos_
         code = ((Attend)m->attend)(att, layer->cache_k, layer->cache_v, qkv, pos_ptr, rows, m->n_kv,
                                    m->n_heads / m->n_kv, hd, m->max_len, batch_stride, kv_width, (int)m->bf16);
         if (code || (code = linear(&layer->wo, qkv, o, rows))) break;
-        for (int64_t i = 0; i < rows * dim; i++) put(h, i, get(h, i, m->bf16) + get(o, i, m->bf16), m->bf16);
+        add_residual(h, o, rows * dim, m->bf16);
         rms_norm(m, h, layer->ffn_norm, x, rows);
         if ((code = linear(&layer->w13, x, gu, rows))) break;
         for (int64_t r = 0; r < rows; r++)
@@ -155,7 +160,7 @@ int llama_decode_step(const Model *m, void *h, int64_t rows, const int64_t *pos_
                 put(mid, r * m->hidden + i, rounded(silu(gate), m->bf16) * up, m->bf16);
             }
         if ((code = linear(&layer->w2, mid, o, rows))) break;
-        for (int64_t i = 0; i < rows * dim; i++) put(h, i, get(h, i, m->bf16) + get(o, i, m->bf16), m->bf16);
+        add_residual(h, o, rows * dim, m->bf16);
     }
     if (code == 0) {
         rms_norm(m, h, m->norm, x, rows);
