@@ -18,9 +18,10 @@
  * speed on two cores). So on CPUs with AVX2 and FMA but not AVX-512, an intrinsics loop keeps 8 lanes per row
  * (8 of the 16 registers) and widens 16 weights with two unpacks against zero, which put each bf16 in the top
  * half of an fp32 lane. The unpacks take the weights of each 128-bit half in the order 0-3, 8-11 (low) and
- * 4-7, 12-15 (high), so the input row is permuted once per call to match. While a block of rows is summed,
- * the next block (right after it in memory) is prefetched at the same pace, a whole block ahead. That loop
- * runs at twice the speed per core and streams at the memory's speed (benchmarks/RESULTS.md).
+ * 4-7, 12-15 (high), so the input row is permuted once per call to match. That loop runs at twice the speed
+ * per core. It has no software prefetch: on a Zen 3, asking for the next block of rows while one is summed
+ * (a whole block ahead, at the same pace) made the pass 13% slower than leaving the 8 streams to the hardware
+ * prefetchers, which then stream at the speed of a plain sum (benchmarks/RESULTS.md).
  */
 #include <stdint.h>
 #include <stdlib.h>
@@ -73,16 +74,15 @@ static void permute_row(const uint16_t *x, int64_t k, float *xp) {
 }
 
 /* The rows' sums over runs of 16 inputs (always inlined: with count == BLOCK the trip counts are fixed and the
- * sums stay in registers); `next` is the next block of rows, prefetched as this one is read. */
+ * sums stay in registers). */
 static inline __attribute__((always_inline)) void loop_avx2(const float *xp, const uint16_t *w, int64_t k,
-                                                             int count, uint16_t *out, const uint16_t *next) {
+                                                             int count, uint16_t *out) {
     int64_t k16 = k / 16 * 16;
     const __m256i zero = _mm256_setzero_si256();
     __m256 acc[BLOCK];
     for (int j = 0; j < count; j++) acc[j] = _mm256_setzero_ps();
     for (int64_t i = 0; i < k16; i += 16) {
         __m256 x0 = _mm256_loadu_ps(xp + i), x1 = _mm256_loadu_ps(xp + i + 8);
-        for (int l = 0; l < BLOCK * 32; l += 64) __builtin_prefetch((const char *)(next + i * BLOCK) + l, 0, 3);
         for (int j = 0; j < count; j++) {
             __m256i v = _mm256_loadu_si256((const __m256i *)(w + j * k + i));
             acc[j] = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_unpacklo_epi16(zero, v)), x0, acc[j]);
@@ -107,12 +107,11 @@ int llama_gemv_bf16(const uint16_t *x, const uint16_t *w, uint16_t *y, int64_t r
         int64_t first = b * BLOCK;
         int count = first + BLOCK <= n ? BLOCK : (int)(n - first);
         const uint16_t *w_block = w + first * k;
-        const uint16_t *next = first + 2 * BLOCK <= n ? w_block + BLOCK * k : w_block;
         for (int64_t r = 0; r < rows; r++) {
             if (count == BLOCK)
-                loop_avx2(xp + r * k, w_block, k, BLOCK, y + r * n + first, next);
+                loop_avx2(xp + r * k, w_block, k, BLOCK, y + r * n + first);
             else
-                loop_avx2(xp + r * k, w_block, k, count, y + r * n + first, next);
+                loop_avx2(xp + r * k, w_block, k, count, y + r * n + first);
         }
     }
     free(xp);
