@@ -7,8 +7,10 @@ On random weights of the 0.85B shape (bench_decode.py's, whose helpers this reus
    int8 and int4 rows are the library's default kernels (the input row rounded to int8); "exact" rows take it
    as it is (``quantize.use_int8_inputs(model, False)``). `--gemv_only` stops here.
 2. Decoding: ms/token of the default loop and the fast path (compile=True) for bf16, int8 and int4, timed in
-   interleaved rounds (bench_decode.decode_ms_per_token), and the share of 32 greedy tokens of int8 and int4
-   equal to bf16's, position by position.
+   interleaved rounds (bench_decode.decode_ms_per_token), and two shares of 32 greedy tokens of int8 and int4
+   equal to bf16's: generated freely, position by position (after one flip the texts differ, so every later
+   step may too), and step by step on bf16's own text (each step reads bf16's tokens so far), with how close
+   bf16's top two logits are.
 3. Memory: in a fresh process each, ``Llama.build`` of a bf16 checkpoint of these weights without and with
    quantize=...: RSS once built, peak RSS (VmHWM), and the model's tensor bytes.
 
@@ -32,7 +34,7 @@ import tempfile
 import time
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
 from bench_decode import SHAPES, best_of, decode_ms_per_token, quantized, random_model, read_bandwidth
@@ -111,6 +113,29 @@ def demo_agreement(steps: int) -> dict[str, float]:
         print(f"  demo model, {mode}: {out[mode] * 100:.0f}% of {steps} greedy tokens equal to bf16's, per prompt "
               f"{same}")  # fmt: skip
     return out
+
+
+class Forced(NamedTuple):
+    share: float  # of the steps where the variant's greedy token equals the reference's
+    gaps: list[float]  # at each step, the variant's top-1 logit minus its top-2
+
+
+def forced_agreement(decoder: FastDecoder, prompt: list[int], reference: list[int], setup: Callable) -> Forced:
+    """Greedy agreement step by step, on the same text: the variant reads the prompt and then the reference's
+    own tokens, and at each step its greedy choice is compared with the reference's next token. Unlike the
+    free-running share, one flip does not send the two down different texts for every later step."""
+    setup()
+    tokens = torch.tensor([prompt + reference])
+    picks, gaps = [], []
+    with torch.inference_mode():
+        logits = decoder.prefill(tokens[:, : len(prompt)], 0)[:, -1]
+        for pos in range(len(prompt), len(prompt) + len(reference)):
+            top = logits[0].float().topk(2)
+            picks.append(int(top.indices[0]))
+            gaps.append(float(top.values[0] - top.values[1]))
+            if pos < tokens.shape[1] - 1:
+                logits = decoder(tokens[:, pos : pos + 1], pos)[:, -1]
+    return Forced(sum(a == b for a, b in zip(picks, reference)) / len(reference), gaps)
 
 
 def main() -> None:
@@ -222,14 +247,20 @@ def main() -> None:
     # once one token differs, the sequences continue from different text: the first difference says more
     first = {name: next((i for i, (a, b) in enumerate(zip(greedy[name], greedy["bf16"])) if a != b), opts.agree_steps)
              for name in variants}  # fmt: skip
+    forced = {name: forced_agreement(fast[variants[name][0]].fast, prompt[0], greedy["bf16"], lambda: select(name))
+              for name in variants}  # fmt: skip
     results["decode_ms_per_token"], results["greedy_agreement"] = ms, agree
-    results["greedy_first_difference"] = first
+    results["greedy_first_difference"], results["per_step_agreement"] = first, forced
     print(f"\nbatch 1, {opts.max_seq_len}-position cache:  ms/token   tok/s   vs bf16 (same path)   greedy = bf16"
-          "   equal up to step")  # fmt: skip
+          "   equal up to step   per step = bf16")  # fmt: skip
     for name, t in ms.items():
         variant, path = name.rsplit(" ", 1)  # "int8 exact fast" -> ("int8 exact", "fast")
         print(f"  {name:16s} {'':15s} {t:8.1f} {1e3 / t:7.1f}   {ms[f'bf16 {path}'] / t:5.2f}x"
-              f"{'':14s}{agree[variant] * 100:5.0f}%   {first[variant]:8d}")  # fmt: skip
+              f"{'':14s}{agree[variant] * 100:5.0f}%   {first[variant]:8d}"
+              f"{'':11s}{forced[variant].share * 100:5.0f}%")  # fmt: skip
+    gaps = forced["bf16"].gaps
+    print(f"bf16's top-1 minus top-2 logit over those steps: median {sorted(gaps)[len(gaps) // 2]:.4f}, "
+          f"min {min(gaps):.4f}")  # fmt: skip
 
     # 3. Memory
     if not opts.skip_memory:

@@ -147,6 +147,18 @@ def quantize_input_reference(x: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize("mode,g", [("int8", 32), ("int8", 64), ("int4", 32)])
 @pytest.mark.parametrize("rows,n,k", [(1, 1, 64), (1, 37, 192), (2, 300, 2048)])
 def test_int8_input_kernels_equal_the_product_with_the_rounded_input(mode, g, rows, n, k):
+    check_int8_input_kernel(mode, g, rows, n, k)
+
+
+@needs_kernel
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("rows,n,k", [(3, 7, 96), (1, 5, 2080)])
+def test_int8_input_kernels_with_an_odd_number_of_blocks(mode, rows, n, k):
+    # int4's AVX2 loop takes two blocks of 32 at a time; an odd last block goes on its own
+    check_int8_input_kernel(mode, 32, rows, n, k)
+
+
+def check_int8_input_kernel(mode, g, rows, n, k):
     scheme = Scheme(mode, g)
     qweight, scales = quant.quantize(weights(n, k, seed=k + n + 1), scheme)
     x = torch.randn(rows, k, generator=torch.Generator().manual_seed(3))

@@ -264,12 +264,15 @@ int llama_gemv_int4(const void *x, const uint8_t *w, const uint16_t *s, void *y,
 
 /* ---------------------------------------------------------------------------------------------------------
  * Kernels with int8 inputs. An input row is quantized once per call into xq (k int8), xs (k / 32 block
- * scales) and xsum8 (8 * xs * the block's sum of xq, for int4's offset: below).
+ * scales) and xsum8 (8 * xs * the block's sum of xq, for int4's offset: below). The int4 loop reads them
+ * rearranged once per call (arrange_pairs): pairs of blocks as its vectors hold them.
  */
 
 typedef struct {
     int8_t *xq;
     float *xs, *xsum8;
+    int8_t *pair_q;           /* int4, AVX2: per pair of blocks, inputs 0-15 of both, then 16-31 of both */
+    float *pair_s, *pair_off; /* int4, AVX2: per pair, xs of each block 4 times, and xsum8 / 4 of each 4 times */
 } QuantRow;
 
 /* 127 / amax, the factor that maps a block onto [-127, 127]; 0 for a block of zeros, a bad one (NaN or inf),
@@ -338,38 +341,6 @@ static inline void combine_scales(const uint16_t *s, const float *xs, int64_t nb
     for (; b < nb; b++) comb[b] = bf16_to_float(s[b / per]) * xs[b];
 }
 
-/* comb4[4 b + l] = s[b] * xs[b] for l < 4: combine_scales (groups of 32) with each scale 4 times, for int4's
- * loop, whose vectors hold 4 sums of each of two blocks. */
-static inline void combine_scales4(const uint16_t *s, const float *xs, int64_t nb, float *comb4) {
-    int64_t b = 0;
-#ifdef HAVE_AVX2
-    for (; b + 8 <= nb; b += 8) {
-        __m256 c = _mm256_mul_ps(load_bf16x8(s + b), _mm256_loadu_ps(xs + b));
-        for (int pair = 0; pair < 4; pair++) {
-            __m256i spread = _mm256_setr_epi32(2 * pair, 2 * pair, 2 * pair, 2 * pair, 2 * pair + 1, 2 * pair + 1,
-                                               2 * pair + 1, 2 * pair + 1);
-            _mm256_storeu_ps(comb4 + 4 * (b + 2 * pair), _mm256_permutevar8x32_ps(c, spread));
-        }
-    }
-#endif
-    for (; b < nb; b++)
-        for (int l = 0; l < 4; l++) comb4[4 * b + l] = bf16_to_float(s[b]) * xs[b];
-}
-
-/* int4's offset: the nibbles hold q + 8, so sum_b comb[b] * dot(q + 8, xq) overshoots by
- * sum_b s[b] * 8 * xs[b] * sum(xq of block b) = s . xsum8 (g = 32: one scale per block). */
-static inline float int4_offset(const uint16_t *s, const float *xsum8, int64_t nb) {
-    float sum = 0.0f;
-    int64_t b = 0;
-#ifdef HAVE_AVX2
-    __m256 acc = _mm256_setzero_ps();
-    for (; b + 8 <= nb; b += 8) acc = _mm256_fmadd_ps(load_bf16x8(s + b), _mm256_loadu_ps(xsum8 + b), acc);
-    sum = hsum(acc);
-#endif
-    for (; b < nb; b++) sum += bf16_to_float(s[b]) * xsum8[b];
-    return sum;
-}
-
 /* Exact int32 dot product of 32 int8 weights and 32 int8 inputs (the portable path). */
 static inline int32_t dot32(const int8_t *w, const int8_t *x) {
     int32_t sum = 0;
@@ -402,41 +373,76 @@ static inline __attribute__((always_inline)) void loop_int8_q8x(QuantRow q, cons
     for (int j = 0; j < count; j++) out[j] = hsum(acc[j]);
 }
 
-static inline __attribute__((always_inline)) void loop_int4_q8x(QuantRow q, const uint8_t *w, int64_t k,
-                                                                 int count, float *out, const uint8_t *next,
-                                                                 const float *comb4) {
+/* Where its vectors hold two blocks (b, b + 1), the int4 loop reads the input row from pair_q: inputs 0-15 of
+ * both blocks, then inputs 16-31 of both, the order of the low and high nibbles of the 32 bytes that hold the
+ * two blocks' weights; and each block's input scale and offset (below) 4 times, matching the 4 sums of each
+ * block in its vectors. An odd last block is copied as it is. */
+static void arrange_pairs(QuantRow q, int64_t nb) {
+    int64_t b = 0;
+    for (; b + 2 <= nb; b += 2) {
+        int8_t *to = q.pair_q + b * QBLOCK;
+        const int8_t *x0 = q.xq + b * QBLOCK, *x1 = x0 + QBLOCK;
+        memcpy(to, x0, 16);
+        memcpy(to + 16, x1, 16);
+        memcpy(to + 32, x0 + 16, 16);
+        memcpy(to + 48, x1 + 16, 16);
+        for (int l = 0; l < 4; l++) {
+            q.pair_s[4 * b + l] = q.xs[b];
+            q.pair_s[4 * b + 4 + l] = q.xs[b + 1];
+            q.pair_off[4 * b + l] = 0.25f * q.xsum8[b];
+            q.pair_off[4 * b + 4 + l] = 0.25f * q.xsum8[b + 1];
+        }
+    }
+    if (b < nb) memcpy(q.pair_q + b * QBLOCK, q.xq + b * QBLOCK, QBLOCK);
+}
+
+static inline __attribute__((always_inline)) void loop_int4_q8x(QuantRow q, const uint8_t *w, const uint16_t *s,
+                                                                 int64_t k, int count, float *out,
+                                                                 const uint8_t *next) {
     /* Two blocks at a time: the 32 bytes of blocks b and b + 1 in one load. Their low nibbles are weights
-     * 0..15 of each block and their high nibbles weights 16..31, so they meet the inputs rearranged to match
-     * (x_lo: inputs 0..15 of both blocks, x_hi: inputs 16..31). The two byte products, pair sums of
-     * (q + 8) * x each within 2 * 15 * 127, add up in int16 (within 4 * 15 * 127 < 32767), and one multiply-add
-     * gives 4 int32 sums per block; comb4 holds each block's scale 4 times to match. Odd block counts end with
-     * one block alone: 16 bytes broadcast to both halves, the upper half shifted by 4. */
+     * 0..15 of each block and their high nibbles weights 16..31, so they meet the inputs arranged to match
+     * (arrange_pairs). The two byte products, pair sums of (q + 8) * x each within 2 * 15 * 127, add up in
+     * int16 (within 4 * 15 * 127 < 32767), and one multiply-add gives 4 int32 sums per block, d.
+     *
+     * The nibbles hold q + 8, so the integer sums overshoot each block's by 8 * sum(xq of the block); over
+     * the 4 sums of a block, (d * xs - xsum8 / 4) adds up to the block's true product, xs * dot(q, xq). That
+     * is multiplied by the weight scale: the two blocks' bf16 scales, read as one 32-bit word, are spread by
+     * one byte shuffle into the top halves of the lanes of their sums (a bf16 is the top half of an fp32).
+     * Odd block counts end with one block alone: 16 bytes broadcast to both halves, the upper half shifted by
+     * 4, and its 8 sums take an eighth of the offset each. */
     int64_t nb = k / QBLOCK, row_bytes = k / 2;
     const __m256i ones = _mm256_set1_epi16(1), low4 = _mm256_set1_epi8(15);
+    const __m256i spread = _mm256_setr_epi8(-1, -1, 0, 1, -1, -1, 0, 1, -1, -1, 0, 1, -1, -1, 0, 1,  //
+                                            -1, -1, 2, 3, -1, -1, 2, 3, -1, -1, 2, 3, -1, -1, 2, 3);
     __m256 acc[QROWS];
     for (int j = 0; j < count; j++) acc[j] = _mm256_setzero_ps();
     int64_t b = 0;
     for (; b + 2 <= nb; b += 2) {
-        __m256i x0 = _mm256_loadu_si256((const __m256i *)(q.xq + b * QBLOCK));
-        __m256i x1 = _mm256_loadu_si256((const __m256i *)(q.xq + (b + 1) * QBLOCK));
-        __m256i x_lo = _mm256_permute2x128_si256(x0, x1, 0x20), x_hi = _mm256_permute2x128_si256(x0, x1, 0x31);
+        const __m256i x_lo = _mm256_loadu_si256((const __m256i *)(q.pair_q + b * QBLOCK));
+        const __m256i x_hi = _mm256_loadu_si256((const __m256i *)(q.pair_q + b * QBLOCK + 32));
+        const __m256 xs = _mm256_loadu_ps(q.pair_s + 4 * b), off = _mm256_loadu_ps(q.pair_off + 4 * b);
         prefetch_stretch(next + b * 16 * QROWS, 32 * QROWS);
         for (int j = 0; j < count; j++) {
             __m256i packed = _mm256_loadu_si256((const __m256i *)(w + j * row_bytes + b * 16));
             __m256i lo = _mm256_and_si256(packed, low4), hi = _mm256_and_si256(_mm256_srli_epi16(packed, 4), low4);
             __m256i pairs = _mm256_add_epi16(_mm256_maddubs_epi16(lo, x_lo), _mm256_maddubs_epi16(hi, x_hi));
             __m256 d = _mm256_cvtepi32_ps(_mm256_madd_epi16(pairs, ones));
-            acc[j] = _mm256_fmadd_ps(d, _mm256_loadu_ps(comb4 + (j * nb + b) * 4), acc[j]);
+            int32_t two_scales;
+            memcpy(&two_scales, s + j * nb + b, sizeof two_scales);
+            __m256 ws = _mm256_castsi256_ps(_mm256_shuffle_epi8(_mm256_set1_epi32(two_scales), spread));
+            acc[j] = _mm256_fmadd_ps(_mm256_fmsub_ps(d, xs, off), ws, acc[j]);
         }
     }
     if (b < nb) {
         const __m256i shift = _mm256_set_epi64x(4, 4, 0, 0);
-        __m256i xv = _mm256_loadu_si256((const __m256i *)(q.xq + b * QBLOCK));
+        const __m256i xv = _mm256_loadu_si256((const __m256i *)(q.pair_q + b * QBLOCK));
+        const __m256 xs = _mm256_set1_ps(q.xs[b]), off = _mm256_set1_ps(0.125f * q.xsum8[b]);
         for (int j = 0; j < count; j++) {
             __m128i packed = _mm_loadu_si128((const __m128i *)(w + j * row_bytes + b * 16));
             __m256i wv = _mm256_and_si256(_mm256_srlv_epi64(_mm256_broadcastsi128_si256(packed), shift), low4);
             __m256 d = _mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_maddubs_epi16(wv, xv), ones));
-            acc[j] = _mm256_fmadd_ps(d, _mm256_broadcast_ss(comb4 + (j * nb + b) * 4), acc[j]);
+            __m256 ws = _mm256_set1_ps(bf16_to_float(s[j * nb + b]));
+            acc[j] = _mm256_fmadd_ps(_mm256_fmsub_ps(d, xs, off), ws, acc[j]);
         }
     }
     for (int j = 0; j < count; j++) out[j] = hsum(acc[j]);
@@ -463,19 +469,18 @@ static void rows_int8_q8x(QuantRow q, const int8_t *w, const uint16_t *s, int64_
 #endif
 }
 
-/* The same for int4 rows with groups of 32 (16 bytes a block). The nibbles are used as they are stored
- * (q + 8, unsigned, which maddubs takes directly), and the offset is taken off at the end. */
+/* The same for int4 rows with groups of 32 (16 bytes a block). The AVX2 loop uses the nibbles as they are
+ * stored (q + 8, unsigned, which maddubs takes directly) and takes the offset off block by block; the portable
+ * one subtracts 8 from each. */
 static void rows_int4_q8x(QuantRow q, const uint8_t *w, const uint16_t *s, int64_t k, int count, float *out,
-                          const uint8_t *next, float *comb) {
-    int64_t nb = k / QBLOCK;
-    for (int j = 0; j < count; j++) combine_scales4(s + j * nb, q.xs, nb, comb + 4 * j * nb);
+                          const uint8_t *next) {
 #ifdef HAVE_AVX2
     if (count == QROWS)
-        loop_int4_q8x(q, w, k, QROWS, out, next, comb);
+        loop_int4_q8x(q, w, s, k, QROWS, out, next);
     else
-        loop_int4_q8x(q, w, k, count, out, next, comb);
-    for (int j = 0; j < count; j++) out[j] -= int4_offset(s + j * nb, q.xsum8, nb);
+        loop_int4_q8x(q, w, s, k, count, out, next);
 #else
+    int64_t nb = k / QBLOCK;
     (void)next;
     for (int j = 0; j < count; j++) {
         float sum = 0.0f;
@@ -486,11 +491,23 @@ static void rows_int4_q8x(QuantRow q, const uint8_t *w, const uint16_t *s, int64
                 wq[i] = (int8_t)((p[i] & 15) - 8);
                 wq[16 + i] = (int8_t)((p[i] >> 4) - 8);
             }
-            sum += comb[4 * (j * nb + b)] * (float)dot32(wq, q.xq + b * QBLOCK);
+            sum += bf16_to_float(s[j * nb + b]) * q.xs[b] * (float)dot32(wq, q.xq + b * QBLOCK);
         }
         out[j] = sum;
     }
 #endif
+}
+
+/* Input row r of `rows`, quantized into xq (int4: 2 * rows * k bytes, else rows * k) and xs (int4: 10 * rows * nb
+ * floats, else 2 * rows * nb), as QuantRow's parts follow each other there. */
+static QuantRow input_row(int8_t *xq, float *xs, int64_t rows, int64_t r, int64_t k, int64_t nb, int int4) {
+    QuantRow q = {xq + r * k, xs + r * nb, xs + (rows + r) * nb, NULL, NULL, NULL};
+    if (int4) {
+        q.pair_q = xq + (rows + r) * k;
+        q.pair_s = xs + (2 * rows + 4 * r) * nb;
+        q.pair_off = xs + (6 * rows + 4 * r) * nb;
+    }
+    return q;
 }
 
 static int gemv_q8x(const void *x, const void *w, const uint16_t *s, void *y, int64_t rows, int64_t n, int64_t k,
@@ -498,28 +515,30 @@ static int gemv_q8x(const void *x, const void *w, const uint16_t *s, void *y, in
     int64_t nb = k / QBLOCK, groups = k / g, row_bytes = int4 ? k / 2 : k;
     int64_t blocks = (n + QROWS - 1) / QROWS;
     const float *xf = float_rows(x, rows * k, io);
-    int8_t *xq = malloc((size_t)(rows * k));
-    float *xs = malloc(sizeof(float) * (size_t)(2 * rows * nb));
-    const int64_t per_thread = QROWS * nb * (int4 ? 4 : 1); /* combined scales (int4: each 4 times) */
-    float *comb = malloc(sizeof(float) * (size_t)per_thread * (size_t)omp_get_max_threads());
-    int failed = xf == NULL || xq == NULL || xs == NULL || comb == NULL;
+    int8_t *xq = malloc((size_t)((int4 ? 2 : 1) * rows * k));
+    float *xs = malloc(sizeof(float) * (size_t)((int4 ? 10 : 2) * rows * nb));
+    const int64_t per_thread = QROWS * nb; /* int8: combined scales of a block of rows */
+    float *comb = int4 ? NULL : malloc(sizeof(float) * (size_t)per_thread * (size_t)omp_get_max_threads());
+    int failed = xf == NULL || xq == NULL || xs == NULL || (!int4 && comb == NULL);
     if (!failed) {
         for (int64_t r = 0; r < rows; r++) {
-            QuantRow q = {xq + r * k, xs + r * nb, xs + (rows + r) * nb};
+            QuantRow q = input_row(xq, xs, rows, r, k, nb, int4);
             quantize_row_q8(xf + r * k, k, q);
+#ifdef HAVE_AVX2
+            if (int4) arrange_pairs(q, nb);
+#endif
         }
 #pragma omp parallel for schedule(static)
         for (int64_t blk = 0; blk < blocks; blk++) {
-            float *scratch = comb + (size_t)omp_get_thread_num() * (size_t)per_thread;
             RowBlock rb = row_block(w, s, blk, QROWS, n, row_bytes, groups);
             for (int64_t r = 0; r < rows; r++) {
-                QuantRow q = {xq + r * k, xs + r * nb, xs + (rows + r) * nb};
+                QuantRow q = input_row(xq, xs, rows, r, k, nb, int4);
                 float out[QROWS];
                 if (int4)
-                    rows_int4_q8x(q, rb.w, rb.s, k, rb.count, out, rb.next, scratch);
+                    rows_int4_q8x(q, rb.w, rb.s, k, rb.count, out, rb.next);
                 else
                     rows_int8_q8x(q, (const int8_t *)rb.w, rb.s, k, g, rb.count, out, (const int8_t *)rb.next,
-                                  scratch);
+                                  comb + (size_t)omp_get_thread_num() * (size_t)per_thread);
                 store(y, r * n + rb.first, out, rb.count, io);
             }
         }
