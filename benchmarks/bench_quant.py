@@ -120,19 +120,18 @@ class Forced(NamedTuple):
     gaps: list[float]  # at each step, the variant's top-1 logit minus its top-2
 
 
-def forced_agreement(decoder: FastDecoder, prompt: list[int], reference: list[int], setup: Callable) -> Forced:
+def forced_agreement(decoder: FastDecoder, prompt: list[int], reference: list[int]) -> Forced:
     """Greedy agreement step by step, on the same text: the variant reads the prompt and then the reference's
     own tokens, and at each step its greedy choice is compared with the reference's next token. Unlike the
     free-running share, one flip does not send the two down different texts for every later step."""
-    setup()
     tokens = torch.tensor([prompt + reference])
     picks, gaps = [], []
     with torch.inference_mode():
         logits = decoder.prefill(tokens[:, : len(prompt)], 0)[:, -1]
         for pos in range(len(prompt), len(prompt) + len(reference)):
-            top = logits[0].float().topk(2)
-            picks.append(int(top.indices[0]))
-            gaps.append(float(top.values[0] - top.values[1]))
+            picks.append(int(logits[0].argmax()))  # as generate() picks: the first of tied logits
+            top = logits[0].float().topk(2).values
+            gaps.append(float(top[0] - top[1]))
             if pos < tokens.shape[1] - 1:
                 logits = decoder(tokens[:, pos : pos + 1], pos)[:, -1]
     return Forced(sum(a == b for a, b in zip(picks, reference)) / len(reference), gaps)
@@ -247,8 +246,10 @@ def main() -> None:
     # once one token differs, the sequences continue from different text: the first difference says more
     first = {name: next((i for i, (a, b) in enumerate(zip(greedy[name], greedy["bf16"])) if a != b), opts.agree_steps)
              for name in variants}  # fmt: skip
-    forced = {name: forced_agreement(fast[variants[name][0]].fast, prompt[0], greedy["bf16"], lambda: select(name))
-              for name in variants}  # fmt: skip
+    forced = {}
+    for name in variants:
+        select(name)
+        forced[name] = forced_agreement(fast[variants[name][0]].fast, prompt[0], greedy["bf16"])
     results["decode_ms_per_token"], results["greedy_agreement"] = ms, agree
     results["greedy_first_difference"], results["per_step_agreement"] = first, forced
     print(f"\nbatch 1, {opts.max_seq_len}-position cache:  ms/token   tok/s   vs bf16 (same path)   greedy = bf16"
