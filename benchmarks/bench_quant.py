@@ -10,7 +10,7 @@ On random weights of the 0.85B shape (bench_decode.py's, whose helpers this reus
    interleaved rounds (bench_decode.decode_ms_per_token), and two shares of 32 greedy tokens of int8 and int4
    equal to bf16's: generated freely, position by position (after one flip the texts differ, so every later
    step may too), and step by step on bf16's own text (each step reads bf16's tokens so far), with how close
-   bf16's top two logits are.
+   bf16's top two logits are and, for scale, the step-by-step share of the same weights in fp32.
 3. Memory: in a fresh process each, ``Llama.build`` of a bf16 checkpoint of these weights without and with
    quantize=...: RSS once built, peak RSS (VmHWM), and the model's tensor bytes.
 
@@ -41,7 +41,7 @@ from bench_decode import SHAPES, best_of, decode_ms_per_token, quantized, random
 
 from llama import Llama, checkpoint, cpu_gemv
 from llama import quantize as quant
-from llama.distributed import setup_model_parallel
+from llama.distributed import default_dtype_scope, setup_model_parallel
 from llama.fast import FastDecoder
 from llama.model import ModelArgs, Transformer
 
@@ -250,6 +250,16 @@ def main() -> None:
     for name in variants:
         select(name)
         forced[name] = forced_agreement(fast[variants[name][0]].fast, prompt[0], greedy["bf16"])
+    # bf16 rounding alone, for scale: the same weights in fp32, step by step on bf16's text
+    with default_dtype_scope(torch.float32):
+        model32 = Transformer(args).eval()
+    bf16_params = dict(models["bf16"].named_parameters())
+    with torch.no_grad():
+        for name, p in model32.named_parameters():
+            p.copy_(bf16_params[name])
+    fp32 = forced_agreement(FastDecoder(model32, compile=True), prompt[0], greedy["bf16"])
+    results["per_step_agreement_fp32_vs_bf16"] = fp32.share
+    del model32
     results["decode_ms_per_token"], results["greedy_agreement"] = ms, agree
     results["greedy_first_difference"], results["per_step_agreement"] = first, forced
     print(f"\nbatch 1, {opts.max_seq_len}-position cache:  ms/token   tok/s   vs bf16 (same path)   greedy = bf16"
@@ -259,6 +269,8 @@ def main() -> None:
         print(f"  {name:16s} {'':15s} {t:8.1f} {1e3 / t:7.1f}   {ms[f'bf16 {path}'] / t:5.2f}x"
               f"{'':14s}{agree[variant] * 100:5.0f}%   {first[variant]:8d}"
               f"{'':11s}{forced[variant].share * 100:5.0f}%")  # fmt: skip
+    print(f"  the same weights in fp32 against bf16, step by step on bf16's text: {fp32.share * 100:.0f}% equal "
+          "(what rounding to bf16 alone does)")  # fmt: skip
     gaps = forced["bf16"].gaps
     print(f"bf16's top-1 minus top-2 logit over those steps: median {sorted(gaps)[len(gaps) // 2]:.4f}, "
           f"min {min(gaps):.4f}")  # fmt: skip
