@@ -264,15 +264,17 @@ int llama_gemv_int4(const void *x, const uint8_t *w, const uint16_t *s, void *y,
 
 /* ---------------------------------------------------------------------------------------------------------
  * Kernels with int8 inputs. An input row is quantized once per call into xq (k int8), xs (k / 32 block
- * scales) and xsum8 (8 * xs * the block's sum of xq, for int4's offset: below). The int4 loop reads them
- * rearranged once per call (arrange_pairs): pairs of blocks as its vectors hold them.
+ * scales) and xsum8 (8 * xs * the block's sum of xq, for int4's offset: below). The AVX2 int4 loop reads
+ * them rearranged once per call (arrange_pairs) into pairs of blocks as its vectors hold them, except an odd
+ * last block, whose xs and xsum8 it reads as they are.
  */
 
 typedef struct {
     int8_t *xq;
     float *xs, *xsum8;
-    int8_t *pair_q;           /* int4, AVX2: per pair of blocks, inputs 0-15 of both, then 16-31 of both */
-    float *pair_s, *pair_off; /* int4, AVX2: per pair, xs of each block 4 times, and xsum8 / 4 of each 4 times */
+    /* int4 (filled by arrange_pairs, for the AVX2 loop; NULL for int8): */
+    int8_t *pair_q;           /* per pair of blocks, inputs 0-15 of both, then 16-31 of both */
+    float *pair_s, *pair_off; /* per pair, xs of each block 4 times, and xsum8 / 4 of each 4 times */
 } QuantRow;
 
 /* 127 / amax, the factor that maps a block onto [-127, 127]; 0 for a block of zeros, a bad one (NaN or inf),
