@@ -253,10 +253,7 @@ def main() -> None:
     # bf16 rounding alone, for scale: the same weights in fp32, step by step on bf16's text
     with default_dtype_scope(torch.float32):
         model32 = Transformer(args).eval()
-    bf16_params = dict(models["bf16"].named_parameters())
-    with torch.no_grad():
-        for name, p in model32.named_parameters():
-            p.copy_(bf16_params[name])
+    model32.load_state_dict(models["bf16"].state_dict())  # widened to fp32 as it is copied
     fp32 = forced_agreement(FastDecoder(model32, compile=True), prompt[0], greedy["bf16"])
     results["per_step_agreement_fp32_vs_bf16"] = fp32.share
     del model32
