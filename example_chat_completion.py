@@ -6,10 +6,9 @@
 
 from typing import List, Optional
 
-import fire
-
 from llama import Dialog
 from llama.cli import build_generator
+from llama.commandline import fire_checked
 from llama.distributed import collective, is_main_process
 from llama.interactive import chat_loop
 
@@ -96,4 +95,4 @@ def main(
 
 
 if __name__ == "__main__":
-    fire.Fire(main)
+    fire_checked(main)

@@ -6,9 +6,8 @@
 
 from typing import Optional
 
-import fire
-
 from llama.cli import build_generator
+from llama.commandline import fire_checked
 from llama.distributed import collective, is_main_process
 
 
@@ -76,4 +75,4 @@ We are writing to invite you to""",
 
 
 if __name__ == "__main__":
-    fire.Fire(main)
+    fire_checked(main)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Any, Optional
 
 import torch
@@ -23,8 +24,9 @@ def check_positive_int(name: str, value: Any) -> int:
 
 
 def is_finite_number(value: Any) -> bool:
-    """True for finite Python ints and floats (numpy's too); False for bools, NaN, infinities and strs."""
-    return not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+    """True for finite real numbers: Python's ints and floats and numpy's (np.float32 is no Python float, but it
+    is a ``numbers.Real``); False for bools (numpy's too), NaN, infinities, strs and tensors."""
+    return not isinstance(value, bool) and isinstance(value, numbers.Real) and math.isfinite(value)
 
 
 def check_finite(name: str, value: Any) -> float:
@@ -32,6 +34,30 @@ def check_finite(name: str, value: Any) -> float:
     if not is_finite_number(value):
         raise ValueError(f"{name} must be a finite number, got {value!r}")
     return float(value)
+
+
+# What torch.manual_seed takes (a negative seed s stands for 2**64 + s); outside it, torch fails with a bare
+# "Overflow when unpacking long long".
+SEED_RANGE = (-(2**63), 2**64 - 1)
+
+
+def check_seed(seed: Any) -> int:
+    """seed as an int if torch.manual_seed takes it, else a ValueError naming the range."""
+    low, high = SEED_RANGE
+    if not is_int(seed) or not low <= int(seed) <= high:
+        raise ValueError(f"seed must be an integer in [-2**63, 2**64 - 1] (what torch.manual_seed takes), got {seed!r}")
+    return int(seed)
+
+
+def check_dtype(dtype: Any) -> torch.dtype:
+    """dtype if it is one of DTYPES' torch dtypes (the ones the model computes in), else a clear error."""
+    if not isinstance(dtype, torch.dtype):
+        raise TypeError(f"dtype must be a torch.dtype ({', '.join(f'torch.{n}' for n in DTYPES)}), got {dtype!r}")
+    if dtype not in DTYPES.values():
+        raise ValueError(
+            f"dtype {dtype} is not supported: the model computes in {', '.join(f'torch.{n}' for n in DTYPES)} only"
+        )
+    return dtype
 
 
 def parse_dtype(name: Optional[str]) -> Optional[torch.dtype]:

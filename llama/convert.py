@@ -13,22 +13,27 @@ import logging
 import math
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Optional, Sequence
 
-import fire
 import safetensors
 import safetensors.torch
 import torch
 
 from llama import checkpoint
-from llama.checks import check_positive_int, parse_dtype
+from llama.checks import check_positive_int, is_finite_number, parse_dtype
 from llama.families import FAMILIES, Family, family_of, load_tokenizer
 from llama.layout import Layout, meta_to_hf_name, qk_to_hf
 from llama.model import ModelArgs, check_model_parallel_fit, ffn_hidden_dim
 from llama.reshard import ProgressLine
-from llama.tokenizer import Llama3Tokenizer, Tokenizer, TokenizerLike, read_ranks
+from llama.tokenizer import Llama3Tokenizer, Tokenizer, TokenizerLike, parse_ranks, read_ranks
+
+# `python -m llama.convert` executes this file as __main__: hand over to the one llama.convert module before
+# this copy defines anything, so nothing is defined twice (see commandline.run_module).
+if __name__ == "__main__":
+    from llama.commandline import run_module
+
+    run_module("llama.convert", "to_hf", "from_hf")
 
 logger = logging.getLogger(__name__)
 
@@ -516,12 +521,15 @@ def llama3_ranks_file(contents: Mapping[str, Any], source: str) -> bytes:
             f"{source}: its pre-tokenizer does not split text with Llama 3's pattern (found {patterns!r}), so "
             "a Llama 3 tokenizer.model made from it would give other ids"
         )
-    added = {t.get("content") for t in contents.get("added_tokens", []) if isinstance(t, dict)}
-    byte_of = {char: byte for byte, char in enumerate(byte_level_alphabet())}
+    added = {t["content"] for t in _added_tokens(contents, source)}
+    alphabet = byte_level_alphabet()
+    byte_of = {char: byte for byte, char in enumerate(alphabet)}
     ranks: dict[bytes, int] = {}
     for token, rank in vocab.items():
         if token in added:
             continue
+        if not isinstance(rank, int) or isinstance(rank, bool):
+            raise ValueError(f"{source}: the id of token {token!r} must be an integer, got {rank!r}")
         try:
             ranks[bytes(byte_of[c] for c in token)] = rank
         except KeyError as e:
@@ -529,9 +537,9 @@ def llama3_ranks_file(contents: Mapping[str, Any], source: str) -> bytes:
     if sorted(ranks.values()) != list(range(len(ranks))):
         raise ValueError(f"{source}: the ids of the ordinary tokens must be 0..{len(ranks) - 1}, each once")
     # tiktoken joins first the pair whose joined token has the lowest rank: the merges must be in that order.
+    merges = _merge_pairs(model.get("merges"), source)
     last = -1
-    for merge in model.get("merges", []):
-        left, right = merge.split(" ", 1) if isinstance(merge, str) else merge
+    for left, right in merges:
         rank = vocab.get(left + right)
         if rank is None or rank < last:
             raise ValueError(
@@ -540,7 +548,51 @@ def llama3_ranks_file(contents: Mapping[str, Any], source: str) -> bytes:
             )
         last = rank
     by_rank = sorted(ranks.items(), key=lambda item: item[1])
+
+    def text(token: bytes) -> str:
+        return "".join(alphabet[b] for b in token)
+
+    # And every pair that tiktoken joins must be a merge, or Hugging Face's tokenizer would give other ids than
+    # the tokenizer.model made from the ids ("merges": [] would leave it only the whole tokens of ignore_merges).
+    merge_set, lacking = set(merges), []
+    for token, rank in by_rank:
+        pair = bpe_split(token, ranks) if len(token) > 1 else None
+        if pair is not None and (text(pair[0]), text(pair[1])) not in merge_set:
+            lacking.append((text(token), rank, text(pair[0]), text(pair[1])))
+    if lacking:
+        token, rank, left, right = lacking[0]
+        raise ValueError(
+            f"{source}: its merges lack {left!r} + {right!r}, the pair tiktoken joins into token {token!r} (id "
+            f"{rank}), and {len(lacking) - 1} more such pairs; Hugging Face's tokenizer would tokenize otherwise "
+            "than a tokenizer.model made from the ids"
+        )
     return b"".join(base64.b64encode(token) + b" %d\n" % rank for token, rank in by_rank)
+
+
+def _merge_pairs(merges: Any, source: str) -> list[tuple[str, str]]:
+    """The merges of a tokenizer.json's BPE model as (left, right); tokenizers writes each one as a list
+    [left, right], or in older files as a string "left right"."""
+    if not isinstance(merges, list):
+        raise ValueError(f"{source}: the BPE model's 'merges' must be a list, got {type(merges).__name__}")
+    pairs = []
+    for i, merge in enumerate(merges):
+        pair = merge.split(" ") if isinstance(merge, str) else merge
+        if not (isinstance(pair, list) and len(pair) == 2 and all(isinstance(p, str) and p for p in pair)):
+            raise ValueError(
+                f"{source}: merge {i} is {merge!r}; each merge must be two tokens, as [left, right] or \"left right\""
+            )
+        pairs.append((pair[0], pair[1]))
+    return pairs
+
+
+def _added_tokens(contents: Mapping[str, Any], source: str) -> list[dict[str, Any]]:
+    """A tokenizer.json's 'added_tokens': a list of objects, each with a str 'content' and an int 'id'."""
+    added = contents.get("added_tokens", [])
+    if not isinstance(added, list) or not all(
+        isinstance(t, dict) and isinstance(t.get("content"), str) and type(t.get("id")) is int for t in added
+    ):
+        raise ValueError(f"{source}: 'added_tokens' must be a list of objects with a str 'content' and an int 'id'")
+    return added
 
 
 def to_hf(
@@ -565,6 +617,8 @@ def to_hf(
         max_file_gb: largest safetensors file; bigger models get several files and an index. Memory holds
             about one file's worth of weights at a time.
     """
+    if not is_finite_number(max_file_gb) or max_file_gb <= 0:
+        raise ValueError(f"max_file_gb must be a finite positive number of gigabytes, got {max_file_gb!r}")
     checkpoint.check_out_dir(out_dir, ckpt_dir)
     checkpoint.refuse_quantized(
         ckpt_dir,
@@ -624,14 +678,24 @@ def to_hf(
 
 
 def embeddings_tied(ckpt: checkpoint.Checkpoint) -> bool:
-    """Whether output.weight is exactly tok_embeddings.weight (Meta's 3.2 1B and 3B store both, equal)."""
+    """Whether output.weight is bit for bit tok_embeddings.weight (Meta's 3.2 1B and 3B store both, equal).
+
+    Compared as raw bits: torch.equal counts -0.0 equal to +0.0, and a tied folder would then lose the sign.
+    """
     shapes = ckpt.layout.shapes
     if shapes.get("output.weight") != shapes.get("tok_embeddings.weight"):
         return False
     inputs = ckpt.remap()  # read through a mapping of its own, released on return
     embedding = ckpt.slice_for_rank(inputs, "tok_embeddings.weight", 0, 1)
     output = ckpt.slice_for_rank(inputs, "output.weight", 0, 1)
-    return embedding.dtype == output.dtype and torch.equal(embedding, output)
+    if embedding.dtype != output.dtype:
+        return False
+    bits = _BITS_OF_SIZE[embedding.element_size()]
+    return torch.equal(embedding.view(bits), output.view(bits))
+
+
+# An integer dtype of each float's size, to compare floats by their bits.
+_BITS_OF_SIZE = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
 def _plan_files(
@@ -691,10 +755,19 @@ class _HFWeights:
                 raise ValueError(f"cannot read {str(path)!r} (corrupt or truncated?): {e}") from e
             self.handles[name] = handle
             for key in handle.keys():
+                if key in self.file_of:  # one of the two would win silently
+                    raise ValueError(
+                        f"{key!r} is in both {self.file_of[key]!r} and {name!r} in {str(hf_dir)!r}; remove the "
+                        "stale file (a folder holds each weight once)"
+                    )
                 self.file_of[key] = name
 
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(self.handles[self.file_of[name]].get_slice(name).get_shape())
+
+    def dtype(self, name: str) -> str:
+        """safetensors' name of the dtype of weight `name` ("BF16", "F32", "I8", ...), read from the header."""
+        return self.handles[self.file_of[name]].get_slice(name).get_dtype()
 
     def read(self, name: str, dim: Optional[int] = None, lo: int = 0, hi: int = 0) -> torch.Tensor:
         """Weight `name`, or only [lo, hi) along dim."""
@@ -729,6 +802,7 @@ def from_hf(hf_dir: str, out_dir: str, model_parallel_size: int = 1, dtype: Opti
     params = params_from_hf_config(config, str(config_path))
     family, ranks_file = _hf_tokenizer(hf, params)
     weights = _HFWeights(hf)
+    check_float_weights(weights, hf, sorted(weights.file_of))  # first: a quantized folder has unexpected names too
     tied = bool(config.get("tie_word_embeddings")) and "lm_head.weight" not in weights.file_of
 
     def hf_name(key: str) -> str:
@@ -768,7 +842,11 @@ def from_hf(hf_dir: str, out_dir: str, model_parallel_size: int = 1, dtype: Opti
         # read in HF's layout and permuted on their own.
         dim = layout.split_dim(key)
         lo, hi = layout.rank_bounds(key, shapes[key][dim], rank, n) if dim is not None else (0, 0)
-        tensor = qk_to_hf(key, weights.read(names[key], dim, lo, hi), args, parts=n, inverse=True)
+        part = weights.read(names[key], dim, lo, hi)
+        # Checked as each part is read, not in a pass of its own (which would read the whole model twice): a bad
+        # value stops the run, and the temporary output folder is removed.
+        check_finite_weight(part, names[key], str(hf / weights.file_of[names[key]]))
+        tensor = qk_to_hf(key, part, args, parts=n, inverse=True)
         return tensor.to(out_dtype) if out_dtype is not None else tensor
 
     def shards() -> Iterator[dict[str, torch.Tensor]]:
@@ -777,12 +855,48 @@ def from_hf(hf_dir: str, out_dir: str, model_parallel_size: int = 1, dtype: Opti
             yield {key: meta_slice(weights, key, rank) for key in names}
 
     tokenizer = hf / "tokenizer.model"
-    with tempfile.TemporaryDirectory(prefix="from_hf-") as scratch:
-        extra = [tokenizer] if tokenizer.is_file() else []
-        if ranks_file is not None:
-            extra = [Path(scratch) / "tokenizer.model"]
-            extra[0].write_bytes(ranks_file[0])
-        return checkpoint.save_checkpoint(out_dir, shards(), params, extra, ProgressLine("from_hf", n))
+    extra = [tokenizer] if tokenizer.is_file() else []
+    # A rebuilt tokenizer.model is written straight into the temporary output folder: a copy anywhere else
+    # (the system's temporary folder) would be left behind by a killed run.
+    made = {"tokenizer.model": ranks_file[0]} if ranks_file is not None else None
+    progress = ProgressLine("from_hf", n)
+    return checkpoint.save_checkpoint(out_dir, shards(), params, extra, progress, extra_contents=made)
+
+
+# safetensors' names of the float dtypes, which a Meta checkpoint holds as they are.
+_FLOAT_DTYPES = {"F16", "BF16", "F32", "F64"}
+
+# Elements checked for NaN and inf at a time, so that the mask stays small next to a large weight.
+_FINITE_CHUNK = 2**24
+
+
+def check_float_weights(weights: _HFWeights, hf: Path, names: Sequence[str]) -> None:
+    """A ValueError naming the file and weight when one of `names` is not floating point (from the headers)."""
+    for name in names:
+        dtype = weights.dtype(name)
+        if dtype in _FLOAT_DTYPES:
+            continue
+        where = f"{str(hf / weights.file_of[name])!r}: {name!r} holds {dtype} values"
+        if dtype.startswith("F8"):
+            raise ValueError(
+                f"{where}: FP8 checkpoints are not supported (their scales would be lost); convert the bf16 "
+                "release of the model"
+            )
+        raise ValueError(
+            f"{where}; weights must be floating point (bfloat16, float16 or float32). A quantized folder (GPTQ, "
+            "AWQ, bitsandbytes...) cannot be converted: convert the float release"
+        )
+
+
+def check_finite_weight(tensor: torch.Tensor, name: str, source: str) -> None:
+    """A ValueError naming `source` (the file) and `name` when tensor holds NaN or inf."""
+    flat = tensor.reshape(-1)
+    for lo in range(0, flat.numel(), _FINITE_CHUNK):
+        if not torch.isfinite(flat[lo : lo + _FINITE_CHUNK]).all():
+            raise ValueError(
+                f"{source!r}: {name!r} holds NaN or inf values, with which the model computes NaN; the file is "
+                "damaged, or was saved from a diverged model"
+            )
 
 
 def _read_json(path: Path) -> Any:
@@ -812,15 +926,17 @@ def _hf_tokenizer(hf: Path, params: Mapping[str, Any]) -> tuple[Family, Optional
         return family_of(load_tokenizer(model_file)), None
     if json_file.is_file():
         contents = _read_json(json_file)
+        if not isinstance(contents, dict) or not isinstance(contents.get("model"), dict):
+            # Skipped, it would leave the Meta folder without a tokenizer.model, or in the wrong generation.
+            raise ValueError(
+                f"{str(json_file)!r} is not a tokenizer.json of Hugging Face's tokenizers (a JSON object whose "
+                "'model' is an object); replace it with the model's own tokenizer.json"
+            )
         if is_byte_level_bpe(contents):
             ranks_file = llama3_ranks_file(contents, str(json_file))
-            with tempfile.TemporaryDirectory(prefix="from_hf-") as scratch:
-                path = Path(scratch) / "tokenizer.model"
-                path.write_bytes(ranks_file)
-                rebuilt = Llama3Tokenizer(path)
-            added = {
-                t.get("content"): t.get("id") for t in contents.get("added_tokens", []) if isinstance(t, dict)
-            }
+            # Checked as Llama3Tokenizer will read it, in memory: a file written elsewhere could be left behind.
+            rebuilt = Llama3Tokenizer.from_ranks(parse_ranks(ranks_file, str(json_file)), "tokenizer.model")
+            added = {t["content"]: t["id"] for t in _added_tokens(contents, str(json_file))}
             if added != rebuilt.special_tokens:
                 wrong = sorted(set(added.items()) ^ set(rebuilt.special_tokens.items()), key=str)[:3]
                 raise ValueError(
@@ -830,6 +946,3 @@ def _hf_tokenizer(hf: Path, params: Mapping[str, Any]) -> tuple[Family, Optional
             return FAMILIES[1], (ranks_file, rebuilt.n_words)
     return (FAMILIES[1] if params.get("use_scaled_rope") else FAMILIES[0]), None
 
-
-if __name__ == "__main__":
-    fire.Fire({"to_hf": to_hf, "from_hf": from_hf})

@@ -52,6 +52,46 @@ def default_device() -> torch.device:
     return torch.device("cpu")
 
 
+# The device types the library runs on; others (meta, mps, xla...) fail deep in torch, or build a model that
+# computes nothing.
+SUPPORTED_DEVICE_TYPES = ("cpu", "cuda")
+
+
+def check_device(device: Any) -> torch.device:
+    """device (a str or torch.device) as a torch.device if the library runs on it, else a ValueError that names
+    the supported ones: cpu, and cuda or cuda:N for a GPU this process can see."""
+    supported = "use 'cpu', 'cuda' or 'cuda:N'"
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError, ValueError) as e:
+        raise ValueError(f"device={device!r} is not a device; {supported}") from e
+    if parsed.type not in SUPPORTED_DEVICE_TYPES:
+        raise ValueError(
+            f"device={str(parsed)!r} is not supported: this library runs on CPUs and CUDA GPUs; {supported}"
+        )
+    if parsed.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ValueError(f"device={str(parsed)!r}, but this torch has no usable CUDA device; use device='cpu'")
+        if parsed.index is not None and parsed.index >= count:
+            raise ValueError(
+                f"device={str(parsed)!r}, but this process sees {count} CUDA device(s): cuda:0 to cuda:{count - 1}"
+            )
+    return parsed
+
+
+def available_memory(device: torch.device) -> Optional[int]:
+    """Bytes that allocations on `device` can still get: the free memory of a CUDA device, or the physical
+    memory of the host (its total: memory that the page cache holds is freed on demand, so what is free now
+    says little); None where it cannot be told."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, OSError, ValueError):  # no sysconf (Windows), or no such name on this system
+        return None
+
+
 def default_dtype(device: torch.device) -> torch.dtype:
     """float16 on CUDA, as the reference; bfloat16 on CPU.
 

@@ -10,18 +10,21 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import threading
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, Iterator, List, Optional, Sequence, TypedDict
+from typing import TYPE_CHECKING, Callable, Generator, Iterator, List, Optional, Sequence, TypedDict
 
 import torch
 import torch.nn.functional as F
 
 from llama import checkpoint
 from llama.chat_format import ChatFormat, Dialog, Message
-from llama.checks import check_positive_int, is_finite_number, is_int
+from llama.checks import check_dtype, check_positive_int, check_seed, is_finite_number, is_int
 from llama.distributed import (
+    available_memory,
+    check_device,
     default_device,
     default_dtype,
     default_dtype_scope,
@@ -30,8 +33,8 @@ from llama.distributed import (
     setup_model_parallel,
 )
 from llama.families import FAMILIES, family_of, load_tokenizer
-from llama.model import Transformer, check_model_parallel_fit
-from llama.stream import RowEnd, TextStream, check_stop
+from llama.model import ModelArgs, Transformer, check_model_parallel_fit, kv_cache_bytes, kv_cache_shape
+from llama.stream import ChatStream, RowEnd, TextStream, check_stop
 from llama.tokenizer import TokenizerLike
 
 if TYPE_CHECKING:
@@ -114,6 +117,39 @@ def _check_sampling(temperature: float, top_p: float, max_gen_len: Optional[int]
         raise ValueError(f"max_gen_len must be an integer >= 0 (0: only score the prompts), got {max_gen_len!r}")
 
 
+def _check_paths(ckpt_dir: object, tokenizer_path: object) -> None:
+    """TypeError unless both are paths (str or os.PathLike): None would fail deep in pathlib."""
+    for name, value in (("ckpt_dir", ckpt_dir), ("tokenizer_path", tokenizer_path)):
+        if not isinstance(value, (str, os.PathLike)):
+            raise TypeError(
+                f"{name} must be a path (str or os.PathLike), got {value!r}; for the built-in demo model pass "
+                "llama.demo.DEMO_CKPT_DIR and llama.demo.DEMO_TOKENIZER_PATH"
+            )
+
+
+def _kv_cache_text(args: ModelArgs, mp_size: int, dtype: torch.dtype) -> str:
+    """The size of the KV cache that args ask for, and where it comes from."""
+    rows, positions, kv_heads, head_dim = kv_cache_shape(args, mp_size)
+    ranks = f" on each of the {mp_size} model-parallel ranks" if mp_size > 1 else ""
+    return (
+        f"max_seq_len={positions} with max_batch_size={rows} needs a KV cache of "
+        f"{kv_cache_bytes(args, mp_size, dtype) / 1e9:.3g} GB{ranks} (keys and values: 2 x {args.n_layers} layers "
+        f"x {rows} rows x {positions} positions x {kv_heads} KV heads x {head_dim} x {dtype.itemsize} bytes)"
+    )
+
+
+def _check_kv_cache_fits(args: ModelArgs, mp_size: int, device: torch.device, dtype: torch.dtype) -> None:
+    """ValueError, with the size, when the KV cache that Llama.build would allocate exceeds what `device` has
+    (``llama.distributed.available_memory``): better than the allocator's raw error, or swapping for minutes."""
+    have = available_memory(device)
+    if have is not None and kv_cache_bytes(args, mp_size, dtype) > have:
+        where = "free on this GPU" if device.type == "cuda" else "of physical memory on this host"
+        raise ValueError(
+            f"{_kv_cache_text(args, mp_size, dtype)}, more than the {have / 1e9:.3g} GB {where}; lower max_seq_len "
+            "(the longest prompt plus generation you need) or max_batch_size"
+        )
+
+
 class Llama:
     @staticmethod
     def build(
@@ -139,16 +175,27 @@ class Llama:
         generation it is follows from the tokenizer file (``llama.families``).
 
         Args:
-            ckpt_dir: folder with ``params.json`` and ``consolidated.NN.pth``.
-            tokenizer_path: Meta's ``tokenizer.model``.
-            max_seq_len: longest prompt plus generation; sizes the KV cache.
+            ckpt_dir: folder with ``params.json`` and ``consolidated.NN.pth`` (``llama.demo.DEMO_CKPT_DIR`` is the
+                built-in demo model's).
+            tokenizer_path: Meta's ``tokenizer.model`` (``llama.demo.DEMO_TOKENIZER_PATH`` for the demo model).
+            max_seq_len: longest prompt plus generation; sizes the KV cache. A KV cache larger than the memory
+                (the GPU's free memory, the host's physical memory) is refused with its size.
             max_batch_size: most prompts per call; sizes the KV cache.
             model_parallel_size: ranks per model copy; defaults to the world size.
-            seed: torch seed, the same on every rank so sampling agrees across ranks.
-            device: defaults to ``cuda:LOCAL_RANK`` with CUDA, else ``cpu``.
-            dtype: weight dtype; defaults to float16 on CUDA (as the reference) and bfloat16 on CPU.
+            seed: torch seed, the same on every rank so sampling agrees across ranks; any integer
+                ``torch.manual_seed`` takes, in [-2**63, 2**64 - 1].
+            device: ``"cpu"``, ``"cuda"`` or ``"cuda:N"``; defaults to ``cuda:LOCAL_RANK`` with CUDA, else
+                ``cpu``. Other device types (``meta``, ``mps``...) are refused.
+            dtype: weight dtype, torch.float32, torch.float16 or torch.bfloat16; defaults to float16 on CUDA (as
+                the reference) and bfloat16 on CPU.
             compile: decode with the opt-in fast path (``llama.fast``): static shapes, no per-step host sync,
-                ``torch.compile``. Same tokens as the default path; one model-parallel rank only.
+                ``torch.compile``. One model-parallel rank only. In fp32 it gives the default path's greedy tokens
+                (tests compare them). With ``quantize``, on a CPU, both paths decode with the int8-input kernels
+                (``llama.quantize``), whose rounding turns the paths' last-bit differences into logits ~1e-2
+                apart, so near-ties can pick other tokens; ``llama.quantize.use_int8_inputs(model, False)``
+                switches both to the exact kernels, and then the fast path gives the default path's greedy
+                tokens in fp32 again. The reference for a quantized model is the default path with exact
+                products, ``x @ dequantize(W).T`` (see the README's Quantization section).
             rope_scaling_factor: overrides params.json's (Llama 3.1+ scaled RoPE; Meta's code uses 8, see the
                 README on Llama 3.2).
             timeout_s: seconds a collective waits for the other ranks before the job fails with an error naming
@@ -158,15 +205,12 @@ class Llama:
                 (``llama.quantize``). A checkpoint written by ``python -m llama.quantize`` loads quantized
                 without it.
         """
+        _check_paths(ckpt_dir, tokenizer_path)
         max_seq_len = check_positive_int("max_seq_len", max_seq_len)
         max_batch_size = check_positive_int("max_batch_size", max_batch_size)
-        device = torch.device(device) if device is not None else default_device()
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise ValueError(f"device={str(device)!r}, but this torch has no usable CUDA device; use device='cpu'")
-        if dtype is None:
-            dtype = default_dtype(device)
-        elif not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-            raise TypeError(f"dtype must be a floating torch.dtype such as torch.float32, got {dtype!r}")
+        seed = check_seed(seed)
+        device = check_device(device) if device is not None else default_device()
+        dtype = default_dtype(device) if dtype is None else check_dtype(dtype)
 
         # Check the files before starting any process group, so a typo fails fast and clearly.
         params = checkpoint.read_params(ckpt_dir)
@@ -196,8 +240,17 @@ class Llama:
             overrides["rope_scaling_factor"] = rope_scaling_factor
         model_args = dataclasses.replace(model_args, **overrides)
         check_model_parallel_fit(model_args, mp_size, repeat_kv_heads=True)
-        with torch.device(device), default_dtype_scope(dtype):
-            model = family.model_cls(model_args)
+        _check_kv_cache_fits(model_args, mp_size, device, dtype)
+        try:
+            with torch.device(device), default_dtype_scope(dtype):
+                model = family.model_cls(model_args)
+        except RuntimeError as e:  # torch.OutOfMemoryError (CUDA) is one; the CPU allocator's is a plain one
+            if not isinstance(e, torch.OutOfMemoryError) and "can't allocate memory" not in str(e):
+                raise
+            raise MemoryError(
+                f"{_kv_cache_text(model_args, mp_size, dtype)}; building the model ran out of memory on {device}: "
+                f"lower max_seq_len or max_batch_size. torch said: {e}"
+            ) from e
         if scheme is None:
             checkpoint.load_weights(model, shard_paths, model_parallel_rank(), mp_size, device, dtype)
         else:
@@ -274,7 +327,11 @@ class Llama:
     def _start(self, prompt_tokens: Sequence[Sequence[int]], max_gen_len: int, logprobs: bool) -> DecodeState:
         """Lay the prompts into a (bsz, total_len) grid, as the reference does."""
         max_prompt_len = max(len(t) for t in prompt_tokens)
-        total_len = min(self.model.params.max_seq_len, max_gen_len + max_prompt_len)
+        max_seq_len = self.model.params.max_seq_len
+        # No row can generate more than max_seq_len tokens, so a larger budget means the same as max_seq_len;
+        # clamped, it cannot overflow the int64 limits below (sys.maxsize would, and end every row at once).
+        max_gen_len = min(int(max_gen_len), max_seq_len)
+        total_len = min(max_seq_len, max_gen_len + max_prompt_len)
         bsz = len(prompt_tokens)
         tokens = torch.full((bsz, total_len), self.tokenizer.pad_id, dtype=torch.long, device=self.device)
         is_prompt = torch.zeros((bsz, total_len), dtype=torch.bool, device=self.device)
@@ -308,6 +365,7 @@ class Llama:
         and may mark rows of ``state.finished`` (a stop string was reached) to end them early.
         """
         tokens, total_len = state.tokens, state.tokens.shape[1]
+        temperature, top_p = float(temperature), float(top_p)  # numpy's floats too, checked by _check_sampling
         if state.filled == total_len:
             # Nothing to generate (max_gen_len=0, or every prompt fills max_seq_len): only score the prompts if
             # asked, in one pass over the grid. Unlike the reference, token t is scored with the logits of
@@ -467,10 +525,15 @@ class Llama:
         logprobs: bool,
         echo: bool,
         stop: Optional[Sequence[str]],
+        echo_text: Optional[bool] = None,
     ) -> tuple[List[List[int]], Optional[List[List[float]]], List[RowEnd], Optional[List[TextStream]]]:
-        """Token ids, logprobs, end and (with stop strings) text stream of each completion."""
+        """Token ids, logprobs, end and (with stop strings) text stream of each completion.
+
+        echo_text: whether the text streams hold the prompt's text too (default: echo); a chat answer's do not.
+        """
         prompts, max_gen_len, stop = self._prepare(prompt_tokens, max_gen_len, temperature, top_p, stop)
-        streams = [TextStream(self.tokenizer, stop, prefix=t if echo else ()) for t in prompts] if stop else None
+        echo_text = echo if echo_text is None else echo_text
+        streams = [TextStream(self.tokenizer, stop, prefix=t if echo_text else ()) for t in prompts] if stop else None
         with self._lock:  # the whole batch: another thread's call waits for the KV cache
             state, rows, steps = self._run(prompts, max_gen_len, temperature, top_p, logprobs, streams)
             for _ in steps:
@@ -493,16 +556,17 @@ class Llama:
         top_p: float,
         max_gen_len: Optional[int],
         stop: Optional[List[str]],
-    ) -> Iterator[str]:
-        """Check the arguments now, then return an iterator of text deltas for one prompt."""
+    ) -> Generator[str, None, Optional[int]]:
+        """Check the arguments now, then return a generator of text deltas for one prompt (``_stream_deltas``)."""
         prompts, max_gen_len, stop = self._prepare([prompt_tokens], max_gen_len, temperature, top_p, stop, stream=True)
         return self._stream_deltas(prompts, max_gen_len, temperature, top_p, TextStream(self.tokenizer, stop))
 
     def _stream_deltas(
         self, prompts: list[list[int]], max_gen_len: int, temperature: float, top_p: float, stream: TextStream
-    ) -> Iterator[str]:
+    ) -> Generator[str, None, Optional[int]]:
+        """Yield the text deltas of one prompt's row; return the stop id that ended it (None if none did)."""
         with self._lock:
-            _, _, steps = self._run(prompts, max_gen_len, temperature, top_p, False, [stream])
+            _, rows, steps = self._run(prompts, max_gen_len, temperature, top_p, False, [stream])
         while True:
             with self._lock:  # one step at a time: a batch call in another thread runs between two steps
                 if next(steps, None) is None:
@@ -513,6 +577,7 @@ class Llama:
         piece = stream.delta(final=True)
         if piece:
             yield piece
+        return rows[0].stop_id
 
     # ------------------------------------------------------------------ text and chat
 
@@ -581,11 +646,18 @@ class Llama:
         max_gen_len: Optional[int] = None,
         logprobs: bool = False,
         stop: Optional[List[str]] = None,
+        echo: bool = False,
     ) -> List[ChatPrediction]:
         """Answer the last user message of each dialog as the assistant, in the chat format of the model's
         generation (``generator.formatter``).
 
         stop: as for ``text_completion``.
+        echo: with logprobs, "tokens" and "logprobs" start with the dialog's prompt tokens (the chat format's
+            encoding of it) and their log-probabilities, as ``text_completion``'s do; ``generation`` stays the
+            answer alone. ``max_gen_len=0, logprobs=True, echo=True`` scores each dialog's prompt.
+
+        Nothing raises after generation: whatever text the model produced becomes a message
+        (``formatter.decode_answer``), which the next dialog accepts as an assistant message.
         """
         if not isinstance(dialogs, (list, tuple)):
             raise TypeError("dialogs must be a list of dialogs (each a list of {'role', 'content'} messages)")
@@ -593,9 +665,10 @@ class Llama:
         prompt_tokens = [formatter.encode_dialog_prompt(dialog) for dialog in dialogs]
         refusals = [formatter.refusal(dialog) for dialog in dialogs]
         tokens, logprobs_, rows, streams = self._complete(
-            prompt_tokens, max_gen_len, temperature, top_p, logprobs, False, stop
+            prompt_tokens, max_gen_len, temperature, top_p, logprobs, echo, stop, echo_text=False
         )
-        texts = self._texts(tokens, streams)
+        answers = [t[len(p) :] for t, p in zip(tokens, prompt_tokens)] if echo else tokens
+        texts = self._texts(answers, streams)
         results: List[ChatPrediction] = []
         for i, t in enumerate(tokens):
             answer = refusals[i] if refusals[i] is not None else texts[i]
@@ -614,15 +687,22 @@ class Llama:
         top_p: float = 0.9,
         max_gen_len: Optional[int] = None,
         stop: Optional[List[str]] = None,
-    ) -> Iterator[str]:
-        """Yield the assistant's answer to one dialog as text deltas; they join to the ``chat_completion`` content."""
+    ) -> ChatStream:
+        """The assistant's answer to one dialog as it is generated: a ``ChatStream``.
+
+        Iterate it for str deltas of the answer's content; they join to exactly the ``content`` of the message
+        that ``chat_completion([dialog], ...)`` returns with the same arguments and seed. Once they are exhausted,
+        its ``message`` is that whole message (with Llama 3, ``stop_reason`` and ``tool_calls``): keep it, not the
+        joined deltas, as the assistant's turn of the dialog. An answer that is a tool call streams no text; see
+        ``ChatStream`` for the one case of a call written after some text.
+        """
         formatter = self._chat_format()
         prompt_tokens = formatter.encode_dialog_prompt(dialog)
         refusal = formatter.refusal(dialog)
         if refusal is not None:
             check_stop(stop)
-            return iter([refusal])
-        return self._stream(prompt_tokens, temperature, top_p, max_gen_len, stop)
+            return ChatStream(formatter, iter([refusal]))
+        return ChatStream(formatter, self._stream(prompt_tokens, temperature, top_p, max_gen_len, stop))
 
 
 def _check_prompt_strings(prompts: List[str]) -> None:

@@ -6,6 +6,7 @@ Rank 0 reads the terminal and broadcasts each line, so every model-parallel rank
 from __future__ import annotations
 
 import contextlib
+import json
 import signal
 import sys
 from typing import Callable, Iterator, List, Optional, TextIO
@@ -31,17 +32,24 @@ def _catch_interrupt() -> Iterator[Callable[[], bool]]:
 
 def fit_dialog(
     generator: Llama, system: Optional[str], turns: List[Message], answer_room: int
-) -> tuple[List[Message], Dialog, int, int]:
+) -> Optional[tuple[List[Message], Dialog, int, int]]:
     """Drop the oldest (user, assistant) pairs until the prompt leaves answer_room tokens in max_seq_len.
 
     Returns the turns kept, the dialog to send (system message first), its length in tokens, and how many
-    pairs were dropped. The last user message is never dropped here.
+    pairs were dropped; or None, before dropping anything, when the last message (the user's) does not fit even
+    alone. The last user message is never dropped here, and `turns` itself is never changed.
     """
     max_seq_len = generator.model.params.max_seq_len
+
+    def dialog_of(kept: List[Message]) -> tuple[Dialog, int]:
+        dialog: Dialog = ([{"role": "system", "content": system}] if system else []) + kept
+        return dialog, len(generator.formatter.encode_dialog_prompt(dialog))
+
+    if dialog_of(turns[-1:])[1] + answer_room > max_seq_len:
+        return None  # no exchange is worth dropping for it
     dropped = 0
     while True:
-        dialog: Dialog = ([{"role": "system", "content": system}] if system else []) + turns
-        prompt_len = len(generator.formatter.encode_dialog_prompt(dialog))
+        dialog, prompt_len = dialog_of(turns)
         if prompt_len + answer_room <= max_seq_len or len(turns) <= 1:
             return turns, dialog, prompt_len, dropped
         turns = turns[2:]
@@ -121,29 +129,34 @@ def chat_loop(
             say(f"[{refusal} That message was not added to the dialog.]")
             continue
         try:
-            turns, dialog, prompt_len, dropped = fit_dialog(generator, system, turns + [message], answer_room)
+            fitted = fit_dialog(generator, system, turns + [message], answer_room)
         except ValueError as e:  # text the tokenizer refuses (a lone surrogate from undecodable input)
             say(f"[that message was not sent: {e}]")
             continue
+        if fitted is None:  # checked before dropping anything: the dialog so far stays whole
+            say(f"[that message is too long for max_seq_len={max_seq_len}; please shorten it]")
+            continue
+        turns, dialog, prompt_len, dropped = fitted
         if dropped:
             say(f"[dropped the {dropped} oldest exchange(s) to fit max_seq_len={max_seq_len}]")
-        if prompt_len + answer_room > max_seq_len:
-            say(f"[that message is too long for max_seq_len={max_seq_len}; please shorten it]")
-            turns = turns[:-1]
-            continue
 
         say("Assistant: ", end="")
         answer = []
         room = max_seq_len - prompt_len if max_gen_len is None else max_gen_len
         with _catch_interrupt() as interrupted, collective("a generation step (the model-parallel all-reduce)"):
-            for piece in generator.chat_completion_stream(dialog, temperature, top_p, max_gen_len=room):
+            stream = generator.chat_completion_stream(dialog, temperature, top_p, max_gen_len=room)
+            for piece in stream:
                 answer.append(piece)
                 say(piece, end="")
                 if broadcast_from_main(interrupted()):
                     say(" [interrupted]", end="")
                     break
         say("")
-        reply: Message = {"role": "assistant", "content": "".join(answer)}
+        # The whole answer as chat_completion gives it (a Llama 3 tool call in tool_calls, not as text); an
+        # interrupted one keeps what was shown.
+        reply: Message = stream.message or {"role": "assistant", "content": "".join(answer)}
+        for call in reply.get("tool_calls") or []:
+            say(f"[tool call: {call['tool_name']} {json.dumps(call['arguments'])}]")
         if generator.formatter.refusal([reply]) is not None:  # the model wrote a special tag: same poison
             say("[that answer holds a special tag, so this exchange was not kept in the dialog]")
             turns = turns[:-1]

@@ -110,7 +110,8 @@ class Layout:
         """Raise a ValueError naming the file and the key where shards do not fit together.
 
         Every shard must hold the same keys, each split weight must have its split dimension, and shapes must
-        be equal except along that dimension (replicated weights: equal everywhere).
+        be equal except along that dimension (replicated weights: equal everywhere); no shard may be a copy of
+        another (``check_no_copies``).
         """
         first, first_name = shards[0], paths[0].name
         for path, shard in zip(paths, shards):
@@ -134,6 +135,31 @@ class Layout:
                     raise ValueError(
                         f"shard {str(path)!r}: {key!r} has shape {tuple(tensor.shape)}, which does not fit "
                         f"{tuple(ref)} in {first_name}"
+                    )
+        self.check_no_copies(paths, shards)
+
+    def check_no_copies(self, paths: Sequence[Path], shards: Sequence[Mapping[str, torch.Tensor]]) -> None:
+        """Raise a ValueError naming both files where two shards hold the same slice of a split weight: one is a
+        copy of the other (consolidated.00.pth copied over consolidated.01.pth, or added as it), which would load
+        as another model or be blamed on the tokenizer.
+
+        Files never hold a slice twice (KV heads repeated over ranks are repeated on loading), so one split weight
+        tells: the output layer's where there is one (vocabulary rows, distinct in any trained model). Its first
+        row is compared, and the whole slice only where those are equal, so this reads little.
+        """
+        split = [key for key in shards[0] if self.split_dim(key) is not None and shards[0][key].ndim > 0]
+        key = next((k for k in split if k.startswith("output.")), split[0] if split else None)
+        if key is None or len(shards) < 2 or any(s[key].device.type == "meta" for s in shards):
+            return  # nothing split, one shard, or stand-ins without data (quantize.float_shaped_shards)
+        for j in range(1, len(shards)):
+            for i in range(j):
+                a, b = shards[i][key], shards[j][key]
+                same = a.shape == b.shape and a.dtype == b.dtype and a.numel() > 0 and torch.equal(a[0], b[0])
+                if same and torch.equal(a, b):
+                    raise ValueError(
+                        f"{paths[i].name} and {paths[j].name} in {str(paths[j].parent)!r} are copies of each "
+                        f"other (both hold the same slice of {key!r}), but each shard must hold its own rank's "
+                        "slice: re-download them, or re-create the checkpoint"
                     )
 
     def merged_shapes(self, shards: Sequence[Mapping[str, torch.Tensor]]) -> dict[str, tuple[int, ...]]:
@@ -226,15 +252,16 @@ def _built_as_one_rank() -> Iterator[None]:
 
     They read the model-parallel size as they are built, and with more ranks fairscale copies a full master
     weight into each slice, which cannot be done on the meta device. A layout model is a whole model that holds
-    no data, so it is built as if this process were the only rank, whatever its group. Its RoPE table is left
-    empty: computing one on the meta device runs torch's Python reference ops, whose first use imports
-    torch._dynamo (2.6 s of every ``Llama.build``, measured).
+    no data, so it is built as if this process were the only rank, whatever its group (the command-line tools have
+    none). Its RoPE table is left empty: computing one on the meta device runs torch's Python reference ops, whose
+    first use imports torch._dynamo (2.6 s of every ``Llama.build``, measured).
     """
 
     def empty_rotations(dim: int, end: int, *args: object, **kwargs: object) -> torch.Tensor:
         return torch.empty(end, dim // 2, dtype=torch.complex64)
 
     with _one_rank_lock, mock.patch.object(fs_init, "get_model_parallel_world_size", lambda: 1), \
+            mock.patch.object(fs_init, "model_parallel_is_initialized", lambda: True), \
             mock.patch.object(model_module, "precompute_freqs_cis", empty_rotations), \
             mock.patch.object(fs_init, "get_model_parallel_rank", lambda: 0), \
             mock.patch.object(fs_layers, "get_model_parallel_world_size", lambda: 1), \

@@ -57,6 +57,14 @@ class ModelArgs:
             if not isinstance(value, (int, float)) or isinstance(value, bool) or not (0 < value < math.inf):
                 allowed = " or None" if name in ("ffn_dim_multiplier", "rope_scaling_factor") else ""
                 raise ValueError(f"ModelArgs.{name} must be a finite positive number{allowed}, got {value!r}")
+        # Meta's code reads no factor without use_scaled_rope (none of its params.json files has one), so a factor
+        # given alone would be silently ignored: the model computed would not be the one asked for.
+        if self.rope_scaling_factor is not None and not self.use_scaled_rope:
+            raise ValueError(
+                f"rope_scaling_factor={self.rope_scaling_factor!r} is given but use_scaled_rope is false: the factor "
+                "only scales Llama 3.1's RoPE, so it would be ignored; set \"use_scaled_rope\": true in params.json "
+                "(ModelArgs.use_scaled_rope=True) to scale the frequencies, or drop rope_scaling_factor"
+            )
         if self.dim % self.n_heads != 0:
             raise ValueError(f"dim ({self.dim}) must be divisible by n_heads ({self.n_heads})")
         if (self.dim // self.n_heads) % 2 != 0:
@@ -232,6 +240,21 @@ def causal_mask(seqlen: int, start_pos: int, device: torch.device, dtype: torch.
     return mask.to(dtype)
 
 
+def kv_cache_shape(args: ModelArgs, mp_size: int) -> tuple[int, int, int, int]:
+    """One rank's cache_k (or cache_v) of one layer: (max_batch_size, max_seq_len, n_local_kv_heads, head_dim).
+
+    Each rank holds its share of the KV heads, and one KV head when there are more ranks than KV heads (see
+    ``Attention``).
+    """
+    n_local_kv_heads = args.kv_heads * max(1, mp_size // args.kv_heads) // mp_size
+    return (args.max_batch_size, args.max_seq_len, n_local_kv_heads, args.head_dim)
+
+
+def kv_cache_bytes(args: ModelArgs, mp_size: int, dtype: torch.dtype) -> int:
+    """Bytes of one rank's KV cache: keys and values of every layer, for max_batch_size rows of max_seq_len."""
+    return 2 * args.n_layers * math.prod(kv_cache_shape(args, mp_size)) * dtype.itemsize
+
+
 class Attention(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
@@ -242,7 +265,8 @@ class Attention(nn.Module):
         # repeats them). Otherwise kv_repeats is 1 and this is the reference's attention.
         self.kv_repeats = max(1, mp_size // self.n_kv_heads)
         self.n_local_heads = args.n_heads // mp_size
-        self.n_local_kv_heads = self.n_kv_heads * self.kv_repeats // mp_size
+        cache_shape = kv_cache_shape(args, mp_size)  # (max_batch_size, max_seq_len, n_local_kv_heads, head_dim)
+        self.n_local_kv_heads = cache_shape[2]
         self.n_rep = self.n_local_heads // self.n_local_kv_heads
         self.head_dim = args.head_dim
 
@@ -253,7 +277,6 @@ class Attention(nn.Module):
         self.wo = RowParallelLinear(q_dim, args.dim, bias=False, input_is_parallel=True, init_method=_keep)
 
         # The KV cache follows the module through .to(device, dtype) and never enters state_dict().
-        cache_shape = (args.max_batch_size, args.max_seq_len, self.n_local_kv_heads, self.head_dim)
         self.register_buffer("cache_k", torch.zeros(cache_shape), persistent=False)
         self.register_buffer("cache_v", torch.zeros(cache_shape), persistent=False)
 
@@ -349,6 +372,12 @@ class Transformer(nn.Module):
 
     def __init__(self, params: ModelArgs):
         super().__init__()
+        # fairscale's layers ask for the model-parallel group and would fail on a bare assert without one.
+        if not fs_init.model_parallel_is_initialized():
+            raise RuntimeError(
+                "no model-parallel process group: call llama.distributed.setup_model_parallel(None, device) "
+                "before building a Transformer yourself (Llama.build does it)"
+            )
         if params.vocab_size < 1:
             raise ValueError(
                 f"vocab_size must be set to the tokenizer's size before building the model, got {params.vocab_size}"

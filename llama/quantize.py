@@ -44,7 +44,10 @@ slice of the inputs. A quantized checkpoint (``python -m llama.quantize``) holds
 ``P.scales`` instead of ``P.weight`` for every linear layer P, and its params.json says how it was made under
 the key ``"quantization": {"mode": "int4", "group_size": 32}``; ``Llama.build`` loads it directly, and
 ``python -m llama.reshard`` re-cuts it as it is (each shard must hold whole groups). Tools that need float weights
-(``python -m llama.convert to_hf``, quantizing again) refuse it, naming the scheme.
+(``python -m llama.convert to_hf``, quantizing again) refuse it, naming the scheme. Loading one refuses, naming the
+file and the key, what ``quantize`` never writes: a missing or float P.weight, a qweight or scales that are not 2-D
+or do not fit each other, other dtypes, and scales that are inf, NaN, negative (int8; int4's take either sign) or
+so large that their weights overflow fp32.
 
     python -m llama.quantize --ckpt_dir llama-2-7b --out_dir llama-2-7b-int4 --mode int4 [--group_size 32]
 """
@@ -54,7 +57,9 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import dataclasses
+import functools
 import logging
+import math
 import pickle
 import re
 import threading
@@ -73,6 +78,13 @@ from llama import checkpoint, cpu_gemv
 from llama.families import family_of_folder
 from llama.layout import Layout, _built_as_one_rank
 from llama.model import ModelArgs, Transformer
+
+# `python -m llama.quantize` executes this file as __main__: hand over to the one llama.quantize module before
+# this copy defines anything, so nothing is defined twice (see commandline.run_module).
+if __name__ == "__main__":
+    from llama.commandline import run_module
+
+    run_module("llama.quantize", "main")
 
 logger = logging.getLogger(__name__)
 
@@ -143,9 +155,10 @@ def split_params(
 # ------------------------------------------------------------------------------------- quantize, dequantize
 
 
-def quantize(w: torch.Tensor, scheme: Scheme) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize(w: torch.Tensor, scheme: Scheme, name: str = "a weight") -> tuple[torch.Tensor, torch.Tensor]:
     """(qweight, scales) of a float weight w (n, k): int8 (n, k) or packed uint8 (n, k / 2), and bf16 scales
-    (n, k / group_size). Computed in fp32, `_ROWS_PER_CHUNK` rows at a time."""
+    (n, k / group_size). Computed in fp32, `_ROWS_PER_CHUNK` rows at a time. name: w, as errors name it (the
+    key and the file it comes from)."""
     if w.ndim != 2 or not w.is_floating_point():
         raise ValueError(f"quantize takes a 2-D float weight, got {w.dtype} of shape {tuple(w.shape)}")
     n, k = w.shape
@@ -158,7 +171,7 @@ def quantize(w: torch.Tensor, scheme: Scheme) -> tuple[torch.Tensor, torch.Tenso
         groups = w[lo : lo + _ROWS_PER_CHUNK].to(torch.float32, copy=True).reshape(-1, k // g, g)  # changed below
         magnitude = groups.abs().amax(-1)  # (rows, k / g); NaN and inf carry through
         if not torch.isfinite(magnitude).all():
-            raise ValueError("cannot quantize a weight holding inf or NaN")
+            raise ValueError(f"cannot quantize {name}: it holds inf or NaN values (a damaged file? re-download it)")
         if scheme.mode == "int8":
             scale = (magnitude / 127).to(SCALE_DTYPE)
             lowest, highest = -127, 127
@@ -386,7 +399,7 @@ class QuantizedLinear(nn.Module):
         scheme.check_fits(name, in_features, fs_init.get_model_parallel_world_size())
         parallel = "row" if isinstance(linear, fs_layers.RowParallelLinear) else "column"
         layer = cls(in_features, out_features, scheme, parallel, getattr(linear, "gather_output", False), "meta")
-        layer.qweight, layer.scales = quantize(linear.weight.detach(), scheme)
+        layer.qweight, layer.scales = quantize(linear.weight.detach(), scheme, name)
         return layer
 
     def extra_repr(self) -> str:
@@ -497,41 +510,128 @@ def quantized_layout(layout: Layout, linears: Sequence[str], scheme: Scheme) -> 
     return Layout(shapes, dims, repeats)
 
 
-def _float_shaped(shard: Mapping[str, torch.Tensor], scheme: Scheme) -> dict[str, torch.Tensor]:
-    """One quantized shard as meta tensors of the float weights it stands for (P.qweight and P.scales become
-    P.weight)."""
+@functools.lru_cache(maxsize=8)
+def _linear_patterns(model_cls: type) -> frozenset[str]:
+    """The linear layers of any model_cls model by name pattern ("layers.{i}.attention.wq", "output"), from a
+    one-layer model."""
+    tiny = ModelArgs(dim=4, n_layers=1, n_heads=1, multiple_of=1, vocab_size=1, max_batch_size=1, max_seq_len=1)
+    return frozenset(_LAYER.sub("layers.{i}.", name) for name in _linear_names(tiny, model_cls))
+
+
+def _is_linear(name: str, patterns: frozenset[str]) -> bool:
+    """Whether module `name` ("layers.3.attention.wq") is a linear layer of the `patterns`."""
+    return _LAYER.sub("layers.{i}.", name) in patterns
+
+
+def _check_quantized_shard(
+    path: Path, shard: Mapping[str, torch.Tensor], scheme: Scheme, patterns: frozenset[str]
+) -> None:
+    """Raise a ValueError naming the file and the key where a shard of a quantized checkpoint is not as
+    ``quantize_checkpoint`` writes it: each linear layer P (of `patterns`) holds P.qweight and P.scales, never a
+    float P.weight; both are 2-D and fit each other (int8 (n, k) or int4's packed uint8 (n, k / 2), and bf16 scales
+    (n, k / group_size)); every other weight is a float one (``checkpoint.check_weight_dtype``)."""
+    where = f"{str(path)!r} (a quantized checkpoint's shard: {scheme.mode}, group {scheme.group_size})"
+    dtypes = {"qweight": torch.int8 if scheme.mode == "int8" else torch.uint8, "scales": SCALE_DTYPE}
+    for key, t in shard.items():
+        name, _, kind = key.rpartition(".")
+        if kind in dtypes and _is_linear(name, patterns):
+            if t.ndim != 2:
+                raise ValueError(
+                    f"{where}: {key!r} has shape {tuple(t.shape)}, but a linear layer's {kind} is 2-D (its rows "
+                    "are the layer's outputs): the file is damaged; re-download it or quantize the float checkpoint "
+                    "again"
+                )
+            if t.dtype != dtypes[kind]:
+                raise ValueError(
+                    f"{where}: {key!r} is {t.dtype}, but the {kind} of an {scheme.mode} checkpoint holds "
+                    f"{dtypes[kind]} (does params.json's 'quantization' belong to these shards?)"
+                )
+            other = f"{name}.{'scales' if kind == 'qweight' else 'qweight'}"
+            if other not in shard:
+                raise ValueError(
+                    f"{where} does not fit the model: missing keys: {other} (next to {key}: a quantized "
+                    f"checkpoint holds P.qweight and P.scales for every linear layer P)"
+                )
+        elif kind == "weight" and _is_linear(name, patterns):
+            raise ValueError(
+                f"{where}: {key!r} is a float weight, but params.json says the checkpoint is quantized, where each "
+                f"linear layer holds {name}.qweight and {name}.scales instead (was a float shard copied in?)"
+            )
+        elif key not in checkpoint.IGNORED_KEYS and kind not in dtypes:
+            checkpoint.check_weight_dtype(path, key, t)
+    for name in _linears_in(shard, patterns):
+        q, s = shard[f"{name}.qweight"], shard[f"{name}.scales"]
+        inputs = q.shape[1] * (2 if scheme.mode == "int4" else 1)
+        if s.shape != (q.shape[0], inputs // scheme.group_size) or inputs % scheme.group_size:
+            packed = " (two int4 weights a byte)" if scheme.mode == "int4" else ""
+            raise ValueError(
+                f"{where}: {name}.qweight {tuple(q.shape)} and {name}.scales {tuple(s.shape)} do not fit together: "
+                f"{q.shape[0]} rows of {inputs} inputs{packed} in groups of {scheme.group_size} have scales of "
+                f"shape ({q.shape[0]}, {inputs / scheme.group_size:g})"
+            )
+
+
+def _linears_in(shard: Mapping[str, torch.Tensor], patterns: frozenset[str]) -> list[str]:
+    """The linear layers P (of `patterns`) whose P.qweight `shard` holds, in file order."""
+    names = (key[: -len(".qweight")] for key in shard if key.endswith(".qweight"))
+    return [name for name in names if _is_linear(name, patterns)]
+
+
+def _float_shaped(
+    shard: Mapping[str, torch.Tensor], scheme: Scheme, patterns: frozenset[str]
+) -> checkpoint.StandInShard:
+    """One quantized shard (checked by ``_check_quantized_shard``) as meta tensors of the float weights it stands
+    for: P.qweight and P.scales become P.weight for every linear layer P (of `patterns`)."""
+    linears = set(_linears_in(shard, patterns))
     shaped = {}
     for key, t in shard.items():
-        if key.endswith(".qweight"):
-            cols = t.shape[-1] * (2 if scheme.mode == "int4" else 1) if t.ndim == 2 else -1
-            shaped[key[: -len("qweight")] + "weight"] = torch.empty(t.shape[0], cols, device="meta")
-        elif key.endswith(".scales"):
-            if key[: -len("scales")] + "qweight" not in shard:
-                shaped[key] = torch.empty(t.shape, device="meta")  # reported as unexpected
-        else:
+        name, _, kind = key.rpartition(".")
+        if name in linears and kind == "qweight":
+            cols = t.shape[1] * (2 if scheme.mode == "int4" else 1)
+            shaped[f"{name}.weight"] = torch.empty(t.shape[0], cols, device="meta")
+        elif not (name in linears and kind == "scales"):
             shaped[key] = torch.empty(t.shape, dtype=t.dtype, device="meta")
-    return shaped
+
+    def stored_as(key: str) -> str:
+        name, _, kind = key.rpartition(".")
+        return f"{name}.qweight and {name}.scales" if kind == "weight" and _is_linear(name, patterns) else key
+
+    return checkpoint.StandInShard(shaped, stored_as)
 
 
-def float_shaped_shards(paths: Sequence[Path], scheme: Scheme) -> list[dict[str, torch.Tensor]]:
+def _open_checked(
+    paths: Sequence[Path], scheme: Scheme, model_cls: type
+) -> tuple[list[dict[str, torch.Tensor]], list[checkpoint.StandInShard], Layout]:
+    """The shards of a quantized checkpoint (memory-mapped), their float stand-ins, and the layout they were cut
+    in, once each file is checked (``_check_quantized_shard``), and the shards against each other in the names
+    they hold (the same keys, shapes that fit, no shard a copy of another)."""
+    patterns = _linear_patterns(model_cls)
+    shards = [_load_quantized_shard(p) for p in paths]
+    for path, shard in zip(paths, shards):
+        _check_quantized_shard(path, shard, scheme, patterns)
+    stand_ins = [_float_shaped(shard, scheme, patterns) for shard in shards]
+    written = quantized_layout(Layout.for_shards(stand_ins, model_cls), _linears_in(shards[0], patterns), scheme)
+    written.check_shards_agree(paths, shards)
+    return shards, stand_ins, written
+
+
+def float_shaped_shards(
+    paths: Sequence[Path], scheme: Scheme, model_cls: type = Transformer
+) -> list[checkpoint.StandInShard]:
     """The shards of a quantized checkpoint as meta tensors of the float weights they stand for (P.qweight and
-    P.scales become P.weight), so that ``checkpoint.fit_params_to_shards`` checks them as any checkpoint."""
-    return [_float_shaped(_load_quantized_shard(path), scheme) for path in paths]
+    P.scales become P.weight), so that ``checkpoint.fit_params_to_shards`` checks them as any checkpoint, with
+    errors that name the keys the files hold. Each file is checked first (``_open_checked``)."""
+    return _open_checked(paths, scheme, model_cls)[1]
 
 
 def _open_quantized_shards(
-    paths: Sequence[Path], scheme: Scheme, linears: Sequence[str], expected: Layout, model_cls: type
+    paths: Sequence[Path], scheme: Scheme, expected: Layout, model_cls: type
 ) -> tuple[Layout, list[dict[str, torch.Tensor]]]:
     """The layout a quantized checkpoint's shards were cut in, and the shards (memory-mapped), once checked
-    against `expected` (a ``quantized_layout`` with full shapes): the same keys in every shard, every key and
-    shape, and the dtypes."""
-    source = repr(str(paths[0].parent))
-    shards = [_load_quantized_shard(p) for p in paths]
-    as_float = Layout.for_shards([_float_shaped(shard, scheme) for shard in shards], model_cls)
-    written = quantized_layout(as_float, linears, scheme)
-    written.check_shards_agree(paths, shards)
-    checkpoint.check_state_dict(written.merged_shapes(shards), expected.shapes, source)
-    _check_quantized_dtypes(shards[0], linears, scheme, source)
+    (``_open_checked``) and checked against `expected` (a ``quantized_layout`` with full shapes): every key and
+    shape."""
+    shards, _, written = _open_checked(paths, scheme, model_cls)
+    checkpoint.check_state_dict(written.merged_shapes(shards), expected.shapes, repr(str(paths[0].parent)))
     return written, shards
 
 
@@ -561,7 +661,7 @@ def load_weights(
 
     if prequantized:
         model_layout = quantized_layout(layout, linears, scheme)
-        written, shards = _open_quantized_shards(shard_paths, scheme, linears, model_layout, type(model))
+        written, shards = _open_quantized_shards(shard_paths, scheme, model_layout, type(model))
     else:
 
         def open_shards() -> list[dict[str, torch.Tensor]]:
@@ -583,37 +683,63 @@ def load_weights(
             layer = match.group(1)
             shards = open_shards()  # fresh mappings: the pages of the layers done leave with the old ones
         if key in weight_of:  # a float linear weight: quantize this rank's slice
-            name = weight_of[key]
-            state[f"{name}.qweight"], state[f"{name}.scales"] = (
-                t.to(device) for t in quantize(rank_slice(shards, key), scheme)
-            )
+            name, w = weight_of[key], rank_slice(shards, key)
+            try:
+                q = quantize(w, scheme, repr(key))
+            except ValueError:
+                checkpoint.check_finite(key, w, shard_paths, shards)  # names the file if it holds inf or NaN
+                raise
+            state[f"{name}.qweight"], state[f"{name}.scales"] = (t.to(device) for t in q)
         elif prequantized and key.endswith((".qweight", ".scales")):
             state[key] = rank_slice(shards, key).to(device).contiguous()
+            if key.endswith(".scales"):
+                _check_scales(key, state[key], scheme, shard_paths, shards)
         else:
             t = rank_slice(shards, key)
             out = t.to(device=device, dtype=dtype).contiguous()
             if not prequantized and out.device.type == "cpu" and out.data_ptr() == t.data_ptr():
                 out = out.clone()  # no view may keep a float shard's mapping alive
+            checkpoint.check_finite(key, out, shard_paths, shards)
             state[key] = out
     del shards
     model.load_state_dict(state, strict=True, assign=True)
 
 
-def _check_quantized_dtypes(
-    shard: Mapping[str, torch.Tensor], linears: Sequence[str], scheme: Scheme, source: str
+# The largest |q| of each mode: a scale s stands for weights up to this many times s.
+_LARGEST_Q = {"int8": 127, "int4": 8}
+
+
+def _scales_ok(scales: torch.Tensor, scheme: Scheme) -> bool:
+    """Whether `scales` are as ``quantize`` writes them: finite, not so large that their weights overflow fp32, and
+    for int8 (max|w| / 127) not negative; int4's (m / -8 for m the group's extreme weight) take either sign. Read
+    from the smallest and largest scales (NaN propagates to both), in one pass."""
+    if scales.numel() == 0:
+        return True
+    lo, hi = (float(x) for x in torch.aminmax(scales))
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        return False
+    largest_weight = max(-lo, hi) * _LARGEST_Q[scheme.mode]
+    return largest_weight <= torch.finfo(torch.float32).max and (scheme.mode == "int4" or lo >= 0)
+
+
+def _check_scales(
+    key: str, scales: torch.Tensor, scheme: Scheme, paths: Sequence[Path], shards: Sequence[Mapping[str, torch.Tensor]]
 ) -> None:
-    want = torch.int8 if scheme.mode == "int8" else torch.uint8
-    for name in linears:
-        q, s = shard[f"{name}.qweight"], shard[f"{name}.scales"]
-        if q.dtype != want or s.dtype != SCALE_DTYPE:
-            raise ValueError(
-                f"checkpoint {source}: {name}.qweight is {q.dtype} and {name}.scales {s.dtype}, but a "
-                f"{scheme.mode} checkpoint holds {want} and {SCALE_DTYPE}"
-            )
-    for key, t in shard.items():
-        quantized = key.endswith((".qweight", ".scales"))
-        if not quantized and not t.is_floating_point() and key not in checkpoint.IGNORED_KEYS:
-            raise ValueError(f"checkpoint {source}: {key!r} holds {t.dtype} values; it must be floating point")
+    """Raise a ValueError naming the files and the key where `scales` (a rank's slice of `key`, from `shards`, the
+    files `paths`) hold a value ``quantize`` never writes (``_scales_ok``): a damaged file would load without a
+    word and generate garbage with NaN log-probabilities."""
+    if _scales_ok(scales, scheme):
+        return
+    flat = scales.flatten().float()
+    bad = ~(flat.abs() * _LARGEST_Q[scheme.mode] <= torch.finfo(torch.float32).max)  # NaN compares False
+    value = flat[(bad | (flat < 0)) if scheme.mode == "int8" else bad][0].item()
+    files = [str(p) for p, s in zip(paths, shards) if key in s and not _scales_ok(s[key], scheme)]
+    what = "inf, NaN, negative or" if scheme.mode == "int8" else "inf, NaN or"
+    raise ValueError(
+        f"{', '.join(map(repr, files))}: {key!r} holds the scale {value!r}, which {scheme.mode} quantization never "
+        f"writes (scales are never {what} so large that their weights overflow): the file is damaged; re-download "
+        "it or quantize the float checkpoint again"
+    )
 
 
 # ------------------------------------------------------------------------------------- quantized checkpoints
@@ -679,11 +805,11 @@ def open_quantized_checkpoint(ckpt_dir: str | Path, model_cls: type = Transforme
     if scheme is None:
         raise ValueError(f"{str(folder)!r} is not a quantized checkpoint: its params.json has no {PARAMS_KEY!r}")
     paths = checkpoint.find_shards(folder)
-    as_float = float_shaped_shards(paths, scheme)
+    as_float = float_shaped_shards(paths, scheme, model_cls)
     args, float_layout = checkpoint.fit_params_to_shards(float_params, paths, as_float, None, model_cls)
     linears = _linear_names(args, model_cls)
     layout = quantized_layout(float_layout, linears, scheme)
-    written, shards = _open_quantized_shards(paths, scheme, linears, layout, model_cls)
+    written, shards = _open_quantized_shards(paths, scheme, layout, model_cls)
     return QuantizedCheckpoint(folder, params, args, paths, shards, layout, written, scheme, linears)
 
 
@@ -722,7 +848,8 @@ def quantize_checkpoint(
             out = {}
             for key, tensor in shard.items():
                 if key in weight_of:
-                    out[f"{weight_of[key]}.qweight"], out[f"{weight_of[key]}.scales"] = quantize(tensor, scheme)
+                    name = f"{key!r} of {str(ckpt.paths[rank])!r}"
+                    out[f"{weight_of[key]}.qweight"], out[f"{weight_of[key]}.scales"] = quantize(tensor, scheme, name)
                 else:
                     out[key] = tensor
             yield out
@@ -750,8 +877,3 @@ def main(ckpt_dir: str, out_dir: str, mode: str, group_size: int = DEFAULT_GROUP
     out = quantize_checkpoint(ckpt_dir, out_dir, mode, group_size, on_shard_saved=progress)
     logger.info("wrote %s (%s, group size %d)", out, mode, group_size)
 
-
-if __name__ == "__main__":
-    import fire
-
-    fire.Fire(main)

@@ -15,12 +15,18 @@ import sys
 from pathlib import Path
 from typing import Callable, Iterator, Optional, TextIO
 
-import fire
 import torch
 
 from llama import checkpoint
 from llama.checks import check_positive_int
 from llama.families import family_of_folder
+
+# `python -m llama.reshard` executes this file as __main__: hand over to the one llama.reshard module before
+# this copy defines anything, so nothing is defined twice (see commandline.run_module).
+if __name__ == "__main__":
+    from llama.commandline import run_module
+
+    run_module("llama.reshard", "main")
 
 logger = logging.getLogger(__name__)
 
@@ -104,6 +110,3 @@ def main(ckpt_dir: str, out_dir: str, model_parallel_size: int) -> None:
     out = reshard(ckpt_dir, out_dir, model_parallel_size, on_shard_saved=progress)
     logger.info("wrote %s (%d shard(s))", out, model_parallel_size)
 
-
-if __name__ == "__main__":
-    fire.Fire(main)

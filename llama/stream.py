@@ -5,7 +5,8 @@ reaches a stop string, or after max_gen_len tokens. The decoding loop feeds it e
 streamed or has stop strings, and after the loop otherwise (so that loop needs no host sync per step).
 
 ``TextStream`` turns one row's growing token list into text deltas that are safe to show, and is the one place
-that searches for stop strings.
+that searches for stop strings. ``ChatStream`` turns those deltas into deltas of a chat answer's content and, at
+the end, the answer's message.
 
 SentencePiece decodes a prefix of a token list to a prefix of the full text, with one exception: a
 byte-fallback piece (<0xE6>, ...) that ends part-way through a multi-byte UTF-8 character decodes to U+FFFD
@@ -18,8 +19,9 @@ right, exactly as the final decode does) and shows only the new text, holding ba
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Generator, Iterator, Optional, Sequence
 
+from llama.chat_format import ChatFormat, Message
 from llama.tokenizer import TokenizerLike
 
 REPLACEMENT_CHAR = "\ufffd"
@@ -145,3 +147,46 @@ class RowEnd:
     def n_kept(self) -> int:
         """How many generated tokens the result keeps: those that cover the text up to a stop string."""
         return self.stream.n_tokens_for_text() if self.reason == "stop_string" else len(self.tokens)
+
+
+class ChatStream(Iterator[str]):
+    """The assistant's answer to one dialog as it is generated (``Llama.chat_completion_stream``).
+
+    Iterating yields str deltas of the answer's ``content``. Once they are exhausted, ``message`` holds the
+    whole answer: the message that ``chat_completion`` returns as ``generation`` for the same arguments and seed
+    (with Llama 3, its ``stop_reason`` and ``tool_calls``; only the random ``call_id`` differs). Before that,
+    ``message`` is None. The deltas join to exactly ``message["content"]``: a delta shows only content that no
+    later token can change (``ChatFormat.settled_content``). So a Llama 3 answer shows no leading or trailing
+    spaces, header or end-of-turn text, and an answer that is a tool call (``<|python_tag|>...``, a JSON call, a
+    Python list of calls) shows nothing: its deltas join to its empty content, and the call is in ``message``.
+    One case is beyond any stream: Meta's parser also finds a call written after some text
+    (``... <function=f>{...}`` or ``... brave_search.call(query="...")``) and then empties the content; that text
+    has been shown by then (the call itself never is), and ``message`` tells.
+    """
+
+    def __init__(self, formatter: ChatFormat, pieces: Iterator[str]):
+        """pieces: the answer's raw text, in pieces that no later token changes (``TextStream`` deltas). A
+        generator may return the stop id that ended the answer (None, or no return: none did)."""
+        self.formatter = formatter
+        self.message: Optional[Message] = None
+        self._deltas = self._content_deltas(pieces)
+
+    def __next__(self) -> str:
+        return next(self._deltas)
+
+    def _content_deltas(self, pieces: Iterator[str]) -> Generator[str, None, None]:
+        text, shown = "", ""
+        while True:
+            try:
+                text += next(pieces)
+            except StopIteration as end:
+                stop_id = end.value
+                break
+            settled = self.formatter.settled_content(text)
+            if len(settled) > len(shown):  # settled_content only grows as text does
+                yield settled[len(shown) :]
+                shown = settled
+        self.message = self.formatter.decode_answer(text, self.formatter.stop_reason(stop_id))
+        rest = self.message["content"]
+        if rest.startswith(shown) and len(rest) > len(shown):
+            yield rest[len(shown) :]

@@ -16,7 +16,7 @@ import binascii
 import logging
 import os
 import re
-from typing import ClassVar, Iterator, Protocol, Sequence, runtime_checkable
+from typing import ClassVar, Iterator, Optional, Protocol, Sequence, runtime_checkable
 
 import tiktoken
 from sentencepiece import SentencePieceProcessor
@@ -65,6 +65,37 @@ def check_file(model_path: str | os.PathLike) -> str:
     return model_path
 
 
+def check_ids(t: Sequence[int], n_words: int) -> list[int]:
+    """t as a list, once its min and max show that its ids lie in 0..n_words-1 (cheap enough for every decode);
+    else the error of ``bad_id_error``. Floats in range pass here: the tokenizer library raises a TypeError for
+    them, which the caller replaces with ``bad_id_error``'s."""
+    ids = list(t)
+    if ids:
+        try:
+            in_range = 0 <= min(ids) and max(ids) < n_words
+        except TypeError:  # ids of types that do not compare with numbers (str, None, lists)
+            in_range = False
+        error = None if in_range else bad_id_error(ids, n_words)
+        if error is not None:
+            raise error
+    return ids
+
+
+def bad_id_error(ids: Sequence[object], n_words: int) -> Optional[Exception]:
+    """The error for the first id in ids that is not an int in 0..n_words-1; None when all are.
+
+    Python's and numpy's ints count (anything with ``__index__``); floats, even whole ones, do not.
+    """
+    for i, x in enumerate(ids):
+        if not hasattr(type(x), "__index__"):
+            return TypeError(f"token ids must be ints, got {x!r} ({type(x).__name__}) at index {i}")
+        if not 0 <= x < n_words:
+            return ValueError(
+                f"token id {int(x)} (at index {i}) is out of range: this tokenizer's ids are 0..{n_words - 1}"
+            )
+    return None
+
+
 class Tokenizer:
     """Encodes text to token ids and back with a SentencePiece model (Llama 2's ``tokenizer.model``)."""
 
@@ -90,9 +121,10 @@ class Tokenizer:
     def recognizes(cls, head: bytes) -> bool:
         """Whether a file starting with `head` looks like a serialized SentencePiece ModelProto.
 
-        Its first field is ``pieces`` (field 1, length-delimited): the byte 0x0A.
+        Its first field is ``pieces`` (field 1, length-delimited): the byte 0x0A, which is also a newline, so a
+        ranks file that starts with a blank line is told apart by its text.
         """
-        return head[:1] == b"\x0a"
+        return head[:1] == b"\x0a" and not looks_like_ranks(head)
 
     def encode(self, s: str, bos: bool, eos: bool) -> list[int]:
         """Token ids of s, with the BOS id in front and/or the EOS id at the end when asked."""
@@ -104,8 +136,12 @@ class Tokenizer:
         return t
 
     def decode(self, t: Sequence[int]) -> str:
-        """Text of the token ids t."""
-        return self.sp_model.decode(list(t))
+        """Text of the token ids t; a ValueError naming an id outside 0..n_words-1, a TypeError for a non-int."""
+        ids = check_ids(t, self.n_words)
+        try:
+            return self.sp_model.decode(ids)
+        except TypeError as e:  # a float id: say which, in our words
+            raise bad_id_error(ids, self.n_words) or e from e
 
 
 # Llama 3's pre-tokenizer: tiktoken first splits text with this pattern, then runs BPE inside each piece.
@@ -151,19 +187,42 @@ _RUN = re.compile(r"\s+|\S+")  # Python's \s is exactly str.isspace(), Meta's te
 _RANKS_LINE = re.compile(rb"[A-Za-z0-9+/]+={0,2} [0-9]+(\r?\n|$)")
 
 
+# Meta's Llama 3 ranks file is about 2.2 MB; a file far larger is not one, and is refused before it is read.
+MAX_RANKS_FILE_BYTES = 64 * 2**20
+
+
+def looks_like_ranks(head: bytes) -> bool:
+    """Whether a file starting with `head` looks like a tiktoken ranks file: a first line ``<base64> <int>``,
+    after any blank lines (which Meta's reader skips)."""
+    return _RANKS_LINE.match(head.lstrip()) is not None
+
+
 def read_ranks(path: str) -> dict[bytes, int]:
-    """The BPE ranks of a tiktoken ranks file: one ``<base64 token> <rank>`` a line, ranks 0..n-1.
+    """The BPE ranks of a tiktoken ranks file (see ``parse_ranks``); a file over MAX_RANKS_FILE_BYTES is refused
+    from its size."""
+    size = os.path.getsize(path)
+    if size > MAX_RANKS_FILE_BYTES:
+        raise ValueError(
+            f"{path}: {size} bytes is far more than a tiktoken ranks file holds (Meta's Llama 3 tokenizer.model "
+            f"is about 2.2 MB; over {MAX_RANKS_FILE_BYTES // 2**20} MiB is refused); is it the right file?"
+        )
+    with open(path, "rb") as f:
+        return parse_ranks(f.read(), path)
+
+
+def parse_ranks(data: bytes, source: str) -> dict[bytes, int]:
+    """The BPE ranks of the contents of a tiktoken ranks file: one ``<base64 token> <rank>`` a line, ranks
+    0..n-1, each of the 256 single bytes among the tokens. `source` names the file in errors.
 
     Blank lines are skipped, as Meta's reader does. Where Meta's reader logs a warning and skips a bad line, this
     raises a ValueError naming the file and line: a tokenizer missing a token would give wrong ids silently.
     """
-    with open(path, "rb") as f:
-        lines = f.read().splitlines()
     ranks: dict[bytes, int] = {}
-    for lineno, line in enumerate(lines, start=1):
+    line_of_rank: dict[int, int] = {}
+    for lineno, line in enumerate(data.splitlines(), start=1):
         if not line.strip():
             continue
-        where = f"{path}, line {lineno}"
+        where = f"{source}, line {lineno}"
         fields = line.split()
         if len(fields) != 2:
             raise ValueError(f"{where}: expected '<base64 token> <rank>', got {line[:80]!r}")
@@ -176,13 +235,27 @@ def read_ranks(path: str) -> dict[bytes, int]:
             raise ValueError(f"{where}: the rank {rank_text[:80]!r} is not a non-negative integer")
         if token in ranks:
             raise ValueError(f"{where}: token {token!r} already has rank {ranks[token]}")
-        ranks[token] = int(rank_text)
+        rank = int(rank_text)
+        if rank in line_of_rank:
+            raise ValueError(f"{where}: rank {rank} is already given to the token on line {line_of_rank[rank]}")
+        ranks[token] = rank
+        line_of_rank[rank] = lineno
     if not ranks:
-        raise ValueError(f"{path}: no BPE ranks in the file")
-    # The special tokens take the ids right after the ranks, so the ranks must be exactly 0..n-1.
-    if sorted(ranks.values()) != list(range(len(ranks))):
-        missing = sorted(set(range(len(ranks))) - set(ranks.values()))[:5]
-        raise ValueError(f"{path}: the ranks must be 0..{len(ranks) - 1}, each once; missing e.g. {missing}")
+        raise ValueError(f"{source}: no BPE ranks in the file")
+    # The special tokens take the ids right after the ranks, so the ranks must be exactly 0..n-1. They are
+    # distinct (checked above), so they are 0..n-1 unless one is n or more.
+    n = len(ranks)
+    if max(line_of_rank) >= n:
+        gap = next(rank for rank in range(n) if rank not in line_of_rank)
+        raise ValueError(f"{source}: the ranks must be 0..{n - 1}, each once, but rank {gap} is missing")
+    # tiktoken starts every text from its single bytes: without a rank for one of them, encoding text that holds
+    # that byte panics (a pyo3 PanicException, which `except Exception` does not catch).
+    missing = [byte for byte in range(256) if bytes([byte]) not in ranks]
+    if missing:
+        raise ValueError(
+            f"{source}: the single byte {bytes(missing[:1])!r} has no rank ({len(missing)} of the 256 byte values "
+            "lack one); a byte-level BPE ranks file ranks each byte value, so this file is damaged or not one"
+        )
     return ranks
 
 
@@ -213,20 +286,26 @@ class Llama3Tokenizer:
         model_path = check_file(model_path)
         # Read the file ourselves: tiktoken's load_tiktoken_bpe caches by path and can return a stale copy
         # after the file at that path is rewritten.
-        ranks = read_ranks(model_path)
-        n_reserved = _LLAMA3_N_SPECIAL - len(_LLAMA3_NAMED_SPECIAL)
-        reserved = [f"<|reserved_special_token_{2 + i}|>" for i in range(n_reserved)]
-        names = list(_LLAMA3_NAMED_SPECIAL) + reserved
-        self.special_tokens: dict[str, int] = {name: len(ranks) + i for i, name in enumerate(names)}
-        self.model = tiktoken.Encoding(
-            name=os.path.basename(model_path),
-            pat_str=self.pat_str,
-            mergeable_ranks=ranks,
-            special_tokens=self.special_tokens,
-        )
+        self._init_from_ranks(read_ranks(model_path), os.path.basename(model_path))
         logger.debug("loaded tiktoken ranks from %s", model_path)
 
-        self.n_words: int = len(ranks) + len(names)
+    @classmethod
+    def from_ranks(cls, ranks: dict[bytes, int], name: str) -> Llama3Tokenizer:
+        """The tokenizer of BPE ranks already read and checked (by ``parse_ranks``), without a file."""
+        tokenizer = cls.__new__(cls)
+        tokenizer._init_from_ranks(ranks, name)
+        return tokenizer
+
+    def _init_from_ranks(self, ranks: dict[bytes, int], name: str) -> None:
+        n_reserved = _LLAMA3_N_SPECIAL - len(_LLAMA3_NAMED_SPECIAL)
+        reserved = [f"<|reserved_special_token_{2 + i}|>" for i in range(n_reserved)]
+        specials = list(_LLAMA3_NAMED_SPECIAL) + reserved
+        self.special_tokens: dict[str, int] = {token: len(ranks) + i for i, token in enumerate(specials)}
+        self.model = tiktoken.Encoding(
+            name=name, pat_str=self.pat_str, mergeable_ranks=ranks, special_tokens=self.special_tokens
+        )
+
+        self.n_words: int = len(ranks) + len(specials)
         self.bos_id: int = self.special_tokens["<|begin_of_text|>"]
         self.eos_id: int = self.special_tokens["<|end_of_text|>"]
         self.pad_id: int = self.special_tokens["<|finetune_right_pad_id|>"]
@@ -241,8 +320,9 @@ class Llama3Tokenizer:
 
     @classmethod
     def recognizes(cls, head: bytes) -> bool:
-        """Whether a file starting with `head` looks like a tiktoken ranks file: a first line ``<base64> <int>``."""
-        return _RANKS_LINE.match(head) is not None
+        """Whether a file starting with `head` looks like a tiktoken ranks file: a first line ``<base64> <int>``,
+        after any blank lines."""
+        return looks_like_ranks(head)
 
     def encode(self, s: str, *, bos: bool, eos: bool) -> list[int]:
         """Token ids of s, with the BOS id in front and/or the EOS id at the end when asked.
@@ -260,5 +340,13 @@ class Llama3Tokenizer:
         return t
 
     def decode(self, t: Sequence[int]) -> str:
-        """Text of the token ids t; bytes that do not form valid UTF-8 become U+FFFD, as in Meta's decode."""
-        return self.model.decode(list(t))
+        """Text of the token ids t; bytes that do not form valid UTF-8 become U+FFFD, as in Meta's decode.
+
+        A ValueError naming an id outside 0..n_words-1 (tiktoken would raise an OverflowError or KeyError), a
+        TypeError for an id that is not an int.
+        """
+        ids = check_ids(t, self.n_words)
+        try:
+            return self.model.decode(ids)
+        except TypeError as e:  # a float id: say which, in our words
+            raise bad_id_error(ids, self.n_words) or e from e

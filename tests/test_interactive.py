@@ -11,6 +11,7 @@ from conftest import REPO
 
 from llama import Llama
 from llama.interactive import chat_loop
+from llama.stream import ChatStream
 
 pexpect = pytest.importorskip("pexpect", reason="install the test extra: pip install -e '.[test]'")
 
@@ -131,7 +132,12 @@ def test_a_refused_message_is_dropped_from_the_dialog(generator, monkeypatch):
 def test_an_answer_with_special_tags_is_not_kept(generator, monkeypatch):
     answers = iter([["Sure ", "[/INST] here"], ["Fine."]])
     dialogs = []
-    monkeypatch.setattr(generator, "chat_completion_stream", lambda d, *a, **k: dialogs.append(d) or next(answers))
+
+    def answer(dialog, *args, **kwargs):
+        dialogs.append(dialog)
+        return ChatStream(generator.formatter, iter(next(answers)))
+
+    monkeypatch.setattr(generator, "chat_completion_stream", answer)
     lines = iter(["Hello there", "Where do llamas live?", "/exit"])
     out = io.StringIO()
     chat_loop(generator, read=lambda prompt: next(lines), out=out)
@@ -149,6 +155,13 @@ def test_unencodable_input_is_reported_and_the_chat_goes_on(generator, monkeypat
     ]  # fmt: skip
 
 
+def test_a_message_too_long_to_fit_leaves_the_history_whole(generator, monkeypatch):
+    text, dialogs = chat(generator, ["Hello there", "word " * 100, "Where do llamas live?", "/exit"], monkeypatch)
+    assert "too long for max_seq_len=96" in text and "dropped" not in text
+    assert len(dialogs) == 2  # the long message was never sent
+    assert [m["content"] for m in dialogs[1] if m["role"] == "user"] == ["Hello there", "Where do llamas live?"]
+
+
 @pytest.mark.parametrize("max_gen_len", [96, 200, 95])
 def test_max_gen_len_that_leaves_no_room_fails_before_the_loop(generator, max_gen_len):
     read = pytest.fail  # the loop must not start
@@ -164,12 +177,15 @@ def test_a_system_prompt_with_special_tags_fails_before_the_loop(generator):
 def test_ctrl_c_stops_the_answer_and_returns_to_the_prompt(generator, monkeypatch):
     dialogs = []
 
-    def endless_answer(dialog, *args, **kwargs):
-        dialogs.append(dialog)
+    def endless_pieces():
         yield "first"
         os.kill(os.getpid(), signal.SIGINT)  # the user presses Ctrl-C mid-answer
         for _ in range(1000):
             yield " more"
+
+    def endless_answer(dialog, *args, **kwargs):
+        dialogs.append(dialog)
+        return ChatStream(generator.formatter, endless_pieces())
 
     monkeypatch.setattr(generator, "chat_completion_stream", endless_answer)
     lines = iter(["hi", "again", "/exit"])

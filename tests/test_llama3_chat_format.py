@@ -297,5 +297,6 @@ def test_chat_completion_with_a_llama3_tokenizer(tokenizer):
     [result] = generator.chat_completion([dialog], temperature=0, max_gen_len=4)
     message = result["generation"]
     assert message["role"] == "assistant" and message["stop_reason"] in ("end_of_turn", "out_of_tokens")
-    streamed = "".join(generator.chat_completion_stream(dialog, temperature=0, max_gen_len=4))
-    assert streamed.strip(" ") == message["content"]  # decode_answer strips spaces, as Meta's
+    stream = generator.chat_completion_stream(dialog, temperature=0, max_gen_len=4)
+    assert "".join(stream) == message["content"]  # the stream holds back the spaces decode_answer strips
+    assert stream.message == message

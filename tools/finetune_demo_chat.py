@@ -35,7 +35,6 @@ import time
 from pathlib import Path
 from typing import Optional
 
-import fire
 import torch
 import torch.nn.functional as F
 
@@ -46,6 +45,7 @@ if str(REPO) not in sys.path:  # run as a script: make llama and tools importabl
 from example_chat_completion import DIALOGS  # noqa: E402
 from llama import Dialog, Llama  # noqa: E402
 from llama.chat_format import Llama2ChatFormat  # noqa: E402
+from llama.commandline import fire_checked  # noqa: E402
 from llama.model import ModelArgs  # noqa: E402
 from llama.tokenizer import Tokenizer  # noqa: E402
 from tools.train_demo import (  # noqa: E402
@@ -466,10 +466,5 @@ def main(
     return result
 
 
-def cli(**kwargs) -> None:
-    """Command line entry: like main, without printing the returned metrics (they are logged and written)."""
-    main(**kwargs)
-
-
 if __name__ == "__main__":
-    fire.Fire(main if "--help" in sys.argv or "-h" in sys.argv else cli)
+    fire_checked(main, serialize=lambda metrics: None)  # the metrics are logged and written, not printed again

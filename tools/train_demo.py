@@ -31,7 +31,6 @@ from collections import Counter
 from pathlib import Path
 from typing import Optional
 
-import fire
 import sentencepiece as spm
 import torch
 import torch.nn.functional as F
@@ -42,6 +41,7 @@ if str(REPO) not in sys.path:  # run as a script: make llama and tools importabl
     sys.path.insert(0, str(REPO))
 
 from llama import Llama  # noqa: E402
+from llama.commandline import fire_checked  # noqa: E402
 from llama.model import (  # noqa: E402
     ModelArgs,
     RMSNorm,
@@ -516,10 +516,5 @@ def evaluate(
     return res
 
 
-def cli(**kwargs) -> None:
-    """Command line entry: like main, without printing the returned metrics (they are logged and written)."""
-    main(**kwargs)
-
-
 if __name__ == "__main__":
-    fire.Fire(main if "--help" in sys.argv or "-h" in sys.argv else cli)
+    fire_checked(main, serialize=lambda metrics: None)  # the metrics are logged and written, not printed again
