@@ -44,7 +44,7 @@ import torch
 from llama import Llama
 from llama import quantize as quant
 from llama.distributed import default_dtype_scope, setup_model_parallel
-from llama.fast import FastDecoder
+from llama.engine.fast import FastDecoder
 from llama.model import ModelArgs, Transformer, ffn_hidden_dim
 
 SHAPES = {
@@ -100,7 +100,7 @@ def random_model(args: ModelArgs, device: torch.device, dtype: torch.dtype) -> T
 def hf_model(model: Transformer, dtype: torch.dtype, device: torch.device):
     import transformers
 
-    from llama.layout import meta_to_hf_state_dict
+    from llama.weights.layout import meta_to_hf_state_dict
 
     a = model.params
     rope_scaling = None

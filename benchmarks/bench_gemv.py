@@ -18,8 +18,8 @@ import torch
 import torch.nn.functional as F
 from bench_decode import SHAPES, best_of, random_model, read_bandwidth
 
-from llama import cpu_gemv
 from llama.distributed import setup_model_parallel
+from llama.kernels import cpu_gemv
 from llama.model import ModelArgs
 
 

@@ -19,8 +19,8 @@ import time
 import torch
 from bench_decode import SHAPES, read_bandwidth
 
-from llama import cpu_gemv
 from llama import quantize as quant
+from llama.kernels import cpu_gemv
 from llama.model import ffn_hidden_dim
 
 KERNELS = {"bf16": "bf16", "int8": "int8_q8x", "int8 exact": "int8", "int4": "int4_q8x", "int4 exact": "int4"}

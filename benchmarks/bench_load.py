@@ -59,10 +59,10 @@ def make_checkpoint(folder: Path, tokenizer_path: Path, shape: dict) -> None:
     """A one-shard bfloat16 checkpoint with random weights, written tensor by tensor to keep memory low.
 
     shape: dim, n_layers and optionally n_heads (default dim / 128), n_kv_heads, multiple_of (default 256)."""
-    from llama import checkpoint
-    from llama.layout import Layout
     from llama.model import ModelArgs
     from llama.tokenizer import Tokenizer
+    from llama.weights import checkpoint
+    from llama.weights.layout import Layout
 
     params = {"n_heads": shape["dim"] // 128, "multiple_of": 256, **shape, "norm_eps": 1e-5, "vocab_size": -1}
     args = ModelArgs.from_params({**params, "vocab_size": Tokenizer(tokenizer_path).n_words})

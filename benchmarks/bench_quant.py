@@ -39,11 +39,13 @@ from typing import Callable, NamedTuple
 import torch
 from bench_decode import SHAPES, best_of, decode_ms_per_token, quantized, random_model, read_bandwidth
 
-from llama import Llama, checkpoint, cpu_gemv
+from llama import Llama
 from llama import quantize as quant
 from llama.distributed import default_dtype_scope, setup_model_parallel
-from llama.fast import FastDecoder
+from llama.engine.fast import FastDecoder
+from llama.kernels import cpu_gemv
 from llama.model import ModelArgs, Transformer
+from llama.weights import checkpoint
 
 MODES = ("int8", "int4")
 

@@ -8,7 +8,7 @@
   "end_of_turn", "end_of_message" or "out_of_tokens", as Meta's ``StopReason``;
 - ``decode_answer(text, stop_reason) -> Message``: the assistant message for a generated text; never raises;
 - ``settled_content(text) -> str``: the beginning of the content of every answer that begins with text, which a
-  stream may show (``llama.stream.ChatStream``).
+  stream may show (``llama.engine.stream.ChatStream``).
 
 ``Llama2ChatFormat``: ``<s>[INST] <<SYS>>system<</SYS>> user [/INST] answer </s>``, as Meta's reference.
 ``Llama3ChatFormat``: ``<|begin_of_text|>`` then ``<|start_header_id|>role<|end_header_id|>\n\ncontent<|eot_id|>``

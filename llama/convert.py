@@ -1,6 +1,6 @@
 """Conversion between Meta's checkpoint folders and Hugging Face ``transformers``' Llama folders.
 
-The whole difference in the weights is data, kept in ``llama.layout``: a table of parameter names, and one
+The whole difference in the weights is data, kept in ``llama.weights.layout``: a table of parameter names, and one
 permutation of the q/k projection rows. This module reads and writes the folders (config.json, safetensors,
 tokenizer files) around them.
 """
@@ -20,13 +20,13 @@ import safetensors
 import safetensors.torch
 import torch
 
-from llama import checkpoint
 from llama.checks import check_positive_int, is_finite_number, parse_dtype
 from llama.families import FAMILIES, Family, family_of, load_tokenizer
-from llama.layout import Layout, meta_to_hf_name, qk_to_hf
 from llama.model import ModelArgs, check_model_parallel_fit, ffn_hidden_dim
 from llama.reshard import ProgressLine
 from llama.tokenizer import Llama3Tokenizer, Tokenizer, TokenizerLike, parse_ranks, read_ranks
+from llama.weights import checkpoint
+from llama.weights.layout import Layout, meta_to_hf_name, qk_to_hf
 
 # `python -m llama.convert` executes this file as __main__: hand over to the one llama.convert module before
 # this copy defines anything, so nothing is defined twice (see commandline.run_module).

@@ -2,8 +2,8 @@
 ``chat_completion``), built from small functions that can be tested on their own.
 
 Where things live: the generation's pieces come from ``llama.families`` (tokenizer, chat format as
-``generator.formatter``, model class); ``Llama._decode`` is the one decoding loop; ``llama.stream.RowEnd`` is the
-one rule for where a row ends; ``llama.stream.TextStream`` the one stop-string search.
+``generator.formatter``, model class); ``Llama._decode`` is the one decoding loop; ``llama.engine.stream.RowEnd`` is the
+one rule for where a row ends; ``llama.engine.stream.TextStream`` the one stop-string search.
 """
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ from typing import TYPE_CHECKING, Callable, Generator, Iterator, List, Optional,
 import torch
 import torch.nn.functional as F
 
-from llama import checkpoint
 from llama.chat_format import ChatFormat, Dialog, Message
 from llama.checks import check_dtype, check_positive_int, check_seed, is_finite_number, is_int
 from llama.distributed import (
@@ -32,13 +31,14 @@ from llama.distributed import (
     model_parallel_rank,
     setup_model_parallel,
 )
+from llama.engine.stream import ChatStream, RowEnd, TextStream, check_stop
 from llama.families import FAMILIES, family_of, load_tokenizer
 from llama.model import ModelArgs, Transformer, check_model_parallel_fit, kv_cache_bytes, kv_cache_shape
-from llama.stream import ChatStream, RowEnd, TextStream, check_stop
 from llama.tokenizer import TokenizerLike
+from llama.weights import checkpoint
 
 if TYPE_CHECKING:
-    from llama.fast import FastDecoder
+    from llama.engine.fast import FastDecoder
 
 logger = logging.getLogger(__name__)
 
@@ -188,7 +188,7 @@ class Llama:
                 ``cpu``. Other device types (``meta``, ``mps``...) are refused.
             dtype: weight dtype, torch.float32, torch.float16 or torch.bfloat16; defaults to float16 on CUDA (as
                 the reference) and bfloat16 on CPU.
-            compile: decode with the opt-in fast path (``llama.fast``): static shapes, no per-step host sync,
+            compile: decode with the opt-in fast path (``llama.engine.fast``): static shapes, no per-step host sync,
                 ``torch.compile``. One model-parallel rank only. In fp32 it gives the default path's greedy tokens
                 (tests compare them). With ``quantize``, on a CPU, both paths decode with the int8-input kernels
                 (``llama.quantize``), whose rounding turns the paths' last-bit differences into logits ~1e-2
@@ -264,7 +264,7 @@ class Llama:
             )
         fast = None
         if compile:
-            from llama.fast import FastDecoder  # only when asked for: it registers the C kernel's operator
+            from llama.engine.fast import FastDecoder  # only when asked for: it registers the C kernel's operator
 
             fast = FastDecoder(model)
         return Llama(model, tokenizer, fast=fast, formatter=family.chat_format(tokenizer))

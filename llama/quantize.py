@@ -74,10 +74,11 @@ from fairscale.nn.model_parallel import layers as fs_layers
 from fairscale.nn.model_parallel import mappings
 from torch import nn
 
-from llama import checkpoint, cpu_gemv
 from llama.families import family_of_folder
-from llama.layout import Layout, _built_as_one_rank
+from llama.kernels import cpu_gemv
 from llama.model import ModelArgs, Transformer
+from llama.weights import checkpoint
+from llama.weights.layout import Layout, _built_as_one_rank
 
 # `python -m llama.quantize` executes this file as __main__: hand over to the one llama.quantize module before
 # this copy defines anything, so nothing is defined twice (see commandline.run_module).

@@ -17,9 +17,9 @@ from typing import Callable, Iterator, Optional, TextIO
 
 import torch
 
-from llama import checkpoint
 from llama.checks import check_positive_int
 from llama.families import family_of_folder
+from llama.weights import checkpoint
 
 # `python -m llama.reshard` executes this file as __main__: hand over to the one llama.reshard module before
 # this copy defines anything, so nothing is defined twice (see commandline.run_module).

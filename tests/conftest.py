@@ -10,10 +10,10 @@ from typing import Callable
 import pytest
 import torch
 
-from llama import checkpoint
 from llama.distributed import setup_model_parallel
-from llama.layout import Layout
 from llama.model import ModelArgs, Transformer
+from llama.weights import checkpoint
+from llama.weights.layout import Layout
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -137,9 +137,9 @@ def make_checkpoint(tmp_path_factory, tokenizer_path) -> Callable[..., Path]:
 
 
 def build_kernels_portably(monkeypatch, tmp_path, module) -> None:
-    """Make `module` (llama.quantize, llama.cpu_attention...) build its C kernels anew into tmp_path for the
+    """Make `module` (llama.quantize, llama.kernels.cpu_attention...) build its C kernels anew into tmp_path for the
     baseline x86-64 (or without -march at all elsewhere), so that they take their plain loops, not AVX2's."""
-    from llama import cpu_gemv
+    from llama.kernels import cpu_gemv
 
     portable = "-march=x86-64" if torch.backends.cpu.get_cpu_capability() != "DEFAULT" else "-O3"
     monkeypatch.setattr(cpu_gemv, "BASE_FLAGS", [portable if f == "-march=native" else f for f in cpu_gemv.BASE_FLAGS])

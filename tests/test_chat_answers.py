@@ -22,9 +22,9 @@ from llama_models.llama3.tool_utils import BUILTIN_TOOL_PATTERN, CUSTOM_TOOL_CAL
 import llama.generation as generation
 from llama import Llama
 from llama.chat_format import Llama2ChatFormat, Llama3ChatFormat
+from llama.engine.stream import ChatStream
 from llama.interactive import chat_loop
 from llama.model import ModelArgs
-from llama.stream import ChatStream
 from llama.tokenizer import Llama3Tokenizer, Tokenizer
 
 META_MODEL = Path(str(importlib.resources.files("llama_models.llama3") / "tokenizer.model"))

@@ -13,9 +13,9 @@ import pytest
 import torch
 from conftest import REPO, random_model
 
-from llama import checkpoint
-from llama.layout import Layout
 from llama.model import Transformer, check_model_parallel_fit, ffn_hidden_dim
+from llama.weights import checkpoint
+from llama.weights.layout import Layout
 
 # The hand-written table the layout replaced: split dim by the last name part before ".weight".
 OLD_SPLIT_DIMS = {"wq": 0, "wk": 0, "wv": 0, "w1": 0, "w3": 0, "output": 0, "wo": 1, "w2": 1, "tok_embeddings": 1}
@@ -267,7 +267,7 @@ def test_params_are_compared_with_the_shards_before_any_model_is_made(make_check
 
 WRITER = """
 import sys, time
-from llama import checkpoint
+from llama.weights import checkpoint
 with checkpoint.atomic_output_dir(sys.argv[1]) as tmp:
     (tmp / "consolidated.00.pth").write_bytes(b"half a shard")
     print(tmp, flush=True)
@@ -303,7 +303,7 @@ def test_next_run_removes_the_folders_of_dead_writers_only(tmp_path, caplog):
         (reused / checkpoint.WRITER_MARKER).write_text(json.dumps({**marker, "start_time": marker["start_time"] + 1}))
         unmarked = tmp_path / ".d.tmp-unmarked"  # no marker: whose it is cannot be told, so it stays
         unmarked.mkdir()
-        with caplog.at_level(logging.WARNING, logger="llama.checkpoint"):
+        with caplog.at_level(logging.WARNING, logger="llama.weights.checkpoint"):
             with checkpoint.atomic_output_dir(tmp_path / "e") as tmp:
                 (tmp / "x").write_text("x")
         assert sorted(p.name for p in tmp_path.iterdir()) == sorted([alive_tmp.name, unmarked.name, "e"])

@@ -12,9 +12,10 @@ import torch
 from conftest import CORPUS, REPO, TINY_CONFIGS
 from torch.testing import assert_close
 
-from llama import checkpoint, convert
+from llama import convert
 from llama.model import Transformer, ffn_hidden_dim
 from llama.tokenizer import Tokenizer
+from llama.weights import checkpoint
 
 transformers = pytest.importorskip("transformers", reason="install the test extra: pip install -e '.[test]'")
 

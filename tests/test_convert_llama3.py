@@ -16,11 +16,12 @@ from test_convert import assert_same_meta_checkpoint, hf_model, hf_weights
 from test_llama3 import META_TOKENIZER
 from torch.testing import assert_close
 
-from llama import Llama, checkpoint, convert
+from llama import Llama, convert
 from llama.chat_format import Llama3ChatFormat
-from llama.layout import Layout
 from llama.model import Llama3Transformer, ModelArgs
 from llama.tokenizer import Llama3Tokenizer
+from llama.weights import checkpoint
+from llama.weights.layout import Layout
 
 transformers = pytest.importorskip("transformers", reason="install the test extra: pip install -e '.[test]'")
 

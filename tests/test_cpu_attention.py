@@ -8,8 +8,8 @@ import torch
 from conftest import build_kernels_portably, random_model
 from torch.testing import assert_close
 
-from llama import cpu_attention
-from llama.fast import FastDecoder
+from llama.engine.fast import FastDecoder
+from llama.kernels import cpu_attention
 
 needs_kernel = pytest.mark.skipif(cpu_attention.kernel() is None, reason="no C compiler could build the kernel")
 

@@ -1,4 +1,4 @@
-"""The fast path's decode step as one C call (llama.cpu_decode): the reference's numbers in fp32, the compiled
+"""The fast path's decode step as one C call (llama.engine.cpu_decode): the reference's numbers in fp32, the compiled
 step's in bf16, the models it serves and those it leaves to the compiled step, and bad positions refused."""
 
 from types import SimpleNamespace
@@ -8,9 +8,9 @@ import torch
 from conftest import random_model
 from torch.testing import assert_close
 
-from llama import cpu_decode
 from llama import quantize as quant
-from llama.fast import FastDecoder
+from llama.engine import cpu_decode
+from llama.engine.fast import FastDecoder
 from llama.generation import Llama
 from llama.quantize import Scheme
 

@@ -9,8 +9,8 @@ import torch.nn.functional as F
 from conftest import random_model
 from torch.testing import assert_close
 
-from llama import cpu_gemv
-from llama.fast import FastDecoder
+from llama.engine.fast import FastDecoder
+from llama.kernels import cpu_gemv
 
 needs_kernel = pytest.mark.skipif(not cpu_gemv.available(), reason="no C compiler could build the kernel here")
 
@@ -77,7 +77,7 @@ def test_without_a_working_compiler_falls_back_to_torch(tmp_path, monkeypatch, c
     monkeypatch.setenv("LLAMA_KERNEL_CACHE", str(tmp_path))
     monkeypatch.setenv("CC", compiler)  # `false` exists but fails every compile
     monkeypatch.setattr(cpu_gemv, "_state", {})
-    with caplog.at_level(logging.WARNING, logger="llama.cpu_gemv"):
+    with caplog.at_level(logging.WARNING, logger="llama.kernels.cpu_gemv"):
         assert not cpu_gemv.available()
     assert "torch's" in caplog.text
     assert list(tmp_path.iterdir()) == []  # nothing half-written

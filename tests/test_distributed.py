@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-import llama.fast as fast
 from llama.distributed import is_main_process, setup_model_parallel
+from llama.engine import fast
 
 
 def test_model_parallel_size_cannot_change_in_a_process():

@@ -7,7 +7,7 @@ from torch.testing import assert_close
 
 import llama.generation as generation
 from llama import Llama, Tokenizer
-from llama.fast import FastDecoder, apply_rotary_emb_real, rope_cos_sin
+from llama.engine.fast import FastDecoder, apply_rotary_emb_real, rope_cos_sin
 from llama.model import apply_rotary_emb, precompute_freqs_cis
 
 PROMPTS = ["The quick brown fox", "Llamas live in", "A journey of a thousand miles begins with a single step"]

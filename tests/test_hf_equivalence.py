@@ -6,8 +6,8 @@ from conftest import TINY_CONFIGS, random_model
 from torch.testing import assert_close
 
 from llama import Llama, Tokenizer
-from llama.layout import hf_to_meta_state_dict, meta_to_hf_state_dict, permute_qk
 from llama.model import ffn_hidden_dim
+from llama.weights.layout import hf_to_meta_state_dict, meta_to_hf_state_dict, permute_qk
 
 transformers = pytest.importorskip("transformers", reason="install the test extra: pip install -e '.[test]'")
 

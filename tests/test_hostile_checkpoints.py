@@ -12,9 +12,10 @@ from typing import Callable, Optional
 import pytest
 import torch
 
-from llama import Llama, checkpoint
+from llama import Llama
 from llama import quantize as quant
 from llama.reshard import reshard
+from llama.weights import checkpoint
 
 
 def build(ckpt: Path, tokenizer_path: Path, quantize: Optional[str] = None, dtype=torch.float32) -> Llama:

@@ -17,8 +17,9 @@ import safetensors.torch
 import torch
 from conftest import params_json, random_model
 
-from llama import checkpoint, convert
-from llama.layout import Layout
+from llama import convert
+from llama.weights import checkpoint
+from llama.weights.layout import Layout
 
 BYTES = [bytes([b]) for b in range(256)]
 MERGED = [b"th", b"the", b" t", b" the", b"ab", b"he"]  # each the join of two earlier tokens

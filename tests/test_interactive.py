@@ -10,8 +10,8 @@ import torch
 from conftest import REPO
 
 from llama import Llama
+from llama.engine.stream import ChatStream
 from llama.interactive import chat_loop
-from llama.stream import ChatStream
 
 pexpect = pytest.importorskip("pexpect", reason="install the test extra: pip install -e '.[test]'")
 

@@ -14,11 +14,12 @@ from test_model_parallel import PROMPTS as MP_PROMPTS
 from test_model_parallel import run_worker
 from torch.testing import assert_close
 
-from llama import Llama, checkpoint, reshard
+from llama import Llama, reshard
 from llama.chat_format import Llama3ChatFormat
-from llama.layout import Layout, meta_to_hf_state_dict
 from llama.model import Llama3Transformer, ModelArgs, VocabParallelEmbedding, ffn_hidden_dim, precompute_freqs_cis
 from llama.tokenizer import Llama3Tokenizer
+from llama.weights import checkpoint
+from llama.weights.layout import Layout, meta_to_hf_state_dict
 
 transformers = pytest.importorskip("transformers", reason="install the test extra: pip install -e '.[test]'")
 META_TOKENIZER = Path(str(importlib.resources.files("llama_models.llama3") / "tokenizer.model"))
@@ -173,7 +174,7 @@ def test_params_json_of_llama3_checkpoints_load():
 
 
 def test_fast_path_equals_the_faithful_one(llama3_dir):
-    from llama.fast import FastDecoder
+    from llama.engine.fast import FastDecoder
 
     faithful = build(llama3_dir)
     fast = Llama(faithful.model, faithful.tokenizer, fast=FastDecoder(faithful.model, compile=False))

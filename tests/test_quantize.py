@@ -13,10 +13,11 @@ import torch.nn.functional as F
 from conftest import build_kernels_portably, random_model
 from torch.testing import assert_close
 
-from llama import Llama, Tokenizer, checkpoint
+from llama import Llama, Tokenizer
 from llama import quantize as quant
-from llama.fast import FastDecoder
+from llama.engine.fast import FastDecoder
 from llama.quantize import QuantizedLinear, Scheme
+from llama.weights import checkpoint
 
 needs_kernel = pytest.mark.skipif(not quant.available(), reason="no C compiler could build the kernels here")
 MODES = ["int8", "int4"]
@@ -275,7 +276,7 @@ def test_without_a_working_compiler_falls_back_to_dequantize(tmp_path, monkeypat
     monkeypatch.setenv("LLAMA_KERNEL_CACHE", str(tmp_path))
     monkeypatch.setenv("CC", compiler)
     monkeypatch.setattr(quant, "_state", {})
-    with caplog.at_level(logging.WARNING, logger="llama.cpu_gemv"):
+    with caplog.at_level(logging.WARNING, logger="llama.kernels.cpu_gemv"):
         assert not quant.available()
     assert "dequantize" in caplog.text and list(tmp_path.iterdir()) == []
     for mode in MODES:

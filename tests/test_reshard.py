@@ -10,8 +10,9 @@ import torch
 from conftest import REPO
 from torch.testing import assert_close
 
-from llama import Llama, checkpoint, reshard
+from llama import Llama, reshard
 from llama import quantize as quant
+from llama.weights import checkpoint
 
 PROMPTS = ["The quick brown fox", "Llamas live in"]
 

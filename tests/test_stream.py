@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from llama import Llama
-from llama.stream import REPLACEMENT_CHAR, TextStream, check_stop
+from llama.engine.stream import REPLACEMENT_CHAR, TextStream, check_stop
 from llama.tokenizer import Tokenizer
 
 PROMPTS = ["The quick brown fox", "Llamas live in", "Café naïve"]

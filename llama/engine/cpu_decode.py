@@ -1,15 +1,15 @@
 """The fast path's decode step on CPUs as one C call (``csrc/decode_step.c``), for batch-1 (and small-batch
 quantized) decoding.
 
-A compiled step (``llama.fast.decode_step``) on two cores spends 3-6 ms a token between its products: ~150
+A compiled step (``llama.engine.fast.decode_step``) on two cores spends 3-6 ms a token between its products: ~150
 calls (the C products and attention, inductor's small kernels), each with 10-25 us of Python and torch
 dispatch. ``CpuDecoder`` runs the same step with the glue in C and the library's own kernels called directly,
 so a token costs one call. The numbers are the compiled step's (same kernels, same roundings; the tests compare
 them).
 
 It serves a model whose every layer the kernels serve: quantized layers (``llama.quantize``, CPU kernels
-built) and bf16 float layers (``llama.cpu_gemv``'s kernel, one row only, where it is the faster choice), with
-activations in bf16 or fp32, and the projections stacked (``llama.fast.fuse_projections``). ``applies`` says
+built) and bf16 float layers (``llama.kernels.cpu_gemv``'s kernel, one row only, where it is the faster choice), with
+activations in bf16 or fp32, and the projections stacked (``llama.engine.fast.fuse_projections``). ``applies`` says
 whether it does; elsewhere the compiled step runs. The decoder reads the weights and the KV cache where they
 were when it was built, and holds them.
 """
@@ -23,11 +23,12 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from llama import cpu_attention, cpu_gemv, quantize
+from llama import quantize
+from llama.kernels import cpu_attention, cpu_gemv
 from llama.model import Transformer
 from llama.quantize import KERNEL_MAX_ROWS, QuantizedLinear
 
-SOURCE = Path(__file__).parent / "csrc" / "decode_step.c"
+SOURCE = Path(__file__).parent.parent / "csrc" / "decode_step.c"
 SYMBOL = "llama_decode_step"
 
 

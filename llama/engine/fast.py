@@ -6,16 +6,16 @@ captured), the host waits on the device every step, and hundreds of small kernel
 keeps the math and removes that overhead:
 
 - static shapes: the step writes its keys and values into the preallocated cache at the current position
-  (``index_copy_``) and attends over the cache up to that position (on CPUs ``llama.cpu_attention``'s C
+  (``index_copy_``) and attends over the cache up to that position (on CPUs ``llama.kernels.cpu_attention``'s C
   kernel; elsewhere ``F.scaled_dot_product_attention`` over the whole cache, the later positions masked);
 - RoPE with real cos/sin tables taken from the model's own complex ``freqs_cis`` (so any frequency scaling the
   model applies carries over; proven equal in the tests), and the KV cache written through the model's own
   ``Attention.update_cache``;
 - ``torch.compile`` of the whole step (inductor on CPU; CUDA graphs on GPU via "reduce-overhead");
 - on CPUs, wq/wk/wv and w1/w3 stacked into one product each (``fuse_projections``); bf16 weights with one
-  row run through ``llama.cpu_gemv``'s C kernel, which streams them faster than torch's bf16 kernel does, and
+  row run through ``llama.kernels.cpu_gemv``'s C kernel, which streams them faster than torch's bf16 kernel does, and
   quantized layers (``llama.quantize``) call their C kernels directly;
-- on CPUs where those kernels serve every layer, the whole step is one C call (``llama.cpu_decode``): the
+- on CPUs where those kernels serve every layer, the whole step is one C call (``llama.engine.cpu_decode``): the
   same kernels and roundings without ~150 dispatched calls a token.
 
 Prompts are prefilled eagerly: on GPUs by the model's own forward, on CPUs by ``prefill_forward``, which
@@ -38,8 +38,9 @@ import fairscale.nn.model_parallel.initialize as fs_init
 import torch
 import torch.nn.functional as F
 
-from llama import cpu_attention, cpu_gemv, quantize
-from llama.cpu_decode import CpuDecoder
+from llama import quantize
+from llama.engine.cpu_decode import CpuDecoder
+from llama.kernels import cpu_attention, cpu_gemv
 from llama.model import Transformer
 from llama.quantize import QuantizedLinear
 
@@ -124,7 +125,7 @@ def decode_step(
     quantized_on_cpu: quantized layers call their CPU kernels directly (the caller checked they are built;
     checking inside the step would trace the kernels' one-time build, which breaks the graph). fused: per
     layer, wq/wk/wv and w1/w3 stacked (fuse_projections), so that each group is one product.
-    attention_on_cpu: attention through ``llama.cpu_attention``'s C kernel (the caller checked it applies).
+    attention_on_cpu: attention through ``llama.kernels.cpu_attention``'s C kernel (the caller checked it applies).
     """
     bsz = tokens.shape[0]
     plain = torch.ops.llama.linear_bf16 if use_cpu_gemv and bsz == 1 else F.linear
@@ -285,7 +286,7 @@ class FastDecoder:
         on_cpu = device.type == "cpu" and (self.quantized_on_cpu or weight is not None)
         self.fused = fuse_projections(model) if on_cpu else None
         self.attention_on_cpu = use_cpu_attention and cpu_attention.applies(model.layers[0].attention.cache_k)
-        # The whole step as one C call where its kernels serve every layer (llama.cpu_decode); it uses both the
+        # The whole step as one C call where its kernels serve every layer (llama.engine.cpu_decode); it uses both the
         # GEMV and the attention kernels, so it is off where either is.
         self.cpu_step = None
         if use_cpu_step and use_cpu_gemv and self.attention_on_cpu:

@@ -1,7 +1,7 @@
 """Reading and writing Meta-layout checkpoints: ``params.json`` plus ``consolidated.NN.pth`` shards.
 
 Each shard holds one model-parallel rank's slice of every weight. The slice is taken along one dimension per
-weight, which ``llama.layout`` derives from the layer type, so any checkpoint can be re-cut for any number of
+weight, which ``llama.weights.layout`` derives from the layer type, so any checkpoint can be re-cut for any number of
 ranks the heads allow. Shards are opened memory-mapped: a weight is read from disk only when a slice of it is
 used. This module reads and writes files; the layout decides what goes where.
 
@@ -29,8 +29,8 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, Optional, Sequenc
 
 import torch
 
-from llama.layout import Layout
 from llama.model import ModelArgs, Transformer, check_model_parallel_fit, ffn_hidden_dim
+from llama.weights.layout import Layout
 
 logger = logging.getLogger(__name__)
 

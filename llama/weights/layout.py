@@ -27,8 +27,8 @@ import torch
 from fairscale.nn.model_parallel import layers as fs_layers
 from torch import nn
 
-from llama import model as model_module
 from llama.model import ModelArgs, Transformer
+from llama.model import transformer as model_module
 
 # Layer type -> the dimension of its weight that model-parallel ranks split.
 LAYER_SPLIT_DIMS: tuple[tuple[type, int], ...] = (

@@ -1,10 +1,10 @@
-"""Attention of one new token per row over the KV cache on CPUs, for the fast path (``llama.fast``).
+"""Attention of one new token per row over the KV cache on CPUs, for the fast path (``llama.engine.fast``).
 
 A decode step's attention is tiny (one query per head), but ``F.scaled_dot_product_attention`` over the static
 cache costs ~240 us a layer on two cores (setup and dispatch more than arithmetic), and it reads every cached
 position, visible or not. ``csrc/attend_one.c`` reads only the positions up to the query's and computes the
 reference's attention in fp32 (see its header), in one call a layer: the torch operator
-``llama::attend_one``, which ``torch.compile`` calls as one opaque step. It is built like ``llama.cpu_gemv``'s
+``llama::attend_one``, which ``torch.compile`` calls as one opaque step. It is built like ``llama.kernels.cpu_gemv``'s
 kernel (same compiler, cache folder and fallback); without it, ``attend_one`` is SDPA.
 """
 
@@ -17,9 +17,9 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from llama import cpu_gemv
+from llama.kernels import cpu_gemv
 
-SOURCE = Path(__file__).parent / "csrc" / "attend_one.c"
+SOURCE = Path(__file__).parent.parent / "csrc" / "attend_one.c"
 SYMBOL = "llama_attend_one"
 ARGTYPES = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 7 + [ctypes.c_int]  # of SYMBOL
 _IO_FLAGS = {torch.float32: 0, torch.bfloat16: 1}  # attend_one.c's IO_BF16

@@ -1,4 +1,4 @@
-"""A faster bf16 matrix-vector product for batch-1 decoding on CPUs, used by the fast path (``llama.fast``).
+"""A faster bf16 matrix-vector product for batch-1 decoding on CPUs, used by the fast path (``llama.engine.fast``).
 
 Decoding one token reads every weight once, so its speed is the speed at which the linear layers stream
 their weights. torch's bf16 kernel for one input row reads them at about half the machine's memory
@@ -35,7 +35,7 @@ import torch.nn.functional as F
 
 logger = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).parent / "csrc" / "gemv_bf16.c"
+SOURCE = Path(__file__).parent.parent / "csrc" / "gemv_bf16.c"
 SYMBOL = "llama_gemv_bf16"
 ARGTYPES = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 3  # of SYMBOL
 # -fassociative-math (with the two flags it needs) lets the compiler split the dot product over vector lanes.
