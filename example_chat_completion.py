@@ -71,7 +71,7 @@ def main(
         timeout_s: seconds a rank waits for the others in a collective before the job fails naming them
             (default 300, see llama.distributed.DEFAULT_TIMEOUT_S); waiting for your next chat line is not limited.
         quantize: "int8" or "int4": weight-only quantization of the linear layers while loading (see
-            llama/quantize.py); a checkpoint written by `python -m llama.quantize` needs no flag.
+            llama/quant/); a checkpoint written by `python -m llama.quantize` needs no flag.
         interactive: chat in the terminal instead, streaming each answer (/reset, /exit, Ctrl-C, Ctrl-D).
         system: a system prompt for the interactive chat.
     """

@@ -10,11 +10,11 @@ percentage of that limit, for the bytes its own weights take.
     python benchmarks/bench_decode.py --dim 512 --n_layers 4  # any shape
     PYTHONPATH=<llama-cpp-python> python benchmarks/bench_decode.py --llama_cpp   # and llama.cpp, same weights
 
-On a CPU with bf16 weights the fast path runs its linear layers through the C kernel of llama/cpu_gemv.py;
+On a CPU with bf16 weights the fast path runs its linear layers through the C kernel of llama/kernels/cpu_gemv.py;
 the row "fast, torch GEMV" is the same path with torch's kernels, to show what the kernel brings.
 `--quantize int8,int4` (the default on CPUs; "" for none) adds the fast path on the same weights quantized by
-llama/quantize.py ("fast int8", "fast int4": the CPU kernels round the input rows to int8, the library's
-default), and with the exact kernels ("fast int8 (exact)": ``quantize.use_int8_inputs(model, False)``;
+llama/quant/ ("fast int8", "fast int4": the CPU kernels round the input rows to int8, the library's
+default), and with the exact kernels ("fast int8 (exact)": ``use_int8_inputs(model, False)``;
 `--int8_inputs` picks which of the two are shown).
 `--llama_cpp` adds llama.cpp on the same weights at batch 1 on CPUs (benchmarks/llama_cpp_contender.py): the
 bf16 GGUF file ("llama.cpp"), and for each mode of --quantize the file llama.cpp's own quantizer makes from it
@@ -23,7 +23,7 @@ the same weights (bf16 against bf16, int8 against q8_0, int4 against q4_0): abov
 
 Prefill, for each dtype: the time to evaluate a prompt of each of --prefill_lens tokens on an empty cache.
 Ours are the faithful path's ``model.forward`` and the fast path's ``FastDecoder.prefill`` (fp32 attention and
-GEMMs on CPUs; see llama/fast.py), which both return the logits of every position, as the reference does;
+GEMMs on CPUs; see llama/engine/fast.py), which both return the logits of every position, as the reference does;
 llama.cpp evaluates the prompt in one batch and computes the last position's logits only.
 """
 
@@ -42,10 +42,12 @@ from typing import Callable, Optional
 import torch
 
 from llama import Llama
-from llama import quantize as quant
 from llama.distributed import default_dtype_scope, setup_model_parallel
 from llama.engine.fast import FastDecoder
-from llama.model import ModelArgs, Transformer, ffn_hidden_dim
+from llama.model import ModelArgs, Transformer
+from llama.quant import kernels as quant_kernels
+from llama.quant.linear import QuantizedLinear, is_parallel_linear, quantize_model, use_int8_inputs
+from llama.quant.scheme import DEFAULT_GROUP_SIZE, MODES, Scheme
 
 SHAPES = {
     "cpu": dict(dim=2048, n_layers=16, n_heads=16, n_kv_heads=4, vocab_size=32000, multiple_of=256),
@@ -98,21 +100,15 @@ def random_model(args: ModelArgs, device: torch.device, dtype: torch.dtype) -> T
 
 
 def hf_model(model: Transformer, dtype: torch.dtype, device: torch.device):
+    """Hugging Face's LlamaForCausalLM with model's weights, configured by the config.json that to_hf writes."""
     import transformers
 
+    from llama.hf.config import hf_config
     from llama.weights.layout import meta_to_hf_state_dict
 
     a = model.params
-    rope_scaling = None
-    if a.use_scaled_rope:
-        rope_scaling = {"rope_type": "llama3", "factor": a.rope_scaling_factor or 8.0, "low_freq_factor": 1.0,
-                        "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}  # fmt: skip
-    config = transformers.LlamaConfig(
-        vocab_size=a.vocab_size, hidden_size=a.dim, num_hidden_layers=a.n_layers, num_attention_heads=a.n_heads,
-        num_key_value_heads=a.kv_heads, intermediate_size=ffn_hidden_dim(a.dim, a.multiple_of, a.ffn_dim_multiplier),
-        rms_norm_eps=a.norm_eps, rope_theta=a.rope_theta, max_position_embeddings=a.max_seq_len,
-        tie_word_embeddings=False, rope_scaling=rope_scaling,
-    )  # fmt: skip
+    # bos 1, eos 2: any ids do, as the benchmark feeds ids and generate runs min_new_tokens steps.
+    config = transformers.LlamaConfig.from_dict(hf_config(a, 1, 2, dtype, max_position_embeddings=a.max_seq_len))
     with torch.device(device), default_dtype_scope(dtype):
         hf = transformers.LlamaForCausalLM(config)
     hf.load_state_dict(meta_to_hf_state_dict(model.state_dict(), a), strict=True)
@@ -132,21 +128,21 @@ def twin(model: Transformer, args: ModelArgs) -> Transformer:
     with torch.device(weight.device), default_dtype_scope(weight.dtype):
         other = Transformer(args)
     for name, module in model.named_modules():
-        if isinstance(module, (quant.QuantizedLinear, *quant.PARALLEL_LINEARS)):
+        if isinstance(module, QuantizedLinear) or is_parallel_linear(module):
             parent, _, child = name.rpartition(".")
             setattr(other.get_submodule(parent) if parent else other, child, module)
     other.load_state_dict(model.state_dict(), assign=True)
     return other.eval()
 
 
-def quantized(model: Transformer, mode: str, group_size: int = quant.DEFAULT_GROUP_SIZE) -> Transformer:
+def quantized(model: Transformer, mode: str, group_size: int = DEFAULT_GROUP_SIZE) -> Transformer:
     """A model with model's linear layers quantized to `mode` (llama.quantize), sharing its other weights."""
-    return quant.quantize_model(twin(model, model.params), quant.Scheme(mode, group_size)).eval()
+    return quantize_model(twin(model, model.params), Scheme(mode, group_size)).eval()
 
 
 def quant_variants(modes: list[str], int8_inputs: str) -> dict[str, tuple[str, bool]]:
     """Our quantized rows: name -> (mode, int8 inputs). int8_inputs: "both", "off" (the exact kernels only) or
-    "only" (the kernels with int8 inputs only). The int8-input rows need ``quantize.use_int8_inputs``."""
+    "only" (the kernels with int8 inputs only). The int8-input rows need ``use_int8_inputs``."""
     variants = {}
     for mode in modes:
         if int8_inputs != "off":
@@ -190,11 +186,11 @@ def decode_ms_per_token(
 
 def ours(llama: Llama, prompts: list[list[int]], int8_inputs: Optional[bool] = None) -> Callable[[int], object]:
     """A function that greedily generates n tokens after each prompt with llama. int8_inputs: the state that
-    ``quantize.use_int8_inputs`` sets first, when one quantized model serves two rows."""
+    ``use_int8_inputs`` sets first, when one quantized model serves two rows."""
 
     def generate(n: int) -> object:
         if int8_inputs is not None:
-            quant.use_int8_inputs(llama.model, int8_inputs)
+            use_int8_inputs(llama.model, int8_inputs)
         return llama.generate(prompts, max_gen_len=n, temperature=0)
 
     return generate
@@ -333,7 +329,7 @@ def main(argv: Optional[list[str]] = None) -> None:
         "--int8_inputs", default="both", choices=["both", "off", "only"],
         help="quantized rows with int8 inputs (the default kernels on CPUs), with the exact kernels, or both",
     )  # fmt: skip
-    parser.add_argument("--group_size", type=int, default=quant.DEFAULT_GROUP_SIZE, help="of --quantize")
+    parser.add_argument("--group_size", type=int, default=DEFAULT_GROUP_SIZE, help="of --quantize")
     parser.add_argument(
         "--llama_cpp", action="store_true",
         help="CPU: also time llama.cpp on the same weights, as they are and quantized by llama.cpp (decode at "
@@ -352,9 +348,9 @@ def main(argv: Optional[list[str]] = None) -> None:
     max_seq_len = max(opts.max_seq_len, opts.prompt_len + opts.gen_long)
     modes = [m for m in (opts.quantize or "").split(",") if m]
     if opts.quantize is None and device.type == "cpu":
-        modes = list(quant.MODES)
-    if any(m not in quant.MODES for m in modes):
-        raise SystemExit(f"--quantize {opts.quantize!r}: use a comma-separated list of {', '.join(quant.MODES)}")
+        modes = list(MODES)
+    if any(m not in MODES for m in modes):
+        raise SystemExit(f"--quantize {opts.quantize!r}: use a comma-separated list of {', '.join(MODES)}")
     with_llama_cpp = opts.llama_cpp and device.type == "cpu"
     if opts.llama_cpp and not with_llama_cpp:
         print("--llama_cpp: llama.cpp runs on CPUs only here; skipped")
@@ -417,7 +413,7 @@ def main(argv: Optional[list[str]] = None) -> None:
                   for mode in modes}  # fmt: skip
     # Our quantized rows: name -> (mode, int8 inputs). The int8-input kernels are C kernels, on a CPU.
     variants = quant_variants(modes, opts.int8_inputs)
-    if any(x8 for _, x8 in variants.values()) and not (device.type == "cpu" and quant.available()):
+    if any(x8 for _, x8 in variants.values()) and not (device.type == "cpu" and quant_kernels.available()):
         print("no rows with int8 inputs: they need the quantized C kernels, on a CPU")
         variants = {name: v for name, v in variants.items() if not v[1]}
     # Each row's weights (our dtype name or mode) and the bytes of them a decode step reads.

@@ -1,4 +1,4 @@
-"""The bf16 matrix-vector products of one decoded token on a CPU: torch's kernel against llama/cpu_gemv.py's.
+"""The bf16 matrix-vector products of one decoded token on a CPU: torch's kernel against llama/kernels/cpu_gemv.py's.
 
 It builds a random model of the given shape (defaults: the 0.85B CPU shape of bench_decode.py), far more
 bytes than the caches hold, and times one pass of one input row through all of its linear weights, as a

@@ -1,9 +1,9 @@
 """The C kernels alone: one input row through every linear weight of a shape, called through ctypes.
 
 bench_gemv.py and bench_quant.py call the kernels as torch operators, as the model does; this calls the C
-functions directly (the library's compiled ones: llama/cpu_gemv.py, llama/quantize.py), so what it measures is
-the kernels' streaming speed without any per-call overhead of torch. Weights are random (bf16 N(0, 0.02);
-int8/int4 random codes with unit scales), far more bytes than the caches hold.
+functions directly (the library's compiled ones: llama/kernels/cpu_gemv.py, llama/quant/kernels.py), so what it
+measures is the kernels' streaming speed without any per-call overhead of torch. Weights are random (bf16
+N(0, 0.02); int8/int4 random codes with unit scales), far more bytes than the caches hold.
 
     python benchmarks/bench_kernels.py                 # the 0.85B shape of bench_decode.py
     python benchmarks/bench_kernels.py --in_cache      # a 256 KB weight over and over: compute, not memory
@@ -19,9 +19,10 @@ import time
 import torch
 from bench_decode import SHAPES, read_bandwidth
 
-from llama import quantize as quant
 from llama.kernels import cpu_gemv
 from llama.model import ffn_hidden_dim
+from llama.quant import kernels as quant_kernels
+from llama.quant.scheme import DEFAULT_GROUP_SIZE
 
 KERNELS = {"bf16": "bf16", "int8": "int8_q8x", "int8 exact": "int8", "int4": "int4_q8x", "int4 exact": "int4"}
 
@@ -43,7 +44,7 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=8)
     parser.add_argument("--kernels", default=",".join(KERNELS), help=f"of {', '.join(KERNELS)}")
     opts = parser.parse_args()
-    fns, bf16 = quant.kernels(), cpu_gemv.kernel()
+    fns, bf16 = quant_kernels.kernels(), cpu_gemv.kernel()
     if fns is None or bf16 is None:
         raise SystemExit("the C kernels could not be built here; nothing to measure")
     all_shapes = shapes(opts)
@@ -62,7 +63,7 @@ def main() -> None:
             else:
                 low, high, cols, dtype = (-127, 128, k, torch.int8) if mode == "int8" else (0, 256, k // 2, torch.uint8)
                 q = torch.randint(low, high, (n, cols), generator=gen, dtype=torch.int16).to(dtype)
-                s = torch.ones(n, k // quant.DEFAULT_GROUP_SIZE, dtype=torch.bfloat16)
+                s = torch.ones(n, k // DEFAULT_GROUP_SIZE, dtype=torch.bfloat16)
                 weights.append((q, s, n, k))
         if opts.in_cache:
             weights = weights * len(all_shapes)

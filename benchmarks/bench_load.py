@@ -10,7 +10,7 @@ own:
 
 - ours:       ``Llama.build(..., device="cpu", dtype=torch.bfloat16)`` (memory-mapped shards, assigned weights);
 - ours int8,  ``Llama.build(..., dtype=torch.bfloat16, quantize="int8")`` (or "int4"): quantize-on-load, one
-  ours int4: tensor at a time from the memory-mapped shards (llama/quantize.py), the float model never resident;
+  ours int4: tensor at a time from the memory-mapped shards (llama/quant/), the float model never resident;
 - torch.load: ``torch.load(path, map_location="cpu", weights_only=True)`` and nothing else;
 - reference:  what Meta's ``Llama.build`` does: a full ``torch.load``, a ``Transformer`` whose weights are
               allocated under a bfloat16 default dtype, then ``load_state_dict(checkpoint, strict=False)``, which

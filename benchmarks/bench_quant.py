@@ -1,11 +1,11 @@
-"""Weight-only int8 and int4 decoding (llama/quantize.py) against bf16 on a CPU, batch 1.
+"""Weight-only int8 and int4 decoding (llama/quant/) against bf16 on a CPU, batch 1.
 
 On random weights of the 0.85B shape (bench_decode.py's, whose helpers this reuses), one process:
 
 1. GEMV: one input row through every linear weight, as a decode step: bf16's C kernel (cpu_gemv) against the
    int8 and int4 kernels (csrc/gemv_quant.c); ms per pass and GB/s of packed weights and scales read. The
    int8 and int4 rows are the library's default kernels (the input row rounded to int8); "exact" rows take it
-   as it is (``quantize.use_int8_inputs(model, False)``). `--gemv_only` stops here.
+   as it is (``use_int8_inputs(model, False)``). `--gemv_only` stops here.
 2. Decoding: ms/token of the default loop and the fast path (compile=True) for bf16, int8 and int4, timed in
    interleaved rounds (bench_decode.decode_ms_per_token), and two shares of 32 greedy tokens of int8 and int4
    equal to bf16's: generated freely, position by position (after one flip the texts differ, so every later
@@ -40,11 +40,13 @@ import torch
 from bench_decode import SHAPES, best_of, decode_ms_per_token, quantized, random_model, read_bandwidth
 
 from llama import Llama
-from llama import quantize as quant
 from llama.distributed import default_dtype_scope, setup_model_parallel
 from llama.engine.fast import FastDecoder
 from llama.kernels import cpu_gemv
 from llama.model import ModelArgs, Transformer
+from llama.quant import kernels as quant_kernels
+from llama.quant.linear import QuantizedLinear, is_parallel_linear, use_int8_inputs
+from llama.quant.scheme import DEFAULT_GROUP_SIZE
 from llama.weights import checkpoint
 
 MODES = ("int8", "int4")
@@ -150,7 +152,7 @@ def main() -> None:
     parser.add_argument("--gen_long", type=int, default=40)
     parser.add_argument("--repeat", type=int, default=3, help="interleaved rounds of timing")
     parser.add_argument("--agree_steps", type=int, default=32)
-    parser.add_argument("--group_size", type=int, default=quant.DEFAULT_GROUP_SIZE)
+    parser.add_argument("--group_size", type=int, default=DEFAULT_GROUP_SIZE)
     parser.add_argument("--skip_memory", action="store_true")
     parser.add_argument("--demo_only", action="store_true", help="only the greedy agreement on the demo model")
     parser.add_argument("--gemv_only", action="store_true", help="the demo model's agreement and the GEMV pass only")
@@ -175,7 +177,7 @@ def main() -> None:
     print(f"torch {torch.__version__}, {platform.processor() or platform.machine()}, {torch.get_num_threads()} "
           f"threads, load average {os.getloadavg()[0]:.1f}; shape {shape}")  # fmt: skip
     print(f"read bandwidth {bandwidth / 1e9:.1f} GB/s; C kernels: bf16 {cpu_gemv.available()}, "
-          f"quantized {quant.available()}")  # fmt: skip
+          f"quantized {quant_kernels.available()}")  # fmt: skip
     results: dict = {"shape": shape, "bandwidth_GBps": bandwidth / 1e9, "torch": torch.__version__,
                      "demo_greedy_agreement": demo}  # fmt: skip
 
@@ -187,15 +189,14 @@ def main() -> None:
 
     def select(name: str) -> Transformer:
         mode, int8_x = variants[name]
-        return models[mode] if mode == "bf16" else quant.use_int8_inputs(models[mode], int8_x)
+        return models[mode] if mode == "bf16" else use_int8_inputs(models[mode], int8_x)
 
     # 1. GEMV: every linear weight once, one input row
     print("\nGEMV, one row through every linear weight:   ms/pass   GB/s   MB read   % of read bandwidth")
     gemv = []
     for name in variants:
         model = select(name)
-        linear = (quant.QuantizedLinear, *quant.PARALLEL_LINEARS)
-        layers = [m for m in model.modules() if isinstance(m, linear)]
+        layers = [m for m in model.modules() if isinstance(m, QuantizedLinear) or is_parallel_linear(m)]
         size = sum(tensor_bytes(m) for m in layers)
         x = {m: torch.randn(1, getattr(m, "in_features", None) or m.weight.shape[1]).bfloat16() for m in layers}
 

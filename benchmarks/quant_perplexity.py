@@ -1,4 +1,4 @@
-"""Held-out perplexity of the built-in demo model in bf16, int8 and int4 (llama/quantize.py), fp32 compute.
+"""Held-out perplexity of the built-in demo model in bf16, int8 and int4 (llama/quant/), fp32 compute.
 
 The text is tests/data/demo_heldout.txt, which the demo model never saw; its first --tokens target tokens, in
 chunks of at most --max_seq_len positions (tools/demo_eval.py). Each quantized mode runs twice: as the library
@@ -16,8 +16,9 @@ from pathlib import Path
 import torch
 
 from llama import Llama
-from llama import quantize as quant
 from llama.demo import DEMO_CKPT_DIR, DEMO_TOKENIZER_PATH
+from llama.quant import kernels as quant_kernels
+from llama.quant.scheme import MODES
 from tools import demo_eval
 
 HELDOUT = Path(__file__).resolve().parent.parent / "tests" / "data" / "demo_heldout.txt"
@@ -37,13 +38,13 @@ def main() -> None:
     opts = parser.parse_args()
     base = perplexity(None, opts.tokens, opts.max_seq_len)
     print(f"bf16 checkpoint: perplexity {base:.3f} over {opts.tokens} held-out tokens")
-    default_rows = quant.KERNEL_MAX_ROWS
-    for mode in quant.MODES:
+    default_rows = quant_kernels.KERNEL_MAX_ROWS
+    for mode in MODES:
         for label, rows in (("as the library runs it", default_rows), ("all products with int8 inputs", 10**9)):
-            quant.KERNEL_MAX_ROWS = rows
+            quant_kernels.KERNEL_MAX_ROWS = rows
             ppl = perplexity(mode, opts.tokens, opts.max_seq_len)
             print(f"{mode}, {label}: {ppl:.3f} ({(ppl / base - 1) * 100:+.2f}%)")
-    quant.KERNEL_MAX_ROWS = default_rows
+    quant_kernels.KERNEL_MAX_ROWS = default_rows
 
 
 if __name__ == "__main__":

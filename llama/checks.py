@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import os
 from typing import Any, Optional
 
 import torch
@@ -67,3 +68,76 @@ def parse_dtype(name: Optional[str]) -> Optional[torch.dtype]:
     if name not in DTYPES:
         raise ValueError(f"unknown dtype {name!r}; use one of {', '.join(DTYPES)}")
     return DTYPES[name]
+
+
+def check_path(name: str, value: Any) -> None:
+    """TypeError unless value is a path (str or os.PathLike): None would fail deep in pathlib."""
+    if not isinstance(value, (str, os.PathLike)):
+        raise TypeError(
+            f"{name} must be a path (str or os.PathLike), got {value!r}; for the built-in demo model pass "
+            "llama.demo.DEMO_CKPT_DIR and llama.demo.DEMO_TOKENIZER_PATH"
+        )
+
+
+# ---------------------------------------------------------------- the arguments of a generation call
+
+
+def check_sampling(temperature: Any, top_p: Any, max_gen_len: Any, stream: bool = False) -> None:
+    """ValueError unless temperature >= 0 and top_p in [0, 1] are finite numbers and max_gen_len is an integer >= 0
+    (>= 1 for a stream: max_gen_len=0 only scores prompts, which a stream cannot return)."""
+    if not is_finite_number(temperature) or temperature < 0:
+        raise ValueError(f"temperature must be a finite number >= 0 (0 means greedy), got {temperature!r}")
+    if not is_finite_number(top_p) or not 0.0 <= top_p <= 1.0:
+        raise ValueError(f"top_p must be in [0, 1], got {top_p!r}")
+    if stream and is_int(max_gen_len) and max_gen_len == 0:
+        raise ValueError(
+            "max_gen_len must be a positive integer for a stream, got 0; max_gen_len=0 only scores the prompt: "
+            "call text_completion or generate with logprobs=True, echo=True for that"
+        )
+    if not is_int(max_gen_len) or max_gen_len < 0:
+        raise ValueError(f"max_gen_len must be an integer >= 0 (0: only score the prompts), got {max_gen_len!r}")
+
+
+def check_stop(stop: Any) -> list[str]:
+    """The stop strings as a list, with a clear error for anything but a list of non-empty str (or None)."""
+    if stop is None:
+        return []
+    if isinstance(stop, str) or not isinstance(stop, (list, tuple)) or not all(isinstance(s, str) for s in stop):
+        raise TypeError(f"stop must be a list of str or None, got {stop!r} (wrap a single stop string in a list)")
+    if any(s == "" for s in stop):
+        raise ValueError("stop strings must not be empty")
+    return list(stop)
+
+
+def check_prompt_strings(prompts: Any) -> None:
+    """TypeError unless prompts is a list (or tuple) of str."""
+    if not isinstance(prompts, (list, tuple)) or not all(isinstance(p, str) for p in prompts):
+        raise TypeError("prompts must be a list of str (wrap a single prompt in a list)")
+
+
+def check_prompts(prompt_tokens: Any, max_batch_size: int, max_seq_len: int, vocab_size: int) -> list[list[int]]:
+    """The prompts as lists of Python ints, after checking them against a model's limits."""
+    if not isinstance(prompt_tokens, (list, tuple)) or not prompt_tokens:
+        raise ValueError("prompt_tokens must be a non-empty list of token-id lists")
+    if len(prompt_tokens) > max_batch_size:
+        raise ValueError(
+            f"{len(prompt_tokens)} prompts exceed max_batch_size={max_batch_size}; "
+            "pass fewer prompts per call or build with a larger max_batch_size"
+        )
+    checked = []
+    for i, t in enumerate(prompt_tokens):
+        if not isinstance(t, (list, tuple)) or not t:
+            raise ValueError(f"prompt {i} must be a non-empty list of token ids")
+        if len(t) > max_seq_len:
+            raise ValueError(
+                f"prompt {i} has {len(t)} tokens, more than max_seq_len={max_seq_len}; "
+                "shorten it or build with a larger max_seq_len"
+            )
+        bad = next((x for x in t if not is_int(x)), None)
+        if bad is not None:
+            raise TypeError(f"prompt {i} holds {bad!r} ({type(bad).__name__}); token ids must be integers")
+        ids = [int(x) for x in t]
+        if not all(0 <= x < vocab_size for x in ids):
+            raise ValueError(f"prompt {i} holds token ids outside [0, {vocab_size})")
+        checked.append(ids)
+    return checked

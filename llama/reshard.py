@@ -11,15 +11,15 @@ P.scales are cut as the weight P.weight they replace, and each shard must hold w
 from __future__ import annotations
 
 import logging
-import sys
 from pathlib import Path
-from typing import Callable, Iterator, Optional, TextIO
+from typing import Callable, Iterator, Optional
 
 import torch
 
 from llama.checks import check_positive_int
 from llama.families import family_of_folder
-from llama.weights import checkpoint
+from llama.weights import checkpoint, quantized
+from llama.weights.checkpoint import ProgressLine
 
 # `python -m llama.reshard` executes this file as __main__: hand over to the one llama.reshard module before
 # this copy defines anything, so nothing is defined twice (see commandline.run_module).
@@ -29,30 +29,6 @@ if __name__ == "__main__":
     run_module("llama.reshard", "main")
 
 logger = logging.getLogger(__name__)
-
-
-class ProgressLine:
-    """A one-line text progress bar on stderr, e.g. ``reshard [######......] 2/4 consolidated.01.pth``.
-
-    Called once per finished item. On a terminal the line is redrawn in place; elsewhere (a log file) each
-    update is a line of its own.
-    """
-
-    def __init__(self, label: str, total: int, stream: Optional[TextIO] = None, width: int = 24):
-        self.label, self.total, self.width, self.done = label, total, width, 0
-        self.stream = stream if stream is not None else sys.stderr
-
-    def __call__(self, item: str | Path) -> None:
-        self.done += 1
-        filled = self.width * self.done // self.total
-        bar = "#" * filled + "." * (self.width - filled)
-        line = f"{self.label} [{bar}] {self.done}/{self.total} {Path(item).name}"
-        if self.stream.isatty():
-            end = "\n" if self.done == self.total else ""
-            self.stream.write(f"\r{line}\x1b[K{end}")
-        else:
-            self.stream.write(line + "\n")
-        self.stream.flush()
 
 
 def reshard(
@@ -76,10 +52,8 @@ def reshard(
         raise FileExistsError(f"{str(out_dir)!r} already exists; choose a new output folder or remove it")
     model_parallel_size = check_positive_int("model_parallel_size", model_parallel_size)
     open_checkpoint = checkpoint.open_checkpoint
-    if checkpoint.QUANTIZATION_KEY in checkpoint.read_params(ckpt_dir):
-        from llama.quantize import open_quantized_checkpoint  # only when asked for: it registers its operators
-
-        open_checkpoint = open_quantized_checkpoint
+    if checkpoint.QUANTIZATION_KEY in checkpoint.read_params(ckpt_dir):  # written by python -m llama.quantize
+        open_checkpoint = quantized.open_quantized_checkpoint
     # Each generation's own layout: Llama 3 splits the embedding by vocabulary rows, Llama 2 by columns.
     ckpt = open_checkpoint(ckpt_dir, family_of_folder(ckpt_dir).model_cls)
     ckpt.check_split(model_parallel_size)
@@ -101,9 +75,9 @@ def main(ckpt_dir: str, out_dir: str, model_parallel_size: int) -> None:
         ckpt_dir: folder with params.json and consolidated.NN.pth (any number of shards; float or quantized).
         out_dir: new folder to write (must not exist); it gets params.json, consolidated.00.pth ... and
             tokenizer.model if ckpt_dir has one.
-        model_parallel_size: number of shards to write; must divide the heads, KV heads, dim, FFN hidden size
-            and vocabulary (the error lists the sizes that do); for a quantized checkpoint, each shard's
-            inputs of every layer must also be whole groups.
+        model_parallel_size: number of shards to write; must divide the heads, the KV heads and every weight
+            split across ranks (dim, the FFN hidden size, the vocabulary: the error lists the sizes that do); for a
+            quantized checkpoint, each shard's inputs of every layer must also be whole groups.
     """
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     progress = ProgressLine("reshard", model_parallel_size) if isinstance(model_parallel_size, int) else None

@@ -1,45 +1,32 @@
-"""Shared fixtures: tiny model configs, a small trained SentencePiece tokenizer, and tiny checkpoints."""
+"""Shared fixtures: tiny model configs, a small trained SentencePiece tokenizer, tiny checkpoints, a way to build a
+tiny generator from them, and Meta's Llama 3 tokenizer and chat format. Plain helpers live in helpers.py."""
 
 from __future__ import annotations
 
-import dataclasses
-import math
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable, Optional
 
 import pytest
 import torch
+from helpers import CORPUS, META_TOKENIZER, TINY_CONFIGS, params_json, random_model
 
 from llama.distributed import setup_model_parallel
-from llama.model import ModelArgs, Transformer
+from llama.model import ModelArgs
 from llama.weights import checkpoint
 from llama.weights.layout import Layout
 
-REPO = Path(__file__).resolve().parent.parent
+if TYPE_CHECKING:  # imported where used, so that a module that fails to import fails only the tests that use it
+    from llama import Llama
+    from llama.chat_format import Llama3ChatFormat
+    from llama.tokenizer import Llama3Tokenizer
 
 # Tiny models gain nothing from threads, and on a shared 2-core machine threads fighting another job make
 # in-process tests many times slower.
 torch.set_num_threads(1)
 
-# name -> tiny ModelArgs covering each variant the reference supports
-TINY_CONFIGS = {
-    "mha": dict(dim=64, n_layers=2, n_heads=4),
-    "gqa": dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2),
-    "mqa": dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=1),
-    "ffn_multiplier": dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim_multiplier=1.3, multiple_of=16),
-    "odd_multiple_of": dict(dim=48, n_layers=3, n_heads=6, n_kv_heads=3, multiple_of=7, rope_theta=500.0),
-}
-
-CORPUS = """\
-The quick brown fox jumps over the lazy dog while the cat sleeps in the warm sun.
-A journey of a thousand miles begins with a single step, said the old teacher to the students.
-Llamas live in the mountains of South America and are related to camels and alpacas.
-Numbers such as 12345 and 2024 appear in text, along with punctuation: commas, periods; and quotes "like this".
-Café, naïve, résumé and jalapeño carry accents; 日本語 and emoji 🙂 fall back to bytes.
-Researchers trust reference code because it gives the same numbers every time it runs.
-Question: what is the capital of France? Answer: the capital of France is Paris.
-[INST] <<SYS>> system prompts and instructions <</SYS>> [/INST]
-"""
+# What build_generator passes to Llama.build unless a test says otherwise: the CPU in fp32, whose results are exact
+# and comparable, and room for the tests' prompts (a few rows of up to 64 tokens).
+GENERATOR_DEFAULTS = dict(max_seq_len=64, max_batch_size=4, device="cpu", dtype=torch.float32)
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -59,32 +46,6 @@ def tiny_args() -> Callable[..., ModelArgs]:
         return ModelArgs(**base)
 
     return make
-
-
-def init_random_(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    """Give every weight a well-spread random value (fan-in scaled), so logits are far from ties."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("norm.weight"):
-                p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=gen))
-            elif "tok_embeddings" in name:
-                p.copy_(torch.randn(p.shape, generator=gen))
-            else:
-                p.copy_(torch.randn(p.shape, generator=gen) / math.sqrt(p.shape[1]))
-    return model
-
-
-def random_model(args: ModelArgs, seed: int = 0) -> Transformer:
-    return init_random_(Transformer(args), seed).eval()
-
-
-def params_json(args: ModelArgs) -> dict:
-    """The params.json Meta would write for args (vocab_size -1: the tokenizer decides)."""
-    keep = ("dim", "n_layers", "n_heads", "n_kv_heads", "multiple_of", "ffn_dim_multiplier", "norm_eps", "rope_theta")
-    params = {k: v for k, v in dataclasses.asdict(args).items() if k in keep and v is not None}
-    params["vocab_size"] = -1
-    return params
 
 
 @pytest.fixture(scope="session")
@@ -136,12 +97,45 @@ def make_checkpoint(tmp_path_factory, tokenizer_path) -> Callable[..., Path]:
     return make
 
 
-def build_kernels_portably(monkeypatch, tmp_path, module) -> None:
-    """Make `module` (llama.quantize, llama.kernels.cpu_attention...) build its C kernels anew into tmp_path for the
-    baseline x86-64 (or without -march at all elsewhere), so that they take their plain loops, not AVX2's."""
-    from llama.kernels import cpu_gemv
+@pytest.fixture(scope="session")
+def build_generator(tokenizer_path) -> Callable[..., Llama]:
+    """Factory: build_generator(ckpt_dir, tokenizer=None, **overrides) -> Llama.build(ckpt_dir, tokenizer, ...) with
+    GENERATOR_DEFAULTS updated by overrides. Without a tokenizer: the folder's own tokenizer.model where it has one
+    (Llama 3 folders, the demo model), else the session's SentencePiece model (tokenizer_path)."""
+    from llama import Llama
 
-    portable = "-march=x86-64" if torch.backends.cpu.get_cpu_capability() != "DEFAULT" else "-O3"
-    monkeypatch.setattr(cpu_gemv, "BASE_FLAGS", [portable if f == "-march=native" else f for f in cpu_gemv.BASE_FLAGS])
-    monkeypatch.setenv("LLAMA_KERNEL_CACHE", str(tmp_path))
-    monkeypatch.setattr(module, "_state", {})
+    def build(ckpt_dir: Path, tokenizer: Optional[Path] = None, **overrides) -> Llama:
+        if tokenizer is None:
+            own = Path(ckpt_dir) / "tokenizer.model"
+            tokenizer = own if own.is_file() else tokenizer_path
+        return Llama.build(str(ckpt_dir), str(tokenizer), **{**GENERATOR_DEFAULTS, **overrides})
+
+    return build
+
+
+# ---------------------------------------------------------------- Meta's Llama 3 tokenizer and chat format
+
+
+@pytest.fixture(scope="session")
+def llama3_tokenizer() -> Llama3Tokenizer:
+    """Our tokenizer on Meta's real Llama 3 tokenizer.model."""
+    from llama.tokenizer import Llama3Tokenizer
+
+    return Llama3Tokenizer(META_TOKENIZER)
+
+
+@pytest.fixture(scope="session")
+def llama3_format(llama3_tokenizer) -> Llama3ChatFormat:
+    """Our Llama 3 chat format over llama3_tokenizer."""
+    from llama.chat_format import Llama3ChatFormat
+
+    return Llama3ChatFormat(llama3_tokenizer)
+
+
+@pytest.fixture(scope="session")
+def meta_format():
+    """Meta's own llama_models ChatFormat over the same tokenizer.model: the reference llama3_format must match."""
+    from llama_models.llama3.chat_format import ChatFormat
+    from llama_models.llama3.tokenizer import Tokenizer
+
+    return ChatFormat(Tokenizer(META_TOKENIZER))

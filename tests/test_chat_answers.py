@@ -4,47 +4,29 @@ chat stream joins to exactly the batch answer (issue 24, items 1, 4, 6, 12, 13 a
 from __future__ import annotations
 
 import contextlib
-import importlib.resources
 import io
 import random
 import re
-from pathlib import Path
 from unittest import mock
 
 import pytest
 import torch
-from conftest import random_model
+from helpers import random_model
 from llama_models.datatypes import RawMessage, StopReason, ToolPromptFormat
 from llama_models.llama3.chat_format import ChatFormat as MetaChatFormat
-from llama_models.llama3.tokenizer import Tokenizer as MetaTokenizer
 from llama_models.llama3.tool_utils import BUILTIN_TOOL_PATTERN, CUSTOM_TOOL_CALL_PATTERN, ToolUtils
 
-import llama.generation as generation
 from llama import Llama
 from llama.chat_format import Llama2ChatFormat, Llama3ChatFormat
+from llama.engine import loop
+from llama.engine.ends import RowEnd
 from llama.engine.stream import ChatStream
 from llama.interactive import chat_loop
 from llama.model import ModelArgs
 from llama.tokenizer import Llama3Tokenizer, Tokenizer
 
-META_MODEL = Path(str(importlib.resources.files("llama_models.llama3") / "tokenizer.model"))
 HEADER = "<|start_header_id|>assistant<|end_header_id|>\n\n"
 FUNCTION_TAG, BUILTIN_CALL = CUSTOM_TOOL_CALL_PATTERN, re.compile(BUILTIN_TOOL_PATTERN)  # Meta's
-
-
-@pytest.fixture(scope="module")
-def tokenizer() -> Llama3Tokenizer:
-    return Llama3Tokenizer(META_MODEL)
-
-
-@pytest.fixture(scope="module")
-def ours(tokenizer) -> Llama3ChatFormat:
-    return Llama3ChatFormat(tokenizer)
-
-
-@pytest.fixture(scope="module")
-def meta() -> MetaChatFormat:
-    return MetaChatFormat(MetaTokenizer(META_MODEL))
 
 
 # ---------------------------------------------------------------- the oracle
@@ -52,7 +34,7 @@ def meta() -> MetaChatFormat:
 _UNREAD = staticmethod(lambda body: None)
 
 
-def meta_answer(meta: MetaChatFormat, text: str, stop_reason: str) -> tuple:
+def meta_answer(meta_format: MetaChatFormat, text: str, stop_reason: str) -> tuple:
     """(content, stop_reason, [(tool_name, arguments)]) as Meta's decode_assistant_message_from_content gives them.
 
     Where Meta's decoder raises, or gives a call that cannot be sent back (Meta's encoder fails on it, or it holds
@@ -66,8 +48,8 @@ def meta_answer(meta: MetaChatFormat, text: str, stop_reason: str) -> tuple:
                 patches.enter_context(mock.patch.object(ToolUtils, name, _UNREAD))
             patches.enter_context(contextlib.redirect_stdout(io.StringIO()))  # Meta prints its JSON errors
             try:
-                msg = meta.decode_assistant_message_from_content(text, StopReason(stop_reason))
-                meta.encode_dialog_prompt([msg])
+                msg = meta_format.decode_assistant_message_from_content(text, StopReason(stop_reason))
+                meta_format.encode_dialog_prompt([msg])
                 for call in msg.tool_calls:
                     ToolUtils.encode_tool_call(call, ToolPromptFormat.json).encode("utf-8")
             except Exception:  # noqa: BLE001 - any failure of Meta's is what the next reading is for
@@ -77,11 +59,11 @@ def meta_answer(meta: MetaChatFormat, text: str, stop_reason: str) -> tuple:
     raise AssertionError("unreachable: with both extractions off Meta's decoder cannot fail")
 
 
-def our_answer(ours: Llama3ChatFormat, text: str, stop_reason: str) -> tuple:
+def our_answer(llama3_format: Llama3ChatFormat, text: str, stop_reason: str) -> tuple:
     """Our decoded answer, after checking that it is a well-formed message that the next turn accepts."""
-    msg = ours.decode_answer(text, stop_reason)
+    msg = llama3_format.decode_answer(text, stop_reason)
     assert set(msg) == {"role", "content", "stop_reason", "tool_calls"} and msg["role"] == "assistant"
-    ours.encode_dialog_prompt([{"role": "user", "content": "q"}, msg, {"role": "user", "content": "and?"}])
+    llama3_format.encode_dialog_prompt([{"role": "user", "content": "q"}, msg, {"role": "user", "content": "and?"}])
     return msg["content"], msg["stop_reason"], [(c["tool_name"], c["arguments"]) for c in msg["tool_calls"]]
 
 
@@ -201,15 +183,15 @@ def fuzzed_answers(n: int, seed: int = 0) -> list[str]:
 
 
 @pytest.mark.parametrize("text", TRICKY, ids=lambda t: repr(t[:40]))
-def test_decode_answer_never_raises_and_reads_as_meta(ours, meta, text):
+def test_decode_answer_never_raises_and_reads_as_meta(llama3_format, meta_format, text):
     for stop_reason in ("end_of_turn", "out_of_tokens"):
-        assert repr(our_answer(ours, text, stop_reason)) == repr(meta_answer(meta, text, stop_reason))
+        assert repr(our_answer(llama3_format, text, stop_reason)) == repr(meta_answer(meta_format, text, stop_reason))
 
 
-def test_fuzzed_answers_read_as_metas_and_are_accepted_back(ours, meta):
+def test_fuzzed_answers_read_as_metas_and_are_accepted_back(llama3_format, meta_format):
     texts = fuzzed_answers(400)
-    decoded = [our_answer(ours, text, "out_of_tokens") for text in texts]  # none raises, all are accepted back
-    assert repr(decoded) == repr([meta_answer(meta, text, "out_of_tokens") for text in texts])
+    decoded = [our_answer(llama3_format, text, "out_of_tokens") for text in texts]  # none raises, all are accepted back
+    assert repr(decoded) == repr([meta_answer(meta_format, text, "out_of_tokens") for text in texts])
     assert sum(bool(calls) for _, _, calls in decoded) > 100  # the fuzz reaches tool calls, not only text
 
 
@@ -223,8 +205,8 @@ def test_fuzzed_answers_read_as_metas_and_are_accepted_back(ours, meta):
         ('{"name": "brave_search", "parameters": {"q": "llamas"}}', "brave_search", {"query": "llamas"}),
     ],
 )
-def test_tool_call_arguments_as_metas(ours, text, tool_name, arguments):
-    [call] = ours.decode_answer(text, "end_of_turn")["tool_calls"]
+def test_tool_call_arguments_as_metas(llama3_format, text, tool_name, arguments):
+    [call] = llama3_format.decode_answer(text, "end_of_turn")["tool_calls"]
     assert (call["tool_name"], call["arguments"]) == (tool_name, arguments)
 
 
@@ -232,18 +214,18 @@ def test_tool_call_arguments_as_metas(ours, text, tool_name, arguments):
     "text",
     ['[f(**{"a":1})]', "[f(a=1), g(b=x)]", '{"name": "f", "parameters": [1]}', "[f(a=[[1]])]", "[f(a={[1]: 2})]"],
 )
-def test_calls_meta_cannot_read_are_content(ours, text):
-    assert ours.decode_answer(text, "end_of_turn") == {
+def test_calls_meta_cannot_read_are_content(llama3_format, text):
+    assert llama3_format.decode_answer(text, "end_of_turn") == {
         "role": "assistant", "content": text, "stop_reason": "end_of_turn", "tool_calls": []
     }  # fmt: skip
 
 
-def test_decoded_str_arguments_are_sent_back_as_metas(ours, meta):
+def test_decoded_str_arguments_are_sent_back_as_metas(llama3_format, meta_format):
     text = '{"name": "f", "parameters": "x y"}'
-    dialog = [{"role": "user", "content": "q"}, ours.decode_answer(text, "end_of_message")]
-    meta_dialog = [RawMessage(role="user", content="q"), meta.decode_assistant_message_from_content(text, StopReason(
-        "end_of_message"))]  # fmt: skip
-    assert ours.encode_dialog_prompt(dialog) == meta.encode_dialog_prompt(meta_dialog).tokens
+    dialog = [{"role": "user", "content": "q"}, llama3_format.decode_answer(text, "end_of_message")]
+    meta_message = meta_format.decode_assistant_message_from_content(text, StopReason("end_of_message"))
+    meta_dialog = [RawMessage(role="user", content="q"), meta_message]
+    assert llama3_format.encode_dialog_prompt(dialog) == meta_format.encode_dialog_prompt(meta_dialog).tokens
 
 
 @pytest.mark.parametrize(
@@ -256,10 +238,10 @@ def test_decoded_str_arguments_are_sent_back_as_metas(ours, meta):
         ([{"call_id": "1", "tool_name": "brave_search", "arguments": "x"}], TypeError, "dict of 'arguments'"),
     ],
 )
-def test_bad_tool_calls_are_named(ours, tool_calls, error, match):
+def test_bad_tool_calls_are_named(llama3_format, tool_calls, error, match):
     dialog = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "", "tool_calls": tool_calls}]
     with pytest.raises(error, match=match):
-        ours.encode_dialog_prompt(dialog)
+        llama3_format.encode_dialog_prompt(dialog)
 
 
 # ---------------------------------------------------------------- the stream's answer (item 4)
@@ -270,7 +252,10 @@ def stream_of(formatter, pieces: list[str], stop_id=None) -> tuple[list[str], Ch
 
     def raw():
         yield from pieces
-        return stop_id
+        if stop_id is not None:  # the row's end, as the decoding loop's stream returns it
+            end = RowEnd(len(pieces) + 1, frozenset([stop_id]))
+            end.add(stop_id)
+            return end
 
     stream = ChatStream(formatter, raw())
     return list(stream), stream
@@ -310,11 +295,11 @@ STREAMED = [
 
 
 @pytest.mark.parametrize("text", STREAMED, ids=repr)
-def test_chat_stream_joins_to_the_answer_for_any_split(ours, text):
-    expected = ours.decode_answer(text, "end_of_turn")
+def test_chat_stream_joins_to_the_answer_for_any_split(llama3_format, text):
+    expected = llama3_format.decode_answer(text, "end_of_turn")
     rng = random.Random(0)
     for pieces in [[text], list(text)] + [split_randomly(text, rng) for _ in range(20)]:
-        deltas, stream = stream_of(ours, pieces, ours.tokenizer.eot_id)
+        deltas, stream = stream_of(llama3_format, pieces, llama3_format.tokenizer.eot_id)
         assert "".join(deltas) == expected["content"] and all(deltas)
         assert without_call_ids(stream.message) == without_call_ids(expected)
     if expected["tool_calls"]:
@@ -333,20 +318,20 @@ def assert_shown_before_the_call(shown: str, text: str) -> None:
 @pytest.mark.parametrize(
     "text", ['Sure. <function=f>{"a": 1}</function>', 'Let me look: brave_search.call(query="llamas")<|eom_id|>']
 )
-def test_a_call_after_text_shows_the_text_never_the_call(ours, text):
-    deltas, stream = stream_of(ours, list(text))
+def test_a_call_after_text_shows_the_text_never_the_call(llama3_format, text):
+    deltas, stream = stream_of(llama3_format, list(text))
     assert stream.message["content"] == "" and len(stream.message["tool_calls"]) == 1
     shown = "".join(deltas)
     assert shown and "<function" not in shown and ".call(" not in shown
     assert_shown_before_the_call(shown, text)
 
 
-def test_fuzzed_streams_join_to_the_answer(ours):
+def test_fuzzed_streams_join_to_the_answer(llama3_format):
     rng = random.Random(1)
     after_text = 0
     for text in fuzzed_answers(300, seed=2):
-        expected = ours.decode_answer(text, "out_of_tokens")
-        deltas, stream = stream_of(ours, split_randomly(text, rng))
+        expected = llama3_format.decode_answer(text, "out_of_tokens")
+        deltas, stream = stream_of(llama3_format, split_randomly(text, rng))
         assert without_call_ids(stream.message) == without_call_ids(expected)
         if expected["tool_calls"]:
             assert_shown_before_the_call("".join(deltas), text)
@@ -362,24 +347,24 @@ CONTINUATIONS = ["", " ", "x", "x y", '")', '"} ', ")]", "=1)]", '{"a": 1}</func
                  "thon_tag|>1"]  # fmt: skip
 
 
-def test_settled_content_begins_every_answer_the_text_may_become(ours):
+def test_settled_content_begins_every_answer_the_text_may_become(llama3_format):
     texts = fuzzed_answers(150, seed=4) + STREAMED
     for text in texts:
         for end in sorted({*range(0, len(text) + 1, max(1, len(text) // 10)), len(text)}):
-            settled = ours.settled_content(text[:end])
+            settled = llama3_format.settled_content(text[:end])
             for more in CONTINUATIONS:
-                answer = ours.decode_answer(text[:end] + more, "end_of_turn")
+                answer = llama3_format.decode_answer(text[:end] + more, "end_of_turn")
                 if answer["tool_calls"] and answer["content"] == "":
                     assert_shown_before_the_call(settled, text[:end] + more)
                 else:
                     assert answer["content"].startswith(settled), (text[:end], more)
 
 
-def test_settled_content_only_grows(ours):
+def test_settled_content_only_grows(llama3_format):
     for text in fuzzed_answers(200, seed=3) + STREAMED:
         shown = ""
         for end in range(len(text) + 1):
-            settled = ours.settled_content(text[:end])
+            settled = llama3_format.settled_content(text[:end])
             assert settled.startswith(shown), (text, end)
             shown = settled
 
@@ -400,9 +385,10 @@ class Forced:
 
 
 @pytest.fixture(scope="module")
-def llama3(tokenizer) -> Llama:
-    args = ModelArgs(dim=32, n_layers=1, n_heads=2, vocab_size=tokenizer.n_words, max_seq_len=96, max_batch_size=2)
-    return Llama(random_model(args), tokenizer)
+def llama3(llama3_tokenizer) -> Llama:
+    vocab_size = llama3_tokenizer.n_words
+    args = ModelArgs(dim=32, n_layers=1, n_heads=2, vocab_size=vocab_size, max_seq_len=96, max_batch_size=2)
+    return Llama(random_model(args), llama3_tokenizer)
 
 
 @pytest.fixture(scope="module")
@@ -416,7 +402,7 @@ def batch_and_stream(generator: Llama, monkeypatch, ids: list[int], **kwargs) ->
     dialog = [{"role": "user", "content": "hi"}]
     kwargs = {"temperature": 0, "max_gen_len": 40, **kwargs}
     forced = Forced(ids)
-    monkeypatch.setattr(generation, "select_next_token", forced)
+    monkeypatch.setattr(loop, "select_next_token", forced)
     batch = generator.chat_completion([dialog], **kwargs)[0]["generation"]
     forced.step = 0
     stream = generator.chat_completion_stream(dialog, **kwargs)
@@ -478,7 +464,7 @@ def test_llama2_stream_is_the_batch_answer(llama2, monkeypatch, text):
 
 def test_chat_completion_never_fails_after_generation(llama3, monkeypatch):
     ids = llama3.tokenizer.encode("[f(a={[1]: 2})]", bos=False, eos=False) + [llama3.tokenizer.eot_id]
-    monkeypatch.setattr(generation, "select_next_token", Forced(ids))
+    monkeypatch.setattr(loop, "select_next_token", Forced(ids))
     [result] = llama3.chat_completion([[{"role": "user", "content": "hi"}]], max_gen_len=40)
     assert result["generation"]["content"] == "[f(a={[1]: 2})]" and result["generation"]["tool_calls"] == []
 
@@ -489,7 +475,7 @@ def test_chat_completion_never_fails_after_generation(llama3, monkeypatch):
 def test_interactive_chat_keeps_the_structured_answer(llama3, monkeypatch):
     tok = llama3.tokenizer
     forced = Forced([tok.python_tag_id] + tok.encode("print(1)", bos=False, eos=False) + [tok.eom_id])
-    monkeypatch.setattr(generation, "select_next_token", forced)
+    monkeypatch.setattr(loop, "select_next_token", forced)
     dialogs, stream = [], llama3.chat_completion_stream
 
     def recorded(dialog, *args, **kwargs):

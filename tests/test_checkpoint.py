@@ -11,11 +11,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, random_model
+from helpers import REPO, init_random_, random_model
+from torch import nn
 
-from llama.model import Transformer, check_model_parallel_fit, ffn_hidden_dim
+from llama.model import Transformer, ffn_hidden_dim
 from llama.weights import checkpoint
-from llama.weights.layout import Layout
+from llama.weights.layout import Layout, check_model_parallel_fit
 
 # The hand-written table the layout replaced: split dim by the last name part before ".weight".
 OLD_SPLIT_DIMS = {"wq": 0, "wk": 0, "wv": 0, "w1": 0, "w3": 0, "output": 0, "wo": 1, "w2": 1, "tok_embeddings": 1}
@@ -63,7 +64,7 @@ def test_split_then_merge_is_exact(tiny_args, n):
     assert shards[1]["tok_embeddings.weight"].shape[1] == state["tok_embeddings.weight"].shape[1] // n
     assert torch.equal(shards[1]["norm.weight"], state["norm.weight"])
     merged = layout.merge_shards(shards)
-    assert all(torch.equal(merged[k], state[k]) for k in state)
+    assert merged.keys() == state.keys() and all(torch.equal(merged[k], state[k]) for k in state)
 
 
 def test_reslicing_between_shard_counts(tiny_args):
@@ -81,6 +82,64 @@ def test_model_parallel_fit_names_usable_sizes(tiny_args):
     check_model_parallel_fit(args, 2)
     with pytest.raises(ValueError, match=r"n_kv_heads=2.*use a model-parallel size in \[1, 2\]"):
         check_model_parallel_fit(args, 4)
+
+
+class Experts(nn.Module):
+    """Llama 4's stacked experts as docs/layout.md describes them: (n_experts, dim, ffn) for w1 and w3, (n_experts,
+    ffn, dim) for w2, all split along the expert FFN dimension, which the module declares."""
+
+    split_dims = {"w1": 2, "w2": 1, "w3": 2}
+
+    def __init__(self, n_experts: int, dim: int, ffn: int):
+        super().__init__()
+        self.w1 = nn.Parameter(torch.randn(n_experts, dim, ffn))
+        self.w2 = nn.Parameter(torch.randn(n_experts, ffn, dim))
+        self.w3 = nn.Parameter(torch.randn(n_experts, dim, ffn))
+
+
+def with_experts(ffn: int) -> type:
+    """A model class whose every block's feed-forward also holds Experts(4, dim, ffn)."""
+
+    class MoETransformer(Transformer):
+        def __init__(self, params):
+            super().__init__(params)
+            for layer in self.layers:
+                layer.feed_forward.experts = Experts(4, params.dim, ffn)
+
+    return MoETransformer
+
+
+def test_a_new_layer_type_declares_its_own_split(tiny_args):
+    """The layout, the slicing of shards and the fit check read the split a module declares: a new kind of layer
+    (Llama 4's experts) needs no table, regex or rule elsewhere."""
+    args = tiny_args("gqa", vocab_size=96)
+    model_cls = with_experts(ffn=48)
+    layout = Layout.for_args(args, model_cls)
+    key = "layers.1.feed_forward.experts"
+    assert [layout.split_dim(f"{key}.{w}") for w in ("w1", "w2", "w3")] == [2, 1, 2]
+    assert layout.shapes[f"{key}.w1"] == (4, 64, 48) and layout.shapes[f"{key}.w2"] == (4, 48, 64)
+    state = init_random_(model_cls(args)).state_dict()
+    shards = layout.split_state_dict(state, 2)
+    assert shards[1][f"{key}.w1"].shape == (4, 64, 24) and shards[1][f"{key}.w2"].shape == (4, 24, 64)
+    assert torch.equal(shards[1][f"{key}.w2"], state[f"{key}.w2"][:, 24:])
+    assert all(torch.equal(v, state[k]) for k, v in layout.merge_shards(shards).items())
+    check_model_parallel_fit(args, 2, model_cls=model_cls)
+    # experts of 33 rows split over no more than one rank, and the error names them
+    message = r"\(layers.0.feed_forward.experts.w1 dim 2=33 not divisible\); use a model-parallel size in \[1\]"
+    with pytest.raises(ValueError, match=message):
+        check_model_parallel_fit(args, 2, model_cls=with_experts(ffn=33))
+
+
+def test_the_float_checkpoint_reader_knows_nothing_of_quantization():
+    """Loading flows down one way: llama.weights.quantized builds on llama.weights.checkpoint, never the reverse;
+    a folder is quantized when its params.json says so, and that key is all the float reader knows of it."""
+    code = (
+        "import sys, llama.weights.checkpoint\n"
+        "print(sorted(m for m in sys.modules if m.startswith(('llama.quant', 'llama.weights.quantized'))))"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.splitlines()[-1] == "[]"
 
 
 def test_save_checkpoint_is_atomic(tmp_path):
@@ -109,13 +168,6 @@ def test_load_shard_refuses_non_tensor_entries(tmp_path):
 # ---------------------------------------------------------------- loading: memory and bad shards
 
 
-def build(ckpt_dir, tokenizer_path, dtype=torch.float32):
-    from llama import Llama
-
-    return Llama.build(str(ckpt_dir), str(tokenizer_path), max_seq_len=32, max_batch_size=2, device="cpu",
-                       dtype=dtype)  # fmt: skip
-
-
 def mapped_ranges(path) -> list[tuple[int, int]]:
     """Address ranges of this process that map the file at path (from /proc/self/maps)."""
     ranges = []
@@ -128,9 +180,9 @@ def mapped_ranges(path) -> list[tuple[int, int]]:
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="reads /proc/self/maps (Linux)")
-def test_weights_of_the_right_dtype_are_the_mapped_file_itself(make_checkpoint, tokenizer_path):
+def test_weights_of_the_right_dtype_are_the_mapped_file_itself(make_checkpoint, tokenizer_path, build_generator):
     ckpt = make_checkpoint("gqa")  # float32 weights
-    model = build(ckpt, tokenizer_path).model
+    model = build_generator(ckpt, tokenizer_path, max_seq_len=32, max_batch_size=2).model
     ranges = mapped_ranges(ckpt / "consolidated.00.pth")
     for name, param in model.named_parameters():
         ptr = param.data_ptr()
@@ -170,33 +222,33 @@ def damaged_copy(src, dst, shard: int, change) -> None:
     ],
 )  # fmt: skip
 def test_shards_that_do_not_fit_together_name_the_file_and_key(
-    make_checkpoint, tokenizer_path, tmp_path, change, message
+    make_checkpoint, tokenizer_path, tmp_path, change, message, build_generator
 ):
     damaged_copy(make_checkpoint("gqa", n_shards=2), tmp_path / "ckpt", 1, change)
     with pytest.raises(ValueError, match=message):
-        build(tmp_path / "ckpt", tokenizer_path)
+        build_generator(tmp_path / "ckpt", tokenizer_path, max_seq_len=32, max_batch_size=2)
     with pytest.raises(ValueError, match=message):
         checkpoint.open_checkpoint(tmp_path / "ckpt")
 
 
-def test_multi_shard_params_mismatch_names_the_keys(make_checkpoint, tokenizer_path, tmp_path):
+def test_multi_shard_params_mismatch_names_the_keys(make_checkpoint, tokenizer_path, tmp_path, build_generator):
     shutil.copytree(make_checkpoint("gqa", n_shards=2), tmp_path / "ckpt")
     params = json.loads((tmp_path / "ckpt" / "params.json").read_text())
     (tmp_path / "ckpt" / "params.json").write_text(json.dumps({**params, "n_kv_heads": 4}))
     message = r"shape mismatches \(does params.json match the weights\?\): layers.0.attention.wk.weight: checkpoint"
     with pytest.raises(ValueError, match=message):
-        build(tmp_path / "ckpt", tokenizer_path)
+        build_generator(tmp_path / "ckpt", tokenizer_path, max_seq_len=32, max_batch_size=2)
     with pytest.raises(ValueError, match=message):
         checkpoint.open_checkpoint(tmp_path / "ckpt")
 
 
 @pytest.mark.parametrize("damage", ["truncate", "empty"])
-def test_damaged_second_shard_names_the_file(make_checkpoint, tokenizer_path, tmp_path, damage):
+def test_damaged_second_shard_names_the_file(make_checkpoint, tokenizer_path, tmp_path, damage, build_generator):
     shutil.copytree(make_checkpoint("gqa", n_shards=2), tmp_path / "ckpt")
     shard = tmp_path / "ckpt" / "consolidated.01.pth"
     shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 3] if damage == "truncate" else b"")
     with pytest.raises(ValueError, match="cannot read checkpoint shard .*consolidated.01.pth"):
-        build(tmp_path / "ckpt", tokenizer_path)
+        build_generator(tmp_path / "ckpt", tokenizer_path, max_seq_len=32, max_batch_size=2)
 
 
 def test_open_checkpoint_reads_the_vocabulary_from_the_weights(make_checkpoint, tmp_path):

@@ -9,10 +9,13 @@ from pathlib import Path
 import pytest
 import safetensors.torch
 import torch
-from conftest import CORPUS, REPO, TINY_CONFIGS
+from helpers import CORPUS, REPO, TINY_CONFIGS, assert_same_meta_checkpoint, hf_model, hf_weights
 from torch.testing import assert_close
 
 from llama import convert
+from llama.hf import convert as hf_convert
+from llama.hf.config import ffn_params_for, hf_config, params_from_hf_config
+from llama.hf.weights import SAFETENSORS_INDEX, HFWeights
 from llama.model import Transformer, ffn_hidden_dim
 from llama.tokenizer import Tokenizer
 from llama.weights import checkpoint
@@ -27,33 +30,6 @@ def our_model(ckpt_dir) -> Transformer:
     model = Transformer(ckpt.args)
     checkpoint.load_weights(model, ckpt.paths, 0, 1, torch.device("cpu"), torch.float32)
     return model.eval()
-
-
-def hf_model(hf_dir):
-    return transformers.AutoModelForCausalLM.from_pretrained(
-        hf_dir, dtype=torch.float32, attn_implementation="eager"
-    ).eval()
-
-
-def hf_weights(hf_dir) -> dict[str, torch.Tensor]:
-    state = {}
-    for path in sorted(hf_dir.glob("*.safetensors")):
-        state.update(safetensors.torch.load_file(path))
-    return state
-
-
-def meta_shards(ckpt_dir) -> list[dict[str, torch.Tensor]]:
-    return [torch.load(p, weights_only=True) for p in checkpoint.find_shards(ckpt_dir)]
-
-
-def assert_same_meta_checkpoint(a, b):
-    assert json.loads((a / "params.json").read_text()) == json.loads((b / "params.json").read_text())
-    shards_a, shards_b = meta_shards(a), meta_shards(b)
-    assert len(shards_a) == len(shards_b)
-    for sa, sb in zip(shards_a, shards_b):
-        assert sa.keys() == sb.keys()
-        for key in sa:
-            assert torch.equal(sa[key], sb[key]), key
 
 
 @pytest.mark.parametrize("n_shards", [1, 2])
@@ -133,18 +109,18 @@ def test_several_safetensors_files_with_an_index(make_checkpoint, tokenizer_path
 @pytest.mark.parametrize("extra", [-37, -1, 0, 1, 7, 100, 333])
 def test_ffn_params_reproduce_any_hidden_size(dim, extra):
     intermediate = ffn_hidden_dim(dim, 1, None) + extra
-    multiple_of, multiplier = convert.ffn_params_for(dim, intermediate)
+    multiple_of, multiplier = ffn_params_for(dim, intermediate)
     assert ffn_hidden_dim(dim, multiple_of, multiplier) == intermediate
 
 
 def test_ffn_params_prefer_meta_values(tiny_args):
-    assert convert.ffn_params_for(4096, 11008) == (256, None)  # 7B
-    assert convert.ffn_params_for(5120, 13824) == (256, None)  # 13B
-    assert convert.ffn_params_for(8192, 28672) == (4096, 1.3)  # 70B
+    assert ffn_params_for(4096, 11008) == (256, None)  # 7B
+    assert ffn_params_for(5120, 13824) == (256, None)  # 13B
+    assert ffn_params_for(8192, 28672) == (4096, 1.3)  # 70B
     for name in TINY_CONFIGS:  # whatever is found gives the same size
         args = tiny_args(name)
         size = ffn_hidden_dim(args.dim, args.multiple_of, args.ffn_dim_multiplier)
-        assert ffn_hidden_dim(args.dim, *convert.ffn_params_for(args.dim, size)) == size
+        assert ffn_hidden_dim(args.dim, *ffn_params_for(args.dim, size)) == size
 
 
 def test_from_hf_refuses_what_it_cannot_convert(make_checkpoint, tokenizer_path, tmp_path):
@@ -195,7 +171,7 @@ def test_to_hf_refuses_a_quantized_checkpoint_before_reading_it(make_checkpoint,
     def must_not_run(*args, **kwargs):
         raise AssertionError("read before the checkpoint was refused")
 
-    monkeypatch.setattr(convert, "load_tokenizer", must_not_run)
+    monkeypatch.setattr(hf_convert, "load_tokenizer", must_not_run)
     monkeypatch.setattr(checkpoint, "open_checkpoint", must_not_run)
     message = (r"'.*q' is a quantized checkpoint \(int8, group 16\); Hugging Face's Llama folders hold float "
                r"weights: convert the float checkpoint it was quantized from")  # fmt: skip
@@ -234,12 +210,12 @@ def test_cli_both_ways(make_checkpoint, tokenizer_path, tmp_path):
     ],
 )
 def test_hf_config_with_a_bad_field_names_the_file_and_field(tiny_args, field, value, message):
-    config = convert.hf_config(tiny_args("gqa"), 1, 2, torch.float32, 64)
+    config = hf_config(tiny_args("gqa"), 1, 2, torch.float32, 64)
     with pytest.raises(ValueError, match="^hf/config.json: " + message):
-        convert.params_from_hf_config({**config, field: value}, "hf/config.json")
+        params_from_hf_config({**config, field: value}, "hf/config.json")
     del config["hidden_size"]
     with pytest.raises(ValueError, match="^hf/config.json lacks 'hidden_size'"):
-        convert.params_from_hf_config(config, "hf/config.json")
+        params_from_hf_config(config, "hf/config.json")
 
 
 @pytest.mark.parametrize(
@@ -255,9 +231,9 @@ def test_hf_config_with_a_bad_field_names_the_file_and_field(tiny_args, field, v
 )
 def test_bad_safetensors_index_names_the_file(tmp_path, index, message):
     safetensors.torch.save_file({"lm_head.weight": torch.zeros(2, 2)}, tmp_path / "model.safetensors")
-    (tmp_path / convert.SAFETENSORS_INDEX).write_text(index)
+    (tmp_path / SAFETENSORS_INDEX).write_text(index)
     with pytest.raises(ValueError, match=f"model.safetensors.index.json'.*{message}"):
-        convert._HFWeights(tmp_path)
+        HFWeights(tmp_path)
 
 
 def test_conversions_refuse_an_out_dir_inside_the_source(make_checkpoint, tokenizer_path, tmp_path):

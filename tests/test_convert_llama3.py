@@ -11,13 +11,13 @@ from pathlib import Path
 import pytest
 import safetensors.torch
 import torch
-from conftest import init_random_
-from test_convert import assert_same_meta_checkpoint, hf_model, hf_weights
-from test_llama3 import META_TOKENIZER
+from helpers import META_TOKENIZER, assert_same_meta_checkpoint, hf_model, hf_weights, init_random_
 from torch.testing import assert_close
 
-from llama import Llama, convert
+from llama import convert
 from llama.chat_format import Llama3ChatFormat
+from llama.hf.config import params_from_hf_config
+from llama.hf.tokenizers import bpe_split, byte_level_alphabet
 from llama.model import Llama3Transformer, ModelArgs
 from llama.tokenizer import Llama3Tokenizer
 from llama.weights import checkpoint
@@ -96,13 +96,12 @@ def test_config_json(ckpts):
     assert rope["rope_type"] == "llama3" and rope["factor"] == 8.0
 
 
-def test_to_hf_gives_the_same_logits_and_greedy_tokens(ckpts):
+def test_to_hf_gives_the_same_logits_and_greedy_tokens(ckpts, build_generator):
     tokens = torch.randint(0, 128000, (2, 300), generator=torch.Generator().manual_seed(0))
     hf = hf_model(ckpts / "hf")
     with torch.no_grad():
         assert_close(hf(tokens).logits, our_model(ckpts / "meta")(tokens, 0))  # positions past 256: scaled RoPE
-    generator = Llama.build(str(ckpts / "meta"), str(ckpts / "meta" / "tokenizer.model"), max_seq_len=64,
-                            max_batch_size=2, device="cpu", dtype=torch.float32)  # fmt: skip
+    generator = build_generator(ckpts / "meta", ckpts / "meta" / "tokenizer.model", max_batch_size=2)
     prompt = generator.tokenizer.encode("The quick brown fox", bos=True, eos=False)
     ours, _ = generator.generate([prompt], max_gen_len=12, temperature=0)
     with torch.no_grad():
@@ -130,16 +129,16 @@ def test_hf_tokenizer_gives_our_ids(ckpts, hf_tokenizer):
 
 def test_merges_are_the_pairs_tiktoken_joins():
     ranks = {b"a": 0, b"b": 1, b"c": 2, b"bc": 3, b"ab": 4, b"abc": 5, b"cab": 6}
-    assert convert.bpe_split(b"abc", ranks) == (b"a", b"bc")  # "bc" (3) is joined before "ab" (4)
-    assert convert.bpe_split(b"cab", ranks) == (b"c", b"ab")
+    assert bpe_split(b"abc", ranks) == (b"a", b"bc")  # "bc" (3) is joined before "ab" (4)
+    assert bpe_split(b"cab", ranks) == (b"c", b"ab")
     ranks[b"ca"] = 7
-    assert convert.bpe_split(b"cab", ranks) == (b"c", b"ab")
-    assert convert.bpe_split(b"abcd", {**ranks, b"d": 8, b"cd": 9, b"ab": 10, b"abcd": 11}) == (b"abc", b"d")
+    assert bpe_split(b"cab", ranks) == (b"c", b"ab")
+    assert bpe_split(b"abcd", {**ranks, b"d": 8, b"cd": 9, b"ab": 10, b"abcd": 11}) == (b"abc", b"d")
     # A token that merging alone never reaches: "bc" is joined first and leaves "a", "bc", "d", which no token
     # joins; only a whole pre-tokenized "abcd" gives it (ignore_merges).
     unreachable = {b"a": 0, b"b": 1, b"c": 2, b"d": 3, b"bc": 4, b"ab": 5, b"cd": 6, b"abcd": 7}
-    assert convert.bpe_split(b"abcd", unreachable) is None
-    alphabet = convert.byte_level_alphabet()
+    assert bpe_split(b"abcd", unreachable) is None
+    alphabet = byte_level_alphabet()
     assert len(set(alphabet)) == 256 and alphabet[ord("A")] == "A" and alphabet[ord(" ")] == "Ġ"
 
 
@@ -268,7 +267,7 @@ def test_from_hf_refuses_other_rope_scaling(ckpts, tmp_path, rope, message, fiel
     config = json.loads((ckpts / "hf" / "config.json").read_text())
     del config["rope_scaling"]
     with pytest.raises(ValueError, match="^hf/config.json: .*" + message):
-        convert.params_from_hf_config({**config, field: rope}, "hf/config.json")
+        params_from_hf_config({**config, field: rope}, "hf/config.json")
 
 
 def test_from_hf_refuses_a_tokenizer_json_it_cannot_rebuild(ckpts, tmp_path):

@@ -5,7 +5,7 @@ import math
 
 import pytest
 import torch
-from conftest import build_kernels_portably, random_model
+from helpers import build_kernels_portably, random_model
 from torch.testing import assert_close
 
 from llama.engine.fast import FastDecoder
@@ -101,11 +101,11 @@ def test_bad_input_is_refused_with_the_reason():
 def test_falls_back_to_sdpa_where_the_kernel_does_not_serve(monkeypatch):
     pos = torch.tensor([3])
     q, k, v = case(1, 2, 2, 16, 8, dtype=torch.float16)  # no fp16 kernel
-    assert not cpu_attention.applies(k)
+    assert not cpu_attention.applies(k.device, k.dtype)
     assert torch.equal(cpu_attention.attend_one(q, k, v, pos), cpu_attention.sdpa(q, k, v, pos))
     monkeypatch.setitem(cpu_attention._state, "fn", None)  # as where no compiler could build it
     q, k, v = case(1, 2, 2, 16, 8)
-    assert not cpu_attention.applies(k)
+    assert not cpu_attention.applies(k.device, k.dtype)
     assert torch.equal(cpu_attention.attend_one(q, k, v, pos), cpu_attention.sdpa(q, k, v, pos))
 
 

@@ -5,17 +5,18 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import random_model
+from helpers import random_model
 from torch.testing import assert_close
 
-from llama import quantize as quant
 from llama.engine import cpu_decode
 from llama.engine.fast import FastDecoder
 from llama.generation import Llama
-from llama.quantize import Scheme
+from llama.quant import kernels as quant_kernels
+from llama.quant.linear import QuantizedLinear, quantize_model, set_module, use_int8_inputs
+from llama.quant.scheme import Scheme
 
 needs_kernels = pytest.mark.skipif(
-    cpu_decode.kernel() is None or not quant.available(), reason="no C compiler could build the kernels here"
+    cpu_decode.kernel() is None or not quant_kernels.available(), reason="no C compiler could build the kernels here"
 )
 TOKENS = torch.randint(3, 90, (2, 14), generator=torch.Generator().manual_seed(0))
 
@@ -23,8 +24,8 @@ TOKENS = torch.randint(3, 90, (2, 14), generator=torch.Generator().manual_seed(0
 def model_of(tiny_args, mode, dtype=torch.float32, name="gqa", exact=True):
     model = random_model(tiny_args(name, vocab_size=97), seed=5).to(dtype)
     if mode is not None:
-        model = quant.quantize_model(model, Scheme(mode, 32))
-        quant.use_int8_inputs(model, not exact)
+        model = quantize_model(model, Scheme(mode, 32))
+        use_int8_inputs(model, not exact)
     return model
 
 
@@ -75,7 +76,7 @@ def test_int8_input_switch_after_building_changes_the_products(tiny_args):
     fast = FastDecoder(model, compile=False)
     model.forward(TOKENS[:1, :5], 0)
     rounded = fast(TOKENS[:1, 5:6], 5)
-    quant.use_int8_inputs(model, False)
+    use_int8_inputs(model, False)
     model.forward(TOKENS[:1, :5], 0)  # the cache again, from exact products
     exact = fast(TOKENS[:1, 5:6], 5)
     assert not torch.equal(rounded, exact)
@@ -86,7 +87,7 @@ def test_int8_input_switch_after_building_changes_the_products(tiny_args):
 def test_models_and_batches_it_does_not_serve_run_the_compiled_step(tiny_args):
     assert FastDecoder(model_of(tiny_args, None), compile=False).cpu_step is None  # fp32 float layers: no kernel
     mixed = model_of(tiny_args, None)
-    quant._set_module(mixed, "layers.0.attention.wq", quant.QuantizedLinear.from_linear(
+    set_module(mixed, "layers.0.attention.wq", QuantizedLinear.from_linear(
         mixed.layers[0].attention.wq, Scheme("int8", 32)))  # fmt: skip
     assert FastDecoder(mixed, compile=False).cpu_step is None  # wq/wk/wv do not stack
     bf16 = model_of(tiny_args, None, torch.bfloat16)
@@ -110,17 +111,17 @@ def test_without_the_kernel_the_compiled_step_runs(tiny_args, monkeypatch):
 def test_a_position_outside_the_cache_is_refused_and_nothing_is_written(tiny_args):
     model = model_of(tiny_args, "int8")
     fast = FastDecoder(model, compile=False)
-    caches = [layer.attention.cache_k.clone() for layer in model.layers]
+    caches = [layer.attention.kv_cache.cache_k.clone() for layer in model.layers]
     for bad in (model.params.max_seq_len, -1):
         with pytest.raises(ValueError, match="outside the KV cache"):
             fast.cpu_step(TOKENS[:1, :1], torch.tensor([bad]))
-    assert all(torch.equal(c, layer.attention.cache_k) for c, layer in zip(caches, model.layers))
+    assert all(torch.equal(c, layer.attention.kv_cache.cache_k) for c, layer in zip(caches, model.layers))
     rows = model.params.max_batch_size + 1  # more rows than the KV cache has: refused, not written past it
     with pytest.raises(ValueError, match="must be \\(bsz, 1\\) with bsz at most 4"):
         fast.cpu_step(torch.ones(rows, 1, dtype=torch.long), torch.tensor([0]))
     with pytest.raises(ValueError, match="must be"):
         fast.cpu_step(torch.ones(1, 2, dtype=torch.long), torch.tensor([0]))
-    assert all(torch.equal(c, layer.attention.cache_k) for c, layer in zip(caches, model.layers))
+    assert all(torch.equal(c, layer.attention.kv_cache.cache_k) for c, layer in zip(caches, model.layers))
     model.forward(TOKENS[:1, :5], 0)  # still usable
     assert_close(fast(TOKENS[:1, 5:6], 5), model.forward(TOKENS[:1, :6], 0)[:, 5:])
 
@@ -129,8 +130,7 @@ def test_a_position_outside_the_cache_is_refused_and_nothing_is_written(tiny_arg
 def test_caches_or_norms_the_c_step_cannot_index_leave_it_to_the_compiled_step(tiny_args):
     model = model_of(tiny_args, "int8")
     for layer in model.layers:  # a cache in another dtype than the model's: the C step would misread it
-        layer.attention.cache_k = layer.attention.cache_k.bfloat16()
-        layer.attention.cache_v = layer.attention.cache_v.bfloat16()
+        layer.attention.kv_cache.to(torch.bfloat16)
     assert FastDecoder(model, compile=False).cpu_step is None
     other = model_of(tiny_args, "int8")
     other.layers[1].ffn_norm.weight = torch.nn.Parameter(torch.ones(2 * other.params.dim)[::2])  # strided

@@ -6,10 +6,10 @@ import threading
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import random_model
+from helpers import random_model
 from torch.testing import assert_close
 
-from llama.engine.fast import FastDecoder
+from llama.engine.fast import FastDecoder, FastOps
 from llama.kernels import cpu_gemv
 
 needs_kernel = pytest.mark.skipif(not cpu_gemv.available(), reason="no C compiler could build the kernel here")
@@ -135,18 +135,18 @@ def test_stacked_projections_hold_no_weight_twice_and_compute_the_same(tiny_args
     before = {k: v.clone() for k, v in model.state_dict().items()}
     tokens = torch.randint(3, 500, (1, 6), generator=torch.Generator().manual_seed(3))
     model.forward(tokens[:, :5], 0)
-    unstacked = FastDecoder(model, compile=False)
-    unstacked.fused = None  # the layers one by one
+    unstacked = FastDecoder(model, compile=False, use_cpu_step=False)  # the compiled step's products, in Python
+    unstacked.one_row_ops = FastOps(torch.ops.llama.linear_bf16, torch.ops.llama.attend_one, False, None)  # one by one
     expected = unstacked(tokens[:, 5:], 5)
-    fast = FastDecoder(model, compile=False)
+    fast = FastDecoder(model, compile=False, use_cpu_step=False)
     attn = model.layers[0].attention
-    qkv = fast.fused[0][0].weight
+    qkv = fast.fused[0][0].layer.weight
     assert qkv.shape == (attn.wq.weight.shape[0] + 2 * attn.wk.weight.shape[0], model.params.dim)
     assert all(m.weight.untyped_storage().data_ptr() == qkv.untyped_storage().data_ptr() for m in (attn.wq, attn.wv))
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())  # same values, now views
     assert_close(fast(tokens[:, 5:], 5), expected, rtol=0, atol=0)  # each output row is the same dot product
     again = FastDecoder(model, compile=False)  # a second decoder on the model stacks nothing anew
-    assert again.fused[0][0].weight.data_ptr() == qkv.data_ptr()
+    assert again.fused[0][0].layer.weight.data_ptr() == qkv.data_ptr()
     assert model.forward(tokens[:, 5:], 5).shape == (1, 1, 512)  # the default path still runs
 
 

@@ -11,16 +11,10 @@ pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available()
 PROMPTS = ["The quick brown fox", "Llamas live in", "Question: what is the capital of France?"]
 
 
-def build(ckpt, tokenizer_path, device, dtype, compile=False):
-    return Llama.build(
-        str(ckpt), str(tokenizer_path), max_seq_len=64, max_batch_size=4, device=device, dtype=dtype, compile=compile
-    )
-
-
-def test_cuda_fp32_matches_cpu(make_checkpoint, tokenizer_path):
-    cpu = build(make_checkpoint("gqa"), tokenizer_path, "cpu", torch.float32)
-    gpu = build(make_checkpoint("gqa"), tokenizer_path, "cuda", torch.float32)
-    assert gpu.model.layers[0].attention.cache_k.device.type == "cuda"
+def test_cuda_fp32_matches_cpu(make_checkpoint, tokenizer_path, build_generator):
+    cpu = build_generator(make_checkpoint("gqa"), tokenizer_path)
+    gpu = build_generator(make_checkpoint("gqa"), tokenizer_path, device="cuda")
+    assert gpu.model.layers[0].attention.kv_cache.device.type == "cuda"
     tokens = torch.tensor([cpu.tokenizer.encode(PROMPTS[0], bos=True, eos=False)])
     assert_close(gpu.model.forward(tokens.cuda(), 0).cpu(), cpu.model.forward(tokens, 0), rtol=1e-4, atol=1e-4)
     expected = cpu.text_completion(PROMPTS, temperature=0, max_gen_len=12)
@@ -33,8 +27,8 @@ def test_cuda_default_dtype_is_float16(make_checkpoint, tokenizer_path):
     assert torch.get_default_dtype() == torch.float32
 
 
-def test_cuda_fast_path_matches_faithful(make_checkpoint, tokenizer_path):
-    faithful = build(make_checkpoint("gqa"), tokenizer_path, "cuda", torch.float32)
-    fast = build(make_checkpoint("gqa"), tokenizer_path, "cuda", torch.float32, compile=True)
+def test_cuda_fast_path_matches_faithful(make_checkpoint, tokenizer_path, build_generator):
+    faithful = build_generator(make_checkpoint("gqa"), tokenizer_path, device="cuda")
+    fast = build_generator(make_checkpoint("gqa"), tokenizer_path, device="cuda", compile=True)
     expected = faithful.text_completion(PROMPTS, temperature=0, max_gen_len=12)
     assert fast.text_completion(PROMPTS, temperature=0, max_gen_len=12) == expected

@@ -28,16 +28,13 @@ META_PARAM_KEYS = {
 }  # fmt: skip
 
 
-def build(max_seq_len: int = 256, max_batch_size: int = 8) -> Llama:
-    return Llama.build(
-        str(DEMO_CKPT_DIR), str(DEMO_TOKENIZER_PATH), max_seq_len=max_seq_len, max_batch_size=max_batch_size,
-        device="cpu", dtype=torch.float32,
-    )  # fmt: skip
+# The demo model's generator: rows long enough for the held-out documents (build_generator's default is 64).
+DEMO = dict(ckpt_dir=DEMO_CKPT_DIR, tokenizer=DEMO_TOKENIZER_PATH, max_seq_len=256, max_batch_size=8)
 
 
 @pytest.fixture(scope="module")
-def generator() -> Llama:
-    return build()
+def generator(build_generator) -> Llama:
+    return build_generator(**DEMO)
 
 
 def test_demo_folder_is_a_small_meta_checkpoint():
@@ -60,13 +57,14 @@ def test_tokenizer_has_llama_special_ids(generator):
     assert tok.decode(tok.encode(text, bos=False, eos=False)) == text  # byte fallback: nothing is lost
 
 
-def test_greedy_and_seeded_sampling_are_deterministic_across_builds(generator):
+def test_greedy_and_seeded_sampling_are_deterministic_across_builds(generator, build_generator):
     first = generator.text_completion(PROMPTS, temperature=0, max_gen_len=20)
-    second = build().text_completion(PROMPTS, temperature=0, max_gen_len=20)
+    second = build_generator(**DEMO).text_completion(PROMPTS, temperature=0, max_gen_len=20)
     assert first == second
     assert all(r["generation"].strip() for r in first)
     # Llama.build seeds torch (seed=1), so sampling right after a build is reproducible too.
-    sampled = [build().text_completion(PROMPTS, temperature=0.8, top_p=0.9, max_gen_len=16) for _ in range(2)]
+    sample = dict(temperature=0.8, top_p=0.9, max_gen_len=16)
+    sampled = [build_generator(**DEMO).text_completion(PROMPTS, **sample) for _ in range(2)]
     assert sampled[0] == sampled[1]
 
 
@@ -83,10 +81,10 @@ def test_heldout_perplexity_matches_model_card_and_beats_unigram(generator):
     assert model_ppl < 0.5 * unigram_ppl, (model_ppl, unigram_ppl)
 
 
-def test_generations_are_mostly_english_words(generator):
+def test_generations_are_mostly_english_words(generator, build_generator):
     vocabulary = set((DATA / "demo_words.txt").read_text().split())
     outs = generator.text_completion(PROMPTS, temperature=0, max_gen_len=48)
-    outs += build().text_completion(PROMPTS, temperature=0.8, top_p=0.9, max_gen_len=48)
+    outs += build_generator(**DEMO).text_completion(PROMPTS, temperature=0.8, top_p=0.9, max_gen_len=48)
     words = [w.lower() for o in outs for w in re.findall(r"[A-Za-z]+", o["generation"])]
     assert len(words) >= 30, outs
     known = sum(w in vocabulary for w in words) / len(words)

@@ -1,22 +1,12 @@
 """The example scripts end to end, as subprocesses: plain python, and torchrun with 1 and 2 processes."""
 
-import os
 import subprocess
 import sys
 
 import pytest
-from conftest import REPO
+from helpers import REPO, SEPARATOR, run
 
 pytestmark = pytest.mark.slow
-SEPARATOR = "=================================="
-
-
-def run(cmd: list[str], input: str | None = None, ok: bool = True) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(cmd, cwd=REPO, env=env, input=input, capture_output=True, text=True, timeout=300)
-    if ok:
-        assert proc.returncode == 0, (proc.stdout[-2000:], proc.stderr[-4000:])
-    return proc
 
 
 def launcher(nproc: int) -> list[str]:

@@ -1,14 +1,18 @@
 """The opt-in fast path gives the faithful path's logits (fp32 tolerance) and exactly its greedy tokens."""
 
+import re
+from pathlib import Path
+
 import pytest
 import torch
-from conftest import random_model
+from helpers import random_model
 from torch.testing import assert_close
 
-import llama.generation as generation
+import llama
 from llama import Llama, Tokenizer
-from llama.engine.fast import FastDecoder, apply_rotary_emb_real, rope_cos_sin
-from llama.model import apply_rotary_emb, precompute_freqs_cis
+from llama.engine import loop
+from llama.engine.fast import FastDecoder
+from llama.model import apply_rotary_emb, apply_rotary_emb_real, precompute_freqs_cis, rope_cos_sin
 
 PROMPTS = ["The quick brown fox", "Llamas live in", "A journey of a thousand miles begins with a single step"]
 
@@ -71,7 +75,7 @@ def test_sampled_tokens_equal_faithful_with_the_same_seed(tiny_args, tokenizer_p
 def test_eos_in_some_rows(tiny_args, tokenizer_path, monkeypatch):
     faithful, fast = pair(tiny_args, tokenizer_path)
     eos = faithful.tokenizer.eos_id
-    greedy = generation.select_next_token
+    greedy = loop.select_next_token
 
     def eos_after(limit):
         steps = []
@@ -89,9 +93,9 @@ def test_eos_in_some_rows(tiny_args, tokenizer_path, monkeypatch):
         return select
 
     prompts = [faithful.tokenizer.encode(p, bos=True, eos=False) for p in PROMPTS]
-    monkeypatch.setattr(generation, "select_next_token", eos_after(14))
+    monkeypatch.setattr(loop, "select_next_token", eos_after(14))
     a, _ = faithful.generate(prompts, max_gen_len=25, temperature=0)
-    monkeypatch.setattr(generation, "select_next_token", eos_after(14))
+    monkeypatch.setattr(loop, "select_next_token", eos_after(14))
     b, _ = fast.generate(prompts, max_gen_len=25, temperature=0)
     assert a == b
     assert len(a[1]) == 25 and len(a[0]) < 25 and len(a[2]) < 25  # only row 1 runs to max_gen_len
@@ -101,7 +105,7 @@ def test_fast_path_stops_soon_after_every_row_ends(tiny_args, tokenizer_path, mo
     _, fast = pair(tiny_args, tokenizer_path)
     eos = fast.tokenizer.eos_id
     calls = []
-    monkeypatch.setattr(generation, "select_next_token", lambda *a: calls.append(1) or torch.full((1,), eos))
+    monkeypatch.setattr(loop, "select_next_token", lambda *a: calls.append(1) or torch.full((1,), eos))
     tokens, _ = fast.generate([[1, 5, 6]], max_gen_len=50, temperature=0)
     assert tokens == [[]]
     assert len(calls) == FastDecoder.eos_check_every  # checked every 16 steps, not run to max_gen_len
@@ -123,10 +127,9 @@ def test_compiled_path_equals_faithful_and_is_reused(tiny_args, tokenizer_path):
 
 
 @pytest.mark.slow
-def test_build_with_compile(make_checkpoint, tokenizer_path):
-    kwargs = dict(max_seq_len=64, max_batch_size=4, device="cpu", dtype=torch.float32)
-    faithful = Llama.build(str(make_checkpoint("gqa")), str(tokenizer_path), **kwargs)
-    fast = Llama.build(str(make_checkpoint("gqa")), str(tokenizer_path), compile=True, **kwargs)
+def test_build_with_compile(make_checkpoint, tokenizer_path, build_generator):
+    faithful = build_generator(make_checkpoint("gqa"), tokenizer_path)
+    fast = build_generator(make_checkpoint("gqa"), tokenizer_path, compile=True)
     assert faithful.fast is None and isinstance(fast.fast, FastDecoder)
     expected = faithful.text_completion(PROMPTS, temperature=0, max_gen_len=10)
     assert fast.text_completion(PROMPTS, temperature=0, max_gen_len=10) == expected
@@ -154,14 +157,15 @@ def test_prefill_equals_the_forward_in_fp32_and_fills_the_cache_alike(tiny_args,
     tokens = torch.randint(3, 120, (2, 21), generator=torch.Generator().manual_seed(4))
     expected = model.forward(tokens, 0)
     for layer in model.layers:  # start from an empty cache
-        layer.attention.cache_k.zero_(), layer.attention.cache_v.zero_()
+        layer.attention.kv_cache.cache_k.zero_(), layer.attention.kv_cache.cache_v.zero_()
     got = torch.cat([fast.prefill(tokens[:, :13], 0), fast.prefill(tokens[:, 13:], 13)], dim=1)  # two chunks
-    cache = [(layer.attention.cache_k.clone(), layer.attention.cache_v.clone()) for layer in model.layers]
+    cache = [(layer.attention.kv_cache.cache_k.clone(), layer.attention.kv_cache.cache_v.clone())
+             for layer in model.layers]
     assert_close(got, expected)
     model.forward(tokens, 0)  # the reference's keys and values, against the prefill's
     for (k, v), layer in zip(cache, model.layers):
-        assert_close(k, layer.attention.cache_k)
-        assert_close(v, layer.attention.cache_v)
+        assert_close(k, layer.attention.kv_cache.cache_k)
+        assert_close(v, layer.attention.kv_cache.cache_v)
 
 
 def test_bf16_prefill_is_at_least_as_close_to_fp32_as_the_faithful_forward(tiny_args):
@@ -182,3 +186,32 @@ def test_prefill_refuses_what_the_cache_cannot_hold(tiny_args):
     with pytest.raises(ValueError, match="the KV cache holds 2"):
         fast.prefill(torch.ones(3, 4, dtype=torch.long), 0)
     assert fast.prefill(torch.ones(1, 16, dtype=torch.long), 0).shape == (1, 16, 128)
+
+
+def source_lines(paths):
+    """(path relative to the repository, line number, line) of every line of the given Python files."""
+    root = Path(llama.__file__).parent.parent
+    for path in paths:
+        for number, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
+            yield f"{Path(path).relative_to(root)}:{number}", line
+
+
+def test_nothing_outside_the_model_touches_the_kv_cache_tensors():
+    """KVCache (llama/model/kv_cache.py) is the one owner of the cached keys and values: the rest of the library
+    goes through its update(), shape, dtype and pointers(), never its tensors."""
+    package = Path(llama.__file__).parent
+    outside = [p for p in sorted(package.rglob("*.py")) if p.relative_to(package).parts[0] != "model"]
+    assert len(outside) > 20 and package / "engine" / "cpu_decode.py" in outside
+    reads = re.compile(r"\.cache_[kv]\b|getattr\(.*cache_[kv]|update_cache")
+    assert [where for where, line in source_lines(outside) if reads.search(line)] == []
+
+
+def test_the_fast_path_and_the_c_step_read_no_layer_internals():
+    """The fast path and the C step ask the modules for what they read (kernel_operands(), heads(), the KVCache,
+    the model's dtype and device) rather than reading weights, norms' eps, head counts or quantized tensors."""
+    internals = re.compile(r"(?<!operands)\.(weight|qweight|scales|scheme|eps|n_local_heads|n_local_kv_heads|"
+                           r"head_dim|n_rep|cache_k|cache_v)\b")
+    package = Path(llama.__file__).parent
+    files = [package / "engine" / "fast.py", package / "engine" / "cpu_decode.py", *package.glob("kernels/*.py")]
+    assert [where for where, line in source_lines(files) if internals.search(line)] == []
+

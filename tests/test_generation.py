@@ -4,10 +4,12 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-import llama.generation as generation
 from llama import Llama
 from llama.chat_format import Llama2ChatFormat
-from llama.generation import DecodeState, sample_top_p
+from llama.engine import loop
+from llama.engine.ends import EndRule
+from llama.engine.loop import DecodeState, results
+from llama.engine.sampling import sample_top_p, select_next_token
 
 B_SYS, E_SYS = Llama2ChatFormat.B_SYS, Llama2ChatFormat.E_SYS
 ROLE_ERROR, UNSAFE_ERROR = Llama2ChatFormat.ROLE_ERROR, Llama2ChatFormat.UNSAFE_ERROR
@@ -19,14 +21,9 @@ def encode_dialog(tokenizer, dialog):
 PROMPTS = ["The quick brown fox", "Llamas live in", "A journey of a thousand miles begins with a single"]
 
 
-def build(ckpt_dir, tokenizer_path, **kwargs) -> Llama:
-    kwargs = {"max_seq_len": 64, "max_batch_size": 4, "device": "cpu", "dtype": torch.float32, **kwargs}
-    return Llama.build(str(ckpt_dir), str(tokenizer_path), **kwargs)
-
-
 @pytest.fixture(scope="module")
-def generator(make_checkpoint, tokenizer_path) -> Llama:
-    return build(make_checkpoint("gqa"), tokenizer_path)
+def generator(make_checkpoint, tokenizer_path, build_generator) -> Llama:
+    return build_generator(make_checkpoint("gqa"), tokenizer_path)
 
 
 def encode_all(generator, prompts):
@@ -67,7 +64,7 @@ def test_sample_top_p_one_samples_everything():
 def test_tiny_temperature_samples_the_argmax(temperature):
     logits = torch.randn(3, 50, generator=torch.Generator().manual_seed(0)) * 30
     torch.manual_seed(0)
-    assert torch.equal(generation.select_next_token(logits, temperature, 0.9), logits.argmax(-1))
+    assert torch.equal(select_next_token(logits, temperature, 0.9), logits.argmax(-1))
 
 
 def test_tiny_temperature_decodes_as_greedy(generator):
@@ -156,8 +153,8 @@ def test_max_gen_len_zero_in_the_completions(generator):
 
 def test_generate_max_gen_len_none_is_max_seq_len_minus_1(generator, monkeypatch):
     budgets = []
-    start = generator._start
-    monkeypatch.setattr(generator, "_start", lambda p, n, lp: budgets.append(n) or start(p, n, lp))
+    start = generator.engine.start
+    monkeypatch.setattr(generator.engine, "start", lambda p, r, lp: budgets.append(r.max_gen_len) or start(p, r, lp))
     tokens, _ = generator.generate(encode_all(generator, PROMPTS[:1]), max_gen_len=None, temperature=0)
     assert budgets == [generator.model.params.max_seq_len - 1]
     assert tokens == generator.generate(encode_all(generator, PROMPTS[:1]), max_gen_len=63, temperature=0)[0]
@@ -166,15 +163,16 @@ def test_generate_max_gen_len_none_is_max_seq_len_minus_1(generator, monkeypatch
 def test_output_is_cut_at_max_gen_len_and_max_seq_len(generator):
     prompts = encode_all(generator, PROMPTS)
     tokens, _ = generator.generate(prompts, max_gen_len=3, temperature=0)
-    assert all(len(t) <= 3 for t in tokens)
+    longer, _ = generator.generate(prompts, max_gen_len=12, temperature=0)
+    assert tokens == [t[:3] for t in longer] and any(len(t) == 3 for t in tokens)  # cut, not changed
     long_prompt = [generator.tokenizer.bos_id] + [7] * 59  # 60 of max_seq_len 64: room for 4 tokens
     tokens, _ = generator.generate([long_prompt], max_gen_len=20, temperature=0)
-    assert len(tokens[0]) <= 4
+    assert tokens == generator.generate([long_prompt], max_gen_len=4, temperature=0)[0] and len(tokens[0]) == 4
 
 
 def test_eos_ends_each_row_and_the_loop_stops_when_all_rows_end(generator, monkeypatch):
     eos = generator.tokenizer.eos_id
-    greedy = generation.select_next_token
+    greedy = select_next_token
     steps = []
 
     def eos_in_row_0_at_step_2(last_logits, temperature, top_p):
@@ -187,7 +185,7 @@ def test_eos_ends_each_row_and_the_loop_stops_when_all_rows_end(generator, monke
             nxt[1] = eos
         return nxt
 
-    monkeypatch.setattr(generation, "select_next_token", eos_in_row_0_at_step_2)
+    monkeypatch.setattr(loop, "select_next_token", eos_in_row_0_at_step_2)
     prompts = [[1, 10, 11], [1, 12, 13]]
     tokens, logprobs = generator.generate(prompts, max_gen_len=30, temperature=0, logprobs=True)
     assert len(tokens[0]) == 1 and len(tokens[1]) == 5  # cut before each row's first EOS
@@ -198,19 +196,21 @@ def test_eos_ends_each_row_and_the_loop_stops_when_all_rows_end(generator, monke
 def test_results_ignore_eos_inside_an_echoed_prompt(generator):
     eos = generator.tokenizer.eos_id
     tokens = torch.tensor([[1, 5, eos, 6, 7, 8, eos, 9]])
+    rule = EndRule(generator.tokenizer, max_gen_len=10, max_seq_len=64)
+    stop_ids, limits = rule.mirror([4], tokens.device)
     state = DecodeState(
         tokens=tokens, prompt_lens=[4], is_prompt=torch.arange(8)[None] < 4,
-        finished=torch.tensor([True]), token_logprobs=None, filled=8,
+        finished=torch.tensor([True]), token_logprobs=None, filled=8, stop_ids=stop_ids, limits=limits,
     )  # fmt: skip
-    out, _ = generator._results(state, max_gen_len=10, echo=True)
-    assert out == [[1, 5, eos, 6, 7, 8]]
-    out, _ = generator._results(state, max_gen_len=10, echo=False)
-    assert out == [[7, 8]]
+    rows = rule.rows_after(tokens.tolist(), state.prompt_lens)
+    assert results(state, rows, echo=True).tokens == [[1, 5, eos, 6, 7, 8]]
+    assert results(state, rows, echo=False).tokens == [[7, 8]]
+    assert (rows[0].finish_reason, rows[0].stop_id) == ("stop", eos)
 
 
-def test_same_seed_same_sample(make_checkpoint, tokenizer_path):
-    a = build(make_checkpoint("gqa"), tokenizer_path, seed=7).text_completion(PROMPTS, max_gen_len=10)
-    b = build(make_checkpoint("gqa"), tokenizer_path, seed=7).text_completion(PROMPTS, max_gen_len=10)
+def test_same_seed_same_sample(make_checkpoint, tokenizer_path, build_generator):
+    a = build_generator(make_checkpoint("gqa"), tokenizer_path, seed=7).text_completion(PROMPTS, max_gen_len=10)
+    b = build_generator(make_checkpoint("gqa"), tokenizer_path, seed=7).text_completion(PROMPTS, max_gen_len=10)
     assert a == b
 
 
@@ -222,6 +222,39 @@ def test_text_completion_results(generator):
         assert result["tokens"] == [generator.tokenizer.decode([t]) for t in toks]
         assert len(result["logprobs"]) == len(toks)
     assert set(generator.text_completion(PROMPTS[:1], max_gen_len=4)[0]) == {"generation"}
+
+
+# ---------------------------------------------------------------- where each row ends, and why
+
+
+def ends_of(rule, grid, prompt_lens):
+    return [(r.finish_reason, r.stop_id, r.stop_string, r.tokens) for r in rule.rows_after(grid, prompt_lens)]
+
+
+def test_a_row_ends_at_a_stop_id_or_its_length(generator):
+    eos = generator.tokenizer.eos_id
+    rule = EndRule(generator.tokenizer, max_gen_len=3, max_seq_len=10)
+    assert ends_of(rule, [[1, 5, 6, eos, 7], [1, 5, 6, 7, 8, 9]], [2, 2]) == [
+        ("stop", eos, None, [6]),  # the stop id is not kept
+        ("length", None, None, [6, 7, 8]),  # max_gen_len
+    ]
+    # max_seq_len ends a row first where the prompt leaves less room; one that fills it ends before any token
+    assert ends_of(rule, [[1] * 8 + [6, 7], [1] * 10], [8, 10]) == [
+        ("length", None, None, [6, 7]),
+        ("length", None, None, []),
+    ]
+    assert rule.limits([2, 8, 10]) == [5, 10, 10]
+
+
+def test_a_row_ends_at_the_first_stop_string(generator):
+    tok = generator.tokenizer
+    rule = EndRule(tok, max_gen_len=30, max_seq_len=64, stop=["nothing", "fox", "quick"])
+    [row] = rule.text_rows([[tok.bos_id]], echo_text=False)
+    for token in tok.encode("The quick brown fox", bos=False, eos=False):
+        if row.add(token):
+            break
+    assert (row.finish_reason, row.stop_id, row.stop_string) == ("stop", None, "quick")
+    assert row.stream.final_text() == "The "
 
 
 # ---------------------------------------------------------------- chat format
@@ -323,13 +356,16 @@ def test_bad_input_raises_and_generator_still_works(generator, call, error, mess
 # ---------------------------------------------------------------- build
 
 
-def test_build_leaves_no_global_dtype_or_device_change(make_checkpoint, tokenizer_path):
-    g = build(make_checkpoint("mha"), tokenizer_path, dtype=torch.bfloat16)
+def test_build_leaves_no_global_dtype_or_device_change(make_checkpoint, tokenizer_path, build_generator):
+    g = build_generator(make_checkpoint("mha"), tokenizer_path, dtype=torch.bfloat16)
     assert torch.get_default_dtype() == torch.float32
     assert torch.empty(1).device.type == "cpu"
     assert g.model.output.weight.dtype == torch.bfloat16
-    assert g.model.layers[0].attention.cache_k.dtype == torch.bfloat16
-    assert g.text_completion(PROMPTS[:1], temperature=0, max_gen_len=4)[0]["generation"] is not None
+    assert g.model.layers[0].attention.kv_cache.dtype == torch.bfloat16
+    tokens, _ = g.generate(encode_all(g, PROMPTS[:1]), max_gen_len=4, temperature=0)
+    assert 0 < len(tokens[0]) <= 4  # the bf16 model generates
+    text = g.text_completion(PROMPTS[:1], temperature=0, max_gen_len=4)[0]["generation"]
+    assert text == g.tokenizer.decode(tokens[0])
 
 
 def test_build_default_dtype_on_cpu_is_bfloat16(make_checkpoint, tokenizer_path):
@@ -337,15 +373,15 @@ def test_build_default_dtype_on_cpu_is_bfloat16(make_checkpoint, tokenizer_path)
     assert g.device.type == "cpu" and g.model.output.weight.dtype == torch.bfloat16
 
 
-def test_build_twice_in_one_process(make_checkpoint, tokenizer_path):
-    a = build(make_checkpoint("gqa"), tokenizer_path)
-    b = build(make_checkpoint("mqa"), tokenizer_path)
+def test_build_twice_in_one_process(make_checkpoint, tokenizer_path, build_generator):
+    a = build_generator(make_checkpoint("gqa"), tokenizer_path)
+    b = build_generator(make_checkpoint("mqa"), tokenizer_path)
     assert a.model is not b.model and b.model.layers[0].attention.n_local_kv_heads == 1
 
 
 @pytest.mark.parametrize("n_shards", [2, 4])
-def test_any_shard_count_loads_on_one_process(make_checkpoint, tokenizer_path, generator, n_shards):
-    g = build(make_checkpoint("gqa", n_shards=n_shards), tokenizer_path)
+def test_any_shard_count_loads_on_one_process(make_checkpoint, tokenizer_path, generator, n_shards, build_generator):
+    g = build_generator(make_checkpoint("gqa", n_shards=n_shards), tokenizer_path)
     tokens = torch.tensor([generator.tokenizer.encode(PROMPTS[0], bos=True, eos=False)])
     assert_close(g.model.forward(tokens, 0), generator.model.forward(tokens, 0))
     assert g.text_completion(PROMPTS, temperature=0, max_gen_len=10) == generator.text_completion(
@@ -360,46 +396,46 @@ def copy_checkpoint(src, dst):
     return dst
 
 
-def test_build_missing_files(tmp_path, make_checkpoint, tokenizer_path):
+def test_build_missing_files(tmp_path, make_checkpoint, tokenizer_path, build_generator):
     with pytest.raises(FileNotFoundError, match="checkpoint folder not found"):
-        build(tmp_path / "nope", tokenizer_path)
+        build_generator(tmp_path / "nope", tokenizer_path)
     ckpt = copy_checkpoint(make_checkpoint("gqa"), tmp_path / "ckpt")
     with pytest.raises(FileNotFoundError, match="tokenizer model not found"):
-        build(ckpt, tmp_path / "tokenizer.model")
+        build_generator(ckpt, tmp_path / "tokenizer.model")
     (ckpt / "consolidated.00.pth").unlink()
     with pytest.raises(FileNotFoundError, match="no checkpoint shards"):
-        build(ckpt, tokenizer_path)
+        build_generator(ckpt, tokenizer_path)
     (ckpt / "params.json").unlink()
     with pytest.raises(FileNotFoundError, match="params.json"):
-        build(ckpt, tokenizer_path)
+        build_generator(ckpt, tokenizer_path)
 
 
-def test_build_missing_middle_shard(tmp_path, make_checkpoint, tokenizer_path):
+def test_build_missing_middle_shard(tmp_path, make_checkpoint, tokenizer_path, build_generator):
     ckpt = copy_checkpoint(make_checkpoint("gqa", n_shards=4), tmp_path / "ckpt")
     (ckpt / "consolidated.02.pth").unlink()
     with pytest.raises(FileNotFoundError, match="missing consolidated.02.pth"):
-        build(ckpt, tokenizer_path)
+        build_generator(ckpt, tokenizer_path)
 
 
-def test_build_bad_params_json(tmp_path, make_checkpoint, tokenizer_path):
+def test_build_bad_params_json(tmp_path, make_checkpoint, tokenizer_path, build_generator):
     ckpt = copy_checkpoint(make_checkpoint("gqa"), tmp_path / "ckpt")
     (ckpt / "params.json").write_text("{not json")
     with pytest.raises(ValueError, match="params.json.*not valid JSON"):
-        build(ckpt, tokenizer_path)
+        build_generator(ckpt, tokenizer_path)
     params = json.loads((make_checkpoint("gqa") / "params.json").read_text())
     (ckpt / "params.json").write_text(json.dumps({**params, "dim": 32}))
     with pytest.raises(ValueError, match="shape mismatches.*params.json"):
-        build(ckpt, tokenizer_path)
+        build_generator(ckpt, tokenizer_path)
 
 
 @pytest.mark.parametrize("damage", ["truncate", "garbage"])
-def test_build_unreadable_shard_names_the_file(tmp_path, make_checkpoint, tokenizer_path, damage):
+def test_build_unreadable_shard_names_the_file(tmp_path, make_checkpoint, tokenizer_path, damage, build_generator):
     ckpt = copy_checkpoint(make_checkpoint("gqa"), tmp_path / "ckpt")
     shard = ckpt / "consolidated.00.pth"
     data = shard.read_bytes()
     shard.write_bytes(data[: len(data) // 2] if damage == "truncate" else b"\x00garbage" * 100)
     with pytest.raises(ValueError, match="consolidated.00.pth"):
-        build(ckpt, tokenizer_path)
+        build_generator(ckpt, tokenizer_path)
 
 
 class RunsCode:
@@ -407,17 +443,17 @@ class RunsCode:
         return (print, ("this must never run",))
 
 
-def test_build_refuses_a_pickle_that_would_run_code(tmp_path, make_checkpoint, tokenizer_path, capsys):
+def test_build_refuses_a_pickle_that_would_run_code(tmp_path, make_checkpoint, tokenizer_path, capsys, build_generator):
     ckpt = copy_checkpoint(make_checkpoint("gqa"), tmp_path / "ckpt")
     state = torch.load(ckpt / "consolidated.00.pth", weights_only=True)
     torch.save({**state, "evil": RunsCode()}, ckpt / "consolidated.00.pth")
     with pytest.raises(ValueError, match="refusing to load.*consolidated.00.pth"):
-        build(ckpt, tokenizer_path)
+        build_generator(ckpt, tokenizer_path)
     assert "must never run" not in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("change", ["missing", "unexpected", "rope_freqs"])
-def test_build_checks_keys(tmp_path, make_checkpoint, tokenizer_path, change):
+def test_build_checks_keys(tmp_path, make_checkpoint, tokenizer_path, change, build_generator):
     ckpt = copy_checkpoint(make_checkpoint("gqa"), tmp_path / "ckpt")
     state = torch.load(ckpt / "consolidated.00.pth", weights_only=True)
     if change == "missing":
@@ -428,11 +464,11 @@ def test_build_checks_keys(tmp_path, make_checkpoint, tokenizer_path, change):
         state["rope.freqs"] = torch.zeros(8)  # Meta's 7B carries this; it is the one key we ignore
     torch.save(state, ckpt / "consolidated.00.pth")
     if change == "rope_freqs":
-        build(ckpt, tokenizer_path)
+        build_generator(ckpt, tokenizer_path)
         return
     key = "layers.1.feed_forward.w2.weight" if change == "missing" else "layers.9.attention.wq.weight"
     with pytest.raises(ValueError, match=f"{change} keys: {key}"):
-        build(ckpt, tokenizer_path)
+        build_generator(ckpt, tokenizer_path)
 
 
 @pytest.mark.parametrize(
@@ -446,9 +482,9 @@ def test_build_checks_keys(tmp_path, make_checkpoint, tokenizer_path, change):
                      marks=pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error without CUDA")),
     ],
 )  # fmt: skip
-def test_build_bad_arguments(make_checkpoint, tokenizer_path, kwargs, error, message):
+def test_build_bad_arguments(make_checkpoint, tokenizer_path, kwargs, error, message, build_generator):
     with pytest.raises(error, match=message):
-        build(make_checkpoint("gqa"), tokenizer_path, **kwargs)
+        build_generator(make_checkpoint("gqa"), tokenizer_path, **kwargs)
 
 
 # ---------------------------------------------------------------- concurrent use

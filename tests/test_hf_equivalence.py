@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import TINY_CONFIGS, random_model
+from helpers import TINY_CONFIGS, random_model
 from torch.testing import assert_close
 
 from llama import Llama, Tokenizer

@@ -10,23 +10,19 @@ import numpy as np
 import pytest
 import torch
 
-import llama.generation as generation
+import llama.loader as loader
 from llama import Llama, ModelArgs, Transformer
 from llama import model as model_module
-from llama import quantize as quant
 from llama.distributed import available_memory, check_device
+from llama.quant import kernels as quant_kernels
+from llama.quant.linear import use_int8_inputs
 
 PROMPTS = [[1, 40, 41, 42, 43], [1, 50, 51], [1, 60, 61, 62, 63, 64, 65, 66, 67]]
 
 
-def build(ckpt_dir, tokenizer_path, **kwargs) -> Llama:
-    kwargs = {"max_seq_len": 64, "max_batch_size": 4, "device": "cpu", "dtype": torch.float32, **kwargs}
-    return Llama.build(str(ckpt_dir), str(tokenizer_path), **kwargs)
-
-
 @pytest.fixture(scope="module")
-def generator(make_checkpoint, tokenizer_path) -> Llama:
-    return build(make_checkpoint("gqa"), tokenizer_path)
+def generator(make_checkpoint, tokenizer_path, build_generator) -> Llama:
+    return build_generator(make_checkpoint("gqa"), tokenizer_path)
 
 
 # ---------------------------------------------------------------- max_gen_len beyond max_seq_len (item 5)
@@ -81,9 +77,11 @@ def test_non_numbers_and_non_finite_numbers_are_still_refused(generator, bad):
 
 
 @pytest.mark.parametrize("device", ["meta", "mps", "xla", torch.device("meta"), "tpu:0", "gpu", 3.5])
-def test_unsupported_devices_are_refused_naming_the_supported_ones(make_checkpoint, tokenizer_path, device):
+def test_unsupported_devices_are_refused_naming_the_supported_ones(
+    make_checkpoint, tokenizer_path, device, build_generator
+):
     with pytest.raises(ValueError, match=r"device=.*use 'cpu', 'cuda' or 'cuda:N'"):
-        build(make_checkpoint("gqa"), tokenizer_path, device=device)
+        build_generator(make_checkpoint("gqa"), tokenizer_path, device=device)
 
 
 def test_a_cuda_device_this_process_cannot_see_is_refused(monkeypatch):
@@ -98,26 +96,26 @@ def test_a_cuda_device_this_process_cannot_see_is_refused(monkeypatch):
 
 
 @pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.float8_e5m2, torch.float64, torch.int8, torch.bool])
-def test_dtypes_the_model_does_not_compute_in_are_refused(make_checkpoint, tokenizer_path, dtype):
+def test_dtypes_the_model_does_not_compute_in_are_refused(make_checkpoint, tokenizer_path, dtype, build_generator):
     with pytest.raises(ValueError, match=rf"dtype {dtype} is not supported.*torch.float32, torch.float16, torch.bf"):
-        build(make_checkpoint("gqa"), tokenizer_path, dtype=dtype)
+        build_generator(make_checkpoint("gqa"), tokenizer_path, dtype=dtype)
 
 
 @pytest.mark.parametrize("dtype", ["float32", 4, np.float32])
-def test_a_dtype_that_is_no_torch_dtype_is_a_type_error(make_checkpoint, tokenizer_path, dtype):
+def test_a_dtype_that_is_no_torch_dtype_is_a_type_error(make_checkpoint, tokenizer_path, dtype, build_generator):
     with pytest.raises(TypeError, match="dtype must be a torch.dtype"):
-        build(make_checkpoint("gqa"), tokenizer_path, dtype=dtype)
+        build_generator(make_checkpoint("gqa"), tokenizer_path, dtype=dtype)
 
 
 @pytest.mark.parametrize("seed", [2**64, -(2**63) - 1, 10**30, 1.5, True, "1", None])
-def test_seeds_torch_cannot_take_are_refused(make_checkpoint, tokenizer_path, seed):
+def test_seeds_torch_cannot_take_are_refused(make_checkpoint, tokenizer_path, seed, build_generator):
     with pytest.raises(ValueError, match=r"seed must be an integer in \[-2\*\*63, 2\*\*64 - 1\]"):
-        build(make_checkpoint("gqa"), tokenizer_path, seed=seed)
+        build_generator(make_checkpoint("gqa"), tokenizer_path, seed=seed)
 
 
 @pytest.mark.parametrize("seed", [2**64 - 1, -(2**63), np.int64(7)])
-def test_every_seed_torch_takes_is_taken(make_checkpoint, tokenizer_path, seed):
-    build(make_checkpoint("gqa"), tokenizer_path, seed=seed)
+def test_every_seed_torch_takes_is_taken(make_checkpoint, tokenizer_path, seed, build_generator):
+    build_generator(make_checkpoint("gqa"), tokenizer_path, seed=seed)
     assert torch.initial_seed() == int(seed) % 2**64
 
 
@@ -132,21 +130,23 @@ def test_a_missing_path_says_to_pass_one(make_checkpoint, tokenizer_path, which,
 # ---------------------------------------------------------------- a KV cache that cannot fit (item 14)
 
 
-def test_a_kv_cache_larger_than_memory_is_refused_with_its_size(make_checkpoint, tokenizer_path, monkeypatch):
-    monkeypatch.setattr(generation, "available_memory", lambda device: 16 * 10**9)
+def test_a_kv_cache_larger_than_memory_is_refused_with_its_size(
+    make_checkpoint, tokenizer_path, monkeypatch, build_generator
+):
+    monkeypatch.setattr(loader, "available_memory", lambda device: 16 * 10**9)
     # 2 (keys, values) x 2 layers x 4 rows x 10**8 positions x 2 KV heads x 16 x 4 bytes = 204.8 GB
     expected = (r"max_seq_len=100000000 with max_batch_size=4 needs a KV cache of 205 GB \(keys and values: 2 x 2 "
                 r"layers x 4 rows x 100000000 positions x 2 KV heads x 16 x 4 bytes\), more than the 16 GB of physical "
                 r"memory on this host; lower max_seq_len")  # fmt: skip
     with pytest.raises(ValueError, match=expected):
-        build(make_checkpoint("gqa"), tokenizer_path, max_seq_len=10**8)
-    build(make_checkpoint("gqa"), tokenizer_path)  # the process can still build
+        build_generator(make_checkpoint("gqa"), tokenizer_path, max_seq_len=10**8)
+    build_generator(make_checkpoint("gqa"), tokenizer_path)  # the process can still build
 
 
-def test_a_kv_cache_no_machine_holds_is_refused_before_allocating(make_checkpoint, tokenizer_path):
+def test_a_kv_cache_no_machine_holds_is_refused_before_allocating(make_checkpoint, tokenizer_path, build_generator):
     assert available_memory(torch.device("cpu")) > 10**8  # this host's memory can be told
     with pytest.raises(ValueError, match=r"needs a KV cache of 2\.05e\+06 GB .*lower max_seq_len"):
-        build(make_checkpoint("gqa"), tokenizer_path, max_seq_len=10**12)
+        build_generator(make_checkpoint("gqa"), tokenizer_path, max_seq_len=10**12)
 
 
 @pytest.mark.parametrize("error", [
@@ -154,24 +154,26 @@ def test_a_kv_cache_no_machine_holds_is_refused_before_allocating(make_checkpoin
     RuntimeError("[enforce fail at alloc_cpu.cpp:127] DefaultCPUAllocator: can't allocate memory: you tried to "
                  "allocate 51200000000 bytes. Error code 12 (Cannot allocate memory)"),
 ])  # fmt: skip
-def test_an_allocator_failure_while_building_names_the_kv_cache(make_checkpoint, tokenizer_path, monkeypatch, error):
-    def fail(self, args):
+def test_an_allocator_failure_while_building_names_the_kv_cache(
+    make_checkpoint, tokenizer_path, monkeypatch, error, build_generator
+):
+    def fail(self, *args):
         raise error
 
-    monkeypatch.setattr(generation, "available_memory", lambda device: None)  # the check cannot tell
+    monkeypatch.setattr(loader, "available_memory", lambda device: None)  # the check cannot tell
     monkeypatch.setattr(model_module.Attention, "__init__", fail)
     with pytest.raises(MemoryError, match=r"max_seq_len=64 with max_batch_size=4 needs a KV cache of 0\.000131 GB.*"
                                           r"ran out of memory on cpu: lower max_seq_len.*torch said"):  # fmt: skip
-        build(make_checkpoint("gqa"), tokenizer_path)
+        build_generator(make_checkpoint("gqa"), tokenizer_path)
 
 
-def test_other_errors_while_building_pass_through(make_checkpoint, tokenizer_path, monkeypatch):
-    def fail(self, args):
+def test_other_errors_while_building_pass_through(make_checkpoint, tokenizer_path, monkeypatch, build_generator):
+    def fail(self, *args):
         raise RuntimeError("something else")
 
     monkeypatch.setattr(model_module.Attention, "__init__", fail)
     with pytest.raises(RuntimeError, match="^something else$"):
-        build(make_checkpoint("gqa"), tokenizer_path)
+        build_generator(make_checkpoint("gqa"), tokenizer_path)
 
 
 def test_kv_cache_bytes_is_what_the_model_allocates(tiny_args):
@@ -195,13 +197,15 @@ def test_a_transformer_without_a_process_group_says_how_to_make_one(tiny_args, m
         Transformer(tiny_args("gqa"))
 
 
-def test_rope_scaling_factor_without_use_scaled_rope_is_refused(tiny_args, make_checkpoint, tokenizer_path):
+def test_rope_scaling_factor_without_use_scaled_rope_is_refused(
+    tiny_args, make_checkpoint, tokenizer_path, build_generator
+):
     with pytest.raises(ValueError, match=r"rope_scaling_factor=8.0 is given but use_scaled_rope is false"):
         tiny_args("gqa", rope_scaling_factor=8.0)
     with pytest.raises(ValueError, match=r"rope_scaling_factor=32.0 .*\"use_scaled_rope\": true in params.json"):
         ModelArgs.from_params({"dim": 64, "n_layers": 2, "n_heads": 4, "rope_scaling_factor": 32.0})
     with pytest.raises(ValueError, match="use_scaled_rope is false"):  # a Llama 2 checkpoint has no scaled RoPE
-        build(make_checkpoint("gqa"), tokenizer_path, rope_scaling_factor=8.0)
+        build_generator(make_checkpoint("gqa"), tokenizer_path, rope_scaling_factor=8.0)
     assert tiny_args("gqa", rope_scaling_factor=32.0, use_scaled_rope=True).rope_scaling_factor == 32.0
 
 
@@ -221,17 +225,19 @@ def test_no_checkpoint_of_metas_sets_a_rope_factor_without_scaled_rope():
 # ---------------------------------------------------------------- the fast path with quantization (item 11)
 
 
-@pytest.mark.skipif(not quant.available(), reason="no C compiler could build the quantized kernels here")
+@pytest.mark.skipif(not quant_kernels.available(), reason="no C compiler could build the quantized kernels here")
 @pytest.mark.parametrize("mode", ["int8", "int4"])
-def test_fast_path_with_exact_kernels_gives_the_default_paths_greedy_tokens(make_checkpoint, tokenizer_path, mode):
+def test_fast_path_with_exact_kernels_gives_the_default_paths_greedy_tokens(
+    make_checkpoint, tokenizer_path, mode, build_generator
+):
     """What Llama.build's docstring says of compile=True with quantize=: with the exact kernels, the fast path
     decodes to the default path's greedy tokens in fp32, as it does without quantization."""
     ckpt = make_checkpoint("gqa")
-    default = build(ckpt, tokenizer_path, quantize=mode)
-    fast = build(ckpt, tokenizer_path, quantize=mode, compile=True)
+    default = build_generator(ckpt, tokenizer_path, quantize=mode)
+    fast = build_generator(ckpt, tokenizer_path, quantize=mode, compile=True)
     assert fast.fast is not None and fast.fast.quantized_on_cpu
     for g in (default, fast):
-        quant.use_int8_inputs(g.model, False)
+        use_int8_inputs(g.model, False)
     want = default.generate(PROMPTS, max_gen_len=40, temperature=0)[0]
     assert sum(map(len, want)) > 3 * 10  # long enough to say something
     assert fast.generate(PROMPTS, max_gen_len=40, temperature=0)[0] == want

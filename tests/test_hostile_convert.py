@@ -15,9 +15,10 @@ from pathlib import Path
 import pytest
 import safetensors.torch
 import torch
-from conftest import params_json, random_model
+from helpers import params_json, random_model
 
 from llama import convert
+from llama.hf.weights import SAFETENSORS_INDEX
 from llama.weights import checkpoint
 from llama.weights.layout import Layout
 
@@ -119,7 +120,7 @@ def test_from_hf_refuses_a_weight_in_two_indexed_files(folders, tmp_path):
     (hf / "model.safetensors").unlink()
     weight_map = {k: "model-00001-of-00002.safetensors" for k in first}
     weight_map.update({k: "model-00002-of-00002.safetensors" for k in second[1:]})
-    (hf / convert.SAFETENSORS_INDEX).write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    (hf / SAFETENSORS_INDEX).write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
     with pytest.raises(ValueError, match=f"'{first[-1]}' is in both 'model-00001-of-00002.safetensors' and"):
         convert.from_hf(str(hf), str(tmp_path / "meta"))
     assert_nothing_written(tmp_path, "hf2")

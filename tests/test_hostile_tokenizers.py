@@ -8,8 +8,8 @@ import base64
 import numpy as np
 import pytest
 import tiktoken.load
+from helpers import META_TOKENIZER
 from llama_models.llama3.tokenizer import Tokenizer as MetaTokenizer
-from test_llama3_tokenizer import META_MODEL
 
 from llama.families import load_tokenizer
 from llama.tokenizer import MAX_RANKS_FILE_BYTES, Llama3Tokenizer, Tokenizer, read_ranks
@@ -20,11 +20,6 @@ MERGED = [b"th", b"the", b" t", b" the", b"ab"]  # each the join of two earlier 
 
 def ranks_lines(tokens: list[bytes]) -> bytes:
     return b"".join(base64.b64encode(t) + b" %d\n" % rank for rank, t in enumerate(tokens))
-
-
-@pytest.fixture(scope="module")
-def llama3() -> Llama3Tokenizer:
-    return Llama3Tokenizer(META_MODEL)
 
 
 # -- ranks files --
@@ -67,7 +62,7 @@ def test_a_huge_file_is_refused_from_its_size_before_it_is_read(tmp_path):
     with pytest.raises(ValueError, match=f"{2**31} bytes is far more than a tiktoken ranks file holds") as info:
         load_tokenizer(path)
     assert str(path) in str(info.value)
-    assert MAX_RANKS_FILE_BYTES >= 16 * META_MODEL.stat().st_size  # far from refusing a real file
+    assert MAX_RANKS_FILE_BYTES >= 16 * META_TOKENIZER.stat().st_size  # far from refusing a real file
 
 
 @pytest.mark.parametrize("blank", [b"\n", b"\n\n", b"\r\n", b"  \n", b"\n\t\n"])
@@ -97,24 +92,24 @@ def test_a_sentencepiece_model_is_still_recognized(tokenizer_path):
 
 
 @pytest.mark.parametrize("bad", [-1, 2**40, 128256, -(2**70)])
-def test_llama3_decode_names_an_id_out_of_range(llama3, bad):
+def test_llama3_decode_names_an_id_out_of_range(llama3_tokenizer, bad):
     with pytest.raises(ValueError, match=rf"token id {bad} \(at index 1\) is out of range: .* 0\.\.128255"):
-        llama3.decode([9906, bad, 1917])
-    assert llama3.decode([9906, 1917]) == "Hello world"  # still usable
+        llama3_tokenizer.decode([9906, bad, 1917])
+    assert llama3_tokenizer.decode([9906, 1917]) == "Hello world"  # still usable
 
 
 @pytest.mark.parametrize("bad", [1.5, 3.0, "a", None, [5], float("nan")])
-def test_llama3_decode_refuses_ids_that_are_not_ints(llama3, bad):
+def test_llama3_decode_refuses_ids_that_are_not_ints(llama3_tokenizer, bad):
     with pytest.raises(TypeError, match=r"token ids must be ints, got .* at index 1"):
-        llama3.decode([9906, bad])
+        llama3_tokenizer.decode([9906, bad])
 
 
-def test_decode_takes_numpy_ints_and_tuples(llama3, tokenizer_path):
-    assert llama3.decode(np.array([9906, 1917])) == llama3.decode((9906, 1917)) == "Hello world"
+def test_decode_takes_numpy_ints_and_tuples(llama3_tokenizer, tokenizer_path):
+    assert llama3_tokenizer.decode(np.array([9906, 1917])) == llama3_tokenizer.decode((9906, 1917)) == "Hello world"
     sp = Tokenizer(tokenizer_path)
     ids = sp.encode("Hello world", bos=False, eos=False)
     assert sp.decode(np.array(ids)) == sp.decode(tuple(ids)) == "Hello world"
-    assert sp.decode([]) == llama3.decode([]) == ""
+    assert sp.decode([]) == llama3_tokenizer.decode([]) == ""
 
 
 def test_sentencepiece_decode_names_a_bad_id(tokenizer_path):

@@ -6,8 +6,7 @@ import signal
 import sys
 
 import pytest
-import torch
-from conftest import REPO
+from helpers import REPO
 
 from llama import Llama
 from llama.engine.stream import ChatStream
@@ -92,11 +91,8 @@ def test_ctrl_d_exits_cleanly(make_checkpoint, tokenizer_path):
 
 
 @pytest.fixture(scope="module")
-def generator(make_checkpoint, tokenizer_path) -> Llama:
-    return Llama.build(
-        str(make_checkpoint("gqa")), str(tokenizer_path), max_seq_len=96, max_batch_size=1,
-        device="cpu", dtype=torch.float32,
-    )  # fmt: skip
+def generator(make_checkpoint, tokenizer_path, build_generator) -> Llama:
+    return build_generator(make_checkpoint("gqa"), tokenizer_path, max_seq_len=96, max_batch_size=1)
 
 
 def chat(generator, lines, monkeypatch, **kwargs) -> tuple[str, list]:

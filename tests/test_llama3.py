@@ -3,15 +3,12 @@ formulas and Hugging Face transformers with ``rope_type: llama3``."""
 
 from __future__ import annotations
 
-import importlib.resources
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import init_random_
-from test_model_parallel import PROMPTS as MP_PROMPTS
-from test_model_parallel import run_worker
+from helpers import META_TOKENIZER, MP_PROMPTS, SEPARATOR, init_random_, run, run_worker
 from torch.testing import assert_close
 
 from llama import Llama, reshard
@@ -22,7 +19,6 @@ from llama.weights import checkpoint
 from llama.weights.layout import Layout, meta_to_hf_state_dict
 
 transformers = pytest.importorskip("transformers", reason="install the test extra: pip install -e '.[test]'")
-META_TOKENIZER = Path(str(importlib.resources.files("llama_models.llama3") / "tokenizer.model"))
 PROMPTS = ["The quick brown fox", "Llamas live in", "def square(x):"]
 # Llama 3.1's params.json keys, shrunk (8B: dim 4096, 32 layers, 32 heads, 8 KV heads, multiple_of 1024).
 PARAMS = {"dim": 64, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "vocab_size": 128256, "multiple_of": 32,
@@ -49,11 +45,6 @@ def write_checkpoint(folder: Path, model: Llama3Transformer, n_shards: int, embe
 @pytest.fixture(scope="module")
 def llama3_dir(tmp_path_factory) -> Path:
     return write_checkpoint(tmp_path_factory.mktemp("l3") / "mp1", tiny_llama3(), 1)
-
-
-def build(folder: Path, **kwargs) -> Llama:
-    kwargs = {"max_seq_len": 64, "max_batch_size": 4, "device": "cpu", "dtype": torch.float32, **kwargs}
-    return Llama.build(str(folder), str(folder / "tokenizer.model"), **kwargs)
 
 
 def greedy(generator: Llama) -> list[str]:
@@ -95,20 +86,20 @@ def test_logits_equal_transformers_with_llama3_rope():
     assert (ours - unscaled).abs().max() > 1e-3  # the test can tell scaled RoPE from plain RoPE
 
 
-def test_build_recognizes_llama3_from_the_files(llama3_dir):
-    generator = build(llama3_dir, max_seq_len=512)
+def test_build_recognizes_llama3_from_the_files(llama3_dir, build_generator):
+    generator = build_generator(llama3_dir, max_seq_len=512)
     assert isinstance(generator.tokenizer, Llama3Tokenizer) and isinstance(generator.formatter, Llama3ChatFormat)
     assert isinstance(generator.model, Llama3Transformer)
     assert isinstance(generator.model.tok_embeddings, VocabParallelEmbedding)
     assert generator.model.params.use_scaled_rope
     # The same weights in a plain (unscaled) model give other logits: params.json's key is applied.
     tokens = torch.tensor([generator.tokenizer.encode("hello world", bos=True, eos=False)])
-    plain = build(llama3_dir, max_seq_len=512, rope_scaling_factor=1.0).model(tokens, 300)
+    plain = build_generator(llama3_dir, max_seq_len=512, rope_scaling_factor=1.0).model(tokens, 300)
     assert not torch.equal(generator.model(tokens, 300), plain)
 
 
-def test_chat_completion_reports_why_it_stopped(llama3_dir):
-    generator = build(llama3_dir)
+def test_chat_completion_reports_why_it_stopped(llama3_dir, build_generator):
+    generator = build_generator(llama3_dir)
     dialog = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a river."}]
     result = generator.chat_completion([dialog], temperature=0, max_gen_len=5)[0]
     assert result["generation"]["role"] == "assistant"
@@ -118,38 +109,38 @@ def test_chat_completion_reports_why_it_stopped(llama3_dir):
 
 
 @pytest.mark.parametrize("embedding_dim", [0, 1], ids=["vocab-split", "column-split"])
-def test_sharded_checkpoints_give_the_same_tokens(llama3_dir, tmp_path, embedding_dim):
+def test_sharded_checkpoints_give_the_same_tokens(llama3_dir, tmp_path, embedding_dim, build_generator):
     two = write_checkpoint(tmp_path / "mp2", tiny_llama3(), 2, embedding_dim)
     shard = checkpoint.load_shard(two / "consolidated.00.pth")
     assert shard["tok_embeddings.weight"].shape == ((64128, 64) if embedding_dim == 0 else (128256, 32))
-    assert greedy(build(two)) == greedy(build(llama3_dir))
+    assert greedy(build_generator(two)) == greedy(build_generator(llama3_dir))
 
 
-def test_reshard_writes_llama3s_layout(llama3_dir, tmp_path):
+def test_reshard_writes_llama3s_layout(llama3_dir, tmp_path, build_generator):
     reshard.reshard(llama3_dir, tmp_path / "mp2", 2)
     shard = checkpoint.load_shard(tmp_path / "mp2" / "consolidated.01.pth")
     assert shard["tok_embeddings.weight"].shape == (64128, 64)  # split by vocabulary rows, as Meta's are
     assert (tmp_path / "mp2" / "tokenizer.model").read_bytes() == META_TOKENIZER.read_bytes()
-    assert greedy(build(tmp_path / "mp2")) == greedy(build(llama3_dir))
+    assert greedy(build_generator(tmp_path / "mp2")) == greedy(build_generator(llama3_dir))
 
 
-def test_reshard_of_an_embedding_split_by_columns(llama3_dir, tmp_path):
+def test_reshard_of_an_embedding_split_by_columns(llama3_dir, tmp_path, build_generator):
     """Shards cut as another tool might cut them are joined as they were cut, then written in Llama 3's layout."""
     two = write_checkpoint(tmp_path / "mp2", tiny_llama3(), 2, embedding_dim=1)
     one = reshard.reshard(two, tmp_path / "mp1", 1)
     assert checkpoint.load_shard(one / "consolidated.00.pth")["tok_embeddings.weight"].shape == (128256, 64)
-    assert greedy(build(one)) == greedy(build(llama3_dir))
+    assert greedy(build_generator(one)) == greedy(build_generator(llama3_dir))
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("nproc, n_shards", [(2, 2), (4, 1), (4, 2)])
-def test_processes_match_one(llama3_dir, tmp_path, nproc, n_shards):
+def test_processes_match_one(llama3_dir, tmp_path, nproc, n_shards, build_generator):
     """2 and 4 processes on 1- and 2-shard files; with 4 there are more ranks than the 2 KV heads."""
     folder = llama3_dir if n_shards == 1 else write_checkpoint(tmp_path / "mp2", tiny_llama3(), 2)
-    single = build(llama3_dir)
+    single = build_generator(llama3_dir)
     expected = [r["generation"] for r in single.text_completion(MP_PROMPTS, temperature=0, max_gen_len=12)]
     tokens = torch.tensor([single.tokenizer.encode(MP_PROMPTS[0], bos=True, eos=False)])
-    result = run_worker(nproc, folder, folder / "tokenizer.model")
+    result = run_worker(nproc, folder, folder / "tokenizer.model", MP_PROMPTS)
     assert result["generations"] == expected
     assert_close(torch.tensor(result["logits"]), single.model.forward(tokens, 0), rtol=1e-5, atol=1e-5)
 
@@ -173,10 +164,10 @@ def test_params_json_of_llama3_checkpoints_load():
         ModelArgs.from_params({**PARAMS, "use_scaled_rope": "yes"})
 
 
-def test_fast_path_equals_the_faithful_one(llama3_dir):
+def test_fast_path_equals_the_faithful_one(llama3_dir, build_generator):
     from llama.engine.fast import FastDecoder
 
-    faithful = build(llama3_dir)
+    faithful = build_generator(llama3_dir)
     fast = Llama(faithful.model, faithful.tokenizer, fast=FastDecoder(faithful.model, compile=False))
     assert greedy(fast) == greedy(faithful)
 
@@ -184,8 +175,6 @@ def test_fast_path_equals_the_faithful_one(llama3_dir):
 @pytest.mark.slow
 @pytest.mark.parametrize("script", ["example_text_completion.py", "example_chat_completion.py"])
 def test_example_scripts_run_llama3_with_the_same_flags(llama3_dir, script):
-    from test_examples import SEPARATOR, run
-
     tokenizer = llama3_dir / "tokenizer.model"
     out = run([sys.executable, script, str(llama3_dir), str(tokenizer), "--max_gen_len=4", "--dtype=float32",
                "--max_batch_size=4"]).stdout  # fmt: skip
@@ -193,6 +182,6 @@ def test_example_scripts_run_llama3_with_the_same_flags(llama3_dir, script):
     assert out.count(SEPARATOR) >= 4
 
 
-def test_compiled_fast_path_equals_the_faithful_one(llama3_dir):
-    faithful = build(llama3_dir)
-    assert greedy(build(llama3_dir, compile=True)) == greedy(faithful)
+def test_compiled_fast_path_equals_the_faithful_one(llama3_dir, build_generator):
+    faithful = build_generator(llama3_dir)
+    assert greedy(build_generator(llama3_dir, compile=True)) == greedy(faithful)

@@ -2,36 +2,15 @@
 
 from __future__ import annotations
 
-import importlib.resources
 import json
 import uuid
-from pathlib import Path
 
 import pytest
+from helpers import random_model
 from llama_models.datatypes import RawMessage, StopReason
 from llama_models.datatypes import ToolCall as MetaToolCall
-from llama_models.llama3.chat_format import ChatFormat as MetaChatFormat
-from llama_models.llama3.tokenizer import Tokenizer as MetaTokenizer
 
 from llama.chat_format import Llama2ChatFormat, Llama3ChatFormat
-from llama.tokenizer import Llama3Tokenizer
-
-META_MODEL = Path(str(importlib.resources.files("llama_models.llama3") / "tokenizer.model"))
-
-
-@pytest.fixture(scope="module")
-def tokenizer() -> Llama3Tokenizer:
-    return Llama3Tokenizer(META_MODEL)
-
-
-@pytest.fixture(scope="module")
-def ours(tokenizer) -> Llama3ChatFormat:
-    return Llama3ChatFormat(tokenizer)
-
-
-@pytest.fixture(scope="module")
-def meta() -> MetaChatFormat:
-    return MetaChatFormat(MetaTokenizer(META_MODEL))
 
 
 def to_meta(dialog: list[dict]) -> list[RawMessage]:
@@ -131,22 +110,22 @@ DIALOGS = {
 
 
 @pytest.mark.parametrize("name", DIALOGS)
-def test_dialog_ids_as_meta(ours, meta, name):
+def test_dialog_ids_as_meta(llama3_format, meta_format, name):
     dialog = DIALOGS[name]
-    assert ours.encode_dialog_prompt(dialog) == meta.encode_dialog_prompt(to_meta(dialog)).tokens
+    assert llama3_format.encode_dialog_prompt(dialog) == meta_format.encode_dialog_prompt(to_meta(dialog)).tokens
 
 
-def test_dialog_layout(ours, tokenizer):
+def test_dialog_layout(llama3_format, llama3_tokenizer):
     # <|begin_of_text|> <|start_header_id|>user<|end_header_id|>\n\n hi <|eot_id|>, then the assistant header.
     def enc(s: str) -> list[int]:
-        return tokenizer.encode(s, bos=False, eos=False)
+        return llama3_tokenizer.encode(s, bos=False, eos=False)
 
     def header(role: str) -> list[int]:
         return [128006] + enc(role) + [128007] + enc("\n\n")
 
-    ids = ours.encode_dialog_prompt([{"role": "user", "content": "hi"}])
+    ids = llama3_format.encode_dialog_prompt([{"role": "user", "content": "hi"}])
     assert ids == [128000] + header("user") + enc("hi") + [128009] + header("assistant")
-    eom = ours.encode_dialog_prompt(
+    eom = llama3_format.encode_dialog_prompt(
         [
             {
                 "role": "assistant",
@@ -175,9 +154,9 @@ def test_dialog_layout(ours, tokenizer):
         ([{"role": "assistant", "content": "", "tool_calls": [call("code_interpreter")]}], ValueError, "'code'"),
     ],
 )
-def test_bad_dialogs(ours, dialog, error, match):
+def test_bad_dialogs(llama3_format, dialog, error, match):
     with pytest.raises(error, match=match):
-        ours.encode_dialog_prompt(dialog)
+        llama3_format.encode_dialog_prompt(dialog)
 
 
 def test_needs_a_llama3_tokenizer(tokenizer_path):
@@ -187,13 +166,13 @@ def test_needs_a_llama3_tokenizer(tokenizer_path):
         Llama3ChatFormat(Tokenizer(tokenizer_path))
 
 
-def test_refusal_and_stop_reason(ours, tokenizer):
-    assert ours.refusal([{"role": "user", "content": "[INST] <<SYS>> <|eot_id|>"}]) is None
-    assert ours.stop_reason(tokenizer.eot_id) == "end_of_turn"
-    assert ours.stop_reason(tokenizer.eom_id) == "end_of_message"
+def test_refusal_and_stop_reason(llama3_format, llama3_tokenizer):
+    assert llama3_format.refusal([{"role": "user", "content": "[INST] <<SYS>> <|eot_id|>"}]) is None
+    assert llama3_format.stop_reason(llama3_tokenizer.eot_id) == "end_of_turn"
+    assert llama3_format.stop_reason(llama3_tokenizer.eom_id) == "end_of_message"
     # Meta's chat completion gives out_of_tokens for anything but eot/eom, <|end_of_text|> included.
-    assert ours.stop_reason(tokenizer.eos_id) == "out_of_tokens"
-    assert ours.stop_reason(None) == "out_of_tokens"
+    assert llama3_format.stop_reason(llama3_tokenizer.eos_id) == "out_of_tokens"
+    assert llama3_format.stop_reason(None) == "out_of_tokens"
 
 
 # (generated text, stop reason passed in)
@@ -224,8 +203,8 @@ ANSWERS = [
 ]
 
 
-def normalized_meta_answer(meta, text, stop_reason):
-    msg = meta.decode_assistant_message_from_content(text, StopReason(stop_reason))
+def normalized_meta_answer(meta_format, text, stop_reason):
+    msg = meta_format.decode_assistant_message_from_content(text, StopReason(stop_reason))
     calls = [
         (getattr(c.tool_name, "value", c.tool_name), c.arguments) for c in msg.tool_calls
     ]  # Meta's tool_name is a BuiltinTool for built-ins
@@ -233,11 +212,11 @@ def normalized_meta_answer(meta, text, stop_reason):
 
 
 @pytest.mark.parametrize("text,stop_reason", ANSWERS)
-def test_decode_answer_as_meta(ours, meta, text, stop_reason):
-    msg = ours.decode_answer(text, stop_reason)
+def test_decode_answer_as_meta(llama3_format, meta_format, text, stop_reason):
+    msg = llama3_format.decode_answer(text, stop_reason)
     assert set(msg) == {"role", "content", "stop_reason", "tool_calls"} and msg["role"] == "assistant"
     calls = [(c["tool_name"], c["arguments"]) for c in msg["tool_calls"]]
-    assert (msg["content"], msg["stop_reason"], calls) == normalized_meta_answer(meta, text, stop_reason)
+    assert (msg["content"], msg["stop_reason"], calls) == normalized_meta_answer(meta_format, text, stop_reason)
     for c in msg["tool_calls"]:
         assert set(c) == {"call_id", "tool_name", "arguments"}
         assert isinstance(c["tool_name"], str)
@@ -252,9 +231,9 @@ def test_decode_answer_as_meta(ours, meta, text, stop_reason):
         "[f(x=y)]",  # a non-literal argument: Meta raises ValueError
     ],
 )
-def test_decode_answer_reads_half_calls_as_text(ours, text):
+def test_decode_answer_reads_half_calls_as_text(llama3_format, text):
     # Where Meta's decoder raises, ours keeps the answer as text.
-    assert ours.decode_answer(text, "end_of_turn") == {
+    assert llama3_format.decode_answer(text, "end_of_turn") == {
         "role": "assistant",
         "content": text,
         "stop_reason": "end_of_turn",
@@ -262,11 +241,12 @@ def test_decode_answer_reads_half_calls_as_text(ours, text):
     }
 
 
-def test_decoded_tool_call_encodes_back_as_meta(ours, meta):
-    answer = ours.decode_answer('<|python_tag|>brave_search.call(query="llama facts")<|eom_id|>', "out_of_tokens")
+def test_decoded_tool_call_encodes_back_as_meta(llama3_format, meta_format):
+    text = '<|python_tag|>brave_search.call(query="llama facts")<|eom_id|>'
+    answer = llama3_format.decode_answer(text, "out_of_tokens")
     assert answer["tool_calls"][0]["tool_name"] == "brave_search" and answer["stop_reason"] == "end_of_message"
     dialog = [{"role": "user", "content": "llama facts?"}, answer, {"role": "ipython", "content": "they hum"}]
-    assert ours.encode_dialog_prompt(dialog) == meta.encode_dialog_prompt(to_meta(dialog)).tokens
+    assert llama3_format.encode_dialog_prompt(dialog) == meta_format.encode_dialog_prompt(to_meta(dialog)).tokens
 
 
 def test_llama2_decode_answer_unchanged(tokenizer_path):
@@ -277,21 +257,21 @@ def test_llama2_decode_answer_unchanged(tokenizer_path):
     assert fmt.decode_answer(text, "end_of_turn") == {"role": "assistant", "content": text}
 
 
-def test_custom_call_arguments_are_json(ours, tokenizer):
+def test_custom_call_arguments_are_json(llama3_format, llama3_tokenizer):
     # A custom call is written as Meta's JSON tool prompt format.
     dialog = [{"role": "assistant", "content": "", "tool_calls": [call("f", a=[1, 2], b=None)]}]
-    text = tokenizer.decode(ours.encode_dialog_prompt(dialog))
+    text = llama3_tokenizer.decode(llama3_format.encode_dialog_prompt(dialog))
     assert json.dumps({"type": "function", "name": "f", "parameters": {"a": [1, 2], "b": None}}) in text
 
 
-def test_chat_completion_with_a_llama3_tokenizer(tokenizer):
+def test_chat_completion_with_a_llama3_tokenizer(llama3_tokenizer):
     # The generator takes the Llama 3 chat format from the tokenizer's family and returns its message shape.
     from llama.generation import Llama
     from llama.model import ModelArgs
-    from tests.conftest import random_model
 
-    args = ModelArgs(dim=32, n_layers=1, n_heads=2, vocab_size=tokenizer.n_words, max_seq_len=64, max_batch_size=2)
-    generator = Llama(random_model(args), tokenizer)
+    vocab_size = llama3_tokenizer.n_words
+    args = ModelArgs(dim=32, n_layers=1, n_heads=2, vocab_size=vocab_size, max_seq_len=64, max_batch_size=2)
+    generator = Llama(random_model(args), llama3_tokenizer)
     assert isinstance(generator.formatter, Llama3ChatFormat)
     dialog = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]
     [result] = generator.chat_completion([dialog], temperature=0, max_gen_len=4)

@@ -3,19 +3,16 @@
 from __future__ import annotations
 
 import base64
-import importlib.resources
 import random
 from pathlib import Path
 
 import pytest
+from helpers import META_TOKENIZER
 from llama_models.llama3.tokenizer import Tokenizer as MetaTokenizer
 
 from llama.chat_format import Llama2ChatFormat, Llama3ChatFormat
 from llama.families import family_of, load_tokenizer
 from llama.tokenizer import Llama3Tokenizer, Tokenizer, TokenizerLike, _split_long_runs
-
-# Meta's Llama 3 tokenizer.model (the same file for Llama 3, 3.1, 3.2 and 3.3), shipped in llama-models.
-META_MODEL = Path(str(importlib.resources.files("llama_models.llama3") / "tokenizer.model"))
 
 TEXTS = [
     "",
@@ -36,12 +33,12 @@ TEXTS = [
 
 @pytest.fixture(scope="module")
 def ours() -> Llama3Tokenizer:
-    return Llama3Tokenizer(META_MODEL)
+    return Llama3Tokenizer(META_TOKENIZER)
 
 
 @pytest.fixture(scope="module")
 def meta() -> MetaTokenizer:
-    return MetaTokenizer(META_MODEL)
+    return MetaTokenizer(META_TOKENIZER)
 
 
 def test_special_ids_as_meta(ours, meta):
@@ -190,7 +187,7 @@ def test_load_tokenizer_picks_the_class(tokenizer_path, ours):
     sp = load_tokenizer(tokenizer_path)
     assert type(sp) is Tokenizer
     assert family_of(sp).name == "Llama 2" and isinstance(family_of(sp).chat_format(sp), Llama2ChatFormat)
-    tok = load_tokenizer(META_MODEL)
+    tok = load_tokenizer(META_TOKENIZER)
     assert type(tok) is Llama3Tokenizer
     assert tok.encode("Hello world", bos=True, eos=False) == ours.encode("Hello world", bos=True, eos=False)
     assert family_of(tok).name == "Llama 3" and isinstance(family_of(tok).chat_format(tok), Llama3ChatFormat)
@@ -198,7 +195,7 @@ def test_load_tokenizer_picks_the_class(tokenizer_path, ours):
 
 def test_recognizes_only_its_own_kind(tokenizer_path):
     sp_head = Path(tokenizer_path).read_bytes()[:256]
-    ranks_head = META_MODEL.read_bytes()[:256]
+    ranks_head = META_TOKENIZER.read_bytes()[:256]
     assert Tokenizer.recognizes(sp_head) and not Tokenizer.recognizes(ranks_head)
     assert Llama3Tokenizer.recognizes(ranks_head) and not Llama3Tokenizer.recognizes(sp_head)
     assert Llama3Tokenizer.recognizes(b"IQ== 0")  # a one-line file without its newline

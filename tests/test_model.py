@@ -2,12 +2,13 @@ import math
 
 import pytest
 import torch
-from conftest import TINY_CONFIGS, random_model
+from helpers import TINY_CONFIGS, random_model
 from torch.testing import assert_close
 
 from llama.model import (
     Attention,
     FeedForward,
+    KVCache,
     ModelArgs,
     RMSNorm,
     Transformer,
@@ -150,11 +151,79 @@ def test_kv_cache_is_buffer_outside_state_dict_and_follows_dtype(tiny_args):
     args = tiny_args("gqa")
     model = Transformer(args)
     assert not any("cache" in k for k in model.state_dict())
-    cache = model.layers[0].attention.cache_k
+    cache = model.layers[0].attention.kv_cache
     assert cache.shape == (args.max_batch_size, args.max_seq_len, args.kv_heads, args.head_dim)
     model.to(torch.bfloat16)
-    assert model.layers[0].attention.cache_k.dtype == torch.bfloat16
+    assert cache.dtype == torch.bfloat16 and cache.cache_k.dtype == cache.cache_v.dtype == torch.bfloat16
     assert model.freqs_cis.dtype == torch.complex64  # not cast with the weights
+
+
+def kv_case(bsz, seqlen, seed=0):
+    """A KVCache of 3 rows x 8 positions x 2 heads x 4, filled with -1, and new keys and values."""
+    cache = KVCache(3, 8, 2, 4)
+    cache.cache_k.fill_(-1.0), cache.cache_v.fill_(-1.0)
+    gen = torch.Generator().manual_seed(seed)
+    return cache, torch.randn(bsz, seqlen, 2, 4, generator=gen), torch.randn(bsz, seqlen, 2, 4, generator=gen)
+
+
+def test_kv_cache_update_writes_only_the_given_rows_and_positions_and_returns_the_visible_prefix():
+    cache, k, v = kv_case(bsz=2, seqlen=3)
+    keys, values = cache.update(4, k, v)
+    assert keys.shape == values.shape == (2, 7, 2, 4)  # rows 0..1, positions 0..6
+    assert torch.equal(keys[:, 4:], k) and torch.equal(values[:, 4:], v)
+    assert keys.data_ptr() == cache.cache_k.data_ptr()  # views of the cache, no copy
+    written = torch.zeros(3, 8, dtype=torch.bool)
+    written[:2, 4:7] = True
+    for stored, new in ((cache.cache_k, k), (cache.cache_v, v)):
+        assert torch.equal(stored[written].view(2, 3, 2, 4), new)
+        assert (stored[~written] == -1).all()  # other rows and positions untouched
+
+
+def test_kv_cache_update_at_a_position_tensor_writes_one_token_per_row_and_returns_the_whole_cache():
+    cache, k, v = kv_case(bsz=2, seqlen=1)
+    keys, values = cache.update(torch.tensor([5]), k, v)  # every row at position 5
+    assert keys.shape == values.shape == (2, 8, 2, 4)
+    assert torch.equal(keys[:, 5:6], k) and torch.equal(values[:, 5:6], v)
+    assert (cache.cache_k[2] == -1).all() and (cache.cache_k[:, :5] == -1).all() and (cache.cache_k[:, 6:] == -1).all()
+
+    cache, k, v = kv_case(bsz=3, seqlen=1, seed=1)
+    cache.update(torch.tensor([0, 7, 2]), k, v)  # row i at its own position
+    for row, pos in enumerate((0, 7, 2)):
+        assert torch.equal(cache.cache_k[row, pos], k[row, 0]) and torch.equal(cache.cache_v[row, pos], v[row, 0])
+    assert (cache.cache_k != -1).all(-1).all(-1).sum() == 3  # nothing else written
+    with pytest.raises(ValueError, match="one token per row, got 2"):
+        cache.update(torch.tensor([1]), *kv_case(bsz=1, seqlen=2)[1:])
+
+
+@pytest.mark.parametrize("start,seqlen,bsz", [(6, 3, 1), (8, 1, 1), (-1, 1, 1), (0, 1, 4)])
+def test_kv_cache_update_refuses_what_it_cannot_hold(start, seqlen, bsz):
+    cache, k, v = kv_case(bsz, seqlen)
+    what = "rows do not fit its 3 rows" if bsz > 3 else "do not fit its 8 positions"
+    with pytest.raises(ValueError, match=what):
+        cache.update(start, k, v)
+    assert (cache.cache_k == -1).all() and (cache.cache_v == -1).all()  # nothing written
+
+
+def test_kv_cache_tells_kernels_its_layout():
+    cache = KVCache(2, 16, 2, 8, dtype=torch.bfloat16)
+    assert (cache.shape, cache.dtype, cache.device.type) == ((2, 16, 2, 8), torch.bfloat16, "cpu")
+    assert cache.is_contiguous() and cache.pointers() == (cache.cache_k.data_ptr(), cache.cache_v.data_ptr())
+    assert not dict(cache.state_dict()) and len(list(cache.buffers())) == 2
+
+
+@pytest.mark.parametrize("name", ["gqa", "mha"])
+def test_a_model_without_kv_cache_computes_the_forward_of_whole_sequences(tiny_args, name):
+    """tools/train_demo.py trains such a model: each call attends over its own tokens only."""
+    args = tiny_args(name)
+    cached = random_model(args, seed=3)
+    uncached = Transformer(args, kv_cache=False)
+    uncached.load_state_dict(cached.state_dict())
+    assert not list(uncached.buffers())  # no cache held
+    tokens = torch.randint(0, args.vocab_size, (2, 9), generator=torch.Generator().manual_seed(2))
+    mask = causal_mask(9, 0, tokens.device, torch.float32)
+    with torch.no_grad():
+        logits = uncached.logits(uncached.tok_embeddings(tokens), 0, uncached.freqs_cis[:9], mask)
+    assert torch.equal(logits, cached.forward(tokens, 0))
 
 
 def test_meta_parameter_names(tiny_args):

@@ -10,17 +10,23 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import build_kernels_portably, random_model
+from helpers import build_kernels_portably, random_model
 from torch.testing import assert_close
 
 from llama import Llama, Tokenizer
-from llama import quantize as quant
+from llama import quantize as quantize_cli
 from llama.engine.fast import FastDecoder
-from llama.quantize import QuantizedLinear, Scheme
+from llama.quant import kernels, tensor
+from llama.quant.linear import QuantizedLinear, linear_layers, quantize_model, use_int8_inputs
+from llama.quant.scheme import Scheme
 from llama.weights import checkpoint
+from llama.weights.layout import Layout
+from llama.weights.quantized import linear_names, quantize_checkpoint, quantized_layout
 
-needs_kernel = pytest.mark.skipif(not quant.available(), reason="no C compiler could build the kernels here")
+needs_kernel = pytest.mark.skipif(not kernels.available(), reason="no C compiler could build the kernels here")
 MODES = ["int8", "int4"]
+# The generator size the loading tests build with (build_generator's default batch is 4).
+SIZE = dict(max_batch_size=2)
 
 
 def reference_quantize(w: torch.Tensor, mode: str, g: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -65,7 +71,7 @@ def weights(n, k, seed=0, dtype=torch.float32):
 def test_quantize_equals_the_plain_reference(mode, n, k, g):
     w = weights(n, k, seed=n * k + g)
     w[0, :g] = 0.0  # an all-zero group: scale 0, q 0
-    qweight, scales = quant.quantize(w, Scheme(mode, g))
+    qweight, scales = tensor.quantize(w, Scheme(mode, g))
     q_ref, s_ref = reference_quantize(w, mode, g)
     q = qweight.long() if mode == "int8" else reference_unpack(qweight, g)
     assert qweight.dtype == (torch.int8 if mode == "int8" else torch.uint8)
@@ -73,15 +79,15 @@ def test_quantize_equals_the_plain_reference(mode, n, k, g):
     assert torch.equal(q, q_ref) and torch.equal(scales, s_ref)
     # dequantize is q * s exactly (an int of at most 8 bits times a bf16 is exact in fp32)
     exact = (q_ref.double().view(n, -1, g) * s_ref.double()[..., None]).view(n, k)
-    assert torch.equal(quant.dequantize(qweight, scales, Scheme(mode, g)).double(), exact)
+    assert torch.equal(tensor.dequantize(qweight, scales, Scheme(mode, g)).double(), exact)
 
 
 @pytest.mark.parametrize("mode", MODES)
 def test_round_trip_error_bound_and_idempotence(mode):
     scheme = Scheme(mode, 32)
     w = weights(64, 256, seed=1)
-    qweight, scales = quant.quantize(w, scheme)
-    deq = quant.dequantize(qweight, scales, scheme)
+    qweight, scales = tensor.quantize(w, scheme)
+    deq = tensor.dequantize(qweight, scales, scheme)
     step = scales.float().abs().repeat_interleave(32, dim=1)
     # Each weight is within half a step (the scale is rounded to bf16 before q is, so this still holds),
     # except, for int4, those beyond +7 steps on the side opposite the group's extreme (which is -8 steps):
@@ -90,9 +96,9 @@ def test_round_trip_error_bound_and_idempotence(mode):
     clamped = (w / scales.float().repeat_interleave(32, dim=1)) > 7.5 if mode == "int4" else torch.zeros_like(w) > 0
     assert (err[~clamped] <= step[~clamped] / 2 * (1 + 2**-7) + 1e-12).all()
     assert (err[clamped] <= step[clamped] * (1 + 2**-7)).all()
-    again = quant.quantize(deq, scheme)  # the dequantized values are exactly representable
+    again = tensor.quantize(deq, scheme)  # the dequantized values are exactly representable
     assert torch.equal(again[0], qweight) and torch.equal(again[1], scales)
-    assert torch.equal(quant.unpack_int4(quant.pack_int4(torch.arange(-8, 8).repeat(2, 2), 32), 32),
+    assert torch.equal(tensor.unpack_int4(tensor.pack_int4(torch.arange(-8, 8).repeat(2, 2), 32), 32),
                        torch.arange(-8, 8).repeat(2, 2).to(torch.int8))  # fmt: skip
 
 
@@ -104,15 +110,15 @@ def test_bad_schemes_and_weights():
     with pytest.raises(ValueError, match="positive integer"):
         Scheme("int8", 0)
     with pytest.raises(ValueError, match="group_size 32 does not divide the 48 inputs"):
-        quant.quantize(weights(2, 48), Scheme("int8", 32))
+        tensor.quantize(weights(2, 48), Scheme("int8", 32))
     bad = weights(2, 32)
     bad[1, 3] = float("nan")
     with pytest.raises(ValueError, match="inf or NaN"):
-        quant.quantize(bad, Scheme("int8", 32))
+        tensor.quantize(bad, Scheme("int8", 32))
 
 
 def exact_product(x, qweight, scales, scheme):
-    return x.double() @ quant.dequantize(qweight, scales, scheme).double().T
+    return x.double() @ tensor.dequantize(qweight, scales, scheme).double().T
 
 
 @needs_kernel
@@ -121,17 +127,17 @@ def exact_product(x, qweight, scales, scheme):
                                         (1, 9, 96, 16), (2, 5, 40, 8), (1, 11, 4096, 128)])  # fmt: skip
 def test_kernel_equals_the_exact_dequantized_product(mode, rows, n, k, g):
     scheme = Scheme(mode, g)
-    qweight, scales = quant.quantize(weights(n, k, seed=k + n), scheme)
+    qweight, scales = tensor.quantize(weights(n, k, seed=k + n), scheme)
     x = torch.randn(rows, k, generator=torch.Generator().manual_seed(2))
-    y = quant._linear_kernel(mode, x, qweight, scales, g)
+    y = kernels._linear_kernel(mode, x, qweight, scales, g)
     exact = exact_product(x, qweight, scales, scheme)
     # fp32 sums of exact products: error of order k * 2^-24 of the summed magnitudes
-    bound = 1e-6 * (x.abs().double() @ quant.dequantize(qweight, scales, scheme).abs().double().T) + 1e-9
+    bound = 1e-6 * (x.abs().double() @ tensor.dequantize(qweight, scales, scheme).abs().double().T) + 1e-9
     assert y.dtype == torch.float32 and y.shape == (rows, n)
     assert ((y.double() - exact).abs() <= bound).all()
     # bf16 activations: the result is the fp32 one rounded to bf16
     xb = x.bfloat16()
-    yb = quant._linear_kernel(mode, xb, qweight, scales, g)
+    yb = kernels._linear_kernel(mode, xb, qweight, scales, g)
     assert yb.dtype == torch.bfloat16
     assert_close(yb.double(), exact_product(xb, qweight, scales, scheme), rtol=2**-8, atol=1e-5)
 
@@ -161,10 +167,10 @@ def test_int8_input_kernels_with_an_odd_number_of_blocks(mode, rows, n, k):
 
 def check_int8_input_kernel(mode, g, rows, n, k):
     scheme = Scheme(mode, g)
-    qweight, scales = quant.quantize(weights(n, k, seed=k + n + 1), scheme)
+    qweight, scales = tensor.quantize(weights(n, k, seed=k + n + 1), scheme)
     x = torch.randn(rows, k, generator=torch.Generator().manual_seed(3))
     x[0, :32] = 0.0  # an all-zero block
-    y = quant._linear_kernel(mode, x, qweight, scales, g, int8_x=True)
+    y = kernels._linear_kernel(mode, x, qweight, scales, g, int8_x=True)
     expected = exact_product(quantize_input_reference(x), qweight, scales, scheme)
     # the integer block sums are exact; only the fp32 scaling and summing of blocks round
     assert_close(y.double(), expected, rtol=1e-5, atol=1e-5)
@@ -173,29 +179,30 @@ def check_int8_input_kernel(mode, g, rows, n, k):
     assert ((y.double() - exact).norm() / exact.norm()).item() < 0.02
     # bf16 rows go in and come out as they are: the fp32 result of the same values, rounded to bf16
     xb = x.bfloat16()
-    yb = quant._linear_kernel(mode, xb, qweight, scales, g, int8_x=True)
+    yb = kernels._linear_kernel(mode, xb, qweight, scales, g, int8_x=True)
     assert yb.dtype == torch.bfloat16
-    assert torch.equal(yb, quant._linear_kernel(mode, xb.float(), qweight, scales, g, int8_x=True).bfloat16())
+    assert torch.equal(yb, kernels._linear_kernel(mode, xb.float(), qweight, scales, g, int8_x=True).bfloat16())
     if mode == "int4":  # groups of 64 do not fit the int4 packing's blocks: the exact kernel serves them
-        q64, s64 = quant.quantize(weights(n, 128), Scheme("int4", 64))
+        q64, s64 = tensor.quantize(weights(n, 128), Scheme("int4", 64))
         x64 = torch.randn(1, 128)
-        assert torch.equal(quant._linear_kernel("int4", x64, q64, s64, 64, int8_x=True),
-                           quant._linear_kernel("int4", x64, q64, s64, 64))  # fmt: skip
+        assert torch.equal(kernels._linear_kernel("int4", x64, q64, s64, 64, int8_x=True),
+                           kernels._linear_kernel("int4", x64, q64, s64, 64))  # fmt: skip
 
 
 @needs_kernel
 def test_layers_use_int8_inputs_by_default_and_exact_products_on_request(tiny_args):
     _, quantized, twin, _ = quantized_twins(tiny_args, "int8", exact=False)
-    assert all(m.int8_x for m in quantized.modules() if isinstance(m, QuantizedLinear))
+    linears = [m for m in quantized.modules() if isinstance(m, QuantizedLinear)]
+    assert len(linears) == 7 * quantized.params.n_layers + 1 and all(m.int8_x for m in linears)
     tokens = torch.randint(0, 97, (1, 6), generator=torch.Generator().manual_seed(2))
     expected = twin.forward(tokens, 0)
     approx = torch.cat([quantized.forward(tokens[:, :5], 0), quantized.forward(tokens[:, 5:], 5)], dim=1)
     assert not torch.equal(approx, expected)
     assert ((approx - expected).norm() / expected.norm()).item() < 0.05
-    quant.use_int8_inputs(quantized, False)
+    use_int8_inputs(quantized, False)
     exact = torch.cat([quantized.forward(tokens[:, :5], 0), quantized.forward(tokens[:, 5:], 5)], dim=1)
     assert_close(exact, expected, rtol=1e-5, atol=1e-5)
-    assert torch.equal(quant.use_int8_inputs(quantized).forward(tokens, 0), quantized.forward(tokens, 0))
+    assert torch.equal(use_int8_inputs(quantized).forward(tokens, 0), quantized.forward(tokens, 0))
 
 
 @needs_kernel
@@ -203,9 +210,9 @@ def test_layers_use_int8_inputs_by_default_and_exact_products_on_request(tiny_ar
 def test_decode_rows_take_the_kernel_and_prefill_the_exact_fp32_gemm(mode, monkeypatch):
     scheme = Scheme(mode, 32)
     layer = QuantizedLinear(128, 24, scheme)
-    layer.qweight, layer.scales = quant.quantize(weights(24, 128, seed=6), scheme)
-    assert torch.equal(quant.dequantize_cpu(layer.qweight, layer.scales, scheme), layer.dequantized_weight())
-    rows = quant.KERNEL_MAX_ROWS
+    layer.qweight, layer.scales = tensor.quantize(weights(24, 128, seed=6), scheme)
+    assert torch.equal(kernels.dequantize_cpu(layer.qweight, layer.scales, scheme), layer.dequantized_weight())
+    rows = kernels.KERNEL_MAX_ROWS
     x = torch.randn(2, rows // 2, 128, generator=torch.Generator().manual_seed(7))
     # up to the limit: the kernel, each row rounded on its own to int8 as a decode step rounds it
     expected = exact_product(quantize_input_reference(x.reshape(rows, 128)), layer.qweight, layer.scales, scheme)
@@ -214,31 +221,31 @@ def test_decode_rows_take_the_kernel_and_prefill_the_exact_fp32_gemm(mode, monke
     assert torch.equal(one_by_one, layer(x))
     # past it: torch's fp32 GEMM on the dequantized weight, exact, without calling a product kernel
     longer = torch.randn(1, rows + 1, 128, generator=torch.Generator().manual_seed(8))
-    real = quant.kernels()
-    monkeypatch.setitem(quant._state, "fns", {name: fn for name, fn in real.items() if name.startswith("dequant")})
+    real = kernels.kernels()
+    monkeypatch.setitem(kernels._state, "fns", {name: fn for name, fn in real.items() if name.startswith("dequant")})
     w = layer.dequantized_weight()
     assert torch.equal(layer(longer), F.linear(longer, w))
     assert torch.equal(layer(longer.bfloat16()), F.linear(longer.bfloat16().float(), w).bfloat16())
-    monkeypatch.setattr(quant.cpu_gemv, "FP32_CHUNK", 5 * 128)  # 5 weight rows at a time, the last chunk short
+    monkeypatch.setattr(kernels.cpu_gemv, "FP32_CHUNK", 5 * 128)  # 5 weight rows at a time, the last chunk short
     assert_close(layer(longer), F.linear(longer, w), rtol=1e-6, atol=1e-6)
 
 
 @needs_kernel
 def test_kernel_failures_are_errors_not_silent_garbage(monkeypatch):
     scheme = Scheme("int8", 32)
-    qweight, scales = quant.quantize(weights(8, 64), scheme)
+    qweight, scales = tensor.quantize(weights(8, 64), scheme)
     with pytest.raises(ValueError, match="does not fit scales"):
-        quant.dequantize_cpu(qweight, scales[:, :1].contiguous(), scheme)
+        kernels.dequantize_cpu(qweight, scales[:, :1].contiguous(), scheme)
     with pytest.raises(ValueError, match="contiguous fp32 tensor of at least 512"):
-        quant.dequantize_cpu(qweight, scales, scheme, out=torch.empty(100))
+        kernels.dequantize_cpu(qweight, scales, scheme, out=torch.empty(100))
     # a kernel that reports it could not allocate its scratch (returns 1) raises, for products of either kind
-    monkeypatch.setitem(quant._state, "fns", {name: (lambda *args: 1) for name in quant.kernels()})
+    monkeypatch.setitem(kernels._state, "fns", {name: (lambda *args: 1) for name in kernels.kernels()})
     for int8_x in (True, False):
         with pytest.raises(MemoryError, match="out of memory"):
-            quant._linear_kernel("int8", torch.randn(1, 64), qweight, scales, 32, int8_x)
-    monkeypatch.setitem(quant.cpu_gemv._state, "fn", lambda *args: 1)
+            kernels._linear_kernel("int8", torch.randn(1, 64), qweight, scales, 32, int8_x)
+    monkeypatch.setitem(kernels.cpu_gemv._state, "fn", lambda *args: 1)
     with pytest.raises(MemoryError, match="out of memory"):
-        quant.cpu_gemv.linear_bf16(torch.randn(1, 64).bfloat16(), torch.randn(8, 64).bfloat16())
+        kernels.cpu_gemv.linear_bf16(torch.randn(1, 64).bfloat16(), torch.randn(8, 64).bfloat16())
 
 
 @needs_kernel
@@ -246,11 +253,11 @@ def test_kernel_failures_are_errors_not_silent_garbage(monkeypatch):
 @pytest.mark.parametrize("int8_x", [True, False])
 def test_nan_and_inf_inputs_give_nan_not_garbage(mode, int8_x):
     scheme = Scheme(mode, 32)
-    qweight, scales = quant.quantize(weights(20, 96, seed=8), scheme)
+    qweight, scales = tensor.quantize(weights(20, 96, seed=8), scheme)
     x = torch.randn(3, 96, generator=torch.Generator().manual_seed(9))
     x[0, 40] = float("nan")
     x[1, 70] = float("inf")
-    y = quant._linear_kernel(mode, x, qweight, scales, 32, int8_x)
+    y = kernels._linear_kernel(mode, x, qweight, scales, 32, int8_x)
     assert y[0].isnan().all() and not y[1].isfinite().any()
     assert y[2].isfinite().all()  # a clean row next to them is untouched
     assert_close(y[2].double(), exact_product(quantize_input_reference(x[2:]) if int8_x else x[2:], qweight,
@@ -259,14 +266,14 @@ def test_nan_and_inf_inputs_give_nan_not_garbage(mode, int8_x):
 
 @needs_kernel
 def test_portable_c_loops_without_avx2_give_the_same_products(tmp_path, monkeypatch):
-    build_kernels_portably(monkeypatch, tmp_path, quant)
-    assert quant.available()
+    build_kernels_portably(monkeypatch, tmp_path, kernels)
+    assert kernels.available()
     for mode, g, int8_x in [("int8", 32, False), ("int8", 16, False), ("int4", 32, False), ("int4", 64, False),
                             ("int8", 64, True), ("int4", 32, True)]:  # fmt: skip
         scheme = Scheme(mode, g)
-        qweight, scales = quant.quantize(weights(19, 256, seed=g), scheme)
+        qweight, scales = tensor.quantize(weights(19, 256, seed=g), scheme)
         x = torch.randn(2, 256, generator=torch.Generator().manual_seed(5))
-        y = quant._linear_kernel(mode, x, qweight, scales, g, int8_x)
+        y = kernels._linear_kernel(mode, x, qweight, scales, g, int8_x)
         expected = exact_product(quantize_input_reference(x) if int8_x else x, qweight, scales, scheme)
         assert_close(y.double(), expected, rtol=1e-5, atol=1e-5)
 
@@ -275,17 +282,17 @@ def test_portable_c_loops_without_avx2_give_the_same_products(tmp_path, monkeypa
 def test_without_a_working_compiler_falls_back_to_dequantize(tmp_path, monkeypatch, caplog, compiler):
     monkeypatch.setenv("LLAMA_KERNEL_CACHE", str(tmp_path))
     monkeypatch.setenv("CC", compiler)
-    monkeypatch.setattr(quant, "_state", {})
+    monkeypatch.setattr(kernels, "_state", {})
     with caplog.at_level(logging.WARNING, logger="llama.kernels.cpu_gemv"):
-        assert not quant.available()
+        assert not kernels.available()
     assert "dequantize" in caplog.text and list(tmp_path.iterdir()) == []
     for mode in MODES:
         scheme = Scheme(mode, 32)
-        qweight, scales = quant.quantize(weights(8, 64), scheme)
+        qweight, scales = tensor.quantize(weights(8, 64), scheme)
         x = torch.randn(1, 64)
         layer = QuantizedLinear(64, 8, scheme)
         layer.qweight, layer.scales = qweight, scales
-        assert torch.equal(layer(x), F.linear(x, quant.dequantize(qweight, scales, scheme)))
+        assert torch.equal(layer(x), F.linear(x, tensor.dequantize(qweight, scales, scheme)))
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -293,7 +300,7 @@ def test_without_a_working_compiler_falls_back_to_dequantize(tmp_path, monkeypat
 def test_quantized_linear_for_any_batch_and_sequence(mode, dtype):
     scheme = Scheme(mode, 32)
     layer = QuantizedLinear(96, 40, scheme)
-    layer.qweight, layer.scales = quant.quantize(weights(40, 96, seed=3), scheme)
+    layer.qweight, layer.scales = tensor.quantize(weights(40, 96, seed=3), scheme)
     w = layer.dequantized_weight()
     assert "qweight" in layer.state_dict() and "scales" in layer.state_dict()
     for shape in [(1, 1, 96), (2, 5, 96), (1, 96), (3, 1, 96)]:
@@ -302,10 +309,10 @@ def test_quantized_linear_for_any_batch_and_sequence(mode, dtype):
         assert y.dtype == dtype and y.shape == (*shape[:-1], 40)
         expected = F.linear(x.float(), w)
         assert ((y.float() - expected).norm() / expected.norm()).item() < 0.02
-        quant.use_int8_inputs(layer, False)
+        use_int8_inputs(layer, False)
         tol = {} if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)  # bf16: W rounded to bf16 too
         assert_close(layer(x).float(), expected, **tol)
-        quant.use_int8_inputs(layer, True)
+        use_int8_inputs(layer, True)
 
 
 # ------------------------------------------------------------------------------------- models
@@ -316,12 +323,12 @@ def quantized_twins(tiny_args, mode, name="gqa", group_size=32, vocab_size=97, e
     holding the dequantized weights."""
     model = random_model(tiny_args(name, vocab_size=vocab_size), seed=5)
     original = {k: v.clone() for k, v in model.state_dict().items()}
-    quantized = quant.quantize_model(random_model(tiny_args(name, vocab_size=vocab_size), seed=5),
+    quantized = quantize_model(random_model(tiny_args(name, vocab_size=vocab_size), seed=5),
                                      Scheme(mode, group_size))  # fmt: skip
-    quant.use_int8_inputs(quantized, not exact)
+    use_int8_inputs(quantized, not exact)
     twin = random_model(tiny_args(name, vocab_size=vocab_size), seed=5)
     with torch.no_grad():
-        for layer_name, layer in quant.linear_layers(twin).items():
+        for layer_name, layer in linear_layers(twin).items():
             layer.weight.copy_(quantized.get_submodule(layer_name).dequantized_weight())
     return model, quantized, twin, original
 
@@ -331,8 +338,22 @@ def test_every_linear_layer_is_swapped_and_the_model_file_is_untouched(tiny_args
     _, quantized, _, _ = quantized_twins(tiny_args, mode)
     names = [n for n, m in quantized.named_modules() if isinstance(m, QuantizedLinear)]
     assert len(names) == 7 * quantized.params.n_layers + 1 and "output" in names
-    assert not quant.linear_layers(quantized)
+    assert not linear_layers(quantized)
     assert not any(k.endswith(("wq.weight", "w2.weight", "output.weight")) for k in quantized.state_dict())
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_quantized_layers_declare_the_split_of_the_layers_they_replace(tiny_args, mode):
+    model = random_model(tiny_args("gqa"), seed=5)
+    float_layout, linears = Layout.from_model(model), list(linear_layers(model))
+    assert linears == list(linear_names(type(model), model.params.n_layers))  # what a checkpoint's loader expects
+    quantized = quantize_model(model, Scheme(mode, 16))
+    # the quantized model's own layout (qweight and scales split as their QuantizedLinear says) is the one a
+    # quantized checkpoint of it is read with
+    layout = Layout.from_model(quantized)
+    assert layout == quantized_layout(float_layout, linears, Scheme(mode, 16))
+    assert layout.split_dim("layers.0.attention.wo.scales") == 1 and layout.split_dim("output.qweight") == 0
+    assert "layers.1.attention.wv.qweight" in layout.kv_keys
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -376,13 +397,13 @@ def test_compiled_fast_path_calls_the_int8_kernel(tiny_args, tokenizer_path, mon
     tokenizer = Tokenizer(tokenizer_path)
     _, quantized, twin, _ = quantized_twins(tiny_args, "int8", vocab_size=tokenizer.n_words)
     calls = []
-    real = quant.kernels()
+    real = kernels.kernels()
 
     def counting(*args):
         calls.append(args[4:])
         real["int8"](*args)
 
-    monkeypatch.setitem(quant._state, "fns", {**real, "int8": counting})
+    monkeypatch.setitem(kernels._state, "fns", {**real, "int8": counting})
     prompts = [tokenizer.encode("Llamas live in", bos=True, eos=False)]
     fast = Llama(quantized, tokenizer, fast=FastDecoder(quantized, compile=True, use_cpu_step=False))
     out = fast.generate(prompts, max_gen_len=8, temperature=0)[0]
@@ -397,7 +418,7 @@ def test_fast_path_stacks_projections_without_holding_weights_twice(tiny_args, t
     fast = FastDecoder(quantized, compile=False)
     assert fast.fused is not None and len(fast.fused) == quantized.params.n_layers
     attn, ff = quantized.layers[0].attention, quantized.layers[0].feed_forward
-    qkv, w13 = fast.fused[0][0].qweight, fast.fused[0][1].qweight
+    qkv, w13 = fast.fused[0][0].layer.qweight, fast.fused[0][1].layer.qweight
     assert qkv.shape[0] == attn.wq.out_features + attn.wk.out_features + attn.wv.out_features
     for module, stacked in [(attn.wq, qkv), (attn.wk, qkv), (attn.wv, qkv), (ff.w1, w13), (ff.w3, w13)]:
         assert module.qweight.untyped_storage().data_ptr() == stacked.untyped_storage().data_ptr()
@@ -406,7 +427,7 @@ def test_fast_path_stacks_projections_without_holding_weights_twice(tiny_args, t
     quantized.forward(tokens[:, :5], 0)
     expected = quantized.forward(tokens[:, 5:], 5)  # the default path: one kernel call per layer
     assert_close(fast(tokens[:, 5:], 5), expected, rtol=1e-5, atol=1e-5)
-    quant.use_int8_inputs(quantized, False)  # still switches the stacked products
+    use_int8_inputs(quantized, False)  # still switches the stacked products
     quantized.forward(tokens[:, :5], 0)  # the cache again, from exact products
     assert_close(fast(tokens[:, 5:], 5), twin.forward(tokens, 0)[:, 5:], rtol=1e-5, atol=1e-5)
 
@@ -416,7 +437,7 @@ def test_compiled_quantized_step_is_one_graph_in_a_fresh_process(tiny_args, monk
     # Kernels not loaded yet, as in a fresh process: checking for them inside the step used to trace their
     # one-time build (a lock), which broke the graph and left the whole step running eagerly.
     _, quantized, _, _ = quantized_twins(tiny_args, "int4", exact=False)
-    monkeypatch.setattr(quant, "_state", {})
+    monkeypatch.setattr(kernels, "_state", {})
     torch._dynamo.reset()
     counters = torch._dynamo.utils.counters
     counters.clear()
@@ -430,23 +451,18 @@ def test_compiled_quantized_step_is_one_graph_in_a_fresh_process(tiny_args, monk
 # ------------------------------------------------------------------------------------- loading and files
 
 
-def build(ckpt, tokenizer_path, quantize=None, dtype=torch.float32):
-    return Llama.build(str(ckpt), str(tokenizer_path), max_seq_len=64, max_batch_size=2, device="cpu",
-                       dtype=dtype, quantize=quantize)  # fmt: skip
-
-
 def tensor_bytes(model):
     return sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()]
                if not t.is_complex())  # fmt: skip
 
 
 @pytest.mark.parametrize("mode", MODES)
-def test_build_quantizes_while_loading(make_checkpoint, tokenizer_path, mode):
+def test_build_quantizes_while_loading(make_checkpoint, tokenizer_path, mode, build_generator):
     ckpt = make_checkpoint("gqa")
-    q = build(ckpt, tokenizer_path, mode, dtype=torch.bfloat16)
-    f = build(ckpt, tokenizer_path, None, dtype=torch.bfloat16)
+    q = build_generator(ckpt, tokenizer_path, quantize=mode, dtype=torch.bfloat16, **SIZE)
+    f = build_generator(ckpt, tokenizer_path, quantize=None, dtype=torch.bfloat16, **SIZE)
     kv_cache = sum(b.numel() * b.element_size() for n, b in f.model.named_buffers() if "cache" in n)
-    linear = sum(m.weight.numel() for m in quant.linear_layers(f.model).values())
+    linear = sum(m.weight.numel() for m in linear_layers(f.model).values())
     # the linear weights now take 1 or 1/2 byte plus 2 bytes of scale per 32, instead of 2 bytes
     per_weight = (1 if mode == "int8" else 0.5) + 2 / 32
     assert tensor_bytes(q.model) - kv_cache == tensor_bytes(f.model) - kv_cache - linear * (2 - per_weight)
@@ -454,15 +470,18 @@ def test_build_quantizes_while_loading(make_checkpoint, tokenizer_path, mode):
     shard = checkpoint.load_shard(checkpoint.find_shards(ckpt)[0])
     file_ptrs = {t.untyped_storage().data_ptr() for t in shard.values()}
     assert not any(t.untyped_storage().data_ptr() in file_ptrs for t in q.model.state_dict().values())
-    twin = quant.quantize_model(build(ckpt, tokenizer_path, None).model, Scheme(mode))
+    twin = quantize_model(build_generator(ckpt, tokenizer_path, quantize=None, **SIZE).model, Scheme(mode))
     tokens = torch.tensor([[1, 40, 41, 42, 43]])
-    assert_close(build(ckpt, tokenizer_path, mode).model.forward(tokens, 0), twin.forward(tokens, 0))
+    quantized = build_generator(ckpt, tokenizer_path, quantize=mode, **SIZE).model
+    assert_close(quantized.forward(tokens, 0), twin.forward(tokens, 0))
 
 
 @pytest.mark.parametrize("mode", MODES)
-def test_saved_quantized_checkpoint_loads_with_identical_logits(make_checkpoint, tokenizer_path, tmp_path, mode):
+def test_saved_quantized_checkpoint_loads_with_identical_logits(
+    make_checkpoint, tokenizer_path, tmp_path, mode, build_generator
+):
     ckpt = make_checkpoint("gqa", n_shards=2)
-    out = quant.quantize_checkpoint(ckpt, tmp_path / "q", mode, 32)
+    out = quantize_checkpoint(ckpt, tmp_path / "q", mode, 32)
     params = json.loads((out / "params.json").read_text())
     assert params["quantization"] == {"mode": mode, "group_size": 32}
     assert sorted(p.name for p in out.glob("*.pth")) == ["consolidated.00.pth", "consolidated.01.pth"]
@@ -471,34 +490,34 @@ def test_saved_quantized_checkpoint_loads_with_identical_logits(make_checkpoint,
     assert "layers.0.attention.wq.weight" not in shard
     tokens = torch.tensor([[1, 40, 41, 42, 43], [1, 7, 8, 9, 10]])
     # groups never cross the shards' boundary, so per-shard quantization equals quantizing the whole
-    on_load = build(ckpt, tokenizer_path, mode).model.forward(tokens, 0)
-    assert torch.equal(build(out, tokenizer_path).model.forward(tokens, 0), on_load)
-    assert torch.equal(build(out, tokenizer_path, mode).model.forward(tokens, 0), on_load)
+    on_load = build_generator(ckpt, tokenizer_path, quantize=mode, **SIZE).model.forward(tokens, 0)
+    assert torch.equal(build_generator(out, tokenizer_path, **SIZE).model.forward(tokens, 0), on_load)
+    assert torch.equal(build_generator(out, tokenizer_path, quantize=mode, **SIZE).model.forward(tokens, 0), on_load)
 
 
-def test_bad_quantized_checkpoints_and_arguments(make_checkpoint, tokenizer_path, tmp_path):
+def test_bad_quantized_checkpoints_and_arguments(make_checkpoint, tokenizer_path, tmp_path, build_generator):
     ckpt = make_checkpoint("gqa")
     with pytest.raises(ValueError, match="unknown quantization mode 'int2'"):
-        build(ckpt, tokenizer_path, "int2")
+        build_generator(ckpt, tokenizer_path, quantize="int2", **SIZE)
     with pytest.raises(ValueError, match="group_size 32 does not divide the 48 inputs of layers.0.attention.wq"):
-        build(make_checkpoint("odd_multiple_of"), tokenizer_path, "int8")
+        build_generator(make_checkpoint("odd_multiple_of"), tokenizer_path, quantize="int8", **SIZE)
     per_rank = r"group_size 64 does not divide the 32 inputs per rank \(2 model-parallel ranks\) of layers.0.attention"
     with pytest.raises(ValueError, match=per_rank):
-        quant.quantize_checkpoint(make_checkpoint("gqa", n_shards=2), tmp_path / "bad", "int8", 64)
+        quantize_checkpoint(make_checkpoint("gqa", n_shards=2), tmp_path / "bad", "int8", 64)
     with pytest.raises(ValueError, match="unknown quantization mode"):
-        quant.quantize_checkpoint(ckpt, tmp_path / "bad", "fp8")
+        quantize_checkpoint(ckpt, tmp_path / "bad", "fp8")
     assert not (tmp_path / "bad").exists()
 
-    out = quant.quantize_checkpoint(ckpt, tmp_path / "q4", "int4")
+    out = quantize_checkpoint(ckpt, tmp_path / "q4", "int4")
     other_mode = (
         r"'.*q4' is already quantized as int4 \(group 32\); load it with quantize=None \(no --quantize in the example "
         r"scripts\) or 'int4', or quantize the float checkpoint it was made from as 'int8'"
     )
     with pytest.raises(ValueError, match=other_mode):
-        build(out, tokenizer_path, "int8")
+        build_generator(out, tokenizer_path, quantize="int8", **SIZE)
     again = r"'.*q4' is a quantized checkpoint \(int4, group 32\); quantize the float checkpoint it was made from"
     with pytest.raises(ValueError, match=again):
-        quant.quantize_checkpoint(out, tmp_path / "again", "int8")
+        quantize_checkpoint(out, tmp_path / "again", "int8")
     assert not (tmp_path / "again").exists()
 
     broken = tmp_path / "broken"
@@ -506,18 +525,18 @@ def test_bad_quantized_checkpoints_and_arguments(make_checkpoint, tokenizer_path
     del shard["layers.1.feed_forward.w2.scales"]
     checkpoint.save_checkpoint(broken, [shard], json.loads((out / "params.json").read_text()))
     with pytest.raises(ValueError, match="missing keys: layers.1.feed_forward.w2.scales"):
-        build(broken, tokenizer_path)
+        build_generator(broken, tokenizer_path, **SIZE)
 
     wrong = tmp_path / "wrong"
     params = json.loads((out / "params.json").read_text())
     checkpoint.save_checkpoint(wrong, [torch.load(out / "consolidated.00.pth", weights_only=True)],
                                {**params, "quantization": {"mode": "int8", "group_size": 32}})  # fmt: skip
     with pytest.raises(ValueError, match="does not fit the model|holds torch.int8"):
-        build(wrong, tokenizer_path)
+        build_generator(wrong, tokenizer_path, **SIZE)
     odd = tmp_path / "odd"
     checkpoint.save_checkpoint(odd, [shard], {**params, "quantization": {"mode": "int4"}})
     with pytest.raises(ValueError, match="'mode' and 'group_size'"):
-        build(odd, tokenizer_path)
+        build_generator(odd, tokenizer_path, **SIZE)
     # quantized shards whose params.json lost its "quantization" (edited by hand) are read as float ones
     unsaid = tmp_path / "unsaid"
     checkpoint.save_checkpoint(unsaid, [shard], {k: v for k, v in params.items() if k != "quantization"})
@@ -525,13 +544,13 @@ def test_bad_quantized_checkpoints_and_arguments(make_checkpoint, tokenizer_path
                       r"or params.json must say how they were quantized \('quantization', written by python -m "
                       r"llama.quantize\)")  # fmt: skip
     with pytest.raises(ValueError, match=unsaid_message):
-        build(unsaid, tokenizer_path)
+        build_generator(unsaid, tokenizer_path, **SIZE)
 
 
 # ------------------------------------------------------------------------------------- the demo model
 
 
-def test_perplexity_on_the_demo_model_stays_near_bf16(monkeypatch):
+def test_perplexity_on_the_demo_model_stays_near_bf16(monkeypatch, build_generator):
     from llama.demo import DEMO_CKPT_DIR, DEMO_TOKENIZER_PATH
     from tools import demo_eval
 
@@ -541,9 +560,9 @@ def test_perplexity_on_the_demo_model_stays_near_bf16(monkeypatch):
         # fp32 compute on the bf16 checkpoint's weights: "bf16" is the checkpoint, exactly. With the row limit
         # lifted, every product runs as decoding runs it: the kernels with int8 inputs, prefill included.
         if kernel_rows is not None:
-            monkeypatch.setattr(quant, "KERNEL_MAX_ROWS", kernel_rows)
-        generator = Llama.build(str(DEMO_CKPT_DIR), str(DEMO_TOKENIZER_PATH), max_seq_len=128, max_batch_size=8,
-                                device="cpu", dtype=torch.float32, quantize=mode)  # fmt: skip
+            monkeypatch.setattr(kernels, "KERNEL_MAX_ROWS", kernel_rows)
+        generator = build_generator(DEMO_CKPT_DIR, DEMO_TOKENIZER_PATH, max_seq_len=128, max_batch_size=8,
+                                    quantize=mode)  # fmt: skip
         docs = demo_eval.target_documents(generator.tokenizer, texts, 600)
         ppl[mode, kernel_rows] = demo_eval.perplexity(*demo_eval.model_nll(generator, docs))
     # Measured on these 600 tokens: int8 +0.01% (int8 inputs: -0.02%), int4 +0.38% (+0.37%); on the
@@ -557,13 +576,12 @@ def test_perplexity_on_the_demo_model_stays_near_bf16(monkeypatch):
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU")
 @pytest.mark.parametrize("mode", MODES)
-def test_cuda_quantized_model_matches_cpu(make_checkpoint, tokenizer_path, mode):
+def test_cuda_quantized_model_matches_cpu(make_checkpoint, tokenizer_path, mode, build_generator):
     ckpt = make_checkpoint("gqa")
-    cpu = build(ckpt, tokenizer_path, mode)
-    gpu = Llama.build(str(ckpt), str(tokenizer_path), max_seq_len=64, max_batch_size=2, device="cuda",
-                      dtype=torch.float32, quantize=mode)  # fmt: skip
+    cpu = build_generator(ckpt, tokenizer_path, quantize=mode, **SIZE)
+    gpu = build_generator(ckpt, tokenizer_path, device="cuda", quantize=mode, **SIZE)
     assert gpu.model.layers[0].attention.wq.qweight.device.type == "cuda"
-    quant.use_int8_inputs(cpu.model, False)  # CUDA computes the exact dequantized product
+    use_int8_inputs(cpu.model, False)  # CUDA computes the exact dequantized product
     tokens = torch.tensor([[1, 40, 41, 42, 43]])
     assert_close(gpu.model.forward(tokens.cuda(), 0).cpu(), cpu.model.forward(tokens, 0), rtol=1e-4, atol=1e-4)
 
@@ -571,11 +589,12 @@ def test_cuda_quantized_model_matches_cpu(make_checkpoint, tokenizer_path, mode)
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU")
 @pytest.mark.parametrize("mode", MODES)
-def test_cuda_compiled_quantized_decoding_equals_the_default_loop(make_checkpoint, tokenizer_path, mode):
+def test_cuda_compiled_quantized_decoding_equals_the_default_loop(
+    make_checkpoint, tokenizer_path, mode, build_generator
+):
     ckpt = make_checkpoint("gqa")
-    args = dict(max_seq_len=64, max_batch_size=2, device="cuda", dtype=torch.float32, quantize=mode)
-    default = Llama.build(str(ckpt), str(tokenizer_path), **args)
-    fast = Llama.build(str(ckpt), str(tokenizer_path), compile=True, **args)
+    default = build_generator(ckpt, tokenizer_path, device="cuda", quantize=mode, **SIZE)
+    fast = build_generator(ckpt, tokenizer_path, device="cuda", quantize=mode, compile=True, **SIZE)
     prompts = [[1, 40, 41, 42, 43], [1, 50, 51]]
     want = default.generate(prompts, max_gen_len=12, temperature=0)[0]
     assert fast.generate(prompts, max_gen_len=12, temperature=0)[0] == want
@@ -601,17 +620,19 @@ if is_main_process():
 
 @pytest.mark.slow
 @pytest.mark.parametrize("mode,prequantized,nproc", [("int8", False, 2), ("int4", True, 2), ("int4", True, 4)])
-def test_model_parallel_ranks_match_one(make_checkpoint, tokenizer_path, tmp_path, mode, prequantized, nproc):
+def test_model_parallel_ranks_match_one(
+    make_checkpoint, tokenizer_path, tmp_path, mode, prequantized, nproc, build_generator
+):
     """2 ranks, and 4: more ranks than the 2 KV heads, each repeated on two ranks (groups of 16 fit 64 / 4)."""
     import os
     import subprocess
     import sys
 
-    from conftest import REPO
+    from helpers import REPO
 
     ckpt = make_checkpoint("gqa", n_shards=2)
     if prequantized:
-        ckpt = quant.quantize_checkpoint(ckpt, tmp_path / "q", mode, 32 if nproc == 2 else 16)
+        ckpt = quantize_checkpoint(ckpt, tmp_path / "q", mode, 32 if nproc == 2 else 16)
     script = tmp_path / "worker.py"
     script.write_text(MP_WORKER)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", str(script),
@@ -624,21 +645,24 @@ def test_model_parallel_ranks_match_one(make_checkpoint, tokenizer_path, tmp_pat
     # each rank quantized its own slice; the slices' groups are the whole model's, so only the order of the
     # cross-rank sums differs from one process. With exact products, that is: with int8 inputs, a last-bit
     # difference in a layer's input can move one rounding to int8 and the logits by ~1e-2.
-    one = build(ckpt, tokenizer_path, None if prequantized else mode)
-    quant.use_int8_inputs(one.model, False)
+    one = build_generator(ckpt, tokenizer_path, quantize=None if prequantized else mode, **SIZE)
+    use_int8_inputs(one.model, False)
     tokens = torch.tensor([[1, 40, 41, 42, 43]])
     assert_close(torch.tensor(result["logits"]), one.model.forward(tokens, 0), rtol=1e-5, atol=1e-5)
     assert result["tokens"] == one.generate(tokens.tolist(), max_gen_len=8, temperature=0)[0]
 
 
-def test_command_line_writes_a_checkpoint_that_build_loads(make_checkpoint, tokenizer_path, tmp_path, capsys):
+def test_command_line_writes_a_checkpoint_that_build_loads(
+    make_checkpoint, tokenizer_path, tmp_path, capsys, build_generator
+):
     ckpt = make_checkpoint("mqa")
-    quant.main(str(ckpt), str(tmp_path / "q8"), "int8", 16)
+    quantize_cli.main(str(ckpt), str(tmp_path / "q8"), "int8", 16)
     assert "quantize [" in capsys.readouterr().err  # the progress line
     params = json.loads((tmp_path / "q8" / "params.json").read_text())
     assert params["quantization"] == {"mode": "int8", "group_size": 16}
     tokens = torch.tensor([[1, 40, 41]])
-    expected = quant.quantize_model(build(ckpt, tokenizer_path).model, Scheme("int8", 16)).forward(tokens, 0)
-    assert torch.equal(build(tmp_path / "q8", tokenizer_path).model.forward(tokens, 0), expected)
+    model = build_generator(ckpt, tokenizer_path, **SIZE).model
+    expected = quantize_model(model, Scheme("int8", 16)).forward(tokens, 0)
+    assert torch.equal(build_generator(tmp_path / "q8", tokenizer_path, **SIZE).model.forward(tokens, 0), expected)
     with pytest.raises(FileExistsError, match="already exists"):
-        quant.main(str(ckpt), str(tmp_path / "q8"), "int8")
+        quantize_cli.main(str(ckpt), str(tmp_path / "q8"), "int8")

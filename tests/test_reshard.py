@@ -7,19 +7,13 @@ import sys
 
 import pytest
 import torch
-from conftest import REPO
+from helpers import REPO
 from torch.testing import assert_close
 
 from llama import Llama, reshard
-from llama import quantize as quant
-from llama.weights import checkpoint
+from llama.weights import checkpoint, quantized
 
 PROMPTS = ["The quick brown fox", "Llamas live in"]
-
-
-def build(ckpt_dir, tokenizer_path) -> Llama:
-    return Llama.build(str(ckpt_dir), str(tokenizer_path), max_seq_len=64, max_batch_size=4, device="cpu",
-                       dtype=torch.float32)  # fmt: skip
 
 
 def assert_same_model(a: Llama, b: Llama) -> None:
@@ -30,7 +24,7 @@ def assert_same_model(a: Llama, b: Llama) -> None:
 
 
 @pytest.mark.parametrize("src_shards, n", [(1, 2), (2, 1), (2, 4)])
-def test_reshard_gives_the_same_model(make_checkpoint, tokenizer_path, tmp_path, src_shards, n):
+def test_reshard_gives_the_same_model(make_checkpoint, tokenizer_path, tmp_path, src_shards, n, build_generator):
     src = make_checkpoint("mha", n_shards=src_shards)
     reshard.main(str(src), str(tmp_path / "out"), n)
     out = tmp_path / "out"
@@ -44,11 +38,11 @@ def test_reshard_gives_the_same_model(make_checkpoint, tokenizer_path, tmp_path,
         assert shard.keys() == full.keys()
         for key, tensor in shard.items():
             assert torch.equal(tensor, layout.slice_for_rank([full], key, rank, n)), (rank, key)
-    assert_same_model(build(src, tokenizer_path), build(out, tokenizer_path))
+    assert_same_model(build_generator(src, tokenizer_path), build_generator(out, tokenizer_path))
 
 
 @pytest.mark.slow
-def test_cli_copies_tokenizer_and_shows_progress(make_checkpoint, tokenizer_path, tmp_path):
+def test_cli_copies_tokenizer_and_shows_progress(make_checkpoint, tokenizer_path, tmp_path, build_generator):
     src = tmp_path / "src"
     shutil.copytree(make_checkpoint("mha", n_shards=2), src)
     shutil.copy(tokenizer_path, src / "tokenizer.model")
@@ -59,7 +53,7 @@ def test_cli_copies_tokenizer_and_shows_progress(make_checkpoint, tokenizer_path
     assert "reshard [" in result.stderr and "4/4 consolidated.03.pth" in result.stderr
     out = tmp_path / "out"
     assert (out / "tokenizer.model").read_bytes() == tokenizer_path.read_bytes()
-    assert_same_model(build(src, tokenizer_path), build(out, out / "tokenizer.model"))
+    assert_same_model(build_generator(src, tokenizer_path), build_generator(out, out / "tokenizer.model"))
 
 
 @pytest.mark.parametrize(
@@ -125,13 +119,13 @@ def shard_tensors(folder) -> list[dict[str, torch.Tensor]]:
 
 @pytest.mark.parametrize("mode, group_size, src_shards, n", [("int4", 32, 2, 1), ("int8", 16, 1, 4)])
 def test_quantized_checkpoint_reshards_as_it_is(make_checkpoint, tokenizer_path, tmp_path, mode, group_size,
-                                                src_shards, n):  # fmt: skip
+                                                src_shards, n, build_generator):  # fmt: skip
     float_src = make_checkpoint("mha", n_shards=src_shards)
-    src = quant.quantize_checkpoint(float_src, tmp_path / "q", mode, group_size)
+    src = quantized.quantize_checkpoint(float_src, tmp_path / "q", mode, group_size)
     out = reshard.reshard(src, tmp_path / "out", n)
     assert (out / "params.json").read_bytes() == (src / "params.json").read_bytes()  # still quantized
     # Resharding the quantized files is quantizing the resharded float ones: the same bytes, not requantized.
-    expected = quant.quantize_checkpoint(reshard.reshard(float_src, tmp_path / "f", n), tmp_path / "fq", mode,
+    expected = quantized.quantize_checkpoint(reshard.reshard(float_src, tmp_path / "f", n), tmp_path / "fq", mode,
                                          group_size)  # fmt: skip
     got, want = shard_tensors(out), shard_tensors(expected)
     assert len(got) == n and all(g.keys() == w.keys() for g, w in zip(got, want))
@@ -140,12 +134,12 @@ def test_quantized_checkpoint_reshards_as_it_is(make_checkpoint, tokenizer_path,
         for key in w:
             assert g[key].dtype == w[key].dtype and torch.equal(g[key], w[key]), key
     tokens = torch.tensor([[1, 40, 41, 42, 43], [1, 7, 8, 9, 10]])
-    assert torch.equal(build(out, tokenizer_path).model.forward(tokens, 0),
-                       build(src, tokenizer_path).model.forward(tokens, 0))  # fmt: skip
+    assert torch.equal(build_generator(out, tokenizer_path).model.forward(tokens, 0),
+                       build_generator(src, tokenizer_path).model.forward(tokens, 0))  # fmt: skip
 
 
 def test_quantized_reshard_that_would_cut_groups_is_refused_before_writing(make_checkpoint, tmp_path):
-    src = quant.quantize_checkpoint(make_checkpoint("mha"), tmp_path / "q", "int4", 32)
+    src = quantized.quantize_checkpoint(make_checkpoint("mha"), tmp_path / "q", "int4", 32)
     # wo's 64 inputs in 4 shards are 16 each, half a group; 2 shards hold 32 (and w2's 192 inputs, 96)
     message = (r"'.*q' is a quantized checkpoint \(int4, group 32\), and 4 shards would cut its groups: each would "
                r"hold 16 inputs of layers.0.attention.wo; use a model-parallel size in \[1, 2\], or reshard the "
@@ -160,7 +154,7 @@ def test_quantized_reshard_that_would_cut_groups_is_refused_before_writing(make_
 
 
 def test_broken_quantized_checkpoint_is_refused_before_writing(make_checkpoint, tmp_path):
-    src = quant.quantize_checkpoint(make_checkpoint("mha"), tmp_path / "q", "int8", 32)
+    src = quantized.quantize_checkpoint(make_checkpoint("mha"), tmp_path / "q", "int8", 32)
     shard = torch.load(src / "consolidated.00.pth", weights_only=True)
     del shard["layers.1.feed_forward.w2.scales"]
     torch.save(shard, src / "consolidated.00.pth")

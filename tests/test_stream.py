@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from llama import Llama
-from llama.engine.stream import REPLACEMENT_CHAR, TextStream, check_stop
+from llama.checks import check_stop
+from llama.engine.stream import REPLACEMENT_CHAR, TextStream
 from llama.tokenizer import Tokenizer
 
 PROMPTS = ["The quick brown fox", "Llamas live in", "Café naïve"]
@@ -17,11 +18,8 @@ DIALOG = [
 
 
 @pytest.fixture(scope="module")
-def generator(make_checkpoint, tokenizer_path) -> Llama:
-    g = Llama.build(
-        str(make_checkpoint("gqa", seed=11)), str(tokenizer_path), max_seq_len=64, max_batch_size=4,
-        device="cpu", dtype=torch.float32,
-    )  # fmt: skip
+def generator(make_checkpoint, tokenizer_path, build_generator) -> Llama:
+    g = build_generator(make_checkpoint("gqa", seed=11), tokenizer_path)
     # A random model picks raw byte pieces (ids 3..258) as often as words, so greedy text is mostly U+FFFD.
     # Zero their logits: greedy text is then made of real pieces, while sampling still draws bytes.
     with torch.no_grad():
@@ -197,6 +195,26 @@ def test_chat_stop(generator):
     stop = middle_of(answers[i])
     out = generator.chat_completion([dialogs[i]], temperature=0, max_gen_len=30, stop=[stop])
     assert out[0]["generation"]["content"] == answers[i][: answers[i].index(stop)]
+
+
+def drain(stream) -> object:
+    """Run a stream to its end; what its generator returns (the row's RowEnd)."""
+    while True:
+        try:
+            next(stream)
+        except StopIteration as end:
+            return end.value
+
+
+@pytest.mark.parametrize("with_stop", [False, True], ids=["length", "stop_string"])
+def test_batch_and_stream_end_a_row_alike(generator, with_stop):
+    prompt = generator.tokenizer.encode(PROMPTS[0], bos=True, eos=False)
+    plain = generator.text_completion([PROMPTS[0]], temperature=0, max_gen_len=30)[0]["generation"]
+    stop = [middle_of(plain)] if with_stop else None
+    [batch] = generator.engine.complete([prompt], 30, 0, 0.9, logprobs=False, echo=False, stop=stop).ends
+    streamed = drain(generator.engine.stream(prompt, 0, 0.9, 30, stop))
+    reasons = [(end.finish_reason, end.stop_id, end.stop_string) for end in (batch, streamed)]
+    assert reasons[0] == reasons[1] == (("stop", None, stop[0]) if with_stop else ("length", None, None))
 
 
 # ---------------------------------------------------------------- one Llama, several generations

@@ -9,7 +9,7 @@ import time
 
 import pytest
 import torch
-from conftest import REPO
+from helpers import REPO
 
 import llama.distributed as distributed
 from llama import Llama

@@ -343,7 +343,7 @@ def main(
     train_docs = [tokenizer.encode(t, bos=False, eos=False) for t in train_texts]
     heldout_docs = [tokenizer.encode(t, bos=False, eos=False) for t in heldout_texts]
     model = load_train_model(init_dir, tokenizer, seq_len)
-    args = model.args
+    args = model.params
     log(f"{len(train_texts)} train fortunes, {len(heldout_texts)} held out; model {json.dumps(meta_params(args))}")
 
     # chat samples: the train fortunes only

@@ -8,7 +8,7 @@ Fetch the data first (tools/get_demo_data.sh), then:
 Steps: (a) split the fortunes into train and held-out (every 20th fortune held out); (b) train a SentencePiece
 BPE tokenizer with Llama 2's settings (byte fallback, unk=0, bos=1, eos=2, no pad piece, identity
 normalisation, split digits) on the train text; (c) train a Llama 2 architecture model (RMSNorm, RoPE, GQA,
-SwiGLU) whose parameter names are Meta's, with the math of llama.model; (d) write llama/demo/
+SwiGLU): llama.model's own Transformer, whose parameter names are Meta's; (d) write llama/demo/
 (consolidated.00.pth in bfloat16, params.json, tokenizer.model); (e) evaluate held-out perplexity through
 llama's own inference path, against a unigram baseline, and write a held-out sample for tests/test_demo.py.
 
@@ -42,14 +42,8 @@ if str(REPO) not in sys.path:  # run as a script: make llama and tools importabl
 
 from llama import Llama  # noqa: E402
 from llama.commandline import fire_checked  # noqa: E402
-from llama.model import (  # noqa: E402
-    ModelArgs,
-    RMSNorm,
-    apply_rotary_emb,
-    ffn_hidden_dim,
-    precompute_freqs_cis,
-    repeat_kv,
-)
+from llama.distributed import setup_model_parallel  # noqa: E402
+from llama.model import BlockOps, ModelArgs, Transformer, repeat_kv  # noqa: E402
 from llama.tokenizer import Tokenizer  # noqa: E402
 from tools import demo_eval  # noqa: E402
 
@@ -148,66 +142,34 @@ def epoch_windows(docs: list[list[int]], bos: int, eos: int, seq_len: int, gen: 
 
 
 # ---------------------------------------------------------------------------------------------------- model
-# The same network as llama.model.Transformer, with plain torch modules (no model-parallel layers, no KV cache)
-# and PyTorch's fused causal attention, for training. Parameter names are Meta's.
+# llama.model's own Transformer and blocks, without a KV cache, with PyTorch's fused causal attention for training.
 
 
-class Attention(nn.Module):
-    def __init__(self, args: ModelArgs):
-        super().__init__()
-        self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.kv_heads, args.head_dim
-        self.wq = nn.Linear(args.dim, args.n_heads * args.head_dim, bias=False)
-        self.wk = nn.Linear(args.dim, args.kv_heads * args.head_dim, bias=False)
-        self.wv = nn.Linear(args.dim, args.kv_heads * args.head_dim, bias=False)
-        self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
+class TrainingOps(BlockOps):
+    """How the training forward computes llama.model's blocks: as the reference does, except attention, which is
+    PyTorch's fused causal attention over the sequence (scaled by 1/sqrt(head_dim) as in llama.model)."""
 
-    def forward(self, x: torch.Tensor, freqs_cis: torch.Tensor) -> torch.Tensor:
-        bsz, seqlen, _ = x.shape
-        xq = self.wq(x).view(bsz, seqlen, self.n_heads, self.head_dim)
-        xk = self.wk(x).view(bsz, seqlen, self.n_kv_heads, self.head_dim)
-        xv = self.wv(x).view(bsz, seqlen, self.n_kv_heads, self.head_dim)
-        xq, xk = apply_rotary_emb(xq, xk, freqs_cis)
-        n_rep = self.n_heads // self.n_kv_heads
-        xk, xv = repeat_kv(xk, n_rep), repeat_kv(xv, n_rep)
+    def attend(
+        self, xq: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: Optional[torch.Tensor]
+    ) -> torch.Tensor:
+        n_rep = xq.shape[2] // keys.shape[2]
+        keys, values = repeat_kv(keys, n_rep), repeat_kv(values, n_rep)
         out = F.scaled_dot_product_attention(
-            xq.transpose(1, 2), xk.transpose(1, 2), xv.transpose(1, 2), is_causal=True
-        )  # (bsz, n_heads, seqlen, head_dim), scaled by 1/sqrt(head_dim) as in llama.model
-        return self.wo(out.transpose(1, 2).reshape(bsz, seqlen, -1))
+            xq.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2), is_causal=True
+        )  # (bsz, n_heads, seqlen, head_dim)
+        return out.transpose(1, 2)
 
 
-class FeedForward(nn.Module):
-    def __init__(self, dim: int, hidden_dim: int):
-        super().__init__()
-        self.w1 = nn.Linear(dim, hidden_dim, bias=False)
-        self.w2 = nn.Linear(hidden_dim, dim, bias=False)
-        self.w3 = nn.Linear(dim, hidden_dim, bias=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+TRAINING = TrainingOps()
 
 
-class TransformerBlock(nn.Module):
+class TrainTransformer(Transformer):
+    """llama.model.Transformer for training on CPU: one model-parallel rank, no KV cache (each call is a whole
+    sequence from position 0), weights initialised at random, and a forward that autograd can follow."""
+
     def __init__(self, args: ModelArgs):
-        super().__init__()
-        self.attention = Attention(args)
-        self.feed_forward = FeedForward(args.dim, ffn_hidden_dim(args.dim, args.multiple_of, args.ffn_dim_multiplier))
-        self.attention_norm = RMSNorm(args.dim, eps=args.norm_eps)
-        self.ffn_norm = RMSNorm(args.dim, eps=args.norm_eps)
-
-    def forward(self, x: torch.Tensor, freqs_cis: torch.Tensor) -> torch.Tensor:
-        h = x + self.attention(self.attention_norm(x), freqs_cis)
-        return h + self.feed_forward(self.ffn_norm(h))
-
-
-class TrainTransformer(nn.Module):
-    def __init__(self, args: ModelArgs):
-        super().__init__()
-        self.args = args
-        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
-        self.layers = nn.ModuleList(TransformerBlock(args) for _ in range(args.n_layers))
-        self.norm = RMSNorm(args.dim, eps=args.norm_eps)
-        self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
-        self.freqs_cis = precompute_freqs_cis(args.head_dim, args.max_seq_len, args.rope_theta)
+        setup_model_parallel(None, torch.device("cpu"))  # one in-memory rank, as Llama.build makes
+        super().__init__(args, kv_cache=False)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -216,17 +178,14 @@ class TrainTransformer(nn.Module):
             if name.endswith("norm.weight"):
                 nn.init.ones_(p)
             elif name.endswith(("wo.weight", "w2.weight")):
-                nn.init.normal_(p, std=0.02 / math.sqrt(2 * self.args.n_layers))
+                nn.init.normal_(p, std=0.02 / math.sqrt(2 * self.params.n_layers))
             else:
                 nn.init.normal_(p, std=0.02)
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         """Logits (bsz, seqlen, vocab) in fp32 for tokens (bsz, seqlen) at positions 0..seqlen-1."""
         h = self.tok_embeddings(tokens)
-        freqs_cis = self.freqs_cis[: tokens.shape[1]]
-        for layer in self.layers:
-            h = layer(h, freqs_cis)
-        return self.output(self.norm(h)).float()
+        return self.logits(h, 0, self.freqs_cis[: tokens.shape[1]], None, TRAINING)
 
 
 def meta_params(args: ModelArgs) -> dict:
@@ -255,7 +214,7 @@ def save_demo(model: TrainTransformer, tokenizer_model: Path, out_dir: Path) -> 
     out_dir.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().to(torch.bfloat16).contiguous().clone() for k, v in model.state_dict().items()}
     _replace(out_dir / "consolidated.00.pth", lambda p: torch.save(state, p))
-    _replace(out_dir / "params.json", lambda p: p.write_text(json.dumps(meta_params(model.args), indent=2) + "\n"))
+    _replace(out_dir / "params.json", lambda p: p.write_text(json.dumps(meta_params(model.params), indent=2) + "\n"))
     if tokenizer_model.resolve() != (out_dir / "tokenizer.model").resolve():
         _replace(out_dir / "tokenizer.model", lambda p: p.write_bytes(tokenizer_model.read_bytes()))
 
@@ -470,7 +429,7 @@ def evaluate(
     if train_model is not None:
         # The training network and llama.model.Transformer must compute the same function: compare the logits of
         # the training model with bf16-rounded weights to those of the loaded checkpoint.
-        ref = TrainTransformer(train_model.args)
+        ref = TrainTransformer(train_model.params)
         ref.load_state_dict({k: v.to(torch.bfloat16).float() for k, v in train_model.state_dict().items()})
         ref.eval()
         x = torch.tensor([demo_eval.chunks(heldout[:1], tok.bos_id, seq_len)[0]])

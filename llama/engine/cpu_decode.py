@@ -7,26 +7,31 @@ dispatch. ``CpuDecoder`` runs the same step with the glue in C and the library's
 so a token costs one call. The numbers are the compiled step's (same kernels, same roundings; the tests compare
 them).
 
-It serves a model whose every layer the kernels serve: quantized layers (``llama.quantize``, CPU kernels
-built) and bf16 float layers (``llama.kernels.cpu_gemv``'s kernel, one row only, where it is the faster choice), with
-activations in bf16 or fp32, and the projections stacked (``llama.engine.fast.fuse_projections``). ``applies`` says
-whether it does; elsewhere the compiled step runs. The decoder reads the weights and the KV cache where they
-were when it was built, and holds them.
+It serves a model whose every layer the kernels serve: quantized layers (``llama.quant``, CPU kernels built) and
+bf16 float layers (``llama.kernels.cpu_gemv``'s kernel, one row only, where it is the faster choice), with
+activations in bf16 or fp32, and the projections stacked (``Transformer.stack_projections``). ``applies`` says
+whether it does; elsewhere the compiled step runs.
+
+``csrc/decode_step.c`` is the one second copy of the transformer block (``llama.model.transformer``), kept equal
+to it by the tests. Everything it reads, it asks the model's modules for: each linear layer its
+``kernel_operands()`` (and a quantized one its ``cpu_kernel()``), each norm its weight and eps, each attention its
+``heads()``, each ``KVCache`` its shape, dtype and ``pointers()``; the RoPE tables are the model's own
+(``rope_cos_sin`` of its ``freqs_cis``). The decoder reads the weights and the KV cache where they were when it was
+built, and holds them.
 """
 
 from __future__ import annotations
 
 import ctypes
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Optional
 
 import torch
-import torch.nn.functional as F
 
-from llama import quantize
 from llama.kernels import cpu_attention, cpu_gemv
-from llama.model import Transformer
-from llama.quantize import KERNEL_MAX_ROWS, QuantizedLinear
+from llama.model import LinearOperands, StackedLinear, Transformer
+from llama.quant.kernels import IO_FLAGS, KERNEL_MAX_ROWS
+from llama.quant.linear import QuantizedLinear
 
 SOURCE = Path(__file__).parent.parent / "csrc" / "decode_step.c"
 SYMBOL = "llama_decode_step"
@@ -65,123 +70,117 @@ def _address(fn: ctypes._CFuncPtr) -> int:
     return ctypes.cast(fn, ctypes.c_void_p).value
 
 
-def _product(module: torch.nn.Module, weight: torch.Tensor, scales: Optional[torch.Tensor], dtype: torch.dtype):
-    """(C function, io flags) of the kernel for a layer's weights: quantized (with int8 inputs where the layer
-    asks and the format allows) or bf16; None where no kernel serves it."""
-    if isinstance(module, QuantizedLinear):
-        fns = quantize.kernels()
-        if fns is None or scales is None or scales.dtype != quantize.SCALE_DTYPE:
-            return None
-        fn = quantize.product_kernel(fns, module.scheme.mode, module.scheme.group_size, module.int8_x)
-        return fn, quantize.IO_FLAGS[dtype]
-    if weight.dtype != torch.bfloat16 or dtype != torch.bfloat16 or cpu_gemv.kernel() is None:
+def _linear(layer: torch.nn.Module, dtype: torch.dtype) -> Optional[tuple[ctypes._CFuncPtr, int, LinearOperands]]:
+    """(C function, io flags, operands) of the kernel that computes a linear layer's product with activations of
+    `dtype`: a quantized layer's own (``cpu_kernel``), or the bf16 GEMV; None where no kernel serves it or its
+    tensors are not where and how the kernel reads them."""
+    operands = layer.kernel_operands()
+    w, s = operands.weight, operands.scales
+    if w.device.type != "cpu" or not w.is_contiguous() or (s is not None and not s.is_contiguous()):
         return None
-    return cpu_gemv.kernel(), 0
+    if isinstance(layer, QuantizedLinear):
+        fn = layer.cpu_kernel()
+        return None if fn is None else (fn, IO_FLAGS[dtype], operands)
+    if w.dtype != torch.bfloat16 or dtype != torch.bfloat16 or cpu_gemv.kernel() is None:
+        return None
+    return cpu_gemv.kernel(), 0, operands
+
+
+def _products(model: Transformer, stacks: list[tuple[StackedLinear, StackedLinear]]) -> list[torch.nn.Module]:
+    """The linear layers a step multiplies by, in the C step's order: per block the stacked wq|wk|wv, wo, the
+    stacked w1|w3 and w2; then the output layer."""
+    products = []
+    for layer, (qkv, w13) in zip(model.layers, stacks):
+        products += [qkv.layer, layer.attention.wo, w13.layer, layer.feed_forward.w2]
+    return products + [model.output]
 
 
 class CpuDecoder:
     """Decode steps of `model` (one new token per row, every row at one position) by ``llama_decode_step``.
 
-    Build it with ``CpuDecoder.build(model, fused)``, which returns None where it does not apply.
+    Build it with ``CpuDecoder.build(model, stacks, cos, sin)``, which returns None where it does not apply. It
+    computes with the layers' kernels as they were when built: after ``use_int8_inputs``, build another (the fast
+    path does).
     """
 
-    def __init__(self, model: Transformer, fused: Sequence, fn: ctypes._CFuncPtr, max_rows: int):
+    def __init__(self, model: Transformer, stacks: list, cos: torch.Tensor, sin: torch.Tensor,
+                 fn: ctypes._CFuncPtr, max_rows: int):  # fmt: skip
         self.model, self.fn, self.max_rows = model, fn, max_rows
-        self.dtype = model.tok_embeddings.weight.dtype
-        freqs = model.freqs_cis.to("cpu")
-        self.cos, self.sin = freqs.real.float().contiguous(), freqs.imag.float().contiguous()
-        self.fused = fused
-        # the layers whose int8-input switch (quantize.use_int8_inputs) picks their product's kernel
-        self.switched = [m for m, _ in self._products(model, fused) if isinstance(m, QuantizedLinear)]
-        self.switches = self._switches()
-        self.struct = self._describe()
+        self.dtype = model.dtype
+        self.cos, self.sin = cos, sin
+        self.struct = self._describe(stacks)
 
     @classmethod
-    def build(cls, model: Transformer, fused: Optional[Sequence]) -> Optional[CpuDecoder]:
-        """The decoder, or None unless the C step serves every part of `model` (see the module's docstring)."""
-        weight = model.tok_embeddings.weight
-        if fused is None or not isinstance(model, Transformer) or weight.device.type != "cpu":
+    def build(
+        cls, model: Transformer, stacks: Optional[list], cos: torch.Tensor, sin: torch.Tensor
+    ) -> Optional[CpuDecoder]:
+        """The decoder, or None unless the C step serves every part of `model` (see the module's docstring).
+
+        stacks: the model's stacked projections (``Transformer.stack_projections``); cos, sin: its RoPE tables
+        (``rope_cos_sin`` of its freqs_cis, on the CPU).
+        """
+        if stacks is None or not isinstance(model, Transformer) or model.device.type != "cpu":
             return None
-        fn, attend = kernel(), cpu_attention.applies(model.layers[0].attention.cache_k)  # bf16 or fp32 caches
+        cache = model.layers[0].attention.kv_cache
+        fn, attend = kernel(), cpu_attention.applies(cache.device, cache.dtype)  # bf16 or fp32 caches
         if fn is None or not attend:
             return None
-        if not cls._laid_out_as_the_c_step_reads(model, weight.dtype):  # also: caches in the model's dtype
+        if not cls._laid_out_as_the_c_step_reads(model, cos, sin):  # also: caches in the model's dtype
             return None
-        if any(cls._linear(m, s, weight.dtype) is None for m, s in cls._products(model, fused)):
+        products = _products(model, stacks)
+        if any(_linear(m, model.dtype) is None for m in products):
             return None
-        float_layers = any(not isinstance(m, QuantizedLinear) for m, _ in cls._products(model, fused))
-        return cls(model, fused, fn, 1 if float_layers else KERNEL_MAX_ROWS)
+        float_layers = any(not isinstance(m, QuantizedLinear) for m in products)
+        return cls(model, stacks, cos, sin, fn, 1 if float_layers else KERNEL_MAX_ROWS)
 
     @staticmethod
-    def _laid_out_as_the_c_step_reads(model: Transformer, dtype: torch.dtype) -> bool:
-        """Whether every KV cache and norm weight is a contiguous tensor of the model's dtype with the shape the C
-        step indexes (it reads them through raw addresses: anything else would be read out of bounds)."""
-        p, first = model.params, model.layers[0].attention
-        cache_shape = (p.max_batch_size, p.max_seq_len, first.n_local_kv_heads, first.head_dim)
-        tensors = [(layer.attention.cache_k, cache_shape) for layer in model.layers]
-        tensors += [(layer.attention.cache_v, cache_shape) for layer in model.layers]
-        norms = [model.norm] + [n for layer in model.layers for n in (layer.attention_norm, layer.ffn_norm)]
-        tensors += [(norm.weight, (p.dim,)) for norm in norms]
-        freqs = model.freqs_cis
-        return freqs.shape[0] >= p.max_seq_len and freqs.shape[1] == first.head_dim // 2 and all(
-            t.dtype == dtype and t.device.type == "cpu" and t.is_contiguous() and tuple(t.shape) == shape
-            for t, shape in tensors
+    def _laid_out_as_the_c_step_reads(model: Transformer, cos: torch.Tensor, sin: torch.Tensor) -> bool:
+        """Whether every KV cache and norm weight is a contiguous CPU tensor of the model's dtype with the shape
+        the C step indexes, the norms share one eps, and the RoPE tables cover the cache's positions (the C step
+        reads them through raw addresses: anything else would be read out of bounds)."""
+        p, dtype = model.params, model.dtype
+        n_heads, n_kv, head_dim = model.layers[0].attention.heads()
+        cache_shape = (p.max_batch_size, p.max_seq_len, n_kv, head_dim)
+        caches = [layer.attention.kv_cache for layer in model.layers]
+        caches_ok = all(layer.attention.heads() == (n_heads, n_kv, head_dim) for layer in model.layers) and all(
+            c.dtype == dtype and c.device.type == "cpu" and c.is_contiguous() and c.shape == cache_shape for c in caches
         )
+        norms = [model.norm] + [n for layer in model.layers for n in (layer.attention_norm, layer.ffn_norm)]
+        operands = [norm.kernel_operands() for norm in norms]  # (weight, eps)
+        norms_ok = all(
+            w.dtype == dtype and w.device.type == "cpu" and w.is_contiguous() and tuple(w.shape) == (p.dim,)
+            and eps == operands[0][1] for w, eps in operands
+        )  # fmt: skip
+        tables_ok = all(
+            t.dtype == torch.float32 and t.device.type == "cpu" and t.is_contiguous()
+            and t.shape[0] >= p.max_seq_len and t.shape[1] == head_dim // 2 for t in (cos, sin)
+        )  # fmt: skip
+        return caches_ok and norms_ok and tables_ok
 
-    @staticmethod
-    def _products(model: Transformer, fused: Sequence) -> list[tuple[torch.nn.Module, Optional[object]]]:
-        """(layer, its Stacked or None) of every product of a step, in the C step's order."""
-        products = []
-        for layer, (qkv, w13) in zip(model.layers, fused):
-            products += [(qkv.parts[0], qkv), (layer.attention.wo, None), (w13.parts[0], w13)]
-            products.append((layer.feed_forward.w2, None))
-        return products + [(model.output, None)]
-
-    @staticmethod
-    def _linear(module: torch.nn.Module, stacked, dtype: torch.dtype) -> Optional[tuple]:
-        """(the kernel's function and io flags, weight, scales, n, k, group size) for a layer or a stack of
-        layers; None if no kernel serves it."""
-        quantized = isinstance(module, QuantizedLinear)
-        if stacked is not None:
-            w, s = (stacked.qweight, stacked.scales) if quantized else (stacked.weight, None)
-        else:
-            w, s = (module.qweight, module.scales) if quantized else (getattr(module, "weight", None), None)
-        if not isinstance(w, torch.Tensor) or w.device.type != "cpu" or not w.is_contiguous():
-            return None
-        product = _product(module, w, s, dtype)
-        if product is None or (s is not None and not s.is_contiguous()):
-            return None
-        k = module.in_features if quantized else w.shape[1]
-        g = module.scheme.group_size if quantized else 0
-        return product, w, s, w.shape[0], k, g
-
-    def _switches(self) -> list[bool]:
-        """The layers' int8-input switches (``quantize.use_int8_inputs``): the products follow them."""
-        return [m.int8_x for m in self.switched]
-
-    def _describe(self) -> Model:
+    def _describe(self, stacks: list) -> Model:
         """The ctypes description of the model: pointers into tensors this decoder holds (``held``), so that
         none of them can be freed while the C step may read it."""
         model, dtype = self.model, self.dtype
-        self.held: list[object] = [self.cos, self.sin, model.norm.weight]
+        final_norm, eps = model.norm.kernel_operands()
+        self.held: list[object] = [self.cos, self.sin, final_norm]
         linears = []
-        for module, stacked in self._products(model, self.fused):
-            (fn, io), w, s, n, k, g = self._linear(module, stacked, dtype)
+        for layer in _products(model, stacks):
+            fn, io, (w, s, n, k, g) = _linear(layer, dtype)
             self.held += [w, s]
             linears.append(Linear(_address(fn), w.data_ptr(), 0 if s is None else s.data_ptr(), n, k, g, io))
         layers = (Layer * len(model.layers))()
-        for i, layer in enumerate(model.layers):
-            norms, attn = (layer.attention_norm.weight, layer.ffn_norm.weight), layer.attention
-            self.held += [*norms, attn.cache_k, attn.cache_v]
-            layers[i] = Layer(norms[0].data_ptr(), norms[1].data_ptr(), *linears[4 * i : 4 * i + 4],
-                              attn.cache_k.data_ptr(), attn.cache_v.data_ptr())  # fmt: skip
+        for i, block in enumerate(model.layers):
+            attention_norm, ffn_norm = block.attention_norm.kernel_operands()[0], block.ffn_norm.kernel_operands()[0]
+            cache = block.attention.kv_cache
+            self.held += [attention_norm, ffn_norm, *cache.buffers()]
+            layers[i] = Layer(attention_norm.data_ptr(), ffn_norm.data_ptr(), *linears[4 * i : 4 * i + 4],
+                              *cache.pointers())  # fmt: skip
         self.held.append(layers)
-        first = model.layers[0]
-        attn, hidden = first.attention, linears[3].k  # w2's inputs
-        return Model(len(model.layers), model.params.dim, attn.n_local_heads, attn.n_local_kv_heads, attn.head_dim,
-                     hidden, model.params.max_seq_len, int(dtype == torch.bfloat16), first.attention_norm.eps,
-                     self.cos.data_ptr(), self.sin.data_ptr(), model.norm.weight.data_ptr(), linears[-1],
-                     _address(cpu_attention.kernel()), layers)  # fmt: skip
+        n_heads, n_kv, head_dim = model.layers[0].attention.heads()
+        hidden = linears[3].k  # w2's inputs
+        return Model(len(model.layers), model.params.dim, n_heads, n_kv, head_dim, hidden, model.params.max_seq_len,
+                     int(dtype == torch.bfloat16), eps, self.cos.data_ptr(), self.sin.data_ptr(),
+                     final_norm.data_ptr(), linears[-1], _address(cpu_attention.kernel()), layers)  # fmt: skip
 
     def applies(self, bsz: int) -> bool:
         """Whether a step of bsz rows is this decoder's (more rows: the compiled step)."""
@@ -190,9 +189,6 @@ class CpuDecoder:
     @torch.inference_mode()
     def __call__(self, tokens: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         """Logits (bsz, 1, vocab) in fp32 for tokens (bsz, 1) at position pos (a 1-element long tensor)."""
-        switches = self._switches()
-        if switches != self.switches:  # use_int8_inputs was called: other products
-            self.switches, self.struct = switches, self._describe()
         if pos.numel() != 1 or pos.dtype != torch.long or pos.device.type != "cpu":
             raise TypeError(f"decode step: pos must be a 1-element long CPU tensor, got {pos.dtype} "
                             f"{tuple(pos.shape)} on {pos.device}")  # fmt: skip
@@ -201,7 +197,7 @@ class CpuDecoder:
             raise ValueError(f"decode step: tokens {tuple(tokens.shape)} must be (bsz, 1) with bsz at most "
                              f"{min(self.max_rows, self.model.params.max_batch_size)} (the KV cache's batch and "
                              "the kernels' rows)")  # fmt: skip
-        h = F.embedding(tokens.reshape(bsz), self.model.tok_embeddings.weight).contiguous()  # (bsz, dim)
+        h = self.model.tok_embeddings(tokens.reshape(bsz)).contiguous()  # (bsz, dim)
         logits = torch.empty(bsz, self.struct.output.n, dtype=self.dtype)
         code = self.fn(ctypes.byref(self.struct), h.data_ptr(), bsz, pos.data_ptr(), logits.data_ptr())
         if code == 2:

@@ -1,12 +1,8 @@
-"""Where a generated row ends, and incremental detokenization of its text.
-
-``RowEnd`` is the one rule for when a row ends: at the first of the tokenizer's ``stop_ids``, when its text
-reaches a stop string, or after max_gen_len tokens. The decoding loop feeds it every step when a row is
-streamed or has stop strings, and after the loop otherwise (so that loop needs no host sync per step).
+"""Incremental detokenization of a generated row, and of a chat answer.
 
 ``TextStream`` turns one row's growing token list into text deltas that are safe to show, and is the one place
-that searches for stop strings. ``ChatStream`` turns those deltas into deltas of a chat answer's content and, at
-the end, the answer's message.
+that searches for stop strings (``llama.engine.ends.RowEnd`` asks it whether one has appeared). ``ChatStream``
+turns those deltas into deltas of a chat answer's content and, at the end, the answer's message.
 
 SentencePiece decodes a prefix of a token list to a prefix of the full text, with one exception: a
 byte-fallback piece (<0xE6>, ...) that ends part-way through a multi-byte UTF-8 character decodes to U+FFFD
@@ -27,17 +23,6 @@ from llama.tokenizer import TokenizerLike
 REPLACEMENT_CHAR = "\ufffd"
 
 
-def check_stop(stop: Optional[Sequence[str]]) -> list[str]:
-    """The stop strings as a list, with a clear error for anything but a list of non-empty str."""
-    if stop is None:
-        return []
-    if isinstance(stop, str) or not isinstance(stop, (list, tuple)) or not all(isinstance(s, str) for s in stop):
-        raise TypeError(f"stop must be a list of str or None, got {stop!r} (wrap a single stop string in a list)")
-    if any(s == "" for s in stop):
-        raise ValueError("stop strings must not be empty")
-    return list(stop)
-
-
 class TextStream:
     """The text of one row's generated tokens, fed one token at a time, with stop-string detection.
 
@@ -53,6 +38,7 @@ class TextStream:
         self.text = tokenizer.decode(self.prefix) if self.prefix else ""
         self.floor = len(self.text)  # stop strings may begin here at the earliest
         self.stop_at: Optional[int] = None  # index in text where the first stop string begins
+        self.stop_string: Optional[str] = None  # the stop string found there
         self.shown = self.floor  # characters of text already handed out by delta()
 
     @property
@@ -69,9 +55,9 @@ class TextStream:
         if self.stop:
             # A new match can only end in the new text, so it starts at most len(stop) - 1 characters earlier.
             begin = max(self.floor, previous - max(len(s) for s in self.stop) + 1)
-            hits = [i for i in (self.text.find(s, begin) for s in self.stop) if i >= 0]
-            if hits:
-                self.stop_at = min(hits)
+            hits = [(i, s) for s in self.stop if (i := self.text.find(s, begin)) >= 0]
+            if hits:  # the earliest; of several there, the first in the list
+                self.stop_at, self.stop_string = min(hits, key=lambda hit: hit[0])
 
     def final_text(self) -> str:
         """The whole text (the prefix's included), cut right before the first stop string."""
@@ -107,48 +93,6 @@ class TextStream:
         return len(self.tokens)
 
 
-class RowEnd:
-    """Follows one row's generated tokens and decides where the row ends: the one rule for every call.
-
-    A row ends before the first of `stop_ids` (which is not returned), when its text reaches a stop string
-    (``stream`` set, with stop strings), or after max_gen_len tokens. ``reason`` says which: "stop_id",
-    "stop_string" or "length"; it stays None while the row runs, and when max_seq_len ended it first.
-    """
-
-    def __init__(self, max_gen_len: int, stop_ids: Sequence[int], stream: Optional[TextStream] = None):
-        self.max_gen_len = max_gen_len
-        self.stop_ids = frozenset(stop_ids)
-        self.stream = stream
-        self.tokens: list[int] = []  # generated tokens up to the end (a stop id excluded)
-        self.reason: Optional[str] = "length" if max_gen_len == 0 else None  # 0: ended before any token
-        self.stop_id: Optional[int] = None  # the stop id that ended the row
-
-    @property
-    def ended(self) -> bool:
-        return self.reason is not None
-
-    def add(self, token: int) -> bool:
-        """Take the row's next generated token; True once the row has ended (later tokens are ignored)."""
-        if self.ended:
-            return True
-        if token in self.stop_ids:
-            self.reason, self.stop_id = "stop_id", token
-            return True
-        self.tokens.append(token)
-        if self.stream is not None:
-            self.stream.add(token)
-            if self.stream.stopped:
-                self.reason = "stop_string"
-                return True
-        if len(self.tokens) >= self.max_gen_len:
-            self.reason = "length"
-        return self.ended
-
-    def n_kept(self) -> int:
-        """How many generated tokens the result keeps: those that cover the text up to a stop string."""
-        return self.stream.n_tokens_for_text() if self.reason == "stop_string" else len(self.tokens)
-
-
 class ChatStream(Iterator[str]):
     """The assistant's answer to one dialog as it is generated (``Llama.chat_completion_stream``).
 
@@ -166,7 +110,8 @@ class ChatStream(Iterator[str]):
 
     def __init__(self, formatter: ChatFormat, pieces: Iterator[str]):
         """pieces: the answer's raw text, in pieces that no later token changes (``TextStream`` deltas). A
-        generator may return the stop id that ended the answer (None, or no return: none did)."""
+        generator may return the answer's ``llama.engine.ends.RowEnd`` (which says the stop id that ended it);
+        None, or no return (a refusal): no stop id did."""
         self.formatter = formatter
         self.message: Optional[Message] = None
         self._deltas = self._content_deltas(pieces)
@@ -180,7 +125,7 @@ class ChatStream(Iterator[str]):
             try:
                 text += next(pieces)
             except StopIteration as end:
-                stop_id = end.value
+                stop_id = end.value.stop_id if end.value is not None else None
                 break
             settled = self.formatter.settled_content(text)
             if len(settled) > len(shown):  # settled_content only grows as text does

@@ -32,9 +32,10 @@ def kernel() -> Optional[ctypes._CFuncPtr]:
     return cpu_gemv.load_once(_state, SOURCE, SYMBOL, ARGTYPES, "the fast path uses SDPA")
 
 
-def applies(cache: torch.Tensor) -> bool:
-    """Whether the kernel serves a KV cache: fp32 or bf16 on the CPU, and a built kernel."""
-    return cache.device.type == "cpu" and cache.dtype in _IO_FLAGS and kernel() is not None
+def applies(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether the kernel serves a KV cache on `device` in `dtype` (``KVCache.device``, ``.dtype``): fp32 or bf16 on
+    the CPU, and a built kernel."""
+    return device.type == "cpu" and dtype in _IO_FLAGS and kernel() is not None
 
 
 def sdpa(q: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:

@@ -7,49 +7,64 @@
 """
 
 from llama.model.args import ModelArgs, ffn_hidden_dim
-from llama.model.kv_cache import kv_cache_bytes, kv_cache_shape
+from llama.model.kv_cache import KVCache, kv_cache_bytes, kv_cache_shape
 from llama.model.layers import (
     ColumnParallelLinear,
+    LinearOperands,
     ParallelEmbedding,
     RMSNorm,
     RowParallelLinear,
+    StackedLinear,
     VocabParallelEmbedding,
     apply_rotary_emb,
+    apply_rotary_emb_real,
     precompute_freqs_cis,
     repeat_kv,
     reshape_for_broadcast,
+    rope_cos_sin,
     scale_rope_frequencies,
+    stack_linears,
+    stack_rows,
 )
 from llama.model.transformer import (
     Attention,
+    BlockOps,
     FeedForward,
     Llama3Transformer,
     Transformer,
     TransformerBlock,
+    attention,
     causal_mask,
-    check_model_parallel_fit,
 )
 
 __all__ = [
     "Attention",
+    "BlockOps",
     "ColumnParallelLinear",
     "FeedForward",
+    "KVCache",
     "Llama3Transformer",
+    "LinearOperands",
     "ModelArgs",
     "ParallelEmbedding",
     "RMSNorm",
     "RowParallelLinear",
+    "StackedLinear",
     "Transformer",
     "TransformerBlock",
     "VocabParallelEmbedding",
     "apply_rotary_emb",
+    "apply_rotary_emb_real",
+    "attention",
     "causal_mask",
-    "check_model_parallel_fit",
     "ffn_hidden_dim",
     "kv_cache_bytes",
     "kv_cache_shape",
     "precompute_freqs_cis",
     "repeat_kv",
     "reshape_for_broadcast",
+    "rope_cos_sin",
     "scale_rope_frequencies",
+    "stack_linears",
+    "stack_rows",
 ]

@@ -1,10 +1,12 @@
-"""The KV cache: its shape and size on one rank."""
+"""The KV cache: ``KVCache``, the one owner of a layer's cached keys and values, and its shape and size on one rank."""
 
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
+from torch import nn
 
 from llama.model.args import ModelArgs
 
@@ -24,3 +26,86 @@ def kv_cache_bytes(args: ModelArgs, mp_size: int, dtype: torch.dtype) -> int:
     return 2 * args.n_layers * math.prod(kv_cache_shape(args, mp_size)) * dtype.itemsize
 
 
+class KVCache(nn.Module):
+    """One attention layer's cached keys and values, each (max_batch_size, max_seq_len, n_kv_heads, head_dim).
+
+    The tensors are non-persistent buffers: they follow the module through ``.to(device, dtype)`` and never enter
+    ``state_dict()``. ``update`` is the one way they are written, by the faithful forward and the compiled step
+    alike. A kernel that reads or writes them itself (the C step of ``llama.engine.cpu_decode``) asks for their
+    ``shape``, ``dtype``, ``device`` and ``pointers()``, and holds ``buffers()`` for as long as it uses the
+    addresses.
+    """
+
+    def __init__(self, max_batch_size: int, max_seq_len: int, n_kv_heads: int, head_dim: int,
+                 dtype: Optional[torch.dtype] = None, device: Optional[torch.device | str] = None):  # fmt: skip
+        super().__init__()
+        shape = (max_batch_size, max_seq_len, n_kv_heads, head_dim)
+        self.max_batch_size, self.max_seq_len = max_batch_size, max_seq_len  # what update checks, as plain ints
+        self.register_buffer("cache_k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("cache_v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    def update(
+        self, positions: int | torch.Tensor, k: torch.Tensor, v: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write keys and values k, v (bsz, seqlen, n_kv_heads, head_dim) of rows 0..bsz-1 at `positions`; return
+        the keys and values attention reads, each (bsz, length, n_kv_heads, head_dim), views of the cache.
+
+        positions is one of:
+        - an int p: the rows' tokens sit at positions p..p+seqlen-1 (the faithful forward, prefill). Returns the
+          positions 0..p+seqlen-1. Positions outside the cache, or more rows than it holds, are a ValueError.
+        - a 1-element long tensor [p], for one token per row (seqlen 1): every row at position p. The compiled
+          step passes the position as data rather than as a shape, so it is not checked here (that would wait on
+          the device every step; the caller checks it). Returns all max_seq_len positions: the step's shapes stay
+          fixed, and attention hides the positions after p.
+        - a (bsz,) long tensor, one token per row, row i at position positions[i] (rows at different positions,
+          as a continuous-batching engine has them). Unchecked and returned whole, as above.
+        """
+        bsz, seqlen = k.shape[:2]
+        cache_k, cache_v = self.cache_k, self.cache_v
+        if not isinstance(positions, torch.Tensor):
+            end = positions + seqlen
+            self._check_fits(positions, end, bsz)
+            cache_k[:bsz, positions:end] = k
+            cache_v[:bsz, positions:end] = v
+            return cache_k[:bsz, :end], cache_v[:bsz, :end]
+        cache_k, cache_v = cache_k[:bsz], cache_v[:bsz]
+        if seqlen != 1:  # a shape, so checking it costs nothing in a compiled step
+            raise ValueError(f"KV cache: positions as a tensor take one token per row, got {seqlen}")
+        if positions.numel() == 1:  # every row at one position
+            cache_k.index_copy_(1, positions, k)
+            cache_v.index_copy_(1, positions, v)
+        else:  # row i at positions[i]
+            rows = torch.arange(bsz, device=positions.device)
+            cache_k[rows, positions] = k[:, 0]
+            cache_v[rows, positions] = v[:, 0]
+        return cache_k, cache_v
+
+    def _check_fits(self, start: int, end: int, bsz: int) -> None:
+        if start < 0 or end > self.max_seq_len:
+            raise ValueError(f"KV cache: {end - start} tokens at position {start} do not fit its {self.max_seq_len} "
+                             "positions (max_seq_len)")  # fmt: skip
+        if bsz > self.max_batch_size:
+            raise ValueError(f"KV cache: {bsz} rows do not fit its {self.max_batch_size} rows (max_batch_size)")
+
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        """(max_batch_size, max_seq_len, n_kv_heads, head_dim) of the keys, and of the values."""
+        return tuple(self.cache_k.shape)  # type: ignore[return-value]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.cache_k.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.cache_k.device
+
+    def is_contiguous(self) -> bool:
+        """Whether keys and values are each one dense row-major block of one dtype (what a kernel indexing them by
+        address assumes)."""
+        return self.cache_k.is_contiguous() and self.cache_v.is_contiguous() and self.cache_v.dtype == self.dtype
+
+    def pointers(self) -> tuple[int, int]:
+        """The addresses of the keys and of the values, for kernels: valid while the caller holds ``buffers()``
+        (``.to()`` to another device or dtype makes new tensors, which these addresses do not follow)."""
+        return self.cache_k.data_ptr(), self.cache_v.data_ptr()

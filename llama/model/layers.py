@@ -1,9 +1,10 @@
-"""The layers Meta's model is made of: RMSNorm, RoPE (complex ``freqs_cis``) and fairscale's parallel layers."""
+"""The layers Meta's model is made of: RMSNorm, RoPE (complex ``freqs_cis``) and fairscale's parallel layers,
+each of which declares how model-parallel ranks split its weight (``split_dims``)."""
 
 from __future__ import annotations
 
 import math
-from typing import Any, Optional
+from typing import Any, Callable, NamedTuple, Optional, Sequence
 
 import fairscale.nn.model_parallel.initialize as fs_init
 import torch
@@ -24,6 +25,10 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Normalise in fp32 (the reference's precision island), then scale in the input dtype.
         return self._norm(x.float()).type_as(x) * self.weight
+
+    def kernel_operands(self) -> tuple[torch.Tensor, float]:
+        """(weight, eps): what a kernel computing this norm itself reads (the C step of ``llama.engine.cpu_decode``)."""
+        return self.weight, self.eps
 
 
 def scale_rope_frequencies(
@@ -83,6 +88,25 @@ def apply_rotary_emb(
     return xq_out.type_as(xq), xk_out.type_as(xk)
 
 
+def rope_cos_sin(freqs_cis: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin (end, head_dim // 2) of the rotations in a complex freqs_cis (end, head_dim // 2), in fp32."""
+    return freqs_cis.real.contiguous(), freqs_cis.imag.contiguous()
+
+
+def apply_rotary_emb_real(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """``apply_rotary_emb`` with real cos/sin tables (``rope_cos_sin``), which ``torch.compile`` and C kernels take
+    where complex numbers are awkward: adjacent pairs (x[2k], x[2k+1]) rotated in fp32, equal to the complex form
+    within rounding (tested).
+
+    x: (bsz, seqlen, n_heads, head_dim); cos, sin: (seqlen, head_dim // 2).
+    """
+    xf = x.float().unflatten(-1, (-1, 2))
+    even, odd = xf[..., 0], xf[..., 1]  # (bsz, seqlen, n_heads, head_dim // 2)
+    cos, sin = cos[None, :, None, :], sin[None, :, None, :]
+    out = torch.stack([even * cos - odd * sin, even * sin + odd * cos], dim=-1)
+    return out.flatten(-2).type_as(x)
+
+
 def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
     """(bsz, seqlen, n_kv_heads, head_dim) -> (bsz, seqlen, n_kv_heads * n_rep, head_dim), each head n_rep times."""
     bsz, seqlen, n_kv_heads, head_dim = x.shape
@@ -93,6 +117,12 @@ def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
         .expand(bsz, seqlen, n_kv_heads, n_rep, head_dim)
         .reshape(bsz, seqlen, n_kv_heads * n_rep, head_dim)
     )
+
+
+def split_dim_of(module: nn.Module, name: str) -> Optional[int]:
+    """The dimension along which model-parallel ranks split `module`'s own tensor `name` ("weight"), as the module
+    declares it in ``split_dims``; None for a tensor that every rank holds whole (a module that declares none)."""
+    return getattr(module, "split_dims", {}).get(name)
 
 
 def _keep(x: torch.Tensor) -> torch.Tensor:
@@ -116,18 +146,67 @@ class _OneRankShortcut:
         return self.local_forward(x) if self.one_rank else super().forward(x)  # type: ignore[misc]
 
 
-class ColumnParallelLinear(_OneRankShortcut, fs_layers.ColumnParallelLinear):
+class _LocalProducts:
+    """Mixin for the float parallel linear layers: what the fast path needs to compute their local product with a
+    kernel of its choosing (``product``), call a C kernel on their weight (``kernel_operands``) and stack layers that
+    read one input into one product (``stack``)."""
+
+    def product(self, x: torch.Tensor, matmul: Callable[..., torch.Tensor] = F.linear) -> torch.Tensor:
+        """This rank's product of x by the weight, as matmul(x, weight) computes it (``F.linear``, or a faster
+        kernel the caller picked), the bias added after it: ``local_forward`` with another kernel."""
+        out = matmul(x, self.weight)
+        return out if self.bias is None else out + self.bias
+
+    def kernel_operands(self) -> LinearOperands:
+        """The weight (n, k) of y = x @ weight.T, for a kernel that reads it by address; the bias is not in it."""
+        n, k = self.weight.shape
+        return LinearOperands(self.weight, None, n, k, 0)
+
+    @classmethod
+    def stack(cls, parts: Sequence[nn.Module]) -> Optional[StackedLinear]:
+        """Bias-free layers of this class that read one input, as one column-parallel layer whose weight is theirs
+        stacked along the outputs (one product instead of several), or None where they differ in dtype or input
+        size. For one model-parallel rank. The parts' weights become views of the stacked one: nothing is held
+        twice, their values and ``state_dict()`` stay as they were, and every other path computes what it did."""
+        weights = [getattr(p, "weight", None) for p in parts]
+        first = weights[0]
+        alike = all(type(p) is cls and p.bias is None and isinstance(w, torch.Tensor) and w.ndim == 2
+                    and (w.dtype, w.shape[1]) == (first.dtype, first.shape[1])
+                    for p, w in zip(parts, weights))  # fmt: skip
+        if not alike:
+            return None
+        with torch.no_grad():
+            weight = stack_rows(weights)
+        sizes = tuple(w.shape[0] for w in weights)
+        for p, w, view in zip(parts, weights, weight.split(sizes)):
+            p.weight = nn.Parameter(view, requires_grad=w.requires_grad)
+        with torch.device("meta"):  # the constructor's own weight would only be replaced
+            layer = ColumnParallelLinear(weight.shape[1], weight.shape[0], bias=False, gather_output=False,
+                                         init_method=_keep)  # fmt: skip
+        layer.weight = nn.Parameter(weight, requires_grad=first.requires_grad)
+        return StackedLinear(layer, tuple(parts), sizes)
+
+
+class ColumnParallelLinear(_LocalProducts, _OneRankShortcut, fs_layers.ColumnParallelLinear):
+    # Each module states which of its tensors model-parallel ranks split, and along which dimension (read by
+    # llama.weights.layout); a module that declares none is held whole by every rank (the norms).
+    split_dims = {"weight": 0, "bias": 0}  # the output rows (and their biases)
+
     def local_forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight, self.bias)
 
 
-class RowParallelLinear(_OneRankShortcut, fs_layers.RowParallelLinear):
+class RowParallelLinear(_LocalProducts, _OneRankShortcut, fs_layers.RowParallelLinear):
+    split_dims = {"weight": 1}  # the input columns
+
     def local_forward(self, x: torch.Tensor) -> torch.Tensor:
         out = F.linear(x, self.weight)  # the bias is added after the (here empty) reduction, as fairscale does
         return out if self.bias is None else out + self.bias
 
 
 class ParallelEmbedding(_OneRankShortcut, fs_layers.ParallelEmbedding):
+    split_dims = {"weight": 1}  # the embedding columns (Llama 2's checkpoints)
+
     def local_forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.embedding(x, self.weight, self.padding_idx, self.max_norm, self.norm_type,
                            self.scale_grad_by_freq, self.sparse)  # fmt: skip
@@ -136,6 +215,55 @@ class ParallelEmbedding(_OneRankShortcut, fs_layers.ParallelEmbedding):
 class VocabParallelEmbedding(_OneRankShortcut, fs_layers.VocabParallelEmbedding):
     """Llama 3's embedding: ranks split the vocabulary (rows) rather than the embedding columns."""
 
+    split_dims = {"weight": 0}
     local_forward = ParallelEmbedding.local_forward
 
 
+# ------------------------------------------------------------------------------------- operands for kernels
+
+
+class LinearOperands(NamedTuple):
+    """What a C kernel reads of a linear layer y = x @ W.T, with W of n rows of k inputs: its tensors (by address)
+    and sizes. weight: the float weight (n, k), or quantized codes; scales: the quantized codes' scales (None for
+    float weights); group_size: inputs per scale (0 for float weights)."""
+
+    weight: torch.Tensor
+    scales: Optional[torch.Tensor]
+    n: int
+    k: int
+    group_size: int
+
+
+class StackedLinear(NamedTuple):
+    """Linear layers that read one input (``parts``), as one layer of their kind (``layer``) whose outputs are
+    theirs side by side, ``sizes`` wide each (see ``_LocalProducts.stack``)."""
+
+    layer: nn.Module
+    parts: tuple[nn.Module, ...]
+    sizes: tuple[int, ...]
+
+    def split(self, y: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Each part's output, from the stacked layer's output y."""
+        return y.split(self.sizes, dim=-1)
+
+
+def stack_rows(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The 2-D tensors concatenated along the rows: a view where they already lie one after another in one storage
+    (layers stacked before, by another decoder), else a new tensor."""
+    first = tensors[0]
+    offsets = [first.storage_offset() + sum(t.numel() for t in tensors[:i]) for i in range(len(tensors))]
+    adjacent = all(t.is_contiguous() and t.untyped_storage().data_ptr() == first.untyped_storage().data_ptr()
+                   and t.storage_offset() == offset for t, offset in zip(tensors, offsets))  # fmt: skip
+    if not adjacent:
+        return torch.cat(list(tensors))
+    rows = sum(t.shape[0] for t in tensors)
+    return torch.empty(0, dtype=first.dtype, device=first.device).set_(
+        first.untyped_storage(), first.storage_offset(), (rows, first.shape[1])
+    )
+
+
+def stack_linears(parts: Sequence[nn.Module]) -> Optional[StackedLinear]:
+    """Linear layers that read one input as one stacked layer, by their class's ``stack`` (float layers here,
+    quantized ones in ``llama.quant``); None where they are of different kinds or do not stack."""
+    stack = getattr(type(parts[0]), "stack", None)
+    return None if stack is None else stack(parts)

@@ -3,13 +3,17 @@
 Parameter names follow Meta's checkpoints (``tok_embeddings``, ``layers.N.attention.wq`` ...), so a
 ``consolidated.NN.pth`` loads with strict key checking. The numerics are the reference's: RMSNorm, RoPE and
 the attention softmax run in fp32, and logits are returned as fp32.
+
+This is the only Python transformer block. How a block computes its products, its rotations and its attention is
+a ``BlockOps``: the reference's by default; the fast path (``llama.engine.fast``) and the demo's training
+(``tools/train_demo.py``) run these same blocks with ops of their own.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-from typing import Optional
+from typing import Optional, Union
 
 import fairscale.nn.model_parallel.initialize as fs_init
 import torch
@@ -17,17 +21,19 @@ import torch.nn.functional as F
 from torch import nn
 
 from llama.model.args import ModelArgs, ffn_hidden_dim
-from llama.model.kv_cache import kv_cache_shape
+from llama.model.kv_cache import KVCache, kv_cache_shape
 from llama.model.layers import (
     ColumnParallelLinear,
     ParallelEmbedding,
     RMSNorm,
     RowParallelLinear,
+    StackedLinear,
     VocabParallelEmbedding,
     _keep,
     apply_rotary_emb,
     precompute_freqs_cis,
     repeat_kv,
+    stack_linears,
 )
 
 logger = logging.getLogger(__name__)
@@ -46,8 +52,61 @@ def causal_mask(seqlen: int, start_pos: int, device: torch.device, dtype: torch.
     return mask.to(dtype)
 
 
+def attention(xq: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
+    """The reference's attention of queries xq (bsz, seqlen, n_local_heads, head_dim) over keys and values (bsz,
+    cache_len + seqlen, n_local_kv_heads, head_dim), mask added to the scores; (bsz, seqlen, n_local_heads,
+    head_dim). Query head h reads KV head h // n_rep."""
+    n_rep, head_dim = xq.shape[2] // keys.shape[2], xq.shape[3]
+    keys = repeat_kv(keys, n_rep)  # (bsz, cache_len + seqlen, n_local_heads, head_dim)
+    values = repeat_kv(values, n_rep)
+
+    xq = xq.transpose(1, 2)  # (bsz, n_local_heads, seqlen, head_dim)
+    keys = keys.transpose(1, 2)
+    values = values.transpose(1, 2)
+    scores = torch.matmul(xq, keys.transpose(2, 3)) / math.sqrt(head_dim)
+    if mask is not None:
+        scores = scores + mask  # (bsz, n_local_heads, seqlen, cache_len + seqlen)
+    scores = F.softmax(scores.float(), dim=-1).type_as(xq)
+    output = torch.matmul(scores, values)  # (bsz, n_local_heads, seqlen, head_dim)
+    return output.transpose(1, 2)
+
+
+# The rotations of a call's positions: the complex freqs_cis (seqlen, head_dim // 2) for the reference's ops, or
+# whatever form another path's ops.rotate takes (the fast path: real cos and sin tables).
+Rotations = Union[torch.Tensor, tuple[torch.Tensor, ...]]
+
+
+class BlockOps:
+    """How a block computes what varies between paths, the reference's way: each layer's own forward, RoPE with
+    the complex ``freqs_cis``, and ``attention``. Another path subclasses it and passes its ops to the same blocks
+    (``TransformerBlock.forward(..., ops)``): the fast path's products by C kernels on stacked weights, its real
+    RoPE tables and one-query attention; the demo's training with causal SDPA."""
+
+    def linear(self, x: torch.Tensor, layer: nn.Module) -> torch.Tensor:
+        """layer's output for x."""
+        return layer(x)
+
+    def linears(self, x: torch.Tensor, *layers: nn.Module) -> tuple[torch.Tensor, ...]:
+        """The outputs for x of layers that all read it (wq, wk, wv; or w1, w3), in their order."""
+        return tuple(layer(x) for layer in layers)
+
+    def rotate(self, xq: torch.Tensor, xk: torch.Tensor, freqs_cis: Rotations) -> tuple[torch.Tensor, torch.Tensor]:
+        """Queries and keys (bsz, seqlen, heads, head_dim) rotated by the rotations of their positions."""
+        return apply_rotary_emb(xq, xk, freqs_cis)
+
+    def attend(
+        self, xq: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: Optional[torch.Tensor]
+    ) -> torch.Tensor:
+        """Attention output (bsz, seqlen, n_local_heads, head_dim) of queries over the keys and values
+        ``KVCache.update`` returned."""
+        return attention(xq, keys, values, mask)
+
+
+REFERENCE = BlockOps()
+
+
 class Attention(nn.Module):
-    def __init__(self, args: ModelArgs):
+    def __init__(self, args: ModelArgs, kv_cache: bool = True):
         super().__init__()
         mp_size = fs_init.get_model_parallel_world_size()
         self.n_kv_heads = args.kv_heads
@@ -58,7 +117,6 @@ class Attention(nn.Module):
         self.n_local_heads = args.n_heads // mp_size
         cache_shape = kv_cache_shape(args, mp_size)  # (max_batch_size, max_seq_len, n_local_kv_heads, head_dim)
         self.n_local_kv_heads = cache_shape[2]
-        self.n_rep = self.n_local_heads // self.n_local_kv_heads
         self.head_dim = args.head_dim
 
         q_dim, kv_dim = args.n_heads * self.head_dim, self.n_kv_heads * self.kv_repeats * self.head_dim
@@ -67,59 +125,44 @@ class Attention(nn.Module):
         self.wv = ColumnParallelLinear(args.dim, kv_dim, bias=False, gather_output=False, init_method=_keep)
         self.wo = RowParallelLinear(q_dim, args.dim, bias=False, input_is_parallel=True, init_method=_keep)
 
-        # The KV cache follows the module through .to(device, dtype) and never enters state_dict().
-        self.register_buffer("cache_k", torch.zeros(cache_shape), persistent=False)
-        self.register_buffer("cache_v", torch.zeros(cache_shape), persistent=False)
-
-    def update_cache(
-        self, xk: torch.Tensor, xv: torch.Tensor, start_pos: int | torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write keys and values (bsz, seqlen, n_local_kv_heads, head_dim) at positions start_pos... of the KV
-        cache; return this batch's whole cache_k and cache_v, (bsz, max_seq_len, n_local_kv_heads, head_dim).
-
-        The one way both paths write the cache. start_pos is an int on the faithful path, or a 1-element long
-        tensor on the fast path, whose compiled step takes the position as data rather than as a shape.
-        """
-        bsz, seqlen = xk.shape[:2]
-        cache_k, cache_v = self.cache_k[:bsz], self.cache_v[:bsz]
-        if isinstance(start_pos, torch.Tensor):
-            cache_k.index_copy_(1, start_pos, xk)
-            cache_v.index_copy_(1, start_pos, xv)
-        else:
-            cache_k[:, start_pos : start_pos + seqlen] = xk
-            cache_v[:, start_pos : start_pos + seqlen] = xv
-        return cache_k, cache_v
+        # The one owner of this layer's cached keys and values. Without one (training over whole sequences), each
+        # call attends over its own tokens only.
+        self.kv_cache = KVCache(*cache_shape) if kv_cache else None
 
     def forward(
         self,
         x: torch.Tensor,
-        start_pos: int,
-        freqs_cis: torch.Tensor,
+        start_pos: int | torch.Tensor,
+        freqs_cis: Rotations,
         mask: Optional[torch.Tensor],
+        ops: BlockOps = REFERENCE,
     ) -> torch.Tensor:
+        """Attention output (bsz, seqlen, dim) for x (bsz, seqlen, dim) at positions start_pos... (an int, or the
+        position tensors ``KVCache.update`` takes), whose keys and values go into the KV cache. freqs_cis: the
+        rotations of these positions, in the form ops.rotate takes; mask: added to the scores (or what ops.attend
+        takes instead)."""
         bsz, seqlen, _ = x.shape
-        xq, xk, xv = self.wq(x), self.wk(x), self.wv(x)
+        xq, xk, xv = ops.linears(x, self.wq, self.wk, self.wv)
         xq = xq.view(bsz, seqlen, self.n_local_heads, self.head_dim)
         xk = xk.view(bsz, seqlen, self.n_local_kv_heads, self.head_dim)
         xv = xv.view(bsz, seqlen, self.n_local_kv_heads, self.head_dim)
-        xq, xk = apply_rotary_emb(xq, xk, freqs_cis)
+        xq, xk = ops.rotate(xq, xk, freqs_cis)
 
-        cache_k, cache_v = self.update_cache(xk, xv, start_pos)
-        keys = cache_k[:, : start_pos + seqlen]  # (bsz, cache_len + seqlen, n_local_kv_heads, head_dim)
-        values = cache_v[:, : start_pos + seqlen]
-        keys = repeat_kv(keys, self.n_rep)  # (bsz, cache_len + seqlen, n_local_heads, head_dim)
-        values = repeat_kv(values, self.n_rep)
+        # (bsz, cache_len + seqlen, n_local_kv_heads, head_dim); the whole cache for a position tensor
+        cache = self.kv_cache
+        keys, values = (xk, xv) if cache is None else cache.update(start_pos, xk, xv)
+        output = ops.attend(xq, keys, values, mask)  # (bsz, seqlen, n_local_heads, head_dim)
+        output = output.contiguous().view(bsz, seqlen, -1)
+        return ops.linear(output, self.wo)
 
-        xq = xq.transpose(1, 2)  # (bsz, n_local_heads, seqlen, head_dim)
-        keys = keys.transpose(1, 2)
-        values = values.transpose(1, 2)
-        scores = torch.matmul(xq, keys.transpose(2, 3)) / math.sqrt(self.head_dim)
-        if mask is not None:
-            scores = scores + mask  # (bsz, n_local_heads, seqlen, cache_len + seqlen)
-        scores = F.softmax(scores.float(), dim=-1).type_as(xq)
-        output = torch.matmul(scores, values)  # (bsz, n_local_heads, seqlen, head_dim)
-        output = output.transpose(1, 2).contiguous().view(bsz, seqlen, -1)
-        return self.wo(output)
+    def heads(self) -> tuple[int, int, int]:
+        """(query heads, KV heads, head_dim) on this rank: how a kernel computing this attention groups heads."""
+        return self.n_local_heads, self.n_local_kv_heads, self.head_dim
+
+    def stack_projections(self) -> Optional[StackedLinear]:
+        """wq, wk and wv as one layer (``stack_linears``: their weights become views of its weight), for paths
+        that make one product of them (``ops.linears`` gets them in this order); None where they do not stack."""
+        return stack_linears((self.wq, self.wk, self.wv))
 
 
 class FeedForward(nn.Module):
@@ -129,31 +172,48 @@ class FeedForward(nn.Module):
         self.w2 = RowParallelLinear(hidden_dim, dim, bias=False, input_is_parallel=True, init_method=_keep)
         self.w3 = ColumnParallelLinear(dim, hidden_dim, bias=False, gather_output=False, init_method=_keep)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+    def forward(self, x: torch.Tensor, ops: BlockOps = REFERENCE) -> torch.Tensor:
+        gate, up = ops.linears(x, self.w1, self.w3)
+        return ops.linear(F.silu(gate) * up, self.w2)
+
+    def stack_projections(self) -> Optional[StackedLinear]:
+        """w1 and w3 as one layer (see ``Attention.stack_projections``); None where they do not stack."""
+        return stack_linears((self.w1, self.w3))
 
 
 class TransformerBlock(nn.Module):
-    def __init__(self, layer_id: int, args: ModelArgs):
+    def __init__(self, layer_id: int, args: ModelArgs, kv_cache: bool = True):
         super().__init__()
         self.layer_id = layer_id
-        self.attention = Attention(args)
+        self.attention = Attention(args, kv_cache)
         self.feed_forward = FeedForward(args.dim, ffn_hidden_dim(args.dim, args.multiple_of, args.ffn_dim_multiplier))
         self.attention_norm = RMSNorm(args.dim, eps=args.norm_eps)
         self.ffn_norm = RMSNorm(args.dim, eps=args.norm_eps)
 
     def forward(
-        self, x: torch.Tensor, start_pos: int, freqs_cis: torch.Tensor, mask: Optional[torch.Tensor]
+        self,
+        x: torch.Tensor,
+        start_pos: int | torch.Tensor,
+        freqs_cis: Rotations,
+        mask: Optional[torch.Tensor],
+        ops: BlockOps = REFERENCE,
     ) -> torch.Tensor:
-        h = x + self.attention(self.attention_norm(x), start_pos, freqs_cis, mask)
-        return h + self.feed_forward(self.ffn_norm(h))
+        h = x + self.attention(self.attention_norm(x), start_pos, freqs_cis, mask, ops)
+        return h + self.feed_forward(self.ffn_norm(h), ops)
+
+    def stack_projections(self) -> Optional[tuple[StackedLinear, StackedLinear]]:
+        """(wq|wk|wv, w1|w3) stacked (see ``Attention.stack_projections``); None unless both stack."""
+        qkv, w13 = self.attention.stack_projections(), self.feed_forward.stack_projections()
+        return None if qkv is None or w13 is None else (qkv, w13)
 
 
 class Transformer(nn.Module):
     # How ranks split the embedding: Llama 2's checkpoints split its columns; Llama3Transformer splits the vocab.
     embedding_cls: type = ParallelEmbedding
 
-    def __init__(self, params: ModelArgs):
+    def __init__(self, params: ModelArgs, kv_cache: bool = True):
+        """kv_cache=False: no KV cache, for training over whole sequences (``tools/train_demo.py``), which calls
+        ``logits`` with start_pos 0 (``forward`` needs the cache)."""
         super().__init__()
         # fairscale's layers ask for the model-parallel group and would fail on a bare assert without one.
         if not fs_init.model_parallel_is_initialized():
@@ -165,13 +225,12 @@ class Transformer(nn.Module):
             raise ValueError(
                 f"vocab_size must be set to the tokenizer's size before building the model, got {params.vocab_size}"
             )
-        check_model_parallel_fit(params, fs_init.get_model_parallel_world_size(), repeat_kv_heads=True)
         self.params = params
         self.vocab_size = params.vocab_size
         self.n_layers = params.n_layers
 
         self.tok_embeddings = self.embedding_cls(params.vocab_size, params.dim, init_method=_keep)
-        self.layers = nn.ModuleList(TransformerBlock(i, params) for i in range(params.n_layers))
+        self.layers = nn.ModuleList(TransformerBlock(i, params, kv_cache) for i in range(params.n_layers))
         self.norm = RMSNorm(params.dim, eps=params.norm_eps)
         self.output = ColumnParallelLinear(params.dim, params.vocab_size, bias=False, init_method=_keep)
 
@@ -198,44 +257,42 @@ class Transformer(nn.Module):
         mask = None
         if seqlen > 1:
             mask = causal_mask(seqlen, start_pos, tokens.device, h.dtype)
+        return self.logits(h, start_pos, freqs_cis, mask)
+
+    def logits(
+        self,
+        h: torch.Tensor,
+        start_pos: int | torch.Tensor,
+        freqs_cis: Rotations,
+        mask: Optional[torch.Tensor],
+        ops: BlockOps = REFERENCE,
+    ) -> torch.Tensor:
+        """Logits (bsz, seqlen, vocab_size) in fp32 of the embeddings h (bsz, seqlen, dim) of tokens at positions
+        start_pos...: every block, the final norm and the output layer, computed as ops says (see ``BlockOps``)."""
         for layer in self.layers:
-            h = layer(h, start_pos, freqs_cis, mask)
+            h = layer(h, start_pos, freqs_cis, mask, ops)
         h = self.norm(h)
-        return self.output(h).float()
+        return ops.linear(h, self.output).float()
+
+    def stack_projections(self) -> Optional[list[tuple[StackedLinear, StackedLinear]]]:
+        """Per block, (wq|wk|wv, w1|w3) each stacked into one layer whose weight the layers' weights now view
+        (``TransformerBlock.stack_projections``): for paths that make one product of each group. None unless every
+        group stacks (groups checked before it may have been stacked: their values are unchanged either way)."""
+        stacks = [layer.stack_projections() for layer in self.layers]
+        return None if any(s is None for s in stacks) else stacks
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype of the activations: the embedding's (``Llama.build`` gives every weight one dtype)."""
+        return self.tok_embeddings.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        """The device the model computes on: its embedding's."""
+        return self.tok_embeddings.weight.device
 
 
 class Llama3Transformer(Transformer):
     """Llama 3.x: the same model, with the vocabulary-parallel embedding of Meta's Llama 3 checkpoints."""
 
     embedding_cls = VocabParallelEmbedding
-
-
-def check_model_parallel_fit(params: ModelArgs, mp_size: int, repeat_kv_heads: bool = False) -> None:
-    """Raise a ValueError naming the usable sizes when the model cannot be split over mp_size ranks.
-
-    Heads, KV heads, dim (embedding columns), the SwiGLU hidden size and the vocabulary (output rows) are
-    all split across model-parallel ranks, so each must divide evenly. repeat_kv_heads: a running model may
-    use more ranks than KV heads (a multiple of them), each KV head repeated on several ranks; a checkpoint
-    file cannot (its shards hold each head once).
-    """
-
-    def fits(n: int) -> bool:
-        kv_ok = params.kv_heads % n == 0 or (repeat_kv_heads and n % params.kv_heads == 0)
-        return kv_ok and all(size % n == 0 for name, size in sizes.items() if name != "n_kv_heads")
-
-    sizes = {
-        "n_heads": params.n_heads,
-        "n_kv_heads": params.kv_heads,
-        "dim": params.dim,
-        "ffn hidden size": ffn_hidden_dim(params.dim, params.multiple_of, params.ffn_dim_multiplier),
-        "vocab_size": params.vocab_size,
-    }
-    if fits(mp_size):
-        return
-    bad = [f"{name}={size}" for name, size in sizes.items() if size % mp_size != 0]
-    most = params.n_heads if repeat_kv_heads else params.kv_heads
-    usable = [n for n in range(1, most + 1) if fits(n)]
-    raise ValueError(
-        f"the model cannot be split over {mp_size} model-parallel processes ({', '.join(bad)} not divisible); "
-        f"use a model-parallel size in {usable}"
-    )

@@ -1,9 +1,10 @@
 """Reading and writing Meta-layout checkpoints: ``params.json`` plus ``consolidated.NN.pth`` shards.
 
 Each shard holds one model-parallel rank's slice of every weight. The slice is taken along one dimension per
-weight, which ``llama.weights.layout`` derives from the layer type, so any checkpoint can be re-cut for any number of
-ranks the heads allow. Shards are opened memory-mapped: a weight is read from disk only when a slice of it is
-used. This module reads and writes files; the layout decides what goes where.
+weight, which the layer holding it declares (``llama.weights.layout`` reads it), so any checkpoint can be re-cut for
+any number of ranks the heads allow. Shards are opened memory-mapped: a weight is read from disk only when a slice of
+it is used. This module reads and writes files; the layout decides what goes where. Quantized folders are
+``llama.weights.quantized``'s, which builds on this module (never the reverse).
 
 Loading refuses, naming the file and the key, weights that are not bfloat16, float16 or float32 (integers, or the
 float8 of an FP8 release), weights that hold inf or NaN, and shards that are copies of each other.
@@ -22,15 +23,16 @@ import secrets
 import shutil
 import signal
 import socket
+import sys
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Mapping, Optional, Sequence
+from typing import Any, Callable, Iterable, Iterator, Mapping, Optional, Sequence, TextIO
 
 import torch
 
-from llama.model import ModelArgs, Transformer, check_model_parallel_fit, ffn_hidden_dim
-from llama.weights.layout import Layout
+from llama.model import ModelArgs, Transformer, ffn_hidden_dim
+from llama.weights.layout import Layout, check_model_parallel_fit, layer_count
 
 logger = logging.getLogger(__name__)
 
@@ -39,7 +41,8 @@ IGNORED_KEYS = frozenset({"rope.freqs"})
 
 SHARD_PATTERN = re.compile(r"consolidated\.(\d+)\.pth")
 
-# The params.json key of a checkpoint written by ``python -m llama.quantize`` (read by ``llama.quantize``).
+# The params.json key of a checkpoint written by ``python -m llama.quantize``: its presence is all this module knows
+# of quantized folders (``llama.weights.quantized`` reads them, and says how they were made).
 QUANTIZATION_KEY = "quantization"
 
 # The float dtypes a weight may have: Meta publishes bfloat16; conversions and our tools may write float16 or float32.
@@ -72,17 +75,6 @@ def read_params(ckpt_dir: str | os.PathLike) -> dict[str, Any]:
     if QUANTIZATION_KEY in params and params[QUANTIZATION_KEY] is None:
         del params[QUANTIZATION_KEY]  # "quantization": null says "not quantized": read it as if it were absent
     return params
-
-
-def refuse_quantized(ckpt_dir: str | os.PathLike, params: Mapping[str, Any], fix: str) -> None:
-    """Raise a ValueError saying how it was quantized, and `fix`, when params (ckpt_dir's params.json) are a
-    quantized checkpoint's: for the tools that read float weights only."""
-    if QUANTIZATION_KEY not in params:
-        return
-    from llama.quantize import split_params  # only for a quantized folder: it registers its kernels' operators
-
-    _, scheme = split_params(params, None)
-    raise ValueError(f"{str(ckpt_dir)!r} is a quantized checkpoint ({scheme.mode}, group {scheme.group_size}); {fix}")
 
 
 def find_shards(ckpt_dir: str | os.PathLike) -> list[Path]:
@@ -183,7 +175,7 @@ def check_finite(
 
 class StandInShard(dict):
     """A shard as meta tensors of the weights it stands for, where its file stores some weights in another form (a
-    quantized checkpoint's P.qweight and P.scales for the float P.weight: ``quantize.float_shaped_shards``), so
+    quantized checkpoint's P.qweight and P.scales for the float P.weight: ``quantized.float_shaped_shards``), so
     that its shapes are checked as any checkpoint's. `stored_as(key)` names what the file holds for weight `key`,
     so that errors name keys that are in the files."""
 
@@ -239,6 +231,7 @@ class Checkpoint:
     shards: list[dict[str, torch.Tensor]]
     layout: Layout  # the generation's own layout of args: what loading and resharding cut the weights into
     written: Layout  # split dims as the shards were cut (another tool may split the embedding the other way)
+    model_cls: type  # the generation's model class, whose layout this is
 
     @property
     def keys(self) -> list[str]:
@@ -258,7 +251,7 @@ class Checkpoint:
 
     def check_split(self, n_shards: int) -> None:
         """Raise a ValueError naming the usable sizes unless the weights can be cut into n_shards shards."""
-        check_model_parallel_fit(self.args, n_shards)
+        check_model_parallel_fit(self.args, n_shards, model_cls=self.model_cls)
 
 
 def open_checkpoint(ckpt_dir: str | os.PathLike, model_cls: type = Transformer) -> Checkpoint:
@@ -271,7 +264,7 @@ def open_checkpoint(ckpt_dir: str | os.PathLike, model_cls: type = Transformer) 
     paths = find_shards(folder)
     shards = [load_shard(p) for p in paths]
     args, layout = fit_params_to_shards(params, paths, shards, None, model_cls)
-    return Checkpoint(folder, params, args, paths, shards, layout, Layout.for_shards(shards, model_cls))
+    return Checkpoint(folder, params, args, paths, shards, layout, Layout.for_shards(shards, model_cls), model_cls)
 
 
 def fit_params_to_shards(
@@ -308,8 +301,7 @@ def fit_params_to_shards(
         args = ModelArgs.from_params({**params, "vocab_size": vocab_size})
     except (TypeError, ValueError) as e:
         raise ValueError(f"{source} is not a valid model configuration: {e}") from e
-    layers = {int(m.group(1)) for key in shapes if (m := re.match(r"layers\.(\d+)\.", key))}
-    sizes = [("n_layers", args.n_layers, len(layers), "layers in its shards")]
+    sizes = [("n_layers", args.n_layers, layer_count(shapes), "layers in its shards")]
     if "norm.weight" in shapes:
         sizes.append(("dim", args.dim, shapes["norm.weight"][0], "in norm.weight"))
     if "layers.0.feed_forward.w1.weight" in shapes:
@@ -519,6 +511,30 @@ def atomic_output_dir(out_dir: str | os.PathLike) -> Iterator[Path]:
                     "space or choose another output folder (nothing was left behind)",
                 ) from e
             raise
+
+
+class ProgressLine:
+    """A one-line text progress bar on stderr, e.g. ``reshard [######......] 2/4 consolidated.01.pth``.
+
+    Called once per finished item. On a terminal the line is redrawn in place; elsewhere (a log file) each
+    update is a line of its own.
+    """
+
+    def __init__(self, label: str, total: int, stream: Optional[TextIO] = None, width: int = 24):
+        self.label, self.total, self.width, self.done = label, total, width, 0
+        self.stream = stream if stream is not None else sys.stderr
+
+    def __call__(self, item: str | Path) -> None:
+        self.done += 1
+        filled = self.width * self.done // self.total
+        bar = "#" * filled + "." * (self.width - filled)
+        line = f"{self.label} [{bar}] {self.done}/{self.total} {Path(item).name}"
+        if self.stream.isatty():
+            end = "\n" if self.done == self.total else ""
+            self.stream.write(f"\r{line}\x1b[K{end}")
+        else:
+            self.stream.write(line + "\n")
+        self.stream.flush()
 
 
 def save_checkpoint(

@@ -1,12 +1,16 @@
-"""One source for the weight layout, read by loading (``checkpoint``), resharding (``reshard``) and conversion
-(``convert``).
+"""One source for the weight layout, read by loading (``checkpoint``, ``quantized``), resharding (``reshard``) and
+conversion (``llama.hf``).
 
-- **Split dimension** of each weight: it follows from its layer type. ColumnParallelLinear splits its output rows
-  (dim 0), RowParallelLinear its input columns (dim 1), Llama 2's ParallelEmbedding the embedding columns (dim 1),
-  Llama 3's VocabParallelEmbedding the vocabulary rows (dim 0).
-  Norm weights are replicated (None).
+- **Split dimensions** are declared where the weights are defined: each parallel layer of ``llama.model.layers``
+  states in ``split_dims`` which of its tensors model-parallel ranks split, and along which dimension
+  (ColumnParallelLinear its output rows, RowParallelLinear its input columns, Llama 2's ParallelEmbedding the
+  embedding columns, Llama 3's VocabParallelEmbedding the vocabulary rows; a QuantizedLinear the dimension of the
+  layer it replaces). A module that declares nothing (the norms) is held whole by every rank. This module only
+  reads the declarations, from a model, built on the meta device when there is none yet: a new kind of layer
+  declares its own split and needs nothing here (docs/layout.md).
 - **Full shapes**: from the model itself, built whole on the meta device (no memory); a model built for one of n
   ranks gives them too, with its split dimensions scaled back up by n.
+- **Which model-parallel sizes fit** (``check_model_parallel_fit``): what the layout splits must divide.
 - **Meta <-> Hugging Face**: the parameter name table and the q/k row permutation between RoPE pair layouts.
 """
 
@@ -29,19 +33,28 @@ from torch import nn
 
 from llama.model import ModelArgs, Transformer
 from llama.model import transformer as model_module
-
-# Layer type -> the dimension of its weight that model-parallel ranks split.
-LAYER_SPLIT_DIMS: tuple[tuple[type, int], ...] = (
-    (fs_layers.ColumnParallelLinear, 0),
-    (fs_layers.RowParallelLinear, 1),
-    (fs_layers.ParallelEmbedding, 1),
-    (fs_layers.VocabParallelEmbedding, 0),
-)
+from llama.model.layers import split_dim_of
 
 
-def layer_split_dim(module: nn.Module) -> Optional[int]:
-    """The split dimension of `module`'s weight; None for a layer that every rank holds whole."""
-    return next((dim for cls, dim in LAYER_SPLIT_DIMS if isinstance(module, cls)), None)
+def block_of(key: str) -> Optional[str]:
+    """The transformer block that weight `key` belongs to ("layers.3" for "layers.3.attention.wq.weight"), or None
+    for a weight outside the blocks: the model keeps its blocks in the list ``Transformer.layers``, so block i's
+    weights are named "layers.i.…"."""
+    parts = key.split(".")
+    return ".".join(parts[:2]) if len(parts) > 2 and parts[0] == "layers" else None
+
+
+def layer_count(keys: Iterable[str]) -> int:
+    """How many transformer blocks the weights named `keys` belong to."""
+    return len({block_of(key) for key in keys} - {None})
+
+
+def structure_args(n_layers: int) -> ModelArgs:
+    """The smallest configuration with n_layers blocks: a model built from it has every module, name and split
+    dimension of a full-sized one (none of them depends on the sizes), for reading them before the sizes are known."""
+    return ModelArgs(
+        dim=4, n_layers=max(n_layers, 1), n_heads=1, multiple_of=1, vocab_size=1, max_batch_size=1, max_seq_len=1
+    )
 
 
 @dataclass(frozen=True)
@@ -52,27 +65,36 @@ class Layout:
     split_dims: Mapping[str, Optional[int]]
     # key -> how many consecutive ranks share each slice of it (KV heads on more ranks than there are heads)
     repeats: Mapping[str, int] = dataclasses.field(default_factory=dict)
+    # the weights that hold the KV heads (attention's wk and wv): ranks split them by whole heads, and with more
+    # ranks than KV heads they share them (``repeats``)
+    kv_keys: frozenset[str] = frozenset()
 
     @classmethod
     def from_model(cls, model: nn.Module, mp_size: Optional[int] = None) -> Layout:
-        """The layout of `model` as built for mp_size ranks (default: this process's model-parallel size): its
-        weights' shapes are one rank's, scaled up along split dims (and down by any repeat of KV heads)."""
+        """The layout of `model` as built for mp_size ranks (default: this process's model-parallel size): every
+        tensor of its state dict, with the split its module declares; shapes are one rank's, scaled up along split
+        dims (and down by any repeat of KV heads)."""
         if mp_size is None:
             mp_size = fs_init.get_model_parallel_world_size() if fs_init.model_parallel_is_initialized() else 1
-        repeats = {}
-        for module_name, module in model.named_modules():
-            if getattr(module, "kv_repeats", 1) > 1:  # an Attention with more ranks than KV heads
+        modules = dict(model.named_modules())
+        kv_repeats = {}  # the modules that hold KV heads -> on how many ranks each head is repeated
+        for module_name, module in modules.items():
+            if hasattr(module, "kv_repeats"):  # an Attention, whose wk and wv project to the KV heads
                 for proj in ("wk", "wv"):
-                    repeats[f"{module_name}.{proj}.weight"] = module.kv_repeats
-        shapes, split_dims = {}, {}
-        for module_name, module in model.named_modules():
-            for name, param in module.named_parameters(prefix=module_name, recurse=False):
-                dim = layer_split_dim(module) if name.endswith("weight") else None
-                shape = list(param.shape)
-                if dim is not None:
-                    shape[dim] = shape[dim] * mp_size // repeats.get(name, 1)
-                shapes[name], split_dims[name] = tuple(shape), dim
-        return cls(shapes, split_dims, repeats)
+                    kv_repeats[f"{module_name}.{proj}"] = module.kv_repeats
+        shapes, split_dims, repeats = {}, {}, {}
+        for key, tensor in model.state_dict(keep_vars=True).items():
+            owner, _, name = key.rpartition(".")
+            dim = split_dim_of(modules[owner], name)
+            repeat = kv_repeats.get(owner, 1)
+            shape = list(tensor.shape)
+            if dim is not None:
+                shape[dim] = shape[dim] * mp_size // repeat
+            shapes[key], split_dims[key] = tuple(shape), dim
+            if repeat > 1:
+                repeats[key] = repeat
+        kv_keys = frozenset(key for key in shapes if key.rpartition(".")[0] in kv_repeats)
+        return cls(shapes, split_dims, repeats, kv_keys)
 
     @classmethod
     def for_args(cls, args: ModelArgs, model_cls: type = Transformer) -> Layout:
@@ -83,10 +105,12 @@ class Layout:
 
     @classmethod
     def for_keys(cls, keys: Iterable[str], model_cls: type = Transformer) -> Layout:
-        """The split dims of weights named `keys` in any model_cls model (no shapes): for reading shards before
-        their configuration is known. Taken from a one-layer model, the same for every layer index."""
-        rule = _split_rule(model_cls)
-        return cls({}, {key: rule.get(_LAYER_INDEX.sub("layers.{i}.", key)) for key in keys})
+        """The split dims of weights named `keys` (no shapes), for reading shards before their configuration is
+        known: those of a model_cls model with as many blocks as the keys name (``structure_args``). A key that
+        no such model holds has none."""
+        keys = list(keys)
+        split_dims = cls.for_args(structure_args(layer_count(keys)), model_cls).split_dims
+        return cls({}, {key: split_dims.get(key) for key in keys})
 
     @classmethod
     def for_shards(cls, shards: Sequence[Mapping[str, torch.Tensor]], model_cls: type = Transformer) -> Layout:
@@ -150,7 +174,7 @@ class Layout:
         split = [key for key in shards[0] if self.split_dim(key) is not None and shards[0][key].ndim > 0]
         key = next((k for k in split if k.startswith("output.")), split[0] if split else None)
         if key is None or len(shards) < 2 or any(s[key].device.type == "meta" for s in shards):
-            return  # nothing split, one shard, or stand-ins without data (quantize.float_shaped_shards)
+            return  # nothing split, one shard, or stand-ins without data (quantized.float_shaped_shards)
         for j in range(1, len(shards)):
             for i in range(j):
                 a, b = shards[i][key], shards[j][key]
@@ -232,15 +256,43 @@ class Layout:
         return {k: self.slice_for_rank(shards, k, 0, 1) for k in shards[0]}
 
 
-_LAYER_INDEX = re.compile(r"^layers\.\d+\.")
+def check_model_parallel_fit(
+    args: ModelArgs, mp_size: int, repeat_kv_heads: bool = False, model_cls: type = Transformer
+) -> None:
+    """Raise a ValueError naming the usable sizes when a model_cls(args) cannot be split over mp_size ranks.
+
+    What must divide follows from the layout: the split dimension of every weight that ranks split (so a new kind of
+    layer brings its own), and attention's heads, which ranks split whole. The KV heads' weights follow the KV heads'
+    rule instead: repeat_kv_heads lets a running model use more ranks than KV heads (a multiple of them), each KV
+    head repeated on several ranks; a checkpoint file cannot (its shards hold each head once).
+    """
+    layout = Layout.for_args(args, model_cls)
+    split = {}  # size -> what errors call it, in the model's order; a size divides or not, whichever weight has it
+    for key, dim in layout.split_dims.items():
+        if dim is not None and key not in layout.kv_keys:
+            size = layout.shapes[key][dim]
+            split.setdefault(size, _size_name(args, key, dim, size))
+
+    def fits(n: int) -> bool:
+        kv_ok = args.kv_heads % n == 0 or (repeat_kv_heads and n % args.kv_heads == 0)
+        return kv_ok and args.n_heads % n == 0 and all(size % n == 0 for size in split)
+
+    if fits(mp_size):
+        return
+    sizes = {"n_heads": args.n_heads, "n_kv_heads": args.kv_heads, **{name: size for size, name in split.items()}}
+    bad = [f"{name}={size}" for name, size in sizes.items() if size % mp_size != 0]
+    most = args.n_heads if repeat_kv_heads else args.kv_heads
+    usable = [n for n in range(1, most + 1) if fits(n)]
+    raise ValueError(
+        f"the model cannot be split over {mp_size} model-parallel processes ({', '.join(bad)} not divisible); "
+        f"use a model-parallel size in {usable}"
+    )
 
 
-@functools.lru_cache(maxsize=8)
-def _split_rule(model_cls: type) -> dict[str, Optional[int]]:
-    """Weight name pattern ("layers.{i}.attention.wq.weight") -> split dim, from a tiny one-layer model."""
-    tiny = ModelArgs(dim=4, n_layers=1, n_heads=1, multiple_of=1, vocab_size=1, max_batch_size=1, max_seq_len=1)
-    layout = Layout.for_args(tiny, model_cls)
-    return {_LAYER_INDEX.sub("layers.{i}.", key): dim for key, dim in layout.split_dims.items()}
+def _size_name(args: ModelArgs, key: str, dim: int, size: int) -> str:
+    """What an error calls the size of weight `key`'s split dimension `dim`: the width of params.json it equals
+    (dim, vocab_size), else the weight's own ("layers.0.feed_forward.w1.weight dim 0")."""
+    return next((name for name in ("dim", "vocab_size") if getattr(args, name) == size), f"{key} dim {dim}")
 
 
 _one_rank_lock = threading.Lock()
@@ -269,11 +321,17 @@ def _built_as_one_rank() -> Iterator[None]:
         yield
 
 
+def meta_model(args: ModelArgs, model_cls: type = Transformer) -> nn.Module:
+    """A model_cls(args) on the meta device, built as for one rank with the smallest KV cache: the model's
+    modules, names and shapes, without memory or data."""
+    small = dataclasses.replace(args, max_batch_size=1, max_seq_len=1)
+    with _built_as_one_rank(), torch.device("meta"):
+        return model_cls(small)
+
+
 @functools.lru_cache(maxsize=32)
 def _layout_for(model_cls: type, args_items: tuple) -> Layout:
-    with _built_as_one_rank(), torch.device("meta"):
-        model = model_cls(ModelArgs(**dict(args_items)))
-    return Layout.from_model(model, mp_size=1)
+    return Layout.from_model(meta_model(ModelArgs(**dict(args_items)), model_cls), mp_size=1)
 
 
 # ------------------------------------------------------------------------------------- Meta <-> Hugging Face

@@ -1,0 +1,184 @@
+"""The C kernels of ``csrc/gemv_quant.c`` for quantized weights, and the torch operators over them.
+
+``QuantizedLinear(x)`` stands for ``x @ dequantize(W).T``. On a CPU, for up to ``KERNEL_MAX_ROWS`` input rows
+(decoding), it runs the kernels (torch operators ``llama::linear_int8`` and ``llama::linear_int4``, defined and
+registered here, once per process), which read the packed weights once per call. By default they work as
+llama.cpp does: each input row is rounded to int8 in blocks of 32 as well, and each block's products are summed as
+integers (AVX2's byte multiply-adds), which is what lets them stream the weights at the memory's speed. That
+rounding moves a result by about 0.5% of its norm on random data; on the demo model it moves perplexity by 0.03%
+or less (tests hold the bounds). ``use_int8_inputs(model, False)`` (``llama.quant.linear``) switches a model to the
+exact kernels instead: products with the dequantized weights, exact in fp32 and summed in fp32, slower (about
+bf16's speed per weight). Group sizes the int8-input kernels do not serve (int8: not a multiple of 32; int4: other
+than 32) always take the exact kernels. With more than ``KERNEL_MAX_ROWS`` input rows (prefill), a C loop
+dequantizes the weight to fp32 and torch's fp32 GEMM computes the exact product, which is faster there. On CUDA,
+or without a C compiler, a layer dequantizes its weight to the model's dtype and calls ``F.linear`` (under
+``torch.compile`` inductor fuses the dequantization into the product).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import threading
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from llama.kernels import cpu_gemv
+from llama.quant.scheme import MODES, SCALE_DTYPE, Scheme
+from llama.quant.tensor import dequantize
+
+SOURCE = Path(__file__).parent.parent / "csrc" / "gemv_quant.c"
+
+# Above this many input rows (prefill), the CPU path dequantizes the weight to fp32 (in C) for torch's GEMM,
+# which then beats the kernels.
+KERNEL_MAX_ROWS = 16
+
+_lock = threading.Lock()
+_state: dict[str, object] = {}  # "fns": {"int8": fn, "int4": fn}, or None once building them has failed
+
+
+def kernels() -> Optional[dict[str, ctypes._CFuncPtr]]:
+    """The compiled kernels by mode, built on first call (like cpu_gemv's); None where they cannot be built."""
+    if "fns" not in _state:
+        with _lock:
+            if "fns" not in _state:
+                # name -> (C symbol, argument types): the products, then the dequantizations to fp32
+                spec = {f"{m}{x}": (f"llama_gemv_{m}{x}", [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 5)
+                        for m in MODES for x in ("", "_q8x")}  # fmt: skip
+                spec.update({f"dequant_{m}": (f"llama_dequant_{m}", [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 3)
+                             for m in MODES})  # fmt: skip
+                fns = cpu_gemv.load_kernel(
+                    SOURCE, dict(spec.values()), "quantized layers dequantize their weights and use torch's matmul",
+                    restype=ctypes.c_int,
+                )  # fmt: skip
+                _state["fns"] = None if fns is None else {name: fns[symbol] for name, (symbol, _) in spec.items()}
+    return _state["fns"]  # type: ignore[return-value]
+
+
+def available() -> bool:
+    """Whether the quantized GEMV kernels are built (or can be built now) and loaded."""
+    return kernels() is not None
+
+
+_library = torch.library.Library("llama", "FRAGMENT")
+for _mode in MODES:
+    _library.define(
+        f"linear_{_mode}(Tensor x, Tensor qweight, Tensor scales, int group_size, bool int8_x=False) -> Tensor"
+    )
+
+
+def int8_x_applies(mode: str, group_size: int) -> bool:
+    """Whether the kernels with int8 inputs serve this format: blocks of 32 inputs must not straddle a group,
+    and the int4 packing keeps a block's weights in one run of bytes only for groups of 32."""
+    return group_size % 32 == 0 if mode == "int8" else group_size == 32
+
+
+def _linear_kernel(
+    mode: str, x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, group_size: int, int8_x: bool = False
+) -> torch.Tensor:
+    """F.linear(x, dequantize(qweight, scales)) through the C kernel; x (..., k) float on the CPU.
+
+    int8_x: quantize x to int8 in blocks of 32 and sum integer products (llama.cpp's way; see gemv_quant.c),
+    where the format allows (``int8_x_applies``): faster, but it rounds x as well.
+    """
+    n = qweight.shape[0]
+    k = qweight.shape[1] * (1 if mode == "int8" else 2)
+    if x.device.type != "cpu" or qweight.device.type != "cpu" or scales.dtype != SCALE_DTYPE:
+        raise TypeError(f"linear_{mode} takes CPU tensors and bf16 scales, got x on {x.device}, qweight on "
+                        f"{qweight.device}, scales {scales.dtype}")  # fmt: skip
+    if x.shape[-1] != k or scales.shape != (n, k // group_size) or k % group_size:
+        raise ValueError(f"linear_{mode}: x {tuple(x.shape)} does not fit qweight {tuple(qweight.shape)} and "
+                         f"scales {tuple(scales.shape)} with group size {group_size}")  # fmt: skip
+    fns = kernels()
+    if fns is None:
+        return F.linear(x, dequantize(qweight, scales, Scheme(mode, group_size), x.dtype))
+    # fp32 and bf16 inputs and outputs pass as they are (io flags); any other float dtype as fp32. Each aten
+    # call costs microseconds, and a decode step makes over a hundred of these calls: only the needed ones.
+    dtype = x.dtype if x.dtype in IO_FLAGS else torch.float32
+    x2 = x if x.dtype == dtype and x.is_contiguous() else x.to(dtype).contiguous()
+    q = qweight if qweight.is_contiguous() else qweight.contiguous()
+    s = scales if scales.is_contiguous() else scales.contiguous()
+    y = torch.empty(*x.shape[:-1], n, dtype=dtype)
+    fn = product_kernel(fns, mode, group_size, int8_x)
+    if fn(x2.data_ptr(), q.data_ptr(), s.data_ptr(), y.data_ptr(), x2.numel() // k, n, k, group_size, IO_FLAGS[dtype]):
+        raise MemoryError(f"linear_{mode}: out of memory for the kernel's scratch ({x2.numel() // k} rows of {k})")
+    return y if y.dtype == x.dtype else y.to(x.dtype)
+
+
+IO_FLAGS = {torch.float32: 0, torch.bfloat16: 1 | 2}  # gemv_quant.c's IO_X_BF16 | IO_Y_BF16, by activation dtype
+
+
+def product_kernel(fns: dict[str, ctypes._CFuncPtr], mode: str, group_size: int, int8_x: bool) -> ctypes._CFuncPtr:
+    """The C product for a format, of the built `fns` (``kernels()``): with int8 inputs where asked and the
+    format allows, else exact."""
+    return fns[f"{mode}_q8x"] if int8_x and int8_x_applies(mode, group_size) else fns[mode]
+
+
+def dequantize_cpu(
+    qweight: torch.Tensor, scales: torch.Tensor, scheme: Scheme, out: Optional[torch.Tensor] = None
+) -> torch.Tensor:
+    """``dequantize(qweight, scales, scheme)`` in fp32 by the C kernels (many times faster than torch's ops),
+    for CPU tensors, into `out` (fp32, contiguous, at least n * k elements) if given; torch's ops where the
+    kernels are not built."""
+    fns = kernels()
+    if fns is None:
+        return dequantize(qweight, scales, scheme)
+    q, s = qweight.contiguous(), scales.contiguous()
+    n, k = q.shape[0], scheme.in_features(q.shape[1])
+    if s.shape != (n, k // scheme.group_size) or s.dtype != SCALE_DTYPE or q.device.type != "cpu":
+        raise ValueError(f"dequantize_cpu: qweight {tuple(q.shape)} on {q.device} does not fit scales "
+                         f"{tuple(s.shape)} {s.dtype} with group size {scheme.group_size}")  # fmt: skip
+    if out is None:
+        out = torch.empty(n, k, dtype=torch.float32)
+    elif out.dtype != torch.float32 or not out.is_contiguous() or out.numel() < n * k:
+        raise ValueError(f"dequantize_cpu: out must be a contiguous fp32 tensor of at least {n * k} elements")
+    out = out.view(-1)[: n * k].view(n, k)
+    fns[f"dequant_{scheme.mode}"](q.data_ptr(), s.data_ptr(), out.data_ptr(), n, k, scheme.group_size)
+    return out
+
+
+def linear_dequantized(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, scheme: Scheme) -> torch.Tensor:
+    """``F.linear(x, dequantize(qweight, scales))`` on the CPU for many input rows: torch's fp32 GEMM over the
+    weight's rows dequantized a chunk at a time (``cpu_gemv.linear_in_fp32_chunks``), the result in x's dtype."""
+
+    def rows(lo: int, hi: int, out: torch.Tensor) -> torch.Tensor:
+        return dequantize_cpu(qweight[lo:hi], scales[lo:hi], scheme, out=out)
+
+    return cpu_gemv.linear_in_fp32_chunks(x, qweight.shape[0], rows)
+
+
+def linear_int8(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, group_size: int,
+                int8_x: bool = False) -> torch.Tensor:  # fmt: skip
+    """``F.linear(x, dequantize(...))`` for int8 weights through the C kernel (``torch.ops.llama.linear_int8``)."""
+    return _linear_kernel("int8", x, qweight, scales, group_size, int8_x)
+
+
+def linear_int4(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, group_size: int,
+                int8_x: bool = False) -> torch.Tensor:  # fmt: skip
+    """``F.linear(x, dequantize(...))`` for packed int4 weights through the C kernel (``llama::linear_int4``)."""
+    return _linear_kernel("int4", x, qweight, scales, group_size, int8_x)
+
+
+def _fake(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, group_size: int,
+          int8_x: bool = False) -> torch.Tensor:  # fmt: skip
+    return x.new_empty(*x.shape[:-1], qweight.shape[0])
+
+
+for _mode, _fn in (("int8", linear_int8), ("int4", linear_int4)):
+    _library.impl(f"linear_{_mode}", _fn, "CompositeExplicitAutograd")
+    torch.library.register_fake(f"llama::linear_{_mode}", _fake)
+
+
+def cpu_linear(
+    x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, scheme: Scheme, int8_x: bool = True
+) -> torch.Tensor:
+    """``F.linear(x, dequantize(qweight, scales))`` on a CPU whose kernels are built: the kernels (with int8
+    inputs where asked and the format allows) for up to KERNEL_MAX_ROWS rows, else the exact fp32 GEMM."""
+    if x.numel() > KERNEL_MAX_ROWS * x.shape[-1]:  # prefill: torch's fp32 GEMM, exact
+        return linear_dequantized(x, qweight, scales, scheme)
+    int8_x = int8_x and int8_x_applies(scheme.mode, scheme.group_size)
+    op = torch.ops.llama.linear_int8 if scheme.mode == "int8" else torch.ops.llama.linear_int4
+    return op(x, qweight, scales, scheme.group_size, int8_x)
+
