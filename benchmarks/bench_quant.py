@@ -108,7 +108,6 @@ def demo_agreement(steps: int) -> dict[str, float]:
         ids = [g.tokenizer.encode(p, bos=True, eos=False) for p in prompts]
         # one prompt at a time: batch 1, the C kernels' path; EOS is not a stop (ids -1 never come)
         g.tokenizer.stop_ids = [-1]
-        g._stop_ids = torch.tensor([-1])
         greedy[mode] = [g.generate([i], max_gen_len=steps, temperature=0)[0][0] for i in ids]
     out = {}
     for mode in MODES:

@@ -78,9 +78,9 @@ def run_module(module: str, *commands: str) -> NoReturn:
     subcommands), then exit.
 
     ``python -m llama.quantize`` executes llama/quantize.py as a module named ``__main__``. Had that copy gone on
-    to define the classes and register the torch operators, the library's own ``import llama.quantize`` (when
-    a quantized folder is opened) would execute the file again under its real name: two copies of every class,
-    and torch refusing the second registration of each operator. So each command-line module calls this right
+    to define its functions (it once also defined the quantized classes and registered torch operators), any
+    ``import llama.quantize`` in the same process would execute the file again under its real name: two copies
+    of everything, and torch refusing a second registration of an operator. So each command-line module calls this right
     after its imports, before it defines anything, and the command runs in the one ``llama.X`` module.
     """
     target = importlib.import_module(module)

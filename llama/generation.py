@@ -17,8 +17,9 @@ from llama.chat_format import ChatFormat, Dialog, Message
 from llama.checks import check_prompt_strings, check_stop
 from llama.engine.ends import RowEnd
 from llama.engine.loop import DecodeLoop
+from llama.engine.sampling import sample_top_p  # noqa: F401  (Meta's llama.generation has it; kept importable)
 from llama.engine.stream import ChatStream
-from llama.families import FAMILIES
+from llama.families import family_of
 from llama.loader import load
 from llama.model import Transformer
 from llama.tokenizer import TokenizerLike
@@ -85,7 +86,7 @@ class Llama:
             compile: decode with the opt-in fast path (``llama.engine.fast``): static shapes, no per-step host sync,
                 ``torch.compile``. One model-parallel rank only. In fp32 it gives the default path's greedy tokens
                 (tests compare them). With ``quantize``, on a CPU, both paths decode with the int8-input kernels
-                (``llama.quantize``), whose rounding turns the paths' last-bit differences into logits ~1e-2
+                (``llama.quant``), whose rounding turns the paths' last-bit differences into logits ~1e-2
                 apart, so near-ties can pick other tokens; ``llama.quantize.use_int8_inputs(model, False)``
                 switches both to the exact kernels, and then the fast path gives the default path's greedy
                 tokens in fp32 again. The reference for a quantized model is the default path with exact
@@ -116,15 +117,17 @@ class Llama:
         self.model = model
         self.tokenizer = tokenizer
         if formatter is None:
-            family = next((f for f in FAMILIES if isinstance(tokenizer, f.tokenizer_cls)), None)
-            formatter = family.chat_format(tokenizer) if family is not None else None
+            try:
+                formatter = family_of(tokenizer).chat_format(tokenizer)
+            except TypeError:  # a tokenizer of no family (the benchmarks' stand-ins): no chat
+                formatter = None
         self.formatter: Optional[ChatFormat] = formatter  # None: a tokenizer of no family (benchmarks), no chat
         self.fast = fast  # decode steps on the static-shape path when set
         self.engine = DecodeLoop(model, tokenizer, fast)
 
     @property
     def device(self) -> torch.device:
-        return self.model.tok_embeddings.weight.device
+        return self.model.device
 
     def generate(
         self,

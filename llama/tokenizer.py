@@ -18,9 +18,6 @@ import os
 import re
 from typing import ClassVar, Iterator, Optional, Protocol, Sequence, runtime_checkable
 
-import tiktoken
-from sentencepiece import SentencePieceProcessor
-
 logger = logging.getLogger(__name__)
 
 
@@ -103,6 +100,8 @@ class Tokenizer:
 
     def __init__(self, model_path: str | os.PathLike):
         model_path = check_file(model_path)
+        from sentencepiece import SentencePieceProcessor  # here, so importing this module loads neither library
+
         self.sp_model = SentencePieceProcessor()
         try:
             self.sp_model.Load(model_path)
@@ -297,6 +296,7 @@ class Llama3Tokenizer:
         return tokenizer
 
     def _init_from_ranks(self, ranks: dict[bytes, int], name: str) -> None:
+        import tiktoken  # here, so importing this module loads neither tokenizer library
         n_reserved = _LLAMA3_N_SPECIAL - len(_LLAMA3_NAMED_SPECIAL)
         reserved = [f"<|reserved_special_token_{2 + i}|>" for i in range(n_reserved)]
         specials = list(_LLAMA3_NAMED_SPECIAL) + reserved

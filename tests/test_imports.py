@@ -53,6 +53,17 @@ def test_importing_the_package_or_the_model_loads_nothing_heavy(code):
     assert not heavy, f"{code!r} loaded {heavy}"
 
 
+# The command lines and the engine need no tokenizer library until a tokenizer is opened: `python -m
+# llama.quantize --help` or a bad flag must not pay for loading tiktoken and sentencepiece.
+TOKENIZER_LIBRARIES = ["tiktoken", "sentencepiece"]
+
+
+@pytest.mark.parametrize("module", ["llama.quantize", "llama.reshard", "llama.engine.loop", "llama.weights.quantized"])
+def test_tools_and_engine_load_no_tokenizer_library_until_one_is_opened(module):
+    loaded = modules_after(f"import {module}")
+    assert not [m for m in TOKENIZER_LIBRARIES if m in loaded], f"import {module} loaded a tokenizer library"
+
+
 def test_the_public_names_still_load_from_the_package():
     code = (
         "import llama\n"

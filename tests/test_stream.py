@@ -241,3 +241,28 @@ def test_stream_used_after_a_text_completion_raises(generator):
         next(stream)
     with pytest.raises(StopIteration):  # a stream that raised is over
         next(stream)
+
+
+def test_the_device_mirror_ends_rows_where_their_row_ends_do(generator):
+    """EndRule.ended_on_device (the decoding loop's check) and RowEnd.add agree on every random row: the stop ids
+    and the length limit are one rule, read in two places."""
+    from llama.engine.ends import EndRule
+
+    stop = generator.tokenizer.stop_ids[0]
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(50):
+        prompt_lens = torch.randint(1, 20, (4,), generator=gen).tolist()
+        rule = EndRule(generator.tokenizer, max_gen_len=int(torch.randint(1, 12, (1,), generator=gen)), max_seq_len=24)
+        stop_ids, limits = rule.mirror(prompt_lens, torch.device("cpu"))
+        rows = [rule.rows_after([[0] * p], [p])[0] for p in prompt_lens]  # rows before any generated token
+        ended_on_device = torch.zeros(4, dtype=torch.bool)
+        for cur_pos in range(min(prompt_lens), 24):
+            tokens = torch.randint(0, 8, (4,), generator=gen)
+            tokens[tokens == 7] = stop  # a stop id now and then
+            step = EndRule.ended_on_device(tokens, cur_pos, stop_ids, limits)
+            for i, row in enumerate(rows):
+                if cur_pos < prompt_lens[i] or ended_on_device[i]:
+                    continue  # a prompt position, or after the row's end: neither decides anything
+                assert bool(step[i]) == row.add(int(tokens[i])), (prompt_lens[i], cur_pos, row.finish_reason)
+                ended_on_device[i] = step[i]
+        assert all(row.ended for row in rows), "every row ends by its length at the latest"

@@ -1,4 +1,4 @@
-/* Attention of one new query per row over the KV cache, for decoding on CPUs (see llama/cpu_attention.py).
+/* Attention of one new query per row over the KV cache, for decoding on CPUs (see llama/kernels/cpu_attention.py).
  *
  * For each row b and query head h = g * n_rep + r (g: the KV head it shares, as repeat_kv has it):
  *

@@ -1,4 +1,4 @@
-/* A whole decode step of the model on a CPU in one call, for the fast path (see llama/cpu_decode.py).
+/* A whole decode step of the model on a CPU in one call, for the fast path (see llama/engine/cpu_decode.py).
  *
  * On two cores a quantized step spends ~23 ms in its products and 3-6 ms between them: each of the ~150 calls
  * a compiled step makes (products, attention, inductor's small kernels) costs 10-25 us of Python and torch

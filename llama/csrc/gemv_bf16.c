@@ -1,4 +1,4 @@
-/* Matrix-vector product with bfloat16 weights for batch-1 decoding on CPUs (see llama/cpu_gemv.py).
+/* Matrix-vector product with bfloat16 weights for batch-1 decoding on CPUs (see llama/kernels/cpu_gemv.py).
  *
  * y[r, o] = sum_i x[r, i] * w[o, i], for x, w and y bf16: x (rows, k), w (n, k), y (rows, n). The input rows
  * are widened to fp32 once per call.

@@ -1,4 +1,4 @@
-/* Matrix products with int8 and int4 weights for decoding on CPUs (see llama/quantize.py).
+/* Matrix products with int8 and int4 weights for decoding on CPUs (see llama/quant/kernels.py).
  *
  * y[r, o] = sum_b s[o, b] * sum_{i in group b} x[r, i] * q[o, i], for x fp32 (rows, k), y fp32 (rows, n),
  * and weights in groups of g consecutive inputs, each group with its own scale s (bf16, (n, k / g)):
@@ -552,7 +552,7 @@ static int gemv_q8x(const void *x, const void *w, const uint16_t *s, void *y, in
     return failed;
 }
 
-/* Group sizes: int8 a multiple of 32, int4 exactly 32 (checked by the caller, llama/quantize.py). Return 0, or
+/* Group sizes: int8 a multiple of 32, int4 exactly 32 (checked by the caller, llama/quant/kernels.py). Return 0, or
  * 1 if out of memory (nothing written; the caller falls back). */
 int llama_gemv_int8_q8x(const void *x, const int8_t *w, const uint16_t *s, void *y, int64_t rows, int64_t n,
                         int64_t k, int64_t g, int64_t io) {

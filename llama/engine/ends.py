@@ -87,6 +87,15 @@ class EndRule:
         stop_ids = torch.tensor(sorted(self.stop_ids), dtype=torch.long, device=device)
         return stop_ids, torch.tensor(self.limits(prompt_lens), dtype=torch.long, device=device)
 
+    @staticmethod
+    def ended_on_device(
+        next_token: torch.Tensor, cur_pos: int, stop_ids: torch.Tensor, limits: torch.Tensor
+    ) -> torch.Tensor:
+        """RowEnd.add's stop-id and length tests for a whole batch on the device, with ``mirror``'s tensors: (bsz,)
+        True where the token at cur_pos is a stop id or the row's length runs out there. Stop strings need the
+        text, so only the RowEnds find those."""
+        return torch.isin(next_token, stop_ids) | (cur_pos + 1 >= limits)
+
     def text_rows(self, prompts: Sequence[Sequence[int]], echo_text: bool) -> list[RowEnd]:
         """A RowEnd with a TextStream for each prompt, to be fed every step; echo_text: the streams' text starts
         with the prompt's (stop strings are searched only after it)."""

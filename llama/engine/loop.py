@@ -174,7 +174,7 @@ class DecodeLoop:
 
     def start(self, prompts: Sequence[Sequence[int]], rule: EndRule, logprobs: bool) -> DecodeState:
         """Lay the prompts into a (bsz, total_len) grid, as the reference does, and take the KV cache."""
-        device = self.model.tok_embeddings.weight.device
+        device = self.model.device
         prompt_lens = [len(t) for t in prompts]
         ends = rule.limits(prompt_lens)
         total_len = max(ends)  # the reference's min(max_seq_len, max_gen_len + longest prompt)
@@ -243,8 +243,7 @@ class DecodeLoop:
                 )
             # The EndRule's mirror on the device: it only tells when every row has ended, so the loop can stop
             # without the host reading each token; the rows' RowEnds say where each one ends, and why.
-            ended = torch.isin(next_token, state.stop_ids) | (cur_pos + 1 >= state.limits)
-            state.finished |= generated & ended
+            state.finished |= generated & EndRule.ended_on_device(next_token, cur_pos, state.stop_ids, state.limits)
             prev_pos = cur_pos
             state.filled = cur_pos + 1
             if on_step is not None:

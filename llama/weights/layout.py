@@ -31,7 +31,7 @@ import torch
 from fairscale.nn.model_parallel import layers as fs_layers
 from torch import nn
 
-from llama.model import ModelArgs, Transformer
+from llama.model import ModelArgs, Transformer, ffn_hidden_dim
 from llama.model import transformer as model_module
 from llama.model.layers import split_dim_of
 
@@ -291,8 +291,10 @@ def check_model_parallel_fit(
 
 def _size_name(args: ModelArgs, key: str, dim: int, size: int) -> str:
     """What an error calls the size of weight `key`'s split dimension `dim`: the width of params.json it equals
-    (dim, vocab_size), else the weight's own ("layers.0.feed_forward.w1.weight dim 0")."""
-    return next((name for name in ("dim", "vocab_size") if getattr(args, name) == size), f"{key} dim {dim}")
+    (dim, vocab_size), the FFN hidden size, else the weight's own ("layers.0.attention.wq.weight dim 0")."""
+    widths = {"dim": args.dim, "vocab_size": args.vocab_size,
+              "ffn hidden size": ffn_hidden_dim(args.dim, args.multiple_of, args.ffn_dim_multiplier)}  # fmt: skip
+    return next((name for name, width in widths.items() if width == size), f"{key} dim {dim}")
 
 
 _one_rank_lock = threading.Lock()
