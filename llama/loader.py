@@ -124,7 +124,7 @@ def read_folder(ckpt_dir: str | os.PathLike, tokenizer_path: str | os.PathLike, 
     shard_paths = checkpoint.find_shards(ckpt_dir)
     tokenizer = load_tokenizer(tokenizer_path)
     folder = Folder(params, shard_paths, tokenizer, family_of(tokenizer))
-    folder.prequantized = checkpoint.QUANTIZATION_KEY in params
+    folder.prequantized = checkpoint.is_quantized(params)
     if quantize is not None or folder.prequantized:
         from llama.weights import quantized as quantization  # only when asked for: it registers its kernels' operators
 

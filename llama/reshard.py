@@ -52,7 +52,7 @@ def reshard(
         raise FileExistsError(f"{str(out_dir)!r} already exists; choose a new output folder or remove it")
     model_parallel_size = check_positive_int("model_parallel_size", model_parallel_size)
     open_checkpoint = checkpoint.open_checkpoint
-    if checkpoint.QUANTIZATION_KEY in checkpoint.read_params(ckpt_dir):  # written by python -m llama.quantize
+    if checkpoint.is_quantized(checkpoint.read_params(ckpt_dir)):  # written by python -m llama.quantize
         open_checkpoint = quantized.open_quantized_checkpoint
     # Each generation's own layout: Llama 3 splits the embedding by vocabulary rows, Llama 2 by columns.
     ckpt = open_checkpoint(ckpt_dir, family_of_folder(ckpt_dir).model_cls)

@@ -45,6 +45,11 @@ SHARD_PATTERN = re.compile(r"consolidated\.(\d+)\.pth")
 # of quantized folders (``llama.weights.quantized`` reads them, and says how they were made).
 QUANTIZATION_KEY = "quantization"
 
+
+def is_quantized(params: Mapping[str, Any]) -> bool:
+    """Whether a folder's params.json (as ``read_params`` gives it: a null key is dropped) says it is quantized."""
+    return QUANTIZATION_KEY in params
+
 # The float dtypes a weight may have: Meta publishes bfloat16; conversions and our tools may write float16 or float32.
 WEIGHT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 

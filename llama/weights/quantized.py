@@ -70,7 +70,7 @@ def split_params(
 def refuse_quantized(ckpt_dir: str | os.PathLike, params: Mapping[str, Any], fix: str) -> None:
     """Raise a ValueError saying how it was quantized, and `fix`, when params (ckpt_dir's params.json) are a
     quantized checkpoint's: for the tools that read float weights only."""
-    if PARAMS_KEY not in params:
+    if not checkpoint.is_quantized(params):
         return
     _, scheme = split_params(params, None)
     raise ValueError(f"{str(ckpt_dir)!r} is a quantized checkpoint ({scheme.mode}, group {scheme.group_size}); {fix}")
