@@ -52,12 +52,11 @@ def check_seed(seed: Any) -> int:
 
 def check_dtype(dtype: Any) -> torch.dtype:
     """dtype if it is one of DTYPES' torch dtypes (the ones the model computes in), else a clear error."""
+    names = ", ".join(f"torch.{n}" for n in DTYPES)
     if not isinstance(dtype, torch.dtype):
-        raise TypeError(f"dtype must be a torch.dtype ({', '.join(f'torch.{n}' for n in DTYPES)}), got {dtype!r}")
+        raise TypeError(f"dtype must be a torch.dtype ({names}), got {dtype!r}")
     if dtype not in DTYPES.values():
-        raise ValueError(
-            f"dtype {dtype} is not supported: the model computes in {', '.join(f'torch.{n}' for n in DTYPES)} only"
-        )
+        raise ValueError(f"dtype {dtype} is not supported: the model computes in {names} only")
     return dtype
 
 

@@ -165,7 +165,8 @@ def read_args(function: Callable[..., Any], args: Sequence[str], name: str) -> d
             raise ValueError(f"--{keyword} is given twice ({given[keyword].text} and {text}); give it once")
         given[keyword] = Given(fire.parser.DefaultParseValue(text), text, f"--{keyword}", bare)
     if unknown:
-        switches = [f"no{p.name}" for p in params if _accepted(_type_hints(function).get(p.name)) == [_ACCEPTS[bool]]]
+        hints = _type_hints(function)
+        switches = [f"no{p.name}" for p in params if _accepted(hints.get(p.name)) == [_ACCEPTS[bool]]]
         hint = _did_you_mean(unknown[0].lstrip("-").partition("=")[0].replace("-", "_"), names + switches, "--")
         raise ValueError(f"unknown flag{'s' * (len(unknown) > 1)} {', '.join(unknown)}{hint}; {name} takes "
                          f"{_flag_list(function)} (see --help)")  # fmt: skip

@@ -62,7 +62,11 @@ def test_numpy_floats_are_taken_wherever_floats_are(generator):
     torch.manual_seed(3)
     stream = generator.text_completion_stream("Llamas live in", temperature=np.float64(0.7), top_p=np.float16(0.9),
                                               max_gen_len=8)  # fmt: skip
-    assert isinstance("".join(stream), str)
+    streamed = "".join(stream)
+    torch.manual_seed(3)
+    top_p = float(np.float16(0.9))
+    [batch] = generator.text_completion(["Llamas live in"], temperature=0.7, top_p=top_p, max_gen_len=8)
+    assert streamed == batch["generation"] and streamed
 
 
 @pytest.mark.parametrize("bad", [np.float32("nan"), np.float64("inf"), np.bool_(True), True, "0.5", torch.tensor(0.5)])

@@ -286,3 +286,17 @@ def test_a_shard_copied_over_another_is_named(make_checkpoint, quantized, tokeni
     with pytest.raises(ValueError, match=message.format(part="qweight")):
         reshard(q_over, tmp_path / "out", 1)
     assert not (tmp_path / "out").exists()
+
+
+def test_scales_that_do_not_fit_their_qweight_name_both(quantized, tokenizer_path, tmp_path, build_generator):
+    name = "layers.0.feed_forward.w2"
+
+    def cut(state: dict) -> None:
+        state[f"{name}.scales"] = state[f"{name}.scales"][:, :-1].clone()  # one group too few
+
+    bad = edited_copy(quantized("int8"), tmp_path / "bad", 0, cut)
+    message = rf"{name}.qweight \(.*\) and {name}.scales \(.*\) do not fit together"
+    with pytest.raises(ValueError, match=message):
+        build_generator(bad, tokenizer_path, **SIZE)
+    with pytest.raises(ValueError, match=message):
+        reshard(bad, tmp_path / "out", 2)

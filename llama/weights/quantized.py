@@ -230,8 +230,14 @@ def _open_quantized_shards(
     (``_open_checked``) and checked against `expected` (the quantized model's layout, with full shapes): every key
     and shape."""
     shards, _, written = _open_checked(paths, scheme, model_cls)
-    checkpoint.check_state_dict(written.merged_shapes(shards), expected.shapes, repr(str(paths[0].parent)))
+    _check_against(paths, shards, written, expected)
     return written, shards
+
+
+def _check_against(paths: Sequence[Path], shards: Sequence[Mapping[str, torch.Tensor]], written: Layout,
+                   expected: Layout) -> None:  # fmt: skip
+    """Every key and full shape of the shards (cut as `written`) against `expected` (the quantized model's)."""
+    checkpoint.check_state_dict(written.merged_shapes(shards), expected.shapes, repr(str(paths[0].parent)))
 
 
 # ------------------------------------------------------------------------------------- loading
@@ -396,11 +402,11 @@ def open_quantized_checkpoint(ckpt_dir: str | Path, model_cls: type = Transforme
     if scheme is None:
         raise ValueError(f"{str(folder)!r} is not a quantized checkpoint: its params.json has no {PARAMS_KEY!r}")
     paths = checkpoint.find_shards(folder)
-    as_float = float_shaped_shards(paths, scheme, model_cls)
+    shards, as_float, written = _open_checked(paths, scheme, model_cls)  # each file opened and checked once
     args, float_layout = checkpoint.fit_params_to_shards(float_params, paths, as_float, None, model_cls)
     linears = linear_names(model_cls, args.n_layers)
     layout = quantized_layout(float_layout, linears, scheme)
-    written, shards = _open_quantized_shards(paths, scheme, layout, model_cls)
+    _check_against(paths, shards, written, layout)
     return QuantizedCheckpoint(folder, params, args, paths, shards, layout, written, model_cls, scheme, linears)
 
 
