@@ -9,14 +9,17 @@ from the model's family (``llama.families``). What stays here is text in and tex
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Iterator, List, Optional, TypedDict
+import threading
+from typing import TYPE_CHECKING, Generator, Iterator, List, Optional, TypedDict
 
 import torch
 
 from llama.chat_format import ChatFormat, Dialog, Message
 from llama.checks import check_prompt_strings, check_stop
+from llama.engine.batching import Engine
 from llama.engine.ends import RowEnd
 from llama.engine.loop import DecodeLoop
+from llama.engine.requests import RequestHandle, Result, SamplingParams
 from llama.engine.sampling import sample_top_p  # noqa: F401  (Meta's llama.generation has it; kept importable)
 from llama.engine.stream import ChatStream
 from llama.families import family_of
@@ -124,6 +127,18 @@ class Llama:
         self.formatter: Optional[ChatFormat] = formatter  # None: a tokenizer of no family (benchmarks), no chat
         self.fast = fast  # decode steps on the static-shape path when set
         self.engine = DecodeLoop(model, tokenizer, fast)
+        self._batching: Optional[Engine] = None
+        self._batching_made = threading.Lock()
+
+    @property
+    def batching(self) -> Engine:
+        """The continuous-batching engine on this Llama's model (``llama.engine.batching``), made on first use: many
+        requests at once, from any thread, each decoded as if alone. The streams use it (with one process). It
+        shares the KV cache with the batch calls, which wait while it has requests (and it waits for them)."""
+        with self._batching_made:
+            if self._batching is None:
+                self._batching = Engine.for_llama(self)
+            return self._batching
 
     @property
     def device(self) -> torch.device:
@@ -193,7 +208,7 @@ class Llama:
         if not isinstance(prompt, str):
             raise TypeError(f"prompt must be a str, got {type(prompt).__name__}")
         prompt_tokens = self.tokenizer.encode(prompt, bos=True, eos=False)
-        return self.engine.stream(prompt_tokens, temperature, top_p, max_gen_len, stop)
+        return self._stream(prompt_tokens, temperature, top_p, max_gen_len, stop)
 
     def chat_completion(
         self,
@@ -256,9 +271,26 @@ class Llama:
         if refusal is not None:
             check_stop(stop)
             return ChatStream(formatter, iter([refusal]))
-        return ChatStream(formatter, self.engine.stream(prompt_tokens, temperature, top_p, max_gen_len, stop))
+        return ChatStream(formatter, self._stream(prompt_tokens, temperature, top_p, max_gen_len, stop))
 
     # ------------------------------------------------------------------ glue
+
+    def _stream(
+        self, prompt_tokens: List[int], temperature: float, top_p: float, max_gen_len: Optional[int],
+        stop: Optional[List[str]],
+    ) -> Generator[str, None, RowEnd | Result]:  # fmt: skip
+        """The text deltas of one prompt's row, which return how it ended (finish_reason, stop_id, stop_string).
+
+        With one process the request runs on the continuous-batching engine, so streams from several threads run
+        together. Under torchrun with several ranks, every rank runs the stream in step with the others, one call
+        at a time, as the reference's calls run (``DecodeLoop.stream``).
+        """
+        if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+            return self.engine.stream(prompt_tokens, temperature, top_p, max_gen_len, stop)
+        # The batch calls' checks and length rule: max_gen_len is clamped to the cache, as text_completion does
+        [prompt], rule = self.engine.prepare([prompt_tokens], max_gen_len, temperature, top_p, stop, stream=True)
+        params = SamplingParams(temperature, top_p, rule.budget(len(prompt)), tuple(rule.stop))
+        return _deltas(self.batching.submit(prompt, params))
 
     def _chat_format(self) -> ChatFormat:
         if self.formatter is None:
@@ -275,3 +307,15 @@ class Llama:
     def _pieces(self, tokens: List[int]) -> List[str]:
         """Each token's own text, as the reference returns them with logprobs."""
         return [self.tokenizer.decode([x]) for x in tokens]
+
+
+def _deltas(handle: RequestHandle) -> Generator[str, None, Result]:
+    """A request's text deltas; returns its result. Closing the generator early cancels the request."""
+    try:
+        for output in handle:
+            if output.text:
+                yield output.text
+    finally:
+        if not handle.done:
+            handle.cancel()
+    return handle.result()

@@ -18,7 +18,7 @@ from llama_models.llama3.tool_utils import BUILTIN_TOOL_PATTERN, CUSTOM_TOOL_CAL
 
 from llama import Llama
 from llama.chat_format import Llama2ChatFormat, Llama3ChatFormat
-from llama.engine import loop
+from llama.engine import batching, loop
 from llama.engine.ends import RowEnd
 from llama.engine.stream import ChatStream
 from llama.interactive import chat_loop
@@ -378,7 +378,7 @@ class Forced:
     def __init__(self, ids: list[int]):
         self.ids, self.step = ids, 0
 
-    def __call__(self, last_logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
+    def __call__(self, last_logits: torch.Tensor, temperature: float, top_p: float, generator=None) -> torch.Tensor:
         token = self.ids[min(self.step, len(self.ids) - 1)]
         self.step += 1
         return torch.full(last_logits.shape[:1], token, dtype=torch.long)
@@ -403,6 +403,7 @@ def batch_and_stream(generator: Llama, monkeypatch, ids: list[int], **kwargs) ->
     kwargs = {"temperature": 0, "max_gen_len": 40, **kwargs}
     forced = Forced(ids)
     monkeypatch.setattr(loop, "select_next_token", forced)
+    monkeypatch.setattr(batching, "select_next_token", forced)  # the streams run on the engine
     batch = generator.chat_completion([dialog], **kwargs)[0]["generation"]
     forced.step = 0
     stream = generator.chat_completion_stream(dialog, **kwargs)
@@ -465,6 +466,7 @@ def test_llama2_stream_is_the_batch_answer(llama2, monkeypatch, text):
 def test_chat_completion_never_fails_after_generation(llama3, monkeypatch):
     ids = llama3.tokenizer.encode("[f(a={[1]: 2})]", bos=False, eos=False) + [llama3.tokenizer.eot_id]
     monkeypatch.setattr(loop, "select_next_token", Forced(ids))
+    monkeypatch.setattr(batching, "select_next_token", Forced(ids))
     [result] = llama3.chat_completion([[{"role": "user", "content": "hi"}]], max_gen_len=40)
     assert result["generation"]["content"] == "[f(a={[1]: 2})]" and result["generation"]["tool_calls"] == []
 
@@ -475,7 +477,7 @@ def test_chat_completion_never_fails_after_generation(llama3, monkeypatch):
 def test_interactive_chat_keeps_the_structured_answer(llama3, monkeypatch):
     tok = llama3.tokenizer
     forced = Forced([tok.python_tag_id] + tok.encode("print(1)", bos=False, eos=False) + [tok.eom_id])
-    monkeypatch.setattr(loop, "select_next_token", forced)
+    monkeypatch.setattr(batching, "select_next_token", forced)  # the chat streams on the engine
     dialogs, stream = [], llama3.chat_completion_stream
 
     def recorded(dialog, *args, **kwargs):

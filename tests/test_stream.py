@@ -220,27 +220,52 @@ def test_batch_and_stream_end_a_row_alike(generator, with_stop):
 # ---------------------------------------------------------------- one Llama, several generations
 
 
-def test_alternated_streams_the_first_raises_the_second_is_right(generator):
+def test_alternated_streams_both_complete(generator):
+    """Two streams of one Llama run together on its continuous-batching engine (they used to invalidate each
+    other): read in turns, each joins to its own batch answer."""
     kwargs = dict(temperature=0, max_gen_len=20)
-    expected = generator.text_completion([PROMPTS[1]], **kwargs)[0]["generation"]
-    first = generator.text_completion_stream(PROMPTS[0], **kwargs)
-    next(first)  # the first stream's prompt is in the KV cache
-    second = generator.text_completion_stream(PROMPTS[1], **kwargs)
-    pieces = [next(second)]  # the second stream's prompt overwrites it
-    with pytest.raises(RuntimeError, match="KV cache was overwritten by another generation"):
-        next(first)
-    pieces.extend(second)
-    assert "".join(pieces) == expected
+    expected = [generator.text_completion([p], **kwargs)[0]["generation"] for p in PROMPTS[:2]]
+    streams = [generator.text_completion_stream(p, **kwargs) for p in PROMPTS[:2]]
+    pieces: list[list[str]] = [[], []]
+    live = [0, 1]
+    while live:
+        for i in list(live):
+            piece = next(streams[i], None)
+            if piece is None:
+                live.remove(i)
+            else:
+                pieces[i].append(piece)
+    assert ["".join(p) for p in pieces] == expected
 
 
-def test_stream_used_after_a_text_completion_raises(generator):
-    stream = generator.text_completion_stream(PROMPTS[0], temperature=0, max_gen_len=20)
+def test_a_batch_call_during_a_stream_waits_and_both_are_right(generator):
+    kwargs = dict(temperature=0, max_gen_len=20)
+    expected = [generator.text_completion([p], **kwargs)[0]["generation"] for p in PROMPTS[:2]]
+    stream = generator.text_completion_stream(PROMPTS[0], **kwargs)
+    first = next(stream)
+    # the batch call waits for the engine's request to end (it runs on without being read), then takes the cache
+    assert generator.text_completion([PROMPTS[1]], **kwargs)[0]["generation"] == expected[1]
+    assert first + "".join(stream) == expected[0]
+
+
+def test_streams_from_threads_each_get_their_own_answer(generator):
+    from concurrent.futures import ThreadPoolExecutor
+
+    kwargs = dict(temperature=0, max_gen_len=16)
+    prompts = PROMPTS * 2
+    expected = [generator.text_completion([p], **kwargs)[0]["generation"] for p in prompts]
+    with ThreadPoolExecutor(len(prompts)) as pool:
+        got = list(pool.map(lambda p: "".join(generator.text_completion_stream(p, **kwargs)), prompts))
+    assert got == expected
+
+
+def test_a_stream_dropped_halfway_frees_its_slot(generator):
+    stream = generator.text_completion_stream(PROMPTS[0], temperature=0, max_gen_len=40)
     next(stream)
-    generator.text_completion([PROMPTS[1]], temperature=0, max_gen_len=4)
-    with pytest.raises(RuntimeError, match="KV cache was overwritten"):
-        next(stream)
-    with pytest.raises(StopIteration):  # a stream that raised is over
-        next(stream)
+    stream.close()  # the consumer stops reading: the request is cancelled and its slot freed
+    engine = generator.batching
+    assert engine.wait_idle(timeout=30)
+    assert not engine._active and not engine._requests
 
 
 def test_the_device_mirror_ends_rows_where_their_row_ends_do(generator):

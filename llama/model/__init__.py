@@ -7,7 +7,7 @@
 """
 
 from llama.model.args import ModelArgs, ffn_hidden_dim
-from llama.model.kv_cache import KVCache, kv_cache_bytes, kv_cache_shape
+from llama.model.kv_cache import CacheRows, KVCache, kv_cache_bytes, kv_cache_shape
 from llama.model.layers import (
     ColumnParallelLinear,
     LinearOperands,
@@ -40,6 +40,7 @@ from llama.model.transformer import (
 __all__ = [
     "Attention",
     "BlockOps",
+    "CacheRows",
     "ColumnParallelLinear",
     "FeedForward",
     "KVCache",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -26,6 +27,22 @@ def kv_cache_bytes(args: ModelArgs, mp_size: int, dtype: torch.dtype) -> int:
     return 2 * args.n_layers * math.prod(kv_cache_shape(args, mp_size)) * dtype.itemsize
 
 
+@dataclass(frozen=True)
+class CacheRows:
+    """Where the rows of a call sit in the KV cache when they are not rows 0..bsz-1 at one position (the rows of a
+    continuous batch): row i of the call is the cache's slot ``slots[i]``, and its tokens are at positions
+    ``positions[i]``, ``positions[i] + 1``, ...
+
+    length: the positions attention reads, 0..length-1 (at least the furthest row's last position + 1):
+    ``KVCache.update`` returns each row's slot over them, gathered into (bsz, length, n_kv_heads, head_dim). None:
+    it returns the whole cache, for a kernel that finds each row's slot and positions itself (``attend_one``).
+    """
+
+    slots: torch.Tensor  # (bsz,) long
+    positions: torch.Tensor  # (bsz,) long
+    length: Optional[int] = None
+
+
 class KVCache(nn.Module):
     """One attention layer's cached keys and values, each (max_batch_size, max_seq_len, n_kv_heads, head_dim).
 
@@ -45,7 +62,7 @@ class KVCache(nn.Module):
         self.register_buffer("cache_v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
     def update(
-        self, positions: int | torch.Tensor, k: torch.Tensor, v: torch.Tensor
+        self, positions: int | torch.Tensor | CacheRows, k: torch.Tensor, v: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Write keys and values k, v (bsz, seqlen, n_kv_heads, head_dim) of rows 0..bsz-1 at `positions`; return
         the keys and values attention reads, each (bsz, length, n_kv_heads, head_dim), views of the cache.
@@ -59,9 +76,13 @@ class KVCache(nn.Module):
           fixed, and attention hides the positions after p.
         - a (bsz,) long tensor, one token per row, row i at position positions[i] (rows at different positions,
           as a continuous-batching engine has them). Unchecked and returned whole, as above.
+        - a ``CacheRows``: row i in slot slots[i], its tokens at positions[i]... (any seqlen). Unchecked (the
+          engine that places the rows checks them); returns what its ``length`` says.
         """
         bsz, seqlen = k.shape[:2]
         cache_k, cache_v = self.cache_k, self.cache_v
+        if isinstance(positions, CacheRows):
+            return self._update_rows(positions, k, v)
         if not isinstance(positions, torch.Tensor):
             end = positions + seqlen
             self._check_fits(positions, end, bsz)
@@ -79,6 +100,18 @@ class KVCache(nn.Module):
             cache_k[rows, positions] = k[:, 0]
             cache_v[rows, positions] = v[:, 0]
         return cache_k, cache_v
+
+    def _update_rows(self, rows: CacheRows, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        seqlen = k.shape[1]
+        at = rows.positions[:, None] + torch.arange(seqlen, device=rows.positions.device)  # (bsz, seqlen)
+        slots = rows.slots[:, None]  # broadcast against at: cell (slots[i], at[i, j]) takes k[i, j]
+        self.cache_k[slots, at] = k
+        self.cache_v[slots, at] = v
+        if rows.length is None:
+            return self.cache_k, self.cache_v
+        # (bsz, length, n_kv_heads, head_dim): a copy of the rows' slots, as attention reads them
+        return (self.cache_k[:, : rows.length].index_select(0, rows.slots),
+                self.cache_v[:, : rows.length].index_select(0, rows.slots))  # fmt: skip
 
     def _check_fits(self, start: int, end: int, bsz: int) -> None:
         if start < 0 or end > self.max_seq_len:

@@ -69,9 +69,13 @@ def precompute_freqs_cis(
 
 
 def reshape_for_broadcast(freqs_cis: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    # freqs_cis: (seqlen, head_dim // 2); x: (bsz, seqlen, n_heads, head_dim // 2) -> (1, seqlen, 1, head_dim // 2)
-    if freqs_cis.shape != (x.shape[1], x.shape[-1]):
+    # freqs_cis: (seqlen, head_dim // 2), the same positions for every row; x: (bsz, seqlen, n_heads, head_dim // 2)
+    # -> (1, seqlen, 1, head_dim // 2). Or (bsz, seqlen, head_dim // 2), each row at its own positions (rows of a
+    # continuous batch) -> (bsz, seqlen, 1, head_dim // 2): the same products, row by row.
+    if freqs_cis.shape not in ((x.shape[1], x.shape[-1]), (x.shape[0], x.shape[1], x.shape[-1])):
         raise ValueError(f"freqs_cis shape {tuple(freqs_cis.shape)} does not fit input shape {tuple(x.shape)}")
+    if freqs_cis.ndim == 3:
+        return freqs_cis.unsqueeze(2)
     shape = [d if i in (1, x.ndim - 1) else 1 for i, d in enumerate(x.shape)]
     return freqs_cis.view(*shape)
 
@@ -79,7 +83,8 @@ def reshape_for_broadcast(freqs_cis: torch.Tensor, x: torch.Tensor) -> torch.Ten
 def apply_rotary_emb(
     xq: torch.Tensor, xk: torch.Tensor, freqs_cis: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rotate adjacent pairs (x[2k], x[2k+1]) of q and k, viewed as complex numbers, in fp32."""
+    """Rotate adjacent pairs (x[2k], x[2k+1]) of q and k, viewed as complex numbers, in fp32 (freqs_cis: see
+    ``reshape_for_broadcast``)."""
     xq_ = torch.view_as_complex(xq.float().reshape(*xq.shape[:-1], -1, 2))
     xk_ = torch.view_as_complex(xk.float().reshape(*xk.shape[:-1], -1, 2))
     freqs_cis = reshape_for_broadcast(freqs_cis, xq_)
@@ -98,11 +103,12 @@ def apply_rotary_emb_real(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor)
     where complex numbers are awkward: adjacent pairs (x[2k], x[2k+1]) rotated in fp32, equal to the complex form
     within rounding (tested).
 
-    x: (bsz, seqlen, n_heads, head_dim); cos, sin: (seqlen, head_dim // 2).
+    x: (bsz, seqlen, n_heads, head_dim); cos, sin: (seqlen, head_dim // 2), or (bsz, seqlen, head_dim // 2) with
+    each row at its own positions.
     """
     xf = x.float().unflatten(-1, (-1, 2))
     even, odd = xf[..., 0], xf[..., 1]  # (bsz, seqlen, n_heads, head_dim // 2)
-    cos, sin = cos[None, :, None, :], sin[None, :, None, :]
+    cos, sin = (cos[:, :, None, :], sin[:, :, None, :]) if cos.ndim == 3 else (cos[None, :, None], sin[None, :, None])
     out = torch.stack([even * cos - odd * sin, even * sin + odd * cos], dim=-1)
     return out.flatten(-2).type_as(x)
 

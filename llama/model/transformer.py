@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from llama.model.args import ModelArgs, ffn_hidden_dim
-from llama.model.kv_cache import KVCache, kv_cache_shape
+from llama.model.kv_cache import CacheRows, KVCache, kv_cache_shape
 from llama.model.layers import (
     ColumnParallelLinear,
     ParallelEmbedding,
@@ -50,6 +50,14 @@ def causal_mask(seqlen: int, start_pos: int, device: torch.device, dtype: torch.
     mask = torch.triu(mask, diagonal=1)
     mask = torch.hstack([torch.zeros((seqlen, start_pos), device=device), mask])
     return mask.to(dtype)
+
+
+def rows_mask(at: torch.Tensor, length: int, dtype: torch.dtype) -> torch.Tensor:
+    """Additive mask (bsz, 1, seqlen, length) for rows whose queries sit at positions at (bsz, seqlen): each query
+    sees the positions up to its own. For one row it is ``causal_mask``'s (zeros for a single query)."""
+    keys = torch.arange(length, device=at.device)
+    mask = torch.zeros(at.shape + (length,), device=at.device)
+    return mask.masked_fill_(keys > at[..., None], float("-inf")).unsqueeze(1).to(dtype)
 
 
 def attention(xq: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
@@ -258,6 +266,23 @@ class Transformer(nn.Module):
         if seqlen > 1:
             mask = causal_mask(seqlen, start_pos, tokens.device, h.dtype)
         return self.logits(h, start_pos, freqs_cis, mask)
+
+    @torch.inference_mode()
+    def forward_rows(self, tokens: torch.Tensor, slots: list[int], positions: list[int]) -> torch.Tensor:
+        """Logits (bsz, seqlen, vocab_size) in fp32 for rows that each sit in their own KV-cache slot at their own
+        positions (a continuous batch): row i's tokens are at positions[i]..., in slot slots[i], and it attends
+        over that slot alone. The math is ``forward``'s for each row on its own; the caller (the engine) keeps
+        slots distinct and positions inside the cache.
+        """
+        bsz, seqlen = tokens.shape
+        device = tokens.device
+        h = self.tok_embeddings(tokens)
+        if self.freqs_cis.device != h.device:
+            self.freqs_cis = self.freqs_cis.to(h.device)
+        at = torch.tensor(positions, dtype=torch.long, device=device)[:, None] + torch.arange(seqlen, device=device)
+        length = max(positions) + seqlen
+        rows = CacheRows(torch.tensor(slots, dtype=torch.long, device=device), at[:, 0], length)
+        return self.logits(h, rows, self.freqs_cis[at], rows_mask(at, length, h.dtype))
 
     def logits(
         self,
