@@ -142,6 +142,15 @@ def run(cmd: list[str], input: str | None = None, ok: bool = True) -> subprocess
     return proc
 
 
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now (for a rendezvous or a server a test starts)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def torchrun(nproc: int, script: str, *args: str) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", script, *args]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

@@ -1,7 +1,7 @@
 """Run under torchrun by test_timeouts.py: rank 1 stops itself (SIGSTOP) before a collective that rank 0 enters.
 
-Args: ckpt_dir tokenizer_path pid_dir where, where "broadcast" (broadcast_from_main) or "generate" (a forward's
-model-parallel all-reduce). Each rank writes its pid to pid_dir/RANK, so the test can watch rank 0 and kill rank 1.
+Args: ckpt_dir tokenizer_path pid_dir where, where "broadcast" (broadcast_from_main), "generate" (a forward's
+model-parallel all-reduce) or "engine" (the continuous-batching engine's step plan, which rank 1 should follow). Each rank writes its pid to pid_dir/RANK, so the test can watch rank 0 and kill rank 1.
 where="patient" stops no one: rank 0 waits longer than the timeout, as for a person, before a patient broadcast.
 """
 
@@ -14,6 +14,7 @@ import torch
 
 from llama import Llama
 from llama.distributed import broadcast_from_main, collective, start_patient_broadcasts
+from llama.engine.batching import Engine
 
 
 @collective("a generation step (the model-parallel all-reduce)")  # as the example scripts' main
@@ -33,6 +34,7 @@ def main(ckpt_dir: str, tokenizer_path: str, pid_dir: str, where: str) -> None:
         # still in a collective aborted once at exit ("terminate called without an active exception").
         torch.distributed.barrier()
         return
+    engine = Engine.for_llama(generator) if where == "engine" else None  # a collective: before rank 1 stops
     rank = os.environ["RANK"]
     with open(os.path.join(pid_dir, rank + ".tmp"), "w") as f:
         f.write(str(os.getpid()))
@@ -43,8 +45,10 @@ def main(ckpt_dir: str, tokenizer_path: str, pid_dir: str, where: str) -> None:
         broadcast_from_main("a line")
     elif where == "generate":
         generator.text_completion(["Llamas live in"], temperature=0, max_gen_len=4)
+    elif where == "engine":
+        engine.submit("Llamas live in").result()  # the step's plan reaches no one: the request fails with the error
     else:
-        raise ValueError(f"where must be 'broadcast' or 'generate', got {where!r}")
+        raise ValueError(f"where must be 'broadcast', 'generate' or 'engine', got {where!r}")
     print("RANK 0 WAS NOT STOPPED", flush=True)
 
 

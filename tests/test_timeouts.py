@@ -106,12 +106,12 @@ def run_with_a_stopped_rank(ckpt_dir, tokenizer_path, where: str, tmp_path, limi
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("where", ["broadcast", "generate"])
+@pytest.mark.parametrize("where", ["broadcast", "generate", "engine"])
 def test_a_stopped_rank_ends_the_job_with_a_clear_error(make_checkpoint, tokenizer_path, tmp_path, where):
     status, stderr, took = run_with_a_stopped_rank(make_checkpoint("gqa", n_shards=2), tokenizer_path, where, tmp_path)
     assert took is not None and took < 30, f"rank 0 did not end within 30 s of rank 1's stop: {stderr[-3000:]}"
     assert status != 0, stderr[-3000:]
-    what = "broadcast_from_main" if where == "broadcast" else "a generation step"
+    what = "a generation step" if where == "generate" else "broadcast_from_main"
     message = rf"CollectiveError: rank 0: {what}.* timed out after 5 s: .*waiting on rank\(s\) 1\..*--timeout_s"
     assert re.search(message, stderr), stderr[-3000:]
     assert re.search(r"rank\s*: 0 .*\n\s*exitcode\s*: 1 ", stderr), stderr[-3000:]  # torchrun: rank 0 failed first
