@@ -1,4 +1,5 @@
-"""The decoding loop, and the calls that take turns on one model's KV cache: a batch (``complete``) and a stream.
+"""The reference's decoding loop, and the calls that take turns on one model's KV cache: a batch (``complete``) and,
+under torchrun with several ranks, a stream (with one process, streams run on ``llama.engine.batching``'s engine).
 
 The loop runs over a small "forward" interface: anything with ``forward(tokens, start_pos) -> logits`` that writes
 the tokens' keys and values into the KV cache at start_pos. The faithful ``Transformer`` is one; the fast path's
@@ -75,7 +76,8 @@ class DecodeLoop:
 
     One KV cache serves every call. A batch holds the lock for its whole run, a stream for each step, so threads
     take turns; every batch takes a new number, so a stream whose cache another batch has overwritten since it
-    last stepped finds out (``steps``) instead of going on with wrong text.
+    last stepped finds out (``steps``) instead of going on with wrong text. The continuous-batching engine
+    (``llama.engine.batching``) takes the same lock while it has requests.
     """
 
     def __init__(self, model: Transformer, tokenizer: TokenizerLike, fast: Optional[FastDecoder] = None):
