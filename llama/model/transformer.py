@@ -140,7 +140,7 @@ class Attention(nn.Module):
     def forward(
         self,
         x: torch.Tensor,
-        start_pos: int | torch.Tensor,
+        start_pos: int | torch.Tensor | CacheRows,
         freqs_cis: Rotations,
         mask: Optional[torch.Tensor],
         ops: BlockOps = REFERENCE,
@@ -201,7 +201,7 @@ class TransformerBlock(nn.Module):
     def forward(
         self,
         x: torch.Tensor,
-        start_pos: int | torch.Tensor,
+        start_pos: int | torch.Tensor | CacheRows,
         freqs_cis: Rotations,
         mask: Optional[torch.Tensor],
         ops: BlockOps = REFERENCE,
@@ -287,7 +287,7 @@ class Transformer(nn.Module):
     def logits(
         self,
         h: torch.Tensor,
-        start_pos: int | torch.Tensor,
+        start_pos: int | torch.Tensor | CacheRows,
         freqs_cis: Rotations,
         mask: Optional[torch.Tensor],
         ops: BlockOps = REFERENCE,
