@@ -26,7 +26,7 @@ LAYERS = {
     3: ["llama.weights", "llama.families"],
     4: ["llama.engine", "llama.hf"],
     5: ["llama.generation", "llama.loader", "llama.interactive", "llama.cli", "llama.commandline",
-        "llama.quantize", "llama.reshard", "llama.convert",
+        "llama.quantize", "llama.reshard", "llama.convert", "llama.serve", "llama.eval",
         "llama"],  # the package itself: its public names load their modules on first use
 }  # fmt: skip
 

@@ -378,6 +378,16 @@ class Engine:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    @property
+    def running(self) -> int:
+        """Requests holding a KV-cache slot now."""
+        return len(self._active)
+
+    @property
+    def waiting(self) -> int:
+        """Requests waiting for a slot."""
+        return len(self._waiting)
+
     def wait_idle(self, timeout: Optional[float] = None) -> bool:
         """Wait until no request runs or waits; False if `timeout` seconds passed first."""
         with self._changed:
