@@ -335,10 +335,15 @@ def test_the_command_line_refuses_a_bad_flag_before_loading():
     assert out.returncode == 2 and "--prot" in out.stderr and "--port" in out.stderr
 
 
-def test_the_command_line_serves_the_demo_model_and_stops_cleanly_on_sigterm(generator):
+@pytest.mark.parametrize("ranks", [1, 2], ids=["python", "torchrun-2-ranks"])
+def test_the_command_line_serves_the_demo_model_and_stops_cleanly_on_sigterm(generator, ranks):
+    """Under torchrun, rank 0 serves HTTP and schedules while rank 1 follows its plans (Engine.follow): the
+    answer is the one-process library's."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    cmd = [sys.executable, "-m", "llama.serve", "--port", "0", "--max_seq_len", "64", "--max_batch_size", "2",
-           "--dtype", "float32", "--device", "cpu"]  # fmt: skip
+    launcher = [sys.executable] if ranks == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                                    f"--nproc_per_node={ranks}"]  # fmt: skip
+    cmd = launcher + ["-m", "llama.serve", "--port", "0", "--max_seq_len", "64", "--max_batch_size", "2",
+                      "--dtype", "float32", "--device", "cpu"]  # fmt: skip
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         log = ""
@@ -361,7 +366,8 @@ def test_the_command_line_serves_the_demo_model_and_stops_cleanly_on_sigterm(gen
                                                                    max_gen_len=12)[0]["generation"]  # fmt: skip
         proc.send_signal(signal.SIGTERM)
         rest, _ = proc.communicate(timeout=30)
-        assert proc.returncode == 0, log + rest
+        # torchrun's own agent reports a SIGTERM as a failure (exit 1) after its ranks have ended cleanly
+        assert proc.returncode == 0 or ranks > 1, log + rest
         assert "engine closed" in rest
     finally:
         if proc.poll() is None:
