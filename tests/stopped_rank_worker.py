@@ -1,7 +1,8 @@
 """Run under torchrun by test_timeouts.py: rank 1 stops itself (SIGSTOP) before a collective that rank 0 enters.
 
 Args: ckpt_dir tokenizer_path pid_dir where, where "broadcast" (broadcast_from_main), "generate" (a forward's
-model-parallel all-reduce) or "engine" (the continuous-batching engine's step plan, which rank 1 should follow). Each rank writes its pid to pid_dir/RANK, so the test can watch rank 0 and kill rank 1.
+model-parallel all-reduce) or "engine" (the continuous-batching engine's step plan, which rank 1 should follow).
+Each rank writes its pid to pid_dir/RANK, so the test can watch rank 0 and kill rank 1.
 where="patient" stops no one: rank 0 waits longer than the timeout, as for a person, before a patient broadcast.
 """
 
