@@ -116,13 +116,18 @@ def test_batching_does_not_change_the_numbers(demo):
     assert_close(one.nlls, four.nlls, atol=1e-5, rtol=0)
 
 
-def test_the_cli_prints_llama_cpp_final_estimate_equal_to_hf(demo, demo_hf, text_file):
-    proc = run([sys.executable, "-m", "llama.eval", "perplexity", "--ckpt_dir", str(DEMO_CKPT_DIR), "--text",
-                str(text_file), "--ctx", str(CTX), "--batch_size", "4", "--dtype", "float32"])  # fmt: skip
-    found = re.search(r"^Final estimate: PPL = ([0-9.]+) \+/- ([0-9.]+)$", proc.stdout, re.M)
-    assert found, proc.stdout
+@pytest.mark.parametrize("ranks", [1, 2], ids=["python", "torchrun-2-ranks"])
+def test_the_cli_prints_llama_cpp_final_estimate_equal_to_hf(demo, demo_hf, text_file, ranks):
+    """Also under torchrun: each rank holds half of the model, every rank runs the same chunks, rank 0 prints."""
+    launcher = [sys.executable] if ranks == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                                    f"--nproc_per_node={ranks}"]  # fmt: skip
+    proc = run(launcher + ["-m", "llama.eval", "perplexity", "--ckpt_dir", str(DEMO_CKPT_DIR), "--text",
+                           str(text_file), "--ctx", str(CTX), "--batch_size", "4", "--dtype", "float32"])  # fmt: skip
+    found = re.findall(r"^Final estimate: PPL = ([0-9.]+) \+/- ([0-9.]+)$", proc.stdout, re.M)
+    assert len(found) == 1, proc.stdout  # one line, from rank 0
+    [(ppl, _)] = found
     expected = hf_nlls(demo_hf[0], text_tokens(demo, TEXT), CTX)
-    assert float(found[1]) == pytest.approx(math.exp(float(expected.mean())), abs=1e-3)
+    assert float(ppl) == pytest.approx(math.exp(float(expected.mean())), abs=1e-3)
     assert "perplexity" in proc.stderr and "chunk" in proc.stderr  # the progress bar, on stderr
 
 
