@@ -192,6 +192,7 @@ class Engine:
         self._active: dict[int, Running] = {}  # slot -> request
         self._requests: dict[str, Running] = {}  # every unfinished request by id
         self._finished: OrderedDict[str, None] = OrderedDict()  # the last REMEMBERED_IDS finished ids
+        self._dropped: deque[str] = deque()  # ids of requests whose handles were collected (drop)
         self._ids = itertools.count()
         self._thread: Optional[threading.Thread] = None
         self._closed: Optional[BaseException] = None  # why the engine takes no more requests
@@ -332,6 +333,11 @@ class Engine:
             self._changed.notify_all()
             return True
 
+    def drop(self, request_id: str) -> None:
+        """Cancel a request at the next step, without waiting for any lock: what a handle that is collected does
+        (the collector may run inside the engine's own step)."""
+        self._dropped.append(request_id)  # a deque's append is atomic
+
     # ------------------------------------------------------------------ running
 
     def start(self) -> None:
@@ -442,7 +448,14 @@ class Engine:
     # ------------------------------------------------------------------ scheduling (under _changed)
 
     def _end_cancelled(self) -> None:
+        while self._dropped:  # handles collected since the last step (see drop)
+            request = self._requests.get(self._dropped.popleft())
+            if request is not None:
+                request.cancelled = True
         for request in [r for r in self._active.values() if r.cancelled]:
+            self._end(request, "cancelled")
+        for request in [r for r in self._waiting if r.cancelled]:  # close() cancels the waiting ones too
+            self._waiting.remove(request)
             self._end(request, "cancelled")
 
     def _admit(self) -> None:

@@ -207,10 +207,7 @@ class RequestHandle(Iterator[StepOutput]):
 
     def __del__(self) -> None:
         if not self._box.done:
-            try:
-                self._engine.cancel(self.id)
-            except Exception:  # the engine may be gone at interpreter exit
-                pass
+            self._engine.drop(self.id)
 
 
 def _settle(future: asyncio.Future) -> None:
