@@ -54,6 +54,105 @@ def test_equals_the_reference_attention(bsz, n_kv, n_rep, head_dim, max_len, dty
             assert (out.double() - expected).abs().max() <= sdpa_error + 2**-8
 
 
+def rows_reference(q, k, v, pos, slots):
+    """reference() row by row: row b at position pos[b] in cache row slots[b]."""
+    rows = [reference(q[b : b + 1], k[s : s + 1], v[s : s + 1], p) for b, (p, s) in enumerate(zip(pos, slots))]
+    return torch.cat(rows)
+
+
+# (bsz, n_kv, n_rep, head_dim, max_len, max_batch); head_dim 12: no vectors
+ROW_SHAPES = [(3, 2, 2, 16, 20, 5), (4, 1, 8, 64, 33, 7), (2, 2, 3, 12, 17, 2)]
+
+
+@needs_kernel
+@pytest.mark.parametrize("bsz,n_kv,n_rep,head_dim,max_len,max_batch", ROW_SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rows_at_their_own_positions_and_slots(bsz, n_kv, n_rep, head_dim, max_len, max_batch, dtype):
+    gen = torch.Generator().manual_seed(bsz)
+    q = torch.randn(bsz, 1, n_kv * n_rep, head_dim, generator=gen).to(dtype)
+    k, v = (torch.randn(max_batch, max_len, n_kv, head_dim, generator=gen).to(dtype) for _ in range(2))
+    slots = torch.randperm(max_batch, generator=gen)[:bsz]  # any order, some cache rows unused
+    pos = torch.tensor([max_len - 1, 0, 8, 9][:bsz])  # the ends, and around a block of 8 positions
+    out = cpu_attention.attend_one(q, k, v, pos, slots)
+    expected = rows_reference(q, k, v, pos.tolist(), slots.tolist())
+    tolerances = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=2**-7, atol=1e-3)
+    assert out.dtype == dtype and out.shape == q.shape
+    assert_close(out.double(), expected, **tolerances)
+    for b in range(bsz):  # each row alone: bitwise the same (a row's result depends on its own inputs only)
+        alone = cpu_attention.attend_one(q[b : b + 1], k, v, pos[b : b + 1], slots[b : b + 1])
+        assert torch.equal(alone, out[b : b + 1])
+    # the fallback agrees (in bf16 torch's SDPA rounds its intermediate products to bf16: less close)
+    sdpa_tolerances = tolerances if dtype == torch.float32 else dict(rtol=0.02, atol=0.01)
+    assert_close(cpu_attention.sdpa(q, k, v, pos, slots).double(), expected, **sdpa_tolerances)
+    one = torch.tensor([5])  # one position for every row, with slots
+    assert_close(cpu_attention.attend_one(q, k, v, one, slots).double(),
+                 rows_reference(q, k, v, [5] * bsz, slots.tolist()), **tolerances)  # fmt: skip
+    # per-row positions without slots: rows 0..bsz-1 of the whole cache, as a cut cache gives
+    assert torch.equal(cpu_attention.attend_one(q, k, v, pos), cpu_attention.attend_one(q, k[:bsz], v[:bsz], pos))
+    assert_close(cpu_attention.attend_one(q, k, v, pos).double(),
+                 rows_reference(q, k, v, pos.tolist(), range(bsz)), **tolerances)  # fmt: skip
+
+
+@needs_kernel
+def test_a_row_reads_only_its_own_slot_and_positions():
+    gen = torch.Generator().manual_seed(3)
+    q = torch.randn(2, 1, 4, 16, generator=gen)
+    k, v = torch.randn(4, 12, 2, 16, generator=gen), torch.randn(4, 12, 2, 16, generator=gen)
+    slots, pos = torch.tensor([3, 1]), torch.tensor([4, 9])
+    expected = cpu_attention.attend_one(q, k, v, pos, slots)
+    k[0], v[2] = float("nan"), float("inf")  # slots no row reads
+    k[3, 5:], v[1, 10:] = float("nan"), float("inf")  # positions after each row's own
+    assert torch.equal(cpu_attention.attend_one(q, k, v, pos, slots), expected)
+    k[1, 9, 0, 3] = float("nan")  # a visible key of row 1, KV head 0: query heads 0 and 1 of row 1 only
+    out = cpu_attention.attend_one(q, k, v, pos, slots)
+    assert torch.isnan(out[1, 0, :2]).all() and torch.isfinite(out[1, 0, 2:]).all()
+    assert torch.equal(out[0], expected[0])
+
+
+@needs_kernel
+def test_bad_positions_and_slots_are_refused_naming_them():
+    q, k, v = case(3, 2, 2, 16, 8)
+    k, v = torch.cat([k, k]), torch.cat([v, v])  # max_batch 6
+    for pos, slots, message in [
+        (torch.tensor([1, 8, 2]), None, "position 8 \\(row 1\\) is outside the KV cache of 8 positions"),
+        (torch.tensor([-1, 0, 0]), torch.tensor([0, 1, 2]), "position -1 \\(row 0\\)"),
+        (torch.tensor([1, 2, 3]), torch.tensor([0, 6, 1]), "slot 6 \\(row 1\\) is outside the KV cache's 6 rows"),
+        (torch.tensor([3]), torch.tensor([0, 1, -2]), "slot -2 \\(row 2\\)"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            cpu_attention.attend_one(q, k, v, pos, slots)
+        fp16 = [t.half() for t in (q, k, v)]  # the SDPA fallback checks them the same way
+        with pytest.raises(ValueError, match=message):
+            cpu_attention.attend_one(*fp16, pos, slots)
+    for pos, slots, error, message in [
+        (torch.tensor([1, 2]), None, ValueError, "pos \\(2,\\) must have 1 or 3 element"),
+        (torch.tensor([[1, 2, 3]]), None, ValueError, "pos \\(1, 3\\)"),
+        (torch.tensor([1], dtype=torch.int32), None, TypeError, "pos must be a long tensor on cpu, got torch.int32"),
+        (torch.tensor([1]), torch.tensor([0, 1]), ValueError, "slots \\(2,\\) must have 3 element"),
+        (torch.tensor([1]), torch.tensor([0.0, 1, 2]), TypeError, "slots must be a long tensor"),
+        (torch.tensor([1]), [0, 1, 2], TypeError, "slots must be a long tensor on cpu, got list"),
+    ]:
+        with pytest.raises(error, match=message):
+            cpu_attention.attend_one(q, k, v, pos, slots)
+    with pytest.raises(ValueError, match="4 rows without slots read cache rows 0..3, but the cache holds 3"):
+        cpu_attention.attend_one(torch.cat([q, q[:1]]), k[:3], v[:3], torch.tensor([1]))
+
+
+@needs_kernel
+def test_positions_and_slots_are_data_in_a_compiled_graph():
+    from torch._dynamo.testing import CompileCounter
+
+    q, k, v = case(2, 2, 2, 16, 12)
+    k, v = torch.cat([k, k.flip(0)]), torch.cat([v, v.flip(0)])
+    counter = CompileCounter()
+    step = torch.compile(lambda *args: torch.ops.llama.attend_one(*args), backend=counter, fullgraph=True)
+    for pos, slots in [([3, 11], [2, 0]), ([7, 0], [1, 3])]:
+        pos, slots = torch.tensor(pos), torch.tensor(slots)
+        assert torch.equal(step(q, k, v, pos, slots), cpu_attention.attend_one(q, k, v, pos, slots))
+    assert torch.equal(step(q, k, v, torch.tensor([4]), None), cpu_attention.attend_one(q, k, v, torch.tensor([4])))
+    assert counter.frame_count == 2  # one graph for per-row positions with slots, one for no slots: values are data
+
+
 @needs_kernel
 def test_reads_only_the_visible_positions():
     q, k, v = case(2, 2, 2, 32, 24)
@@ -85,11 +184,11 @@ def test_any_cache_layout():
 @needs_kernel
 def test_bad_input_is_refused_with_the_reason():
     q, k, v = case(1, 2, 2, 16, 8)
-    with pytest.raises(ValueError, match="position 8 is outside the cache of 8"):
+    with pytest.raises(ValueError, match="position 8 is outside the KV cache of 8 positions"):
         cpu_attention.attend_one(q, k, v, torch.tensor([8]))
     with pytest.raises(ValueError, match="outside"):
         cpu_attention.attend_one(q, k, v, torch.tensor([-1]))
-    with pytest.raises(TypeError, match="1-element long tensor"):
+    with pytest.raises(TypeError, match="pos must be a long tensor on cpu, got torch.float32"):
         cpu_attention.attend_one(q, k, v, torch.tensor([1.0]))
     with pytest.raises(ValueError, match="does not fit the cache"):
         cpu_attention.attend_one(q, k[:, :, :, :8], v[:, :, :, :8], torch.tensor([1]))
@@ -128,7 +227,7 @@ def test_the_compiled_step_calls_the_kernel_once_a_layer(tiny_args, monkeypatch)
     real, positions = cpu_attention.kernel(), []
 
     def counting(*args):
-        positions.append(args[9])  # max_len
+        positions.append(args[12])  # max_len
         return real(*args)
 
     monkeypatch.setitem(cpu_attention._state, "fn", counting)
@@ -146,6 +245,10 @@ def test_portable_c_loops_without_avx2_give_the_same_attention(tmp_path, monkeyp
         for pos in (0, 9, shape[-1] - 1):
             out = cpu_attention.attend_one(q, k, v, torch.tensor([pos]))
             assert_close(out.double(), reference(q, k, v, pos), rtol=1e-5, atol=1e-6)
+        bsz, max_len = q.shape[0], shape[-1]
+        pos, slots = torch.arange(bsz) * 7 % max_len, torch.arange(bsz).flip(0)  # rows at their own positions
+        out = cpu_attention.attend_one(q, k, v, pos, slots)
+        assert_close(out.double(), rows_reference(q, k, v, pos.tolist(), slots.tolist()), rtol=1e-5, atol=1e-6)
 
 
 @needs_kernel

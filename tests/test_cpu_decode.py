@@ -1,6 +1,8 @@
 """The fast path's decode step as one C call (llama.engine.cpu_decode): the reference's numbers in fp32, the compiled
-step's in bf16, the models it serves and those it leaves to the compiled step, and bad positions refused."""
+step's in bf16, rows at their own positions and cache slots equal to each row alone, the models it serves and those
+it leaves to the compiled step, and bad positions and slots refused before anything is written."""
 
+import ctypes
 from types import SimpleNamespace
 
 import pytest
@@ -21,8 +23,8 @@ needs_kernels = pytest.mark.skipif(
 TOKENS = torch.randint(3, 90, (2, 14), generator=torch.Generator().manual_seed(0))
 
 
-def model_of(tiny_args, mode, dtype=torch.float32, name="gqa", exact=True):
-    model = random_model(tiny_args(name, vocab_size=97), seed=5).to(dtype)
+def model_of(tiny_args, mode, dtype=torch.float32, name="gqa", exact=True, **overrides):
+    model = random_model(tiny_args(name, vocab_size=97, **overrides), seed=5).to(dtype)
     if mode is not None:
         model = quantize_model(model, Scheme(mode, 32))
         use_int8_inputs(model, not exact)
@@ -48,7 +50,7 @@ def test_bf16_steps_equal_the_compiled_step(tiny_args, mode):
     model = model_of(tiny_args, mode, torch.bfloat16, exact=False)
     ours, compiled = FastDecoder(model, compile=False), FastDecoder(model, compile=False, use_cpu_step=False)
     assert ours.cpu_step is not None and compiled.cpu_step is None
-    bsz = 1 if mode is None else 2  # bf16 float layers: one row (the GEMV kernel's case)
+    bsz = 2
     model.forward(TOKENS[:bsz, :5], 0)
     for p in range(5, TOKENS.shape[1]):
         step = TOKENS[:bsz, p : p + 1]
@@ -91,11 +93,8 @@ def test_models_and_batches_it_does_not_serve_run_the_compiled_step(tiny_args):
         mixed.layers[0].attention.wq, Scheme("int8", 32)))  # fmt: skip
     assert FastDecoder(mixed, compile=False).cpu_step is None  # wq/wk/wv do not stack
     bf16 = model_of(tiny_args, None, torch.bfloat16)
-    fast = FastDecoder(bf16, compile=False)
-    assert fast.cpu_step is not None and not fast.cpu_step.applies(2)
-    bf16.forward(TOKENS[:, :5], 0)
-    compiled = FastDecoder(bf16, compile=False, use_cpu_step=False)
-    assert torch.equal(fast(TOKENS[:, 5:6], 5), compiled(TOKENS[:, 5:6], 5))  # two rows: the compiled step
+    fast = FastDecoder(bf16, compile=False)  # bf16 float layers: up to 16 rows, as the GEMV kernel takes
+    assert fast.cpu_step is not None and fast.cpu_step.applies(16) and not fast.cpu_step.applies(17)
 
 
 def test_without_the_kernel_the_compiled_step_runs(tiny_args, monkeypatch):
@@ -113,7 +112,7 @@ def test_a_position_outside_the_cache_is_refused_and_nothing_is_written(tiny_arg
     fast = FastDecoder(model, compile=False)
     caches = [layer.attention.kv_cache.cache_k.clone() for layer in model.layers]
     for bad in (model.params.max_seq_len, -1):
-        with pytest.raises(ValueError, match="outside the KV cache"):
+        with pytest.raises(ValueError, match=f"position {bad} is outside the KV cache of 64 positions"):
             fast.cpu_step(TOKENS[:1, :1], torch.tensor([bad]))
     assert all(torch.equal(c, layer.attention.kv_cache.cache_k) for c, layer in zip(caches, model.layers))
     rows = model.params.max_batch_size + 1  # more rows than the KV cache has: refused, not written past it
@@ -136,7 +135,7 @@ def test_caches_or_norms_the_c_step_cannot_index_leave_it_to_the_compiled_step(t
     other.layers[1].ffn_norm.weight = torch.nn.Parameter(torch.ones(2 * other.params.dim)[::2])  # strided
     assert FastDecoder(other, compile=False).cpu_step is None
     fast = FastDecoder(model_of(tiny_args, "int8"), compile=False)
-    with pytest.raises(TypeError, match="1-element long CPU tensor"):
+    with pytest.raises(TypeError, match="pos must be a long tensor on cpu, got torch.int32"):
         fast.cpu_step(TOKENS[:1, :1], torch.tensor([3], dtype=torch.int32))
 
 
@@ -146,3 +145,101 @@ def test_a_kernel_failure_in_the_step_is_an_error(tiny_args):
     fast.cpu_step.fn = lambda *args: 1  # a kernel's out-of-memory return, passed up by the step
     with pytest.raises(MemoryError, match="ran out of memory"):
         fast(TOKENS[:1, :1], 0)
+
+
+def live(model):
+    """Every layer's KV cache tensors (keys, values), the model's own."""
+    return [t for layer in model.layers for t in layer.attention.kv_cache.buffers()]
+
+
+def caches(model):
+    return [t.clone() for t in live(model)]
+
+
+def restore(model, saved):
+    for t, old in zip(live(model), saved):
+        t.copy_(old)
+
+
+def fill_caches(model, seed=0):
+    """Random keys and values in every cell, as if earlier steps had written each slot (in the model's dtype)."""
+    gen = torch.Generator().manual_seed(seed)
+    for t in live(model):
+        t.copy_(torch.randn(t.shape, generator=gen))
+
+
+@needs_kernels
+@pytest.mark.parametrize("mode,dtype", [(None, torch.bfloat16), ("int8", torch.bfloat16), ("int4", torch.float32)])
+def test_rows_at_their_own_positions_and_slots_equal_each_row_alone(tiny_args, mode, dtype):
+    model = model_of(tiny_args, mode, dtype, exact=False, max_batch_size=6)
+    decoder = FastDecoder(model, compile=False).cpu_step
+    assert decoder is not None and decoder.applies(4)
+    fill_caches(model)
+    before = caches(model)
+    tokens = TOKENS[:1, :4].reshape(4, 1)
+    pos, slots = torch.tensor([5, 0, 63, 17]), torch.tensor([4, 0, 2, 5])  # any order; slots 1 and 3 unused
+    together, written = decoder(tokens, pos, slots), caches(model)
+    alone = []
+    for b in range(4):  # each row alone, from the same cache, at its own slot and position
+        restore(model, before)
+        alone.append(decoder(tokens[b : b + 1], pos[b : b + 1], slots[b : b + 1]))
+        # only the row's own cells changed
+        for t, old in zip(live(model), before):
+            changed = (t != old).flatten(2).any(-1)  # (max_batch, max_len): which cells differ
+            assert changed.nonzero().tolist() in ([[slots[b].item(), pos[b].item()]], [])
+    if mode is None:  # bf16 float layers: the GEMV gives each row bitwise its result alone
+        assert torch.equal(together, torch.cat(alone))
+    else:
+        assert_close(together, torch.cat(alone))
+    cells = torch.zeros(6, 64, dtype=torch.bool)
+    cells[slots, pos] = True
+    for t, old in zip(written, before):  # the batched step wrote the rows' cells and nothing else
+        assert torch.equal(t[~cells], old[~cells])
+        assert not torch.equal(t[cells], old[cells])
+
+
+@needs_kernels
+def test_one_position_with_slots_and_per_row_positions_without(tiny_args):
+    model = model_of(tiny_args, None, torch.bfloat16, max_batch_size=6)
+    decoder = FastDecoder(model, compile=False).cpu_step
+    fill_caches(model, seed=1)
+    before = caches(model)
+    tokens = TOKENS[:1, :3].reshape(3, 1)
+
+    def run(pos, slots):
+        restore(model, before)
+        return decoder(tokens, torch.tensor(pos), None if slots is None else torch.tensor(slots))
+
+    assert torch.equal(run([9], [5, 1, 3]), run([9, 9, 9], [5, 1, 3]))  # one position: every row at it
+    assert torch.equal(run([2, 30, 7], None), run([2, 30, 7], [0, 1, 2]))  # no slots: rows 0..bsz-1
+    assert torch.equal(run([9], None), run([9, 9, 9], [0, 1, 2]))  # the static batch of before
+
+
+@needs_kernels
+def test_bad_positions_slots_or_duplicates_are_refused_and_nothing_is_written(tiny_args):
+    model = model_of(tiny_args, "int8", max_batch_size=6)
+    decoder = FastDecoder(model, compile=False).cpu_step
+    fill_caches(model, seed=2)
+    before = caches(model)
+    tokens = TOKENS[:1, :3].reshape(3, 1)
+    for pos, slots, error, message in [
+        ([1, 64, 2], [0, 1, 2], ValueError, "position 64 \\(row 1\\) is outside the KV cache of 64 positions"),
+        ([1, 2, -1], None, ValueError, "position -1 \\(row 2\\)"),
+        ([1, 2, 3], [5, 0, 6], ValueError, "slot 6 \\(row 2\\) is outside the KV cache's 6 rows"),
+        ([4], [-1, 0, 1], ValueError, "slot -1 \\(row 0\\)"),
+        ([1, 2, 3], [4, 0, 4], ValueError, "slots \\[4, 0, 4\\] repeat a cache row"),
+        ([1, 2], None, ValueError, "pos \\(2,\\) must have 1 or 3 element"),
+        ([1], [0, 1], ValueError, "slots \\(2,\\) must have 3 element"),
+    ]:
+        with pytest.raises(error, match=message):
+            decoder(tokens, torch.tensor(pos), None if slots is None else torch.tensor(slots))
+        assert all(torch.equal(t, old) for t, old in zip(caches(model), before))
+    with pytest.raises(TypeError, match="slots must be a long tensor on cpu, got torch.int32"):
+        decoder(tokens, torch.tensor([1]), torch.tensor([0, 1, 2], dtype=torch.int32))
+    # the C step checks the values itself too (a caller that skips the Python checks writes nothing either)
+    pos, slots = torch.tensor([1, 2, 3]), torch.tensor([0, 9, 1])
+    h = torch.zeros(3, model.params.dim)
+    logits = torch.empty(3, model.params.vocab_size)
+    code = decoder.fn(ctypes.byref(decoder.struct), h.data_ptr(), 3, pos.data_ptr(), 3, slots.data_ptr(),
+                      logits.data_ptr())  # fmt: skip
+    assert code == 3 and all(torch.equal(t, old) for t, old in zip(caches(model), before))

@@ -1,6 +1,9 @@
 """The C bf16 GEMV kernel of the fast path: exact where it can be, cached, optional, and really used."""
 
+import ctypes
 import logging
+import platform
+import shutil
 import threading
 
 import pytest
@@ -29,6 +32,109 @@ def test_equals_the_exact_product_rounded_to_bf16(rows, n, k):
     # within one bf16 rounding of the exact value (plus the fp32 sums' own error, far smaller)
     assert_close(y.double(), exact, rtol=2**-8, atol=1e-6 * k)
     assert_close(y, F.linear(x, w), rtol=2**-7, atol=1e-5 * k)  # and torch's kernel, which rounds once too
+
+
+# Each inner loop of csrc/gemv_bf16.c, built with flags that pick it on this machine (x86-64 only: the flags are
+# x86's; elsewhere the native build is the plain loop, which the other tests cover).
+x86 = platform.machine().lower() in ("x86_64", "amd64")
+LOOPS = {"native": [], "avx2": ["-mno-avx512f"], "plain": ["-march=x86-64"]}
+
+
+@pytest.fixture(scope="module", params=list(LOOPS))
+def loop(request):
+    """(kernel, loop name) of one build; the avx2 build takes the AVX2 loop where the CPU has AVX2 and FMA."""
+    if request.param != "native" and not x86:
+        pytest.skip("the flags that pick the other loops are x86's")
+    variant = cpu_gemv.kernel_variant(LOOPS[request.param])
+    if variant is None:
+        pytest.skip("no C compiler could build the kernel here")
+    capability = torch.backends.cpu.get_cpu_capability()  # "AVX512", "AVX2" or "DEFAULT" (no AVX2)
+    expected = {"avx2": "avx2" if capability != "DEFAULT" else "plain", "plain": "plain"}.get(request.param)
+    assert expected is None or variant[1] == expected  # the build really compiled the loop under test
+    return variant
+
+
+def with_loop(loop, monkeypatch):
+    """Make linear_bf16 call this build."""
+    monkeypatch.setitem(cpu_gemv._state, "fn", loop[0])
+
+
+@pytest.mark.parametrize("rows,n,k", [(2, 37, 29), (3, 9, 64), (4, 33, 130), (5, 16, 31), (8, 65, 2065), (16, 23, 100)])
+def test_several_rows_equal_the_exact_products_rounded_to_bf16(loop, monkeypatch, rows, n, k):
+    with_loop(loop, monkeypatch)
+    x, w = bf16(rows, k, seed=rows), bf16(n, k, seed=n)
+    y = cpu_gemv.linear_bf16(x, w)
+    assert y.dtype == torch.bfloat16 and y.shape == (rows, n)
+    assert_close(y.double(), x.double() @ w.double().T, rtol=2**-8, atol=1e-6 * k)  # within one bf16 rounding
+
+
+@pytest.mark.parametrize("n,k", [(45, 300), (8, 4096), (13, 33)])
+def test_a_row_of_several_is_bitwise_that_row_alone(loop, monkeypatch, n, k):
+    """Every (input row, weight row) pair is summed in the same order whatever the rows of the call, so a batched
+    decode step gives each row the numbers it would get alone."""
+    with_loop(loop, monkeypatch)
+    x, w = bf16(16, k, seed=k), bf16(n, k, seed=n)
+    # Large terms that cancel (x = 1 against +-2^24 in the first, a middle and the last column): the fp32 sums then
+    # keep only some bits of the rest, and which ones depends on the order of the sums; the bf16 results show it.
+    x[:, [0, k // 2, k - 1]] = 1.0
+    w[:, 0], w[:, k // 2], w[:, k - 1] = 2.0**24, -(2.0**24), 3.0
+    y = cpu_gemv.linear_bf16(x, w)
+    for r in range(16):
+        assert torch.equal(cpu_gemv.linear_bf16(x[r : r + 1], w), y[r : r + 1])
+    for lo, hi in ((3, 5), (5, 12), (0, 7)):  # tiles cut elsewhere
+        assert torch.equal(cpu_gemv.linear_bf16(x[lo:hi], w), y[lo:hi])
+
+
+def test_nan_and_inf_stay_in_their_rows_and_columns(loop, monkeypatch):
+    with_loop(loop, monkeypatch)
+    x, w = bf16(6, 70, seed=1), bf16(11, 70, seed=2)
+    x[2, 69], x[4, 0] = float("nan"), float("inf")  # a NaN in the tail columns, an inf in the first ones
+    w[7, 40] = float("inf")
+    y = cpu_gemv.linear_bf16(x, w).float()
+    assert torch.isnan(y[2]).all()
+    assert torch.isinf(y[4, [j for j in range(11) if j != 7]]).all() or torch.isnan(y[4]).any()  # +-inf, or inf-inf
+    assert torch.isinf(y[[0, 1, 3, 5], 7]).all()
+    finite = torch.ones_like(y, dtype=torch.bool)
+    finite[2], finite[4], finite[:, 7] = False, False, False
+    assert torch.isfinite(y[finite]).all()
+
+
+def test_subnormal_inputs_as_each_loop_documents(loop, monkeypatch):
+    """AVX512_BF16's dot products read subnormal bf16 values (below 2^-126) as zero (see the C file); the other
+    loops multiply them exactly."""
+    with_loop(loop, monkeypatch)
+    x = torch.tensor([[2.0**-130, 1.0]], dtype=torch.bfloat16)
+    w = torch.tensor([[2.0**100, 0.0]], dtype=torch.bfloat16)
+    expected = 0.0 if loop[1] == "avx512bf16" else 2.0**-30
+    assert cpu_gemv.linear_bf16(x, w).item() == expected
+
+
+@needs_kernel
+def test_a_changed_source_or_header_is_built_anew(tmp_path, monkeypatch):
+    """The cache key is the source and the headers next to it (with the compiler, flags and CPU): an edit to either
+    builds a new library, so a test never runs a stale one."""
+    monkeypatch.setenv("LLAMA_KERNEL_CACHE", str(tmp_path / "cache"))
+    source, header = tmp_path / "gemv_bf16.c", tmp_path / "common.h"
+    shutil.copy(cpu_gemv.SOURCE, source)
+    shutil.copy(cpu_gemv.SOURCE.parent / "common.h", header)
+    symbols = {cpu_gemv.SYMBOL: cpu_gemv.ARGTYPES}
+
+    def builds():
+        assert cpu_gemv.load_kernel(source, symbols, "", restype=ctypes.c_int) is not None
+        return {p.name for p in (tmp_path / "cache").glob("*.so")}
+
+    first = builds()
+    assert builds() == first  # unchanged: taken from the cache
+    source.write_text(source.read_text() + "\n/* edited */\n")
+    second = builds()
+    header.write_text(header.read_text() + "\n/* edited */\n")
+    assert len(first) == 1 and len(second) == 2 and len(builds()) == 3
+
+
+def test_applies_to_one_to_sixteen_rows_of_bf16_cpu_weights():
+    w = bf16(4, 8)
+    assert [cpu_gemv.applies(r, w) for r in (0, 1, 8, 16, 17)] == [False] + [cpu_gemv.available()] * 3 + [False]
+    assert not cpu_gemv.applies(1, w.float())
 
 
 @needs_kernel

@@ -296,3 +296,43 @@ def test_a_dropped_handle_cancels_its_request(generator):
     engine.submit(PROMPTS[0], SamplingParams(max_gen_len=30))  # the handle is dropped at once
     engine.step()
     assert not engine._active and not engine._requests
+
+
+# ---------------------------------------------------------------- the fast path's rows
+
+
+@pytest.mark.parametrize(
+    "dtype, quantize, compile",
+    [("float32", None, False), ("float32", None, True), ("bfloat16", None, False), ("float32", "int8", False)],
+    ids=["fp32-row-step", "fp32-compiled-row-step", "bf16-c-step", "int8-c-step"],
+)
+def test_fast_path_rows_equal_the_fast_path_alone(tiny_args, tokenizer_path, dtype, quantize, compile):
+    """The fast path's prefill into a slot and its row step (the C step with per-row slots and positions where it
+    serves, else the compiled or eager row step) give each request what the fast path gives it alone."""
+    from helpers import random_model
+
+    from llama import Tokenizer
+    from llama.engine.fast import FastDecoder
+    from llama.quant.linear import quantize_model
+    from llama.quant.scheme import Scheme
+
+    tokenizer = Tokenizer(tokenizer_path)
+    model = random_model(tiny_args("gqa", vocab_size=tokenizer.n_words, max_batch_size=3), seed=3)
+    with torch.no_grad():
+        model.output.weight[3:259] = 0.0
+    model = model.to(getattr(torch, dtype))
+    if quantize:
+        model = quantize_model(model, Scheme(quantize, 16))
+    eager = Llama(model, tokenizer, fast=FastDecoder(model, compile=False))
+    prompts = [encode(eager, p) for p in PROMPTS[:4]]
+    expected = [alone(eager, p, 12) for p in prompts]  # (not compiled: the compiled step's own test is test_fast's)
+    fast = FastDecoder(model, compile=compile)
+    assert (fast.cpu_step is not None) == (dtype == "bfloat16" or quantize is not None)
+    generator = Llama(model, tokenizer, fast=fast)
+    engine = engine_of(generator, prefill_chunk=3)
+    params = SamplingParams(temperature=0, max_gen_len=12, logprobs=True)
+    handles = [engine.submit(prompts[0], params)]
+    run_until_done(engine, handles, arrivals={2: [(p, params) for p in prompts[1:]]})
+    for handle, (tokens, logprobs) in zip(handles, expected):
+        assert handle.result().tokens == tokens
+        assert_same_logprobs(handle.result().logprobs, logprobs)

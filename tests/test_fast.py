@@ -168,7 +168,12 @@ def test_prefill_equals_the_forward_in_fp32_and_fills_the_cache_alike(tiny_args,
         assert_close(v, layer.attention.kv_cache.cache_v)
 
 
-def test_bf16_prefill_is_at_least_as_close_to_fp32_as_the_faithful_forward(tiny_args):
+@pytest.mark.parametrize("native_bf16", [False, True], ids=["fp32-gemm-on-upcast-copies", "bf16-gemm"])
+def test_bf16_prefill_is_at_least_as_close_to_fp32_as_the_faithful_forward(tiny_args, monkeypatch, native_bf16):
+    """Both products the prefill picks from (by whether the CPU multiplies bf16 natively)."""
+    from llama.engine import fast as fast_module
+
+    monkeypatch.setattr(fast_module, "NATIVE_BF16", native_bf16)
     exact = random_model(tiny_args("gqa", vocab_size=128), seed=2)
     model = random_model(tiny_args("gqa", vocab_size=128), seed=2).to(torch.bfloat16)
     tokens = torch.randint(3, 120, (1, 40), generator=torch.Generator().manual_seed(5))

@@ -1,17 +1,20 @@
 /* Attention of one new query per row over the KV cache, for decoding on CPUs (see llama/kernels/cpu_attention.py).
  *
- * For each row b and query head h = g * n_rep + r (g: the KV head it shares, as repeat_kv has it):
+ * For each row b, at position p = pos[b] and reading the cache's row (slot) s = slots[b], and each query head
+ * h = g * n_rep + r (g: the KV head it shares, as repeat_kv has it):
  *
- *   out[b, h] = sum_{j <= pos} p_j v[b, j, g],  p = softmax_j(q[b, h] . k[b, j, g] / sqrt(head_dim)),
+ *   out[b, h] = sum_{j <= p} p_j v[s, j, g],  p = softmax_j(q[b, h] . k[s, j, g] / sqrt(head_dim)),
  *
- * which is the reference's attention for a single query at position pos: every cached position up to and
- * including pos is visible. Only those positions are read, where SDPA over the static cache reads all of it
+ * which is the reference's attention for a single query at position p: every cached position up to and
+ * including p is visible. Only those positions are read, where SDPA over the static cache reads all of it
  * and masks the rest; and one call replaces SDPA's dispatch and setup, which cost ~240 us a layer on two cores
- * for a 256-position cache.
+ * for a 256-position cache. Rows may sit at different positions and in any slots of the cache (the rows of a
+ * continuous batch); with one position and no slots, row b is at pos[0] in slot b, as in a static batch.
  *
  * Numerics: q, k and v are widened to fp32 (exact), the dot products, the softmax and the weighted sum of
  * values all run in fp32, as the reference's fp32 path does, and the result is rounded once to the model's
- * dtype. Only the order of the sums differs from torch's kernels. NaN in the inputs gives NaN outputs.
+ * dtype. Only the order of the sums differs from torch's kernels. NaN in the inputs gives NaN outputs. A row's
+ * result depends on its own query, slot and position only (not on the other rows of the call).
  *
  * Threads (OpenMP) take the (row, KV head) pairs: the n_rep query heads of a pair read each cached key and
  * value once, while they are in cache.
@@ -184,22 +187,40 @@ static void attend_pair(const void *q, const void *k, const void *v, void *out, 
     }
 }
 
-/* q and out: (bsz, n_kv * n_rep, head_dim), contiguous. k, v: element (b, j, g, d) at
- * b * batch_stride + j * pos_stride + g * head_dim + d, for positions j < max_len. pos: the query's position
- * (one int64, read here so that a compiled graph can pass it as data).
- * Returns 0; 1 if out of memory; 2 if pos is outside [0, max_len) (nothing written in either case). */
-int llama_attend_one(const void *q, const void *k, const void *v, void *out, const int64_t *pos, int64_t bsz,
-                     int64_t n_kv, int64_t n_rep, int64_t head_dim, int64_t max_len, int64_t batch_stride,
-                     int64_t pos_stride, int io) {
-    if (*pos < 0 || *pos >= max_len) return 2;
-    const int64_t length = *pos + 1, pairs = bsz * n_kv;
-    const int64_t per_pair = n_rep * (length + 2 * head_dim) + KEYS * head_dim;
+/* Whether every position (n_pos of them: 1, or one per row) lies in [0, max_len): 0, else 2; and every slot
+ * (NULL, or one per row) in [0, max_batch): 0, else 3. */
+static int check_rows(const int64_t *pos, int64_t n_pos, const int64_t *slots, int64_t bsz, int64_t max_batch,
+                       int64_t max_len) {
+    for (int64_t i = 0; i < n_pos; i++)
+        if (pos[i] < 0 || pos[i] >= max_len) return 2;
+    if (slots != NULL)
+        for (int64_t b = 0; b < bsz; b++)
+            if (slots[b] < 0 || slots[b] >= max_batch) return 3;
+    return 0;
+}
+
+/* q and out: (bsz, n_kv * n_rep, head_dim), contiguous. k, v: element (s, j, g, d) at
+ * s * batch_stride + j * pos_stride + g * head_dim + d, for slots s < max_batch and positions j < max_len.
+ * pos: n_pos int64 positions, 1 (every row at pos[0]) or bsz (row b at pos[b]); slots: NULL (row b reads slot b)
+ * or bsz int64 slots. Both are read here, so that a compiled graph can pass them as data.
+ * Returns 0; 1 if out of memory; 2 if a position is outside [0, max_len); 3 if a slot is outside
+ * [0, max_batch) (nothing written in any of these cases). */
+int llama_attend_one(const void *q, const void *k, const void *v, void *out, const int64_t *pos, int64_t n_pos,
+                     const int64_t *slots, int64_t bsz, int64_t max_batch, int64_t n_kv, int64_t n_rep,
+                     int64_t head_dim, int64_t max_len, int64_t batch_stride, int64_t pos_stride, int io) {
+    const int code = check_rows(pos, n_pos, slots, bsz, max_batch, max_len);
+    if (code) return code;
+    int64_t longest = 0;
+    for (int64_t i = 0; i < n_pos; i++) longest = pos[i] + 1 > longest ? pos[i] + 1 : longest;
+    const int64_t pairs = bsz * n_kv, per_pair = n_rep * (longest + 2 * head_dim) + KEYS * head_dim;
     float *scratch = malloc(sizeof(float) * (size_t)(pairs * per_pair));
     if (scratch == NULL) return 1;
-#pragma omp parallel for schedule(static)
+    /* dynamic: with rows at different positions the pairs differ in length */
+#pragma omp parallel for schedule(dynamic)
     for (int64_t i = 0; i < pairs; i++) {
-        const int64_t b = i / n_kv, g = i % n_kv;
-        attend_pair(q, k, v, out, i * n_rep * head_dim, b * batch_stride + g * head_dim, pos_stride, length,
+        const int64_t b = i / n_kv, g = i % n_kv, slot = slots == NULL ? b : slots[b];
+        const int64_t length = pos[n_pos == 1 ? 0 : b] + 1;
+        attend_pair(q, k, v, out, i * n_rep * head_dim, slot * batch_stride + g * head_dim, pos_stride, length,
                     n_rep, head_dim, io, scratch + i * per_pair);
     }
     free(scratch);

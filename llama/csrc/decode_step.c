@@ -9,15 +9,24 @@
  * The math is the reference's, step by step, with its roundings to the model's dtype (bf16 or fp32):
  *
  *   x = norm(h) * attention_norm       norm(h) = h * rsqrt(mean(h^2) + eps) in fp32, rounded; then the product
- *   q, k, v = x @ (wq | wk | wv)       the stacked product; rows (bsz) all at position pos
- *   q, k = rope(q), rope(k)            pairs rotated in fp32 by cos/sin[pos] (the model's own freqs_cis)
- *   cache_k[:, pos], cache_v[:, pos] = k, v
- *   h = h + attend(q, cache[: pos + 1]) @ wo
+ *   q, k, v = x @ (wq | wk | wv)       the stacked product
+ *   q, k = rope(q), rope(k)            row b's pairs rotated in fp32 by cos/sin[pos[b]] (the model's freqs_cis)
+ *   cache_k[slot[b], pos[b]], cache_v[slot[b], pos[b]] = k[b], v[b]
+ *   h = h + attend(q, cache[slot[b], : pos[b] + 1]) @ wo
  *   x = norm(h) * ffn_norm
  *   gate, up = x @ (w1 | w3)
  *   h = h + (silu(gate) * up) @ w2     silu rounded, then the product rounded, as torch does in bf16
  *
  * and after the layers, logits = norm(h) * norm @ output, in the model's dtype.
+ *
+ * With several rows, OpenMP threads take the rows of the glue between the products (norms, RoPE, SiLU), which
+ * would otherwise grow with the rows on one core while the products do not.
+ *
+ * Row b of a step sits at position pos[b] in the cache's row slot[b] (a continuous batch), or every row at one
+ * position in cache rows 0..rows-1 (a static batch). Each row is computed on its own: the norms, RoPE and
+ * attention take one row at a time, and the products compute each input row by the same loop whatever the rows
+ * (gemv_bf16.c's give each row bitwise its result alone, tested), so a row's numbers do not depend on the other
+ * rows of its step.
  */
 #include <math.h>
 #include <stdint.h>
@@ -29,9 +38,9 @@
 typedef int (*GemvBf16)(const void *x, const void *w, void *y, int64_t rows, int64_t n, int64_t k);
 typedef int (*GemvQuant)(const void *x, const void *w, const void *s, void *y, int64_t rows, int64_t n, int64_t k,
                          int64_t g, int64_t io);
-typedef int (*Attend)(const void *q, const void *k, const void *v, void *out, const int64_t *pos, int64_t bsz,
-                      int64_t n_kv, int64_t n_rep, int64_t head_dim, int64_t max_len, int64_t batch_stride,
-                      int64_t pos_stride, int io);
+typedef int (*Attend)(const void *q, const void *k, const void *v, void *out, const int64_t *pos, int64_t n_pos,
+                      const int64_t *slots, int64_t bsz, int64_t max_batch, int64_t n_kv, int64_t n_rep,
+                      int64_t head_dim, int64_t max_len, int64_t batch_stride, int64_t pos_stride, int io);
 
 /* A linear layer: bf16 weights (s NULL: fn is llama_gemv_bf16) or quantized codes with their scales (fn one of
  * gemv_quant.c's products, io telling it the activations' dtype). */
@@ -48,7 +57,7 @@ typedef struct {
 } Layer;
 
 typedef struct {
-    int64_t n_layers, dim, n_heads, n_kv, head_dim, hidden, max_len, bf16;
+    int64_t n_layers, dim, n_heads, n_kv, head_dim, hidden, max_len, max_batch, bf16;
     double eps;
     const float *cos, *sin; /* (max_len, head_dim / 2) */
     const void *norm;
@@ -85,6 +94,7 @@ static int linear(const Linear *l, const void *x, void *y, int64_t rows) {
 /* out = norm(h) * weight for each of the rows of h (rows, dim), as RMSNorm computes it. */
 static void rms_norm(const Model *m, const void *h, const void *weight, void *out, int64_t rows) {
     const float eps = (float)m->eps;
+#pragma omp parallel for if (rows > 1) schedule(static)
     for (int64_t r = 0; r < rows; r++) {
         float squares = 0.0f;
         for (int64_t i = 0; i < m->dim; i++) {
@@ -119,11 +129,19 @@ static inline float silu(float g) {
 }
 
 /* h (rows, dim) in the model's dtype holds the new tokens' embeddings and is updated in place; logits (rows,
- * vocab) in the model's dtype. Returns 0; 1 if out of memory; 2 if pos is outside [0, max_len); or a kernel's
- * nonzero return. The cache is written at pos only once the step's checks have passed. */
-int llama_decode_step(const Model *m, void *h, int64_t rows, const int64_t *pos_ptr, void *logits) {
-    const int64_t pos = *pos_ptr, dim = m->dim, hd = m->head_dim, size = m->bf16 ? 2 : 4;
-    if (pos < 0 || pos >= m->max_len) return 2;
+ * vocab) in the model's dtype. pos: n_pos positions, 1 (every row at pos[0]) or rows (row b at pos[b]); slots: NULL
+ * (row b in the cache's row b) or rows cache rows. Returns 0; 1 if out of memory; 2 if a position is outside
+ * [0, max_len); 3 if a slot is outside [0, max_batch); or a kernel's nonzero return. The cache is written only
+ * once every position and slot has been checked. (Two rows in one slot would write the same cells: the caller
+ * keeps the slots of a step distinct.) */
+int llama_decode_step(const Model *m, void *h, int64_t rows, const int64_t *pos, int64_t n_pos, const int64_t *slots,
+                      void *logits) {
+    for (int64_t i = 0; i < n_pos; i++)
+        if (pos[i] < 0 || pos[i] >= m->max_len) return 2;
+    if (slots != NULL)
+        for (int64_t r = 0; r < rows; r++)
+            if (slots[r] < 0 || slots[r] >= m->max_batch) return 3;
+    const int64_t dim = m->dim, hd = m->head_dim, size = m->bf16 ? 2 : 4;
     const int64_t q_width = m->n_heads * hd, kv_width = m->n_kv * hd, qkv_width = q_width + 2 * kv_width;
     const int64_t elements = rows * (2 * dim + qkv_width + q_width + 3 * m->hidden);
     char *work = malloc((size_t)(elements * size));
@@ -137,22 +155,25 @@ int llama_decode_step(const Model *m, void *h, int64_t rows, const int64_t *pos_
         const Layer *layer = m->layers + l;
         rms_norm(m, h, layer->attention_norm, x, rows);
         if ((code = linear(&layer->qkv, x, qkv, rows))) break;
-        for (int64_t r = 0; r < rows; r++) {
-            const int64_t row = r * qkv_width;
-            rope(m, qkv, row, m->n_heads + m->n_kv, pos); /* q's heads, then k's, side by side */
+#pragma omp parallel for if (rows > 1) schedule(static)
+        for (int64_t r = 0; r < rows; r++) { /* distinct slots: the rows write distinct cells */
+            const int64_t row = r * qkv_width, at = pos[n_pos == 1 ? 0 : r], slot = slots == NULL ? r : slots[r];
+            rope(m, qkv, row, m->n_heads + m->n_kv, at); /* q's heads, then k's, side by side */
             memcpy((char *)att + r * q_width * size, (char *)qkv + row * size, (size_t)(q_width * size));
-            const int64_t cached = (r * batch_stride + pos * kv_width) * size;
+            const int64_t cached = (slot * batch_stride + at * kv_width) * size;
             memcpy((char *)layer->cache_k + cached, (char *)qkv + (row + q_width) * size, (size_t)(kv_width * size));
             memcpy((char *)layer->cache_v + cached, (char *)qkv + (row + q_width + kv_width) * size,
                    (size_t)(kv_width * size));
         }
         /* the rotated queries (rows, n_heads, head_dim) are in att: attend writes into qkv, then it goes back */
-        code = ((Attend)m->attend)(att, layer->cache_k, layer->cache_v, qkv, pos_ptr, rows, m->n_kv,
-                                   m->n_heads / m->n_kv, hd, m->max_len, batch_stride, kv_width, (int)m->bf16);
+        code = ((Attend)m->attend)(att, layer->cache_k, layer->cache_v, qkv, pos, n_pos, slots, rows, m->max_batch,
+                                   m->n_kv, m->n_heads / m->n_kv, hd, m->max_len, batch_stride, kv_width,
+                                   (int)m->bf16);
         if (code || (code = linear(&layer->wo, qkv, o, rows))) break;
         add_residual(h, o, rows * dim, m->bf16);
         rms_norm(m, h, layer->ffn_norm, x, rows);
         if ((code = linear(&layer->w13, x, gu, rows))) break;
+#pragma omp parallel for if (rows > 1) schedule(static)
         for (int64_t r = 0; r < rows; r++)
             for (int64_t i = 0; i < m->hidden; i++) {
                 const float gate = get(gu, r * 2 * m->hidden + i, m->bf16);

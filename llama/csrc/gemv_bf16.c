@@ -1,27 +1,40 @@
-/* Matrix-vector product with bfloat16 weights for batch-1 decoding on CPUs (see llama/kernels/cpu_gemv.py).
+/* Products with bfloat16 weights for decoding on CPUs, one to a few input rows (see llama/kernels/cpu_gemv.py).
  *
- * y[r, o] = sum_i x[r, i] * w[o, i], for x, w and y bf16: x (rows, k), w (n, k), y (rows, n). The input rows
- * are widened to fp32 once per call.
+ * y[r, o] = sum_i x[r, i] * w[o, i], for x, w and y bf16: x (rows, k), w (n, k), y (rows, n).
  *
- * Plain C that the compiler vectorizes for the CPU it runs on (-O3 -march=native): a bf16 value is the top
- * half of an fp32, so widening is a shift, and the sums run in fp32 like torch's own kernels.
+ * A decode step reads every weight once, so with one input row the speed is all in how the weights stream from
+ * memory. One core reads far below the machine's bandwidth if it follows a single stream: on the Xeon we
+ * measured (benchmarks/RESULTS.md), walking one weight row at a time reached 18 GB/s on two cores, against 28
+ * for a plain sum. So each thread walks ONE_ROW_BLOCK weight rows side by side (that many streams in flight);
+ * that reached 27.5 GB/s. The blocks of weight rows are split among the OpenMP threads in contiguous runs.
  *
- * Speed is all in how the weights stream from memory. One core reads far below the machine's bandwidth if
- * it follows a single stream: on the Xeon we measured (benchmarks/RESULTS.md), walking one weight row at a
- * time reached 18 GB/s on two cores, against 28 for a plain sum. So each thread walks BLOCK rows side by
- * side (BLOCK streams in flight) and asks for each of them PREFETCH_BYTES ahead; that reached 27.5 GB/s.
- * Each row keeps LANES partial sums, one vector register's worth, which the compiler maps onto the lanes.
- * The blocks of rows are split among the OpenMP threads in contiguous runs.
+ * With several input rows (a batch of decoding requests) the weights still stream from memory once per call,
+ * but the arithmetic grows with the rows, and it is what limits a naive loop: on two cores it would make an
+ * 8-row step cost several 1-row steps. So the rows are taken in tiles of TILE_X input rows against TILE_W weight
+ * rows: each vector of weights, loaded (and widened) once, is multiplied by the TILE_X input rows while it sits
+ * in a register, and the TILE_X x TILE_W sums stay in registers for the whole length k. The weight rows of a
+ * block are then read again, from the core's caches, for the next tile of input rows (rows > TILE_X).
  *
- * That blocking keeps BLOCK x LANES = 128 sums live: 8 of AVX-512's 32 registers, but all 16 of AVX2's, which
- * then spill (on a Zen 3 the loop was bound by instructions at 6 G weights/s a core, under the memory's
- * speed on two cores). So on CPUs with AVX2 and FMA but not AVX-512, an intrinsics loop keeps 8 lanes per row
- * (8 of the 16 registers) and widens 16 weights with two unpacks against zero, which put each bf16 in the top
- * half of an fp32 lane. The unpacks take the weights of each 128-bit half in the order 0-3, 8-11 (low) and
- * 4-7, 12-15 (high), so the input row is permuted once per call to match. That loop runs at twice the speed
- * per core. It has no software prefetch: on a Zen 3, asking for the next block of rows while one is summed
- * (a whole block ahead, at the same pace) made the pass 13% slower than leaving the 8 streams to the hardware
- * prefetchers, which then stream at the speed of a plain sum (benchmarks/RESULTS.md).
+ * Three versions of the inner loop, chosen when compiling for the CPU at hand (-march=native):
+ * - AVX-512 with bf16 dot products (AVX512_BF16: Zen 4, Sapphire Rapids and later): vdpbf16ps multiplies 32 bf16
+ *   pairs and adds them, two by two, into 16 fp32 lanes, straight from the bf16 inputs and weights (no widening).
+ *   The last k % 32 columns are loaded under a mask (zeros past the end). The instruction flushes subnormal
+ *   inputs (below 2^-126) to zero, which bf16 activations and weights of a trained model never are.
+ * - AVX2 and FMA without AVX-512 (Zen 2/3, Haswell to Alder Lake): 8 fp32 lanes per sum, the weights widened by
+ *   two unpacks against zero, which put each bf16 in the top half of an fp32 lane. The unpacks take the weights
+ *   of each 128-bit half in the order 0-3, 8-11 (low) and 4-7, 12-15 (high), so the input rows are widened and
+ *   permuted once per call to match. (The 1-row blocking of the plain loop below keeps 128 sums live: all 16 of
+ *   AVX2's registers, which then spill; on a Zen 3 this loop ran at twice its speed per core. It has no software
+ *   prefetch: on a Zen 3 that made the pass 13% slower than leaving the streams to the hardware prefetchers.)
+ * - Otherwise, plain C that the compiler vectorizes (AVX-512 without bf16 instructions, other architectures):
+ *   LANES partial sums per pair, and PREFETCH_BYTES of software prefetch ahead on each weight row.
+ *
+ * Numerics: products of bf16 values are exact in fp32, the sums run in fp32 (in another order than torch's, so
+ * they can differ from it in the last fp32 bits), and each result is rounded to bf16 to nearest-even, as torch
+ * does. Every (input row, weight row) pair is summed in the same order whatever the number of rows and wherever
+ * the pair falls in a tile (the tails and the final sums of the lanes go through one function each), so a row's
+ * result does not depend on the other rows of the call: row r of a call with several rows is bitwise the call
+ * with row r alone.
  */
 #include <stdint.h>
 #include <stdlib.h>
@@ -29,112 +42,323 @@
 
 #include "common.h"
 
-#define BLOCK 8
-#define LANES 16
+/* The sizes below can be set with -D, to measure others (benchmarks/bench_batch_decode.py --flags). */
+#ifndef ONE_ROW_BLOCK
+#define ONE_ROW_BLOCK 8 /* weight rows side by side for one input row */
+#endif
+#ifndef ONE_ROW_AS_TILES
+#define ONE_ROW_AS_TILES 0
+#endif
+#ifndef AHEAD_BLOCKS
+#define AHEAD_BLOCKS 1
+#endif
+#ifndef BALANCED
+#define BALANCED 0
+#endif
+#ifndef AHEAD_HINT
+#define AHEAD_HINT 2
+#endif
+#ifndef PREFETCH_BYTES
 #define PREFETCH_BYTES 512
+#endif
+/* TILE_X input rows against TILE_W weight rows (with several input rows): the sums and a vector of each weight row
+ * must fit in the registers, 32 with AVX-512 and 16 with AVX2. */
+#if defined(__AVX512F__)
+#define TILE_X_DEFAULT 4
+#define TILE_W_DEFAULT 4
+#else
+#define TILE_X_DEFAULT 4
+#define TILE_W_DEFAULT 2
+#endif
+#ifndef TILE_X
+#define TILE_X TILE_X_DEFAULT
+#endif
+#ifndef TILE_W
+#define TILE_W TILE_W_DEFAULT
+#endif
+#if TILE_X < 1 || TILE_X > 8 || TILE_W < 1
+#error "TILE_X must be 1 to 8, TILE_W at least 1"
+#endif
+#define MAX_TILE_W (ONE_ROW_BLOCK > TILE_W ? ONE_ROW_BLOCK : TILE_W)
 
-/* out[j] = x . w[j] for the `count` (at most BLOCK) weight rows starting at w. */
-static inline void dot_rows(const float *x, const uint16_t *w, int64_t k, int count, uint16_t *out) {
-    float acc[BLOCK][LANES] = {{0.0f}};
-    int64_t i = 0;
-    for (; i + LANES <= k; i += LANES) {
-        for (int j = 0; j < count; j++) __builtin_prefetch((const char *)(w + j * k + i) + PREFETCH_BYTES, 0, 3);
-        for (int j = 0; j < count; j++)
-            for (int l = 0; l < LANES; l++) acc[j][l] += x[i + l] * bf16_to_float(w[j * k + i + l]);
-    }
-    for (int j = 0; j < count; j++) {
-        float sum = 0.0f;
-        for (int l = 0; l < LANES; l++) sum += acc[j][l];
-        for (int64_t t = i; t < k; t++) sum += x[t] * bf16_to_float(w[j * k + t]);
-        out[j] = float_to_bf16(sum);
-    }
+#define NOINLINE __attribute__((noinline, noclone))
+#define INLINE static inline __attribute__((always_inline))
+
+/* The part of the next block of weight rows that a tile asks the memory for while it computes: lines from at
+ * (up to end), per_step of them each step. */
+typedef struct {
+    const char *at, *end;
+    int per_step;
+} Ahead;
+
+INLINE void fetch_ahead(Ahead *a) {
+    for (int p = 0; p < a->per_step; p++, a->at += 64)
+        if (a->at < a->end) __builtin_prefetch(a->at, 0, AHEAD_HINT);
 }
 
-#if defined(__AVX2__) && defined(__FMA__) && !defined(__AVX512F__)
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512BF16__)
 #include <immintrin.h>
+#define INPUT uint16_t /* the input rows as the loop reads them: bf16 as given */
+#define LOOP_NAME "avx512bf16"
 
-static inline float hsum(__m256 v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+/* The bf16 rounding of the sum of the 16 lanes, in one fixed order. */
+static NOINLINE uint16_t finish(__m512 acc) {
+    float lanes[16], sum = 0.0f;
+    _mm512_storeu_ps(lanes, acc);
+    for (int l = 0; l < 16; l++) sum += lanes[l];
+    return float_to_bf16(sum);
+}
+
+/* y[r * n + j] for the nx input rows at x and the nw weight rows at w (k each): the sums of 32 columns at a time. */
+INLINE void tile(const uint16_t *x, int64_t k, int nx, const uint16_t *w, int nw, uint16_t *y, int64_t n,
+                 Ahead ahead) {
+    __m512 acc[TILE_X][MAX_TILE_W];
+    for (int r = 0; r < nx; r++)
+        for (int j = 0; j < nw; j++) acc[r][j] = _mm512_setzero_ps();
+    int64_t i = 0;
+    for (; i + 32 <= k; i += 32) {
+        __m512i wv[MAX_TILE_W];
+        fetch_ahead(&ahead);
+        for (int j = 0; j < nw; j++) {
+            __builtin_prefetch((const char *)(w + j * k + i) + PREFETCH_BYTES, 0, 3);
+            wv[j] = _mm512_loadu_si512(w + j * k + i);
+        }
+        for (int r = 0; r < nx; r++) {
+            const __m512i xv = _mm512_loadu_si512(x + r * k + i);
+            for (int j = 0; j < nw; j++) acc[r][j] = _mm512_dpbf16_ps(acc[r][j], (__m512bh)xv, (__m512bh)wv[j]);
+        }
+    }
+    if (i < k) { /* the last k - i < 32 columns, zeros past the end */
+        const __mmask32 mask = (__mmask32)((1ull << (k - i)) - 1);
+        for (int r = 0; r < nx; r++) {
+            const __m512i xv = _mm512_maskz_loadu_epi16(mask, x + r * k + i);
+            for (int j = 0; j < nw; j++) {
+                const __m512i wv = _mm512_maskz_loadu_epi16(mask, w + j * k + i);
+                acc[r][j] = _mm512_dpbf16_ps(acc[r][j], (__m512bh)xv, (__m512bh)wv);
+            }
+        }
+    }
+    for (int r = 0; r < nx; r++)
+        for (int j = 0; j < nw; j++) y[r * n + j] = finish(acc[r][j]);
+}
+
+static const INPUT *prepare(const uint16_t *x, int64_t rows, int64_t k) {
+    (void)rows, (void)k;
+    return x;
+}
+
+#elif defined(__AVX2__) && defined(__FMA__) && !defined(__AVX512F__)
+#include <immintrin.h>
+#define INPUT float
+#define LOOP_NAME "avx2"
+
+/* The bf16 rounding of the sum of the 8 lanes and of the columns after the last 16 (xp, w: those columns). */
+static NOINLINE uint16_t finish(__m256 acc, const float *xp, const uint16_t *w, int64_t tail) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));
     s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    return _mm_cvtss_f32(s);
+    float sum = _mm_cvtss_f32(s);
+    for (int64_t t = 0; t < tail; t++) sum += xp[t] * bf16_to_float(w[t]);
+    return float_to_bf16(sum);
 }
 
-/* x in fp32, each run of 16 inputs in the order of the unpacks below: 0-3, 8-11, then 4-7, 12-15. */
-static void permute_row(const uint16_t *x, int64_t k, float *xp) {
-    int64_t k16 = k / 16 * 16;
-    for (int64_t i = 0; i < k16; i += 16)
-        for (int l = 0; l < 4; l++) {
-            xp[i + l] = bf16_to_float(x[i + l]);
-            xp[i + 4 + l] = bf16_to_float(x[i + 8 + l]);
-            xp[i + 8 + l] = bf16_to_float(x[i + 4 + l]);
-            xp[i + 12 + l] = bf16_to_float(x[i + 12 + l]);
-        }
-    for (int64_t t = k16; t < k; t++) xp[t] = bf16_to_float(x[t]);
-}
-
-/* The rows' sums over runs of 16 inputs (always inlined: with count == BLOCK the trip counts are fixed and the
- * sums stay in registers). */
-static inline __attribute__((always_inline)) void loop_avx2(const float *xp, const uint16_t *w, int64_t k,
-                                                             int count, uint16_t *out) {
-    int64_t k16 = k / 16 * 16;
+INLINE void tile(const float *xp, int64_t k, int nx, const uint16_t *w, int nw, uint16_t *y, int64_t n,
+                 Ahead ahead) {
+    const int64_t k16 = k / 16 * 16;
     const __m256i zero = _mm256_setzero_si256();
-    __m256 acc[BLOCK];
-    for (int j = 0; j < count; j++) acc[j] = _mm256_setzero_ps();
+    __m256 acc[TILE_X][MAX_TILE_W];
+    for (int r = 0; r < nx; r++)
+        for (int j = 0; j < nw; j++) acc[r][j] = _mm256_setzero_ps();
     for (int64_t i = 0; i < k16; i += 16) {
-        __m256 x0 = _mm256_loadu_ps(xp + i), x1 = _mm256_loadu_ps(xp + i + 8);
-        for (int j = 0; j < count; j++) {
-            __m256i v = _mm256_loadu_si256((const __m256i *)(w + j * k + i));
-            acc[j] = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_unpacklo_epi16(zero, v)), x0, acc[j]);
-            acc[j] = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_unpackhi_epi16(zero, v)), x1, acc[j]);
+        if (i % 32 == 0) fetch_ahead(&ahead); /* a line of 32 weights */
+        for (int j = 0; j < nw; j++) {
+            const __m256i v = _mm256_loadu_si256((const __m256i *)(w + j * k + i));
+            const __m256 lo = _mm256_castsi256_ps(_mm256_unpacklo_epi16(zero, v));
+            const __m256 hi = _mm256_castsi256_ps(_mm256_unpackhi_epi16(zero, v));
+            for (int r = 0; r < nx; r++) {
+                acc[r][j] = _mm256_fmadd_ps(lo, _mm256_loadu_ps(xp + r * k + i), acc[r][j]);
+                acc[r][j] = _mm256_fmadd_ps(hi, _mm256_loadu_ps(xp + r * k + i + 8), acc[r][j]);
+            }
         }
     }
-    for (int j = 0; j < count; j++) {
-        float sum = hsum(acc[j]);
-        for (int64_t t = k16; t < k; t++) sum += xp[t] * bf16_to_float(w[j * k + t]);
-        out[j] = float_to_bf16(sum);
+    for (int r = 0; r < nx; r++)
+        for (int j = 0; j < nw; j++) y[r * n + j] = finish(acc[r][j], xp + r * k + k16, w + j * k + k16, k - k16);
+}
+
+/* The input rows in fp32, each run of 16 columns in the order of the unpacks: 0-3, 8-11, then 4-7, 12-15. */
+static const INPUT *prepare(const uint16_t *x, int64_t rows, int64_t k) {
+    float *xp = malloc(sizeof(float) * (size_t)(rows * k));
+    if (xp == NULL) return NULL;
+    const int64_t k16 = k / 16 * 16;
+    for (int64_t r = 0; r < rows; r++) {
+        const uint16_t *xr = x + r * k;
+        float *out = xp + r * k;
+        for (int64_t i = 0; i < k16; i += 16)
+            for (int l = 0; l < 4; l++) {
+                out[i + l] = bf16_to_float(xr[i + l]);
+                out[i + 4 + l] = bf16_to_float(xr[i + 8 + l]);
+                out[i + 8 + l] = bf16_to_float(xr[i + 4 + l]);
+                out[i + 12 + l] = bf16_to_float(xr[i + 12 + l]);
+            }
+        for (int64_t t = k16; t < k; t++) out[t] = bf16_to_float(xr[t]);
+    }
+    return xp;
+}
+
+#else
+#define INPUT float
+#define LOOP_NAME "plain"
+#define LANES 16
+
+/* The bf16 rounding of the sum of the LANES lanes and of the columns after the last LANES (xf, w: those). */
+static NOINLINE uint16_t finish(const float *acc, const float *xf, const uint16_t *w, int64_t tail) {
+    float sum = 0.0f;
+    for (int l = 0; l < LANES; l++) sum += acc[l];
+    for (int64_t t = 0; t < tail; t++) sum += xf[t] * bf16_to_float(w[t]);
+    return float_to_bf16(sum);
+}
+
+INLINE void tile(const float *xf, int64_t k, int nx, const uint16_t *w, int nw, uint16_t *y, int64_t n,
+                 Ahead ahead) {
+    float acc[TILE_X][MAX_TILE_W][LANES];
+    for (int r = 0; r < nx; r++)
+        for (int j = 0; j < nw; j++)
+            for (int l = 0; l < LANES; l++) acc[r][j][l] = 0.0f;
+    int64_t i = 0;
+    for (; i + LANES <= k; i += LANES) {
+        if (i % 32 == 0) fetch_ahead(&ahead);
+        for (int j = 0; j < nw; j++) __builtin_prefetch((const char *)(w + j * k + i) + PREFETCH_BYTES, 0, 3);
+        for (int r = 0; r < nx; r++)
+            for (int j = 0; j < nw; j++)
+                for (int l = 0; l < LANES; l++) acc[r][j][l] += xf[r * k + i + l] * bf16_to_float(w[j * k + i + l]);
+    }
+    for (int r = 0; r < nx; r++)
+        for (int j = 0; j < nw; j++) y[r * n + j] = finish(acc[r][j], xf + r * k + i, w + j * k + i, k - i);
+}
+
+static const INPUT *prepare(const uint16_t *x, int64_t rows, int64_t k) {
+    float *xf = malloc(sizeof(float) * (size_t)(rows * k));
+    if (xf == NULL) return NULL;
+    for (int64_t i = 0; i < rows * k; i++) xf[i] = bf16_to_float(x[i]);
+    return xf;
+}
+#endif
+
+/* The tiles, each its own function with constant sizes (so that its sums stay in registers), and one for any
+ * sizes (the last, short block of weight rows). */
+#define TILE_FN(name, nx, nw)                                                                                     \
+    static NOINLINE void name(const INPUT *x, int64_t k, const uint16_t *w, uint16_t *y, int64_t n, Ahead ahead) { \
+        tile(x, k, nx, w, nw, y, n, ahead);                                                                       \
+    }
+TILE_FN(tile_one_row, 1, ONE_ROW_BLOCK)
+TILE_FN(tile_1, 1, TILE_W)
+#if TILE_X > 1
+TILE_FN(tile_2, 2, TILE_W)
+#endif
+#if TILE_X > 2
+TILE_FN(tile_3, 3, TILE_W)
+#endif
+#if TILE_X > 3
+TILE_FN(tile_4, 4, TILE_W)
+#endif
+#if TILE_X > 4
+TILE_FN(tile_5, 5, TILE_W)
+#endif
+#if TILE_X > 5
+TILE_FN(tile_6, 6, TILE_W)
+#endif
+#if TILE_X > 6
+TILE_FN(tile_7, 7, TILE_W)
+#endif
+#if TILE_X > 7
+TILE_FN(tile_8, 8, TILE_W)
+#endif
+
+static NOINLINE void tile_any(const INPUT *x, int64_t k, int nx, const uint16_t *w, int nw, uint16_t *y, int64_t n,
+                              Ahead ahead) {
+    tile(x, k, nx, w, nw, y, n, ahead);
+}
+
+/* One block of `count` weight rows (first: its first row) against every input row.
+ *
+ * With several input rows the block takes several passes over its weights (one a tile of input rows), and these
+ * are limited by the arithmetic, not by the memory: left to the hardware prefetchers, the memory would wait while
+ * they compute, and they would wait on the memory at the next block. So the passes ask for the next block's
+ * weights (next_bytes from next), spread evenly over them: streaming and arithmetic overlap. */
+static void block(const INPUT *xp, const uint16_t *w, uint16_t *y, int64_t rows, int64_t n, int64_t k,
+                  int64_t first, int count, const char *next, int64_t next_bytes) {
+    const uint16_t *wb = w + first * k;
+    if (rows == 1 && !ONE_ROW_AS_TILES) { /* one pass, as fast as the memory: the current rows' own prefetch (or the hardware's) */
+        const Ahead none = {NULL, NULL, 0};
+        if (count == ONE_ROW_BLOCK)
+            tile_one_row(xp, k, wb, y + first, n, none);
+        else
+            tile_any(xp, k, 1, wb, count, y + first, n, none);
+        return;
+    }
+    const int64_t passes = (rows + TILE_X - 1) / TILE_X, lines = (next_bytes + 63) / 64;
+    const int64_t steps = (k + 31) / 32; /* of each pass, counted in lines of 32 weights */
+    for (int64_t t = 0; t < passes; t++) {
+#if BALANCED
+        const int64_t r = t * rows / passes;
+        const int nx = (int)((t + 1) * rows / passes - r);
+#else
+        const int64_t r = t * TILE_X;
+        const int nx = rows - r < TILE_X ? (int)(rows - r) : TILE_X;
+#endif
+        const INPUT *xr = xp + r * k;
+        uint16_t *yr = y + r * n + first;
+        /* pass t asks for lines t * lines / passes .. (t + 1) * lines / passes of the next block */
+        const int64_t from = t * lines / passes, to = (t + 1) * lines / passes;
+        const Ahead ahead = {next + 64 * from, next + 64 * to, (int)((to - from + steps - 1) / steps)};
+        if (count != TILE_W) {
+            tile_any(xr, k, nx, wb, count, yr, n, ahead);
+            continue;
+        }
+        switch (nx) {
+        case 1: tile_1(xr, k, wb, yr, n, ahead); continue;
+#if TILE_X > 1
+        case 2: tile_2(xr, k, wb, yr, n, ahead); continue;
+#endif
+#if TILE_X > 2
+        case 3: tile_3(xr, k, wb, yr, n, ahead); continue;
+#endif
+#if TILE_X > 3
+        case 4: tile_4(xr, k, wb, yr, n, ahead); continue;
+#endif
+#if TILE_X > 4
+        case 5: tile_5(xr, k, wb, yr, n, ahead); continue;
+#endif
+#if TILE_X > 5
+        case 6: tile_6(xr, k, wb, yr, n, ahead); continue;
+#endif
+#if TILE_X > 6
+        case 7: tile_7(xr, k, wb, yr, n, ahead); continue;
+#endif
+#if TILE_X > 7
+        case 8: tile_8(xr, k, wb, yr, n, ahead); continue;
+#endif
+        }
     }
 }
+
+/* Which inner loop this build compiled: "avx512bf16", "avx2" or "plain" (for the tests and benchmarks). */
+const char *llama_gemv_bf16_loop(void) { return LOOP_NAME; }
 
 /* Returns 0, or 1 if out of memory for the converted input rows (nothing written). */
 int llama_gemv_bf16(const uint16_t *x, const uint16_t *w, uint16_t *y, int64_t rows, int64_t n, int64_t k) {
-    float *xp = malloc(sizeof(float) * (size_t)(rows * k));
-    int64_t blocks = (n + BLOCK - 1) / BLOCK;
+    const INPUT *xp = prepare(x, rows, k);
     if (xp == NULL) return 1;
-    for (int64_t r = 0; r < rows; r++) permute_row(x + r * k, k, xp + r * k);
+    const int size = rows == 1 && !ONE_ROW_AS_TILES ? ONE_ROW_BLOCK : TILE_W;
+    const int64_t blocks = (n + size - 1) / size;
 #pragma omp parallel for schedule(static)
     for (int64_t b = 0; b < blocks; b++) {
-        int64_t first = b * BLOCK;
-        int count = first + BLOCK <= n ? BLOCK : (int)(n - first);
-        const uint16_t *w_block = w + first * k;
-        for (int64_t r = 0; r < rows; r++) {
-            if (count == BLOCK)
-                loop_avx2(xp + r * k, w_block, k, BLOCK, y + r * n + first);
-            else
-                loop_avx2(xp + r * k, w_block, k, count, y + r * n + first);
-        }
+        const int64_t first = b * size;
+        const int count = first + size <= n ? size : (int)(n - first);
+        const int64_t after = first + count + (AHEAD_BLOCKS - 1) * size;
+        const int64_t next_rows = after >= n ? 0 : n - after < size ? n - after : size;
+        block(xp, w, y, rows, n, k, first, count, (const char *)(w + after * k), next_rows * k * 2);
     }
-    free(xp);
+    if ((const void *)xp != (const void *)x) free((void *)xp);
     return 0;
 }
-#else
-int llama_gemv_bf16(const uint16_t *x, const uint16_t *w, uint16_t *y, int64_t rows, int64_t n, int64_t k) {
-    float *xf = malloc(sizeof(float) * (size_t)(rows * k));
-    int64_t blocks = (n + BLOCK - 1) / BLOCK;
-    if (xf == NULL) return 1;
-    for (int64_t i = 0; i < rows * k; i++) xf[i] = bf16_to_float(x[i]);
-#pragma omp parallel for schedule(static)
-    for (int64_t b = 0; b < blocks; b++) {
-        int64_t first = b * BLOCK;
-        const uint16_t *w_block = w + first * k;
-        for (int64_t r = 0; r < rows; r++) {
-            if (first + BLOCK <= n)
-                dot_rows(xf + r * k, w_block, k, BLOCK, y + r * n + first);
-            else
-                dot_rows(xf + r * k, w_block, k, (int)(n - first), y + r * n + first);
-        }
-    }
-    free(xf);
-    return 0;
-}
-#endif

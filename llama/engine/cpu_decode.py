@@ -1,5 +1,5 @@
-"""The fast path's decode step on CPUs as one C call (``csrc/decode_step.c``), for batch-1 (and small-batch
-quantized) decoding.
+"""The fast path's decode step on CPUs as one C call (``csrc/decode_step.c``), for batches of 1 to 16 rows, each row at
+its own position and cache slot where the caller says so (a continuous batch).
 
 A compiled step (``llama.engine.fast.decode_step``) on two cores spends 3-6 ms a token between its products: ~150
 calls (the C products and attention, inductor's small kernels), each with 10-25 us of Python and torch
@@ -8,9 +8,10 @@ so a token costs one call. The numbers are the compiled step's (same kernels, sa
 them).
 
 It serves a model whose every layer the kernels serve: quantized layers (``llama.quant``, CPU kernels built) and
-bf16 float layers (``llama.kernels.cpu_gemv``'s kernel, one row only, where it is the faster choice), with
-activations in bf16 or fp32, and the projections stacked (``Transformer.stack_projections``). ``applies`` says
-whether it does; elsewhere the compiled step runs.
+bf16 float layers (``llama.kernels.cpu_gemv``'s kernel), with activations in bf16 or fp32, and the projections
+stacked (``Transformer.stack_projections``), for up to ``KERNEL_MAX_ROWS`` rows (the kernels read each weight once
+for all of them). ``applies`` says whether it does; elsewhere the compiled step runs. Each row is computed on its
+own (see ``csrc/decode_step.c``): with bf16 float layers a row's logits are bitwise those of the same row alone.
 
 ``csrc/decode_step.c`` is the one second copy of the transformer block (``llama.model.transformer``), kept equal
 to it by the tests. Everything it reads, it asks the model's modules for: each linear layer its
@@ -50,14 +51,16 @@ class Layer(ctypes.Structure):
 
 
 class Model(ctypes.Structure):
-    _fields_ = [(name, ctypes.c_int64) for name in
-                ("n_layers", "dim", "n_heads", "n_kv", "head_dim", "hidden", "max_len", "bf16")]  # fmt: skip
+    _fields_ = [(name, ctypes.c_int64) for name in ("n_layers", "dim", "n_heads", "n_kv", "head_dim", "hidden")]
+    _fields_ += [(name, ctypes.c_int64) for name in ("max_len", "max_batch", "bf16")]
     _fields_ += [("eps", ctypes.c_double), ("cos", ctypes.c_void_p), ("sin", ctypes.c_void_p)]
     _fields_ += [("norm", ctypes.c_void_p), ("output", Linear), ("attend", ctypes.c_void_p)]
     _fields_ += [("layers", ctypes.POINTER(Layer))]
 
 
-ARGTYPES = [ctypes.POINTER(Model), ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p]  # SYMBOL's
+# SYMBOL's: model, h, rows, pos, n_pos, slots, logits
+ARGTYPES = [ctypes.POINTER(Model), ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p]
+ARGTYPES += [ctypes.c_void_p]
 _state: dict[str, object] = {}  # "fn": the loaded function, or None once building it has failed
 
 
@@ -96,7 +99,8 @@ def _products(model: Transformer, stacks: list[tuple[StackedLinear, StackedLinea
 
 
 class CpuDecoder:
-    """Decode steps of `model` (one new token per row, every row at one position) by ``llama_decode_step``.
+    """Decode steps of `model` (one new token per row, each row at its own position and cache slot, or all rows at
+    one position in cache rows 0..bsz-1) by ``llama_decode_step``.
 
     Build it with ``CpuDecoder.build(model, stacks, cos, sin)``, which returns None where it does not apply. It
     computes with the layers' kernels as they were when built: after ``use_int8_inputs``, build another (the fast
@@ -128,10 +132,15 @@ class CpuDecoder:
         if not cls._laid_out_as_the_c_step_reads(model, cos, sin):  # also: caches in the model's dtype
             return None
         products = _products(model, stacks)
-        if any(_linear(m, model.dtype) is None for m in products):
+        kernels = [_linear(m, model.dtype) for m in products]
+        if any(k is None for k in kernels):
             return None
-        float_layers = any(not isinstance(m, QuantizedLinear) for m in products)
-        return cls(model, stacks, cos, sin, fn, 1 if float_layers else KERNEL_MAX_ROWS)
+        # as many rows as the bf16 GEMV takes for every float layer (quantized ones take KERNEL_MAX_ROWS)
+        floats = [
+            operands.weight for m, (_, _, operands) in zip(products, kernels) if not isinstance(m, QuantizedLinear)
+        ]
+        max_rows = max(r for r in range(1, KERNEL_MAX_ROWS + 1) if all(cpu_gemv.applies(r, w) for w in floats))
+        return cls(model, stacks, cos, sin, fn, max_rows)
 
     @staticmethod
     def _laid_out_as_the_c_step_reads(model: Transformer, cos: torch.Tensor, sin: torch.Tensor) -> bool:
@@ -178,7 +187,8 @@ class CpuDecoder:
         self.held.append(layers)
         n_heads, n_kv, head_dim = model.layers[0].attention.heads()
         hidden = linears[3].k  # w2's inputs
-        return Model(len(model.layers), model.params.dim, n_heads, n_kv, head_dim, hidden, model.params.max_seq_len,
+        p = model.params
+        return Model(len(model.layers), p.dim, n_heads, n_kv, head_dim, hidden, p.max_seq_len, p.max_batch_size,
                      int(dtype == torch.bfloat16), eps, self.cos.data_ptr(), self.sin.data_ptr(),
                      final_norm.data_ptr(), linears[-1], _address(cpu_attention.kernel()), layers)  # fmt: skip
 
@@ -187,22 +197,31 @@ class CpuDecoder:
         return bsz <= self.max_rows
 
     @torch.inference_mode()
-    def __call__(self, tokens: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-        """Logits (bsz, 1, vocab) in fp32 for tokens (bsz, 1) at position pos (a 1-element long tensor)."""
-        if pos.numel() != 1 or pos.dtype != torch.long or pos.device.type != "cpu":
-            raise TypeError(f"decode step: pos must be a 1-element long CPU tensor, got {pos.dtype} "
-                            f"{tuple(pos.shape)} on {pos.device}")  # fmt: skip
+    def __call__(self, tokens: torch.Tensor, pos: torch.Tensor, slots: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Logits (bsz, 1, vocab) in fp32 for tokens (bsz, 1), written into the KV cache as they go.
+
+        pos: a long CPU tensor of 1 element (every row at that position) or bsz elements (row b at pos[b]); slots:
+        None (row b in the cache's row b) or bsz distinct cache rows (row b in slots[b]). Row b's RoPE takes its
+        position, its keys and values go to cache[slot, position], and it attends over positions 0..position of its
+        slot. Positions and slots are checked before anything is written (ValueError).
+        """
         bsz = tokens.shape[0]
-        if tokens.shape != (bsz, 1) or not 1 <= bsz <= min(self.max_rows, self.model.params.max_batch_size):
-            raise ValueError(f"decode step: tokens {tuple(tokens.shape)} must be (bsz, 1) with bsz at most "
-                             f"{min(self.max_rows, self.model.params.max_batch_size)} (the KV cache's batch and "
-                             "the kernels' rows)")  # fmt: skip
+        limit = min(self.max_rows, self.model.params.max_batch_size)
+        if tokens.shape != (bsz, 1) or not 1 <= bsz <= limit:
+            raise ValueError(f"decode step: tokens {tuple(tokens.shape)} must be (bsz, 1) with bsz at most {limit} "
+                             "(the KV cache's batch and the kernels' rows)")  # fmt: skip
+        cpu_attention.check_rows("decode step", bsz, self.model.params.max_batch_size, pos, slots, torch.device("cpu"))
+        if slots is not None and len(set(slots.tolist())) != bsz:  # two rows would write the same cache cells
+            raise ValueError(f"decode step: slots {slots.tolist()} repeat a cache row; each row needs its own")
+        pos = pos.contiguous()
+        slots = None if slots is None else slots.contiguous()
         h = self.model.tok_embeddings(tokens.reshape(bsz)).contiguous()  # (bsz, dim)
         logits = torch.empty(bsz, self.struct.output.n, dtype=self.dtype)
-        code = self.fn(ctypes.byref(self.struct), h.data_ptr(), bsz, pos.data_ptr(), logits.data_ptr())
-        if code == 2:
-            raise ValueError(f"decode step at position {int(pos)}: outside the KV cache of "
-                             f"{self.model.params.max_seq_len} positions")  # fmt: skip
+        code = self.fn(ctypes.byref(self.struct), h.data_ptr(), bsz, pos.data_ptr(), pos.numel(),
+                       None if slots is None else slots.data_ptr(), logits.data_ptr())  # fmt: skip
+        if code in (2, 3):
+            params = self.model.params
+            raise cpu_attention.bad_rows("decode step", pos, slots, params.max_batch_size, params.max_seq_len)
         if code:
             raise MemoryError(f"decode step: a kernel ran out of memory (code {code})")
         return logits.float().view(bsz, 1, -1)

@@ -22,13 +22,14 @@ own (``FastOps``, a ``BlockOps``) for what it computes differently:
 Prompts are prefilled eagerly: on GPUs by the model's own forward, on CPUs by ``prefill_forward``, which
 keeps the reference's math but runs attention in fp32 and multiplies half-precision weights by torch's fp32
 GEMM on fp32 copies of them, a chunk at a time (on CPUs without native bf16 instructions, torch's bf16
-kernels are several times slower). The decoding loop (``llama.engine.loop``) also keeps sampling on the
-device and checks for EOS only every few steps. In fp32 the numbers are the faithful path's within rounding;
-the tests compare logits and greedy tokens. Quantized layers on a CPU: so they are with the exact kernels
-(``use_int8_inputs(model, False)``); the default kernels, which both paths call, round their inputs to
-int8, and a last-bit difference can move one such rounding and a logit by ~1e-2. In half precision, the
-attention here sums in fp32, which is more precise than the reference's half-precision matmuls. So where two
-logits nearly tie (and with the int8-input kernels), greedy tokens can differ from the default path's.
+kernels are several times slower; on CPUs with them, bf16 weights use torch's bf16 GEMM). The decoding loop
+(``llama.engine.loop``) also keeps sampling on the device and checks for EOS only every few steps. In fp32 the
+numbers are the faithful path's within rounding; the tests compare logits and greedy tokens. Quantized layers
+on a CPU: so they are with the exact kernels (``use_int8_inputs(model, False)``); the default kernels, which
+both paths call, round their inputs to int8, and a last-bit difference can move one such rounding and a logit
+by ~1e-2. In half precision, the attention here sums in fp32, which is more precise than the reference's
+half-precision matmuls. So where two logits nearly tie (and with the int8-input kernels), greedy tokens can
+differ from the default path's.
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ import torch.nn.functional as F
 
 from llama.engine.cpu_decode import CpuDecoder
 from llama.kernels import cpu_attention, cpu_gemv
-from llama.model import BlockOps, StackedLinear, Transformer, apply_rotary_emb_real, rope_cos_sin
+from llama.model import BlockOps, CacheRows, StackedLinear, Transformer, apply_rotary_emb_real, rope_cos_sin
 from llama.model.transformer import Rotations
 from llama.quant import kernels as quant_kernels
 from llama.quant.linear import QuantizedLinear
@@ -100,10 +101,41 @@ def decode_step(
     return model.logits(model.tok_embeddings(tokens), pos, rotations, pos, ops)
 
 
+def decode_rows_step(
+    model: Transformer, tokens: torch.Tensor, pos: torch.Tensor, slots: torch.Tensor, cos: torch.Tensor,
+    sin: torch.Tensor, ops: FastOps,
+) -> torch.Tensor:  # fmt: skip
+    """``decode_step`` for rows that each sit in their own cache slot at their own position (the continuous-batching
+    engine's rows): row i's token at pos[i] of slot slots[i]. The cache is written at those cells and handed whole
+    to ops' attention (``attend_rows``), which reads each row's slot up to its position."""
+    rotations = cos[pos][:, None], sin[pos][:, None]  # (bsz, 1, head_dim // 2) each: a row's own position
+    rows = CacheRows(slots, pos)
+    return model.logits(model.tok_embeddings(tokens), rows, rotations, rows, ops)
+
+
+def attend_rows(q: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor, rows: CacheRows) -> torch.Tensor:
+    """One query per row over its own slot of the whole cache, up to its own position (``llama::attend_one``)."""
+    return torch.ops.llama.attend_one(q, cache_k, cache_v, rows.positions, rows.slots)
+
+
+def native_bf16() -> bool:
+    """Whether this CPU multiplies bf16 natively (AVX512-BF16 or AMX), where torch's bf16 GEMM (oneDNN) is the
+    fast one: on a Zen 4, 3x faster than the fp32 GEMM on upcast copies for a 128-row prefill product (2048 ->
+    5632: 7.7 ms against 24 ms, benchmarks/RESULTS.md)."""
+    return any(getattr(torch.cpu, name, lambda: False)() for name in ("_is_avx512_bf16_supported",
+                                                                       "_is_amx_tile_supported"))  # fmt: skip
+
+
+NATIVE_BF16 = native_bf16()
+
+
 def prefill_matmul(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """The prefill's float products: on CPUs, half-precision weights multiply in fp32 on fp32 copies of them, a
-    chunk of rows at a time (``cpu_gemv.linear_upcast``), rounded once to the model's dtype."""
+    chunk of rows at a time (``cpu_gemv.linear_upcast``), rounded once to the model's dtype; except bf16 weights on
+    CPUs that multiply bf16 natively, where torch's bf16 GEMM (the reference's product) is faster."""
     if weight.device.type == "cpu" and weight.dtype in (torch.bfloat16, torch.float16):
+        if weight.dtype == torch.bfloat16 and NATIVE_BF16:
+            return F.linear(x, weight)
         return cpu_gemv.linear_upcast(x, weight)
     return F.linear(x, weight)
 
@@ -119,8 +151,9 @@ def prefill_attention(
 
 
 def prefill_forward(
-    model: Transformer, tokens: torch.Tensor, start_pos: int, cos: torch.Tensor, sin: torch.Tensor, ops: FastOps
-) -> torch.Tensor:
+    model: Transformer, tokens: torch.Tensor, start_pos: int, cos: torch.Tensor, sin: torch.Tensor, ops: FastOps,
+    slot: Optional[int] = None,
+) -> torch.Tensor:  # fmt: skip
     """Logits (bsz, seqlen, vocab) in fp32 of tokens (bsz, seqlen) at positions start_pos...: the model's forward
     (``Transformer.forward``), with its KV cache written the same way, but computed as fast CPUs allow.
 
@@ -129,13 +162,19 @@ def prefill_forward(
     instructions: attention runs in fp32 (more precise than the reference's half-precision matmuls, as the decode
     step's is), and products with half-precision weights in fp32. Quantized layers prefill through their exact
     fp32 GEMM.
+
+    slot: the cache slot of a single row (the continuous-batching engine's), instead of rows 0..bsz-1.
     """
     seqlen = tokens.shape[1]
     end = start_pos + seqlen
     # query i (position start_pos + i) sees the cached positions up to its own
     visible = torch.ones(seqlen, end, dtype=torch.bool, device=tokens.device).tril(diagonal=start_pos)
     rotations = cos[start_pos:end], sin[start_pos:end]
-    return model.logits(model.tok_embeddings(tokens), start_pos, rotations, visible, ops)
+    where: int | CacheRows = start_pos
+    if slot is not None:
+        at = torch.tensor([start_pos], dtype=torch.long, device=tokens.device)
+        where = CacheRows(torch.tensor([slot], dtype=torch.long, device=tokens.device), at, end)
+    return model.logits(model.tok_embeddings(tokens), where, rotations, visible, ops)
 
 
 class FastDecoder:
@@ -174,9 +213,13 @@ class FastDecoder:
         self.switched = [m for m in model.modules() if isinstance(m, QuantizedLinear)]
         self._stack_projections()
         self.step: Callable[..., torch.Tensor] = decode_step
+        self.row_step: Callable[..., torch.Tensor] = decode_rows_step
         if compile:
             mode = "reduce-overhead" if device.type == "cuda" else None  # CUDA graphs on GPU
             self.step = torch.compile(decode_step, dynamic=False, mode=mode)
+            # The engine's row counts vary step by step: torch's automatic dynamic shapes compile it once for one
+            # row and once for any other count, rather than once per count.
+            self.row_step = torch.compile(decode_rows_step, mode=mode)
 
     def _stack_projections(self) -> None:
         """Stack the model's projections (on CPUs), and make the ops and the C step that use them, with the
@@ -193,22 +236,45 @@ class FastDecoder:
         gemv = torch.ops.llama.linear_bf16 if self.use_cpu_gemv else F.linear
         self.one_row_ops = FastOps(gemv, attend_one, self.quantized_on_cpu, self.fused)
         self.prefill_ops = FastOps(prefill_matmul, prefill_attention, self.quantized_on_cpu, self.fused)
+        # The engine's rows, each at its own slot and position (attend_rows; SDPA inside the operator off CPUs)
+        self.row_ops = FastOps(F.linear, attend_rows, self.quantized_on_cpu, self.fused)
+        self.one_row_row_ops = FastOps(gemv, attend_rows, self.quantized_on_cpu, self.fused)
         self.cpu_step = CpuDecoder.build(self.model, self.fused, self.cos, self.sin) if self.use_cpu_step else None
 
     @torch.inference_mode()
-    def prefill(self, tokens: torch.Tensor, start_pos: int) -> torch.Tensor:
+    def prefill(self, tokens: torch.Tensor, start_pos: int, slot: Optional[int] = None) -> torch.Tensor:
         """Logits (bsz, seqlen, vocab) in fp32 of a prompt chunk tokens (bsz, seqlen) at start_pos, written into
-        the KV cache: ``prefill_forward`` on CPUs, the model's own forward on GPUs."""
+        the KV cache: ``prefill_forward`` on CPUs, the model's own forward on GPUs. slot: one row's chunk, written
+        into that cache slot (the engine's) rather than row 0."""
         if start_pos < 0 or start_pos + tokens.shape[1] > self.model.params.max_seq_len:
             raise ValueError(f"prefill of {tokens.shape[1]} tokens at position {start_pos}: past the KV cache of "
                              f"{self.model.params.max_seq_len} positions")  # fmt: skip
         if tokens.shape[0] > self.model.params.max_batch_size:
             raise ValueError(f"prefill of {tokens.shape[0]} rows: the KV cache holds "
                              f"{self.model.params.max_batch_size}")  # fmt: skip
+        if slot is not None and (tokens.shape[0] != 1 or not 0 <= slot < self.model.params.max_batch_size):
+            raise ValueError(f"prefill into slot {slot}: one row into one of the cache's "
+                             f"{self.model.params.max_batch_size} slots, got {tokens.shape[0]} rows")  # fmt: skip
         if tokens.device.type != "cpu":  # GPUs run the reference's half-precision matmuls fast: its forward
+            if slot is not None:
+                return self.model.forward_rows(tokens, [slot], [start_pos])
             return self.model.forward(tokens, start_pos)
         self._follow_switches()
-        return prefill_forward(self.model, tokens, start_pos, self.cos, self.sin, self.prefill_ops)
+        return prefill_forward(self.model, tokens, start_pos, self.cos, self.sin, self.prefill_ops, slot)
+
+    @torch.inference_mode()
+    def step_rows(self, tokens: torch.Tensor, slots: list[int], positions: list[int]) -> torch.Tensor:
+        """Logits (bsz, 1, vocab) in fp32 for one token per row (bsz, 1), row i at positions[i] of cache slot
+        slots[i] (the continuous-batching engine's rows): the C step where it serves that many rows, else the
+        (compiled) row step. The caller keeps slots distinct and positions inside the cache."""
+        self._follow_switches()
+        pos = torch.tensor(positions, dtype=torch.long, device=tokens.device)
+        rows = torch.tensor(slots, dtype=torch.long, device=tokens.device)
+        if self.cpu_step is not None and self.cpu_step.applies(tokens.shape[0]):
+            return self.cpu_step(tokens, pos, rows)
+        tokens = tokens.clone(memory_format=torch.contiguous_format)
+        ops = self.one_row_row_ops if tokens.shape[0] == 1 else self.row_ops
+        return self.row_step(self.model, tokens, pos, rows, self.cos, self.sin, ops)
 
     @torch.inference_mode()
     def __call__(self, tokens: torch.Tensor, start_pos: int) -> torch.Tensor:

@@ -1,10 +1,13 @@
-"""A faster bf16 matrix-vector product for batch-1 decoding on CPUs, used by the fast path (``llama.engine.fast``).
+"""A faster bf16 matrix-vector product for decoding on CPUs, 1 to 16 input rows, used by the fast path
+(``llama.engine.fast``) and the one-call C step (``llama.engine.cpu_decode``).
 
 Decoding one token reads every weight once, so its speed is the speed at which the linear layers stream
 their weights. torch's bf16 kernel for one input row reads them at about half the machine's memory
-bandwidth on the CPUs we measured (benchmarks/RESULTS.md). ``csrc/gemv_bf16.c`` is a plain C loop that the
-compiler vectorizes for the CPU at hand and that OpenMP splits across the cores; it streams the weights at
-close to the full bandwidth.
+bandwidth on the CPUs we measured (benchmarks/RESULTS.md). ``csrc/gemv_bf16.c`` streams them at close to the full
+bandwidth, with OpenMP splitting the weight rows across the cores. With several input rows (a batch of requests
+decoding together) it still reads each weight once per call, and keeps the arithmetic from limiting it: each
+vector of weights meets a tile of input rows while it is in a register, with bf16 dot-product instructions where
+the CPU has them (AVX512_BF16), fp32 FMAs on AVX2 (see the C file's header).
 
 It is compiled on first use with the system C compiler (``$CC``, else ``cc``) into a cache folder
 (``$LLAMA_KERNEL_CACHE``, else ``~/.cache/llama/kernels``), keyed by the source, the compiler and the CPU,
@@ -13,7 +16,8 @@ as one opaque call; it is for inference (it has no backward). Without a working 
 warns once and ``linear_bf16`` uses ``F.linear``.
 
 Numerics: products of bf16 values are exact in fp32, the sums run in fp32 (in another order than torch's,
-so they can differ in the last fp32 bits), and the result is rounded to bf16 to nearest-even, as torch does.
+so they can differ in the last fp32 bits), and the result is rounded to bf16 to nearest-even, as torch does. Each
+row of a call is bitwise the call with that row alone, so a batched step gives every row its own numbers.
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ import subprocess
 import tempfile
 import threading
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -37,6 +41,7 @@ logger = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).parent.parent / "csrc" / "gemv_bf16.c"
 SYMBOL = "llama_gemv_bf16"
+LOOP_SYMBOL = "llama_gemv_bf16_loop"  # which inner loop the build compiled (a C string)
 ARGTYPES = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 3  # of SYMBOL
 # -fassociative-math (with the two flags it needs) lets the compiler split the dot product over vector lanes.
 BASE_FLAGS = ["-O3", "-march=native", "-fassociative-math", "-fno-signed-zeros", "-fno-trapping-math"]
@@ -81,10 +86,17 @@ def _compile(compiler: str, flags: list[str], out: Path, source: Path = SOURCE) 
 
 
 def load_kernel(
-    source: Path, symbols: dict[str, list], fallback: str, restype: Optional[type] = None
+    source: Path,
+    symbols: dict[str, list],
+    fallback: str,
+    restype: Optional[type] = None,
+    extra_flags: Sequence[str] = (),
 ) -> Optional[dict[str, ctypes._CFuncPtr]]:
     """Compile (or take from the cache) the C file `source` and load its functions `symbols` (name -> ctypes
-    argument types; they return `restype`); None, after one warning ending in `fallback`, where that fails."""
+    argument types; they return `restype`); None, after one warning ending in `fallback`, where that fails.
+
+    extra_flags go after the usual ones (and into the cache key): ``["-mno-avx512f"]`` builds the AVX2 loops on an
+    AVX-512 machine, for the tests and benchmarks of that path."""
     compiler = os.environ.get("CC", "cc")
     if shutil.which(compiler) is None:
         logger.warning("no C compiler %r on PATH (set CC): %s", compiler, fallback)
@@ -94,7 +106,7 @@ def load_kernel(
     # OpenMP first; a compiler without it (Apple clang) still gives a one-thread kernel, better than nothing.
     # The source and the headers next to it (it includes them) decide the build, with the compiler and the CPU.
     texts = [source.read_text()] + [h.read_text() for h in sorted(source.parent.glob("*.h"))]
-    for flags in (BASE_FLAGS + ["-fopenmp"], BASE_FLAGS):
+    for flags in (BASE_FLAGS + ["-fopenmp", *extra_flags], BASE_FLAGS + list(extra_flags)):
         key = hashlib.sha256(
             "\0".join([*texts, compiler, version, " ".join(flags), _cpu_signature()]).encode()
         ).hexdigest()[:20]
@@ -147,6 +159,18 @@ def available() -> bool:
     return kernel() is not None
 
 
+def kernel_variant(extra_flags: Sequence[str] = ()) -> Optional[tuple[ctypes._CFuncPtr, str]]:
+    """The kernel built with `extra_flags` after the usual flags, and the name of the inner loop that build compiled
+    ("avx512bf16", "avx2" or "plain"; see the C file); None where it cannot be built. For the tests and benchmarks
+    of each loop: ``["-mno-avx512f"]`` gives the AVX2 loop on an AVX-512 machine, ``["-march=x86-64"]`` the plain one
+    on any x86-64; no flags, the loop ``kernel()`` runs."""
+    fns = load_kernel(SOURCE, {SYMBOL: ARGTYPES, LOOP_SYMBOL: []}, "no such variant", ctypes.c_int, extra_flags)
+    if fns is None:
+        return None
+    fns[LOOP_SYMBOL].restype = ctypes.c_char_p
+    return fns[SYMBOL], fns[LOOP_SYMBOL]().decode()
+
+
 # A plain operator definition rather than torch.library.custom_op: the decorator's wrappers cost about 10 us
 # a call, and a decoded token makes over a hundred calls.
 _library = torch.library.Library("llama", "FRAGMENT")
@@ -186,12 +210,14 @@ def _(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return x.new_empty(*x.shape[:-1], weight.shape[0])
 
 
-def applies(x_rows: int, weight: torch.Tensor) -> bool:
-    """Whether the kernel is the faster choice: bf16 weights on the CPU, one input row, and a built kernel.
+MAX_ROWS = 16  # input rows up to which the kernel beats torch's bf16 kernel (benchmarks/bench_batch_decode.py)
 
-    With more rows it reads each weight row once per input row from cache, and torch's kernels win.
-    """
-    return x_rows == 1 and weight.device.type == "cpu" and weight.dtype == torch.bfloat16 and available()
+
+def applies(x_rows: int, weight: torch.Tensor) -> bool:
+    """Whether the kernel is the faster choice: bf16 weights on the CPU, 1 to ``MAX_ROWS`` input rows (decoding a
+    batch: it reads each weight once for all of them), and a built kernel. With more rows (prefill), torch's
+    fp32 GEMM on upcast copies (``linear_upcast``) wins."""
+    return 1 <= x_rows <= MAX_ROWS and weight.device.type == "cpu" and weight.dtype == torch.bfloat16 and available()
 
 
 FP32_CHUNK = 1 << 24  # fp32 elements (64 MB) of weight held at a time by linear_in_fp32_chunks
