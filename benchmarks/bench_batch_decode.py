@@ -6,22 +6,27 @@ Two measurements, on the 0.85B shape of bench_decode.py (random weights, far mor
   llama/kernels/cpu_gemv.py (called through ctypes, as the C step calls it), by torch's bf16 ``F.linear``, and by
   torch's fp32 ``F.linear`` on fp32 copies of the weights (made beforehand, not timed: the best torch does with
   twice the bytes).
-- `step`: the one-call C decode step (llama/engine/cpu_decode.py's ``CpuDecoder``) with 1 row and with `rows`
-  rows, each row at its own position and cache slot, as the engine calls it.
+- `step`: the one-call C decode step (llama/engine/cpu_decode.py's ``CpuDecoder``) with 1 row and with
+  --step_rows rows, each row at its own position and cache slot, as the engine calls it.
 
     python benchmarks/bench_batch_decode.py                             # both, rows 1,2,4,8,16
     python benchmarks/bench_batch_decode.py --what gemv --flags=-mno-avx512f   # the AVX2 loop, on an AVX-512 CPU
     python benchmarks/bench_batch_decode.py --what step --step_rows 8
+    git show HEAD~1:llama/csrc/gemv_bf16.c > /tmp/old.c
+    python benchmarks/bench_batch_decode.py --what gemv --other_source /tmp/old.c   # an older kernel beside ours
 
-Times are the best of --repeat passes (the least disturbed by other work on a shared machine); ratios are to the
-1-row figure of the same column, measured in the same run.
+Times are the best of --repeat rounds (the least disturbed by other work on a shared machine), every contender
+running once in each round; ratios are to the 1-row figure of the same column, measured in the same run.
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
+import functools
 import platform
 import time
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -29,44 +34,61 @@ import torch.nn.functional as F
 from bench_decode import SHAPES, random_model, read_bandwidth
 
 from llama.distributed import setup_model_parallel
-from llama.engine.cpu_decode import CpuDecoder
+from llama.engine.cpu_decode import CpuDecoder, _products
 from llama.kernels import cpu_gemv
-from llama.model import ModelArgs, rope_cos_sin
+from llama.model import ModelArgs, Transformer, rope_cos_sin
 
 
-def best_of(fn: Callable[[], object], repeat: int) -> float:
-    times = []
+def interleaved(contenders: dict[object, Callable[[], object]], repeat: int) -> dict[object, float]:
+    """The best time of each contender over `repeat` rounds, each round running every contender once in turn: on a
+    shared machine the load then falls on all of them alike. (The C kernel and torch's are timed apart: right after
+    torch's kernels, the C kernel ran ~20% slower on the Zen 4 of benchmarks/RESULTS.md, its threads sharing the two
+    cores with torch's, which stay awake a while.)"""
+    for fn in contenders.values():
+        fn()  # warm-up
+    best = dict.fromkeys(contenders, float("inf"))
     for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
+        for key, fn in contenders.items():
+            start = time.perf_counter()
+            fn()
+            best[key] = min(best[key], time.perf_counter() - start)
+    return best
 
 
-def bench_gemv(model: torch.nn.Module, opts: argparse.Namespace) -> None:
+def step_weights(model: Transformer) -> list[torch.Tensor]:
+    """The weights a C decode step multiplies by, in its order (wq|wk|wv and w1|w3 stacked; the output layer)."""
+    stacks = model.stack_projections()
+    return [m.kernel_operands().weight for m in _products(model, stacks)]
+
+
+def bench_gemv(model: Transformer, opts: argparse.Namespace) -> None:
     variant = cpu_gemv.kernel_variant(opts.flags.split() if opts.flags else [])
     if variant is None:
         raise SystemExit("the C kernel could not be built here with these flags")
     fn, loop = variant
-    weights = [p.data for name, p in model.named_parameters() if p.ndim == 2 and not name.startswith("tok_")]
+    other = None
+    if opts.other_source:  # another version of gemv_bf16.c (its own folder's headers first, then ours)
+        source = Path(opts.other_source).resolve()
+        flags = ["-I", str(source.parent), "-I", str(cpu_gemv.SOURCE.parent), *opts.flags.split()]
+        fns = cpu_gemv.load_kernel(source, {cpu_gemv.SYMBOL: cpu_gemv.ARGTYPES}, "", ctypes.c_int, flags)
+        if fns is None:
+            raise SystemExit(f"could not build {source}")
+        other = fns[cpu_gemv.SYMBOL]
+    weights = step_weights(model)
     total = sum(w.numel() * 2 for w in weights)
-    upcast = [w.float() for w in weights] if opts.fp32 else None
+    upcast = [w.float() for w in weights] if opts.fp32 else []
     gen = torch.Generator().manual_seed(0)
-    print(f"\nGEMV: {len(weights)} weights, {total / 1e9:.2f} GB in bf16; C loop {loop!r} "
-          f"(extra flags {opts.flags or 'none'}); ms per pass (x the 1-row time)")  # fmt: skip
-    header = "| rows | C kernel | torch bf16 F.linear |" + (" torch fp32 F.linear (upcast copy) |" if opts.fp32 else "")
-    print(header)
-    print("|---:|---:|---:|" + ("---:|" if opts.fp32 else ""))
-    first: dict[str, float] = {}
+    contenders, held = {}, []
     for rows in opts.rows:
         xs = {k: torch.randn(rows, k, generator=gen).bfloat16() for k in {w.shape[1] for w in weights}}
         x32 = {k: x.float() for k, x in xs.items()}
         ys = {n: torch.empty(rows, n, dtype=torch.bfloat16) for n in {w.shape[0] for w in weights}}
+        held += [xs, x32, ys]
         calls = [(xs[w.shape[1]].data_ptr(), w.data_ptr(), ys[w.shape[0]].data_ptr(), rows, *w.shape) for w in weights]
 
-        def ours(calls=calls) -> None:
+        def c_kernel(kernel, calls=calls) -> None:
             for args in calls:
-                fn(*args)
+                kernel(*args)
 
         def torch_bf16(xs=xs) -> None:
             for w in weights:
@@ -76,38 +98,51 @@ def bench_gemv(model: torch.nn.Module, opts: argparse.Namespace) -> None:
             for w in upcast:
                 F.linear(x32[w.shape[1]], w)
 
-        cells = []
-        contenders = [("ours", ours), ("bf16", torch_bf16)] + ([("fp32", torch_fp32)] if opts.fp32 else [])
-        with torch.inference_mode():
-            for name, f in contenders:
-                f()  # warm-up
-                t = best_of(f, opts.repeat)
-                first.setdefault(name, t)
-                cells.append(f"{t * 1e3:.1f} ({t / first[name]:.2f}x)")
-        print(f"| {rows} | " + " | ".join(cells) + " |")
+        contenders[(rows, "ours")] = functools.partial(c_kernel, fn)
+        if other is not None:
+            contenders[(rows, "other")] = functools.partial(c_kernel, other)
+        contenders[(rows, "bf16")] = torch_bf16
+        if opts.fp32:
+            contenders[(rows, "fp32")] = torch_fp32
+    best = {}
+    with torch.inference_mode():  # the C kernels side by side, torch's apart (see interleaved)
+        for group in (("ours", "other"), ("bf16",), ("fp32",)):
+            best.update(interleaved({key: f for key, f in contenders.items() if key[1] in group}, opts.repeat))
+    print(
+        f"\nGEMV: {len(weights)} weights (stacked as the C step has them), {total / 1e9:.2f} GB in bf16; C loop "
+        f"{loop!r} (extra flags: {opts.flags or 'none'}); ms per pass, and x the 1-row pass of the same column"
+    )
+    columns = {"ours": "C kernel", "other": f"C kernel of {opts.other_source}", "bf16": "torch bf16 F.linear",
+               "fp32": "torch fp32 F.linear (upcast copy)"}  # fmt: skip
+    columns = {c: name for c, name in columns.items() if (opts.rows[0], c) in best}
+    print("| rows | " + " | ".join(columns.values()) + " | C kernel vs torch bf16 |")
+    print("|---:|" + "---:|" * (len(columns) + 1))
+    for rows in opts.rows:
+        cells = [f"{best[(rows, c)] * 1e3:.1f} ({best[(rows, c)] / best[(opts.rows[0], c)]:.2f}x)" for c in columns]
+        print(f"| {rows} | " + " | ".join(cells) + f" | {best[(rows, 'bf16')] / best[(rows, 'ours')]:.2f}x faster |")
 
 
-def bench_step(model: torch.nn.Module, opts: argparse.Namespace) -> None:
-    stacks = model.stack_projections()
+def bench_step(model: Transformer, opts: argparse.Namespace) -> None:
     cos, sin = rope_cos_sin(model.freqs_cis)
-    decoder = CpuDecoder.build(model, stacks, cos, sin)
+    decoder = CpuDecoder.build(model, model.stack_projections(), cos, sin)
     if decoder is None:
         raise SystemExit("the C step does not serve this model here (kernels not built?)")
     max_rows = min(decoder.max_rows, model.params.max_batch_size)
-    print(f"\nC step (CpuDecoder): max_rows {decoder.max_rows}; rows at their own positions and slots")
-    print("| rows | ms per step | x the 1-row step | ms per row |")
-    print("|---:|---:|---:|---:|")
     gen = torch.Generator().manual_seed(1)
-    base = None
+    contenders = {}
     for rows in sorted({1, *[r for r in opts.step_rows if r <= max_rows]}):
         tokens = torch.randint(3, model.params.vocab_size, (rows, 1), generator=gen)
-        # slots in reverse, positions spread over the first half of the cache (attention reads 0..pos)
-        slots = torch.arange(rows - 1, -1, -1) + (model.params.max_batch_size - rows)
+        # the last cache rows in reverse order, positions spread over the second half of the cache
+        slots = torch.arange(model.params.max_batch_size - 1, model.params.max_batch_size - 1 - rows, -1)
         pos = torch.randint(opts.context // 2, opts.context, (rows,), generator=gen)
-        decoder(tokens, pos, slots)
-        t = best_of(lambda tokens=tokens, pos=pos, slots=slots: decoder(tokens, pos, slots), opts.repeat)
-        base = base or t
-        print(f"| {rows} | {t * 1e3:.1f} | {t / base:.2f}x | {t * 1e3 / rows:.1f} |")
+        contenders[rows] = lambda tokens=tokens, pos=pos, slots=slots: decoder(tokens, pos, slots)
+    best = interleaved(contenders, opts.repeat)
+    print(f"\nC step (CpuDecoder, max_rows {decoder.max_rows}): rows at their own positions ({opts.context // 2}-"
+          f"{opts.context - 1}) and cache slots")  # fmt: skip
+    print("| rows | ms per step | x the 1-row step | ms per row |")
+    print("|---:|---:|---:|---:|")
+    for rows, t in best.items():
+        print(f"| {rows} | {t * 1e3:.1f} | {t / best[1]:.2f}x | {t * 1e3 / rows:.1f} |")
 
 
 def main() -> None:
@@ -117,8 +152,9 @@ def main() -> None:
     parser.add_argument("--step_rows", default="8,16", help="rows of the C steps (1 is always measured)")
     parser.add_argument("--context", type=int, default=256, help="positions the step's rows have cached (about)")
     parser.add_argument("--flags", default="", help="extra compiler flags for the GEMV kernel, e.g. -mno-avx512f")
+    parser.add_argument("--other_source", default="", help="another gemv_bf16.c to time beside (e.g. an older one)")
     parser.add_argument("--no_fp32", dest="fp32", action="store_false", help="skip torch's fp32 GEMM")
-    parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--repeat", type=int, default=5, help="rounds; each contender's best is reported")
     opts = parser.parse_args()
     opts.rows = [int(r) for r in opts.rows.split(",")]
     opts.step_rows = [int(r) for r in opts.step_rows.split(",")]

@@ -37,19 +37,21 @@ def test_equals_the_exact_product_rounded_to_bf16(rows, n, k):
 # Each inner loop of csrc/gemv_bf16.c, built with flags that pick it on this machine (x86-64 only: the flags are
 # x86's; elsewhere the native build is the plain loop, which the other tests cover).
 x86 = platform.machine().lower() in ("x86_64", "amd64")
-LOOPS = {"native": [], "avx2": ["-mno-avx512f"], "plain": ["-march=x86-64"]}
+LOOPS = {"native": [], "avx512": ["-mno-avx512bf16"], "avx2": ["-mno-avx512f"], "plain": ["-march=x86-64"]}
 
 
 @pytest.fixture(scope="module", params=list(LOOPS))
 def loop(request):
-    """(kernel, loop name) of one build; the avx2 build takes the AVX2 loop where the CPU has AVX2 and FMA."""
+    """(kernel, loop name) of one build; each build takes its loop where the CPU has the instructions."""
     if request.param != "native" and not x86:
         pytest.skip("the flags that pick the other loops are x86's")
     variant = cpu_gemv.kernel_variant(LOOPS[request.param])
     if variant is None:
         pytest.skip("no C compiler could build the kernel here")
     capability = torch.backends.cpu.get_cpu_capability()  # "AVX512", "AVX2" or "DEFAULT" (no AVX2)
-    expected = {"avx2": "avx2" if capability != "DEFAULT" else "plain", "plain": "plain"}.get(request.param)
+    avx2 = "avx2" if capability != "DEFAULT" else "plain"
+    expected = {"avx512": "avx512" if capability == "AVX512" else avx2, "avx2": avx2, "plain": "plain"}
+    expected = expected.get(request.param)
     assert expected is None or variant[1] == expected  # the build really compiled the loop under test
     return variant
 
@@ -83,6 +85,13 @@ def test_a_row_of_several_is_bitwise_that_row_alone(loop, monkeypatch, n, k):
         assert torch.equal(cpu_gemv.linear_bf16(x[r : r + 1], w), y[r : r + 1])
     for lo, hi in ((3, 5), (5, 12), (0, 7)):  # tiles cut elsewhere
         assert torch.equal(cpu_gemv.linear_bf16(x[lo:hi], w), y[lo:hi])
+
+
+def test_empty_inputs_give_empty_or_zero_outputs(loop, monkeypatch):
+    with_loop(loop, monkeypatch)
+    assert cpu_gemv.linear_bf16(bf16(0, 16), bf16(5, 16)).shape == (0, 5)
+    assert cpu_gemv.linear_bf16(bf16(3, 16), bf16(0, 16)).shape == (3, 0)
+    assert torch.equal(cpu_gemv.linear_bf16(bf16(3, 0), bf16(5, 0)), torch.zeros(3, 5, dtype=torch.bfloat16))
 
 
 def test_nan_and_inf_stay_in_their_rows_and_columns(loop, monkeypatch):
@@ -131,10 +140,15 @@ def test_a_changed_source_or_header_is_built_anew(tmp_path, monkeypatch):
     assert len(first) == 1 and len(second) == 2 and len(builds()) == 3
 
 
-def test_applies_to_one_to_sixteen_rows_of_bf16_cpu_weights():
+def test_applies_to_the_rows_its_loop_serves_of_bf16_cpu_weights(monkeypatch):
     w = bf16(4, 8)
-    assert [cpu_gemv.applies(r, w) for r in (0, 1, 8, 16, 17)] == [False] + [cpu_gemv.available()] * 3 + [False]
+    most = cpu_gemv.max_rows()
+    loop = cpu_gemv.kernel_variant()
+    assert most == (0 if loop is None else cpu_gemv.MAX_ROWS[loop[1]])
+    assert [cpu_gemv.applies(r, w) for r in range(18)] == [1 <= r <= most for r in range(18)]
     assert not cpu_gemv.applies(1, w.float())
+    monkeypatch.setattr(cpu_gemv, "_state", {"fn": None})  # as where no compiler could build it
+    assert cpu_gemv.max_rows() == 0 and not cpu_gemv.applies(1, w)
 
 
 @needs_kernel

@@ -135,6 +135,21 @@ static inline void add_values(const float *p, int64_t stride, const float *value
 }
 #endif
 
+#define AHEAD (4 * KEYS) /* positions whose keys are asked for ahead of the ones being scored */
+
+/* Ask the memory for the head_dim elements at offset + j * pos_stride of p, for positions j in [from, to), into the
+ * L2 cache. In a decode step the cached keys and values are not in the caches (the products before them streamed
+ * the weights), and a pair reads a few hundred bytes of every position, too little for the hardware prefetchers:
+ * 16 layers of an 8-row step (positions 128-255) took 3.3 ms on a Zen 4, against 5.9 without (5.2 into L1). */
+static inline void prefetch_positions(const void *p, int64_t offset, int64_t pos_stride, int64_t from, int64_t to,
+                                      int64_t head_dim, int io) {
+    const int64_t size = io & IO_BF16 ? 2 : 4;
+    for (int64_t j = from; j < to; j++)
+        for (int64_t b = 0; b < head_dim * size; b += 64)
+            __builtin_prefetch((const char *)p + (offset + j * pos_stride) * size + b, 0, 2);
+}
+
+
 /* One (row, KV head) pair: the n_rep query heads at q_offset, keys and values at kv_offset + j * pos_stride.
  * scratch: n_rep * (length + 2 * head_dim) + KEYS * head_dim floats. */
 static void attend_pair(const void *q, const void *k, const void *v, void *out, int64_t q_offset,
@@ -146,8 +161,12 @@ static void attend_pair(const void *q, const void *k, const void *v, void *out, 
     float *rows = acc + n_rep * head_dim;     /* (KEYS, head_dim): keys or values of KEYS positions */
     const float root = sqrtf((float)head_dim);
     widen(q, q_offset, n_rep * head_dim, io, queries);
+    prefetch_positions(k, kv_offset, pos_stride, 0, length < AHEAD ? length : AHEAD, head_dim, io);
     for (int64_t j = 0; j < length; j += KEYS) {
         const int count = length - j < KEYS ? (int)(length - j) : KEYS;
+        const int64_t ahead = j + AHEAD + KEYS < length ? j + AHEAD + KEYS : length;
+        if (j + AHEAD < ahead) prefetch_positions(k, kv_offset, pos_stride, j + AHEAD, ahead, head_dim, io);
+        prefetch_positions(v, kv_offset, pos_stride, j, j + count, head_dim, io); /* for the sum of values below */
         for (int jj = 0; jj < count; jj++) widen(k, kv_offset + (j + jj) * pos_stride, head_dim, io, rows + jj * head_dim);
 #if defined(__AVX2__) && defined(__FMA__)
         if (count == KEYS && head_dim % 8 == 0) {

@@ -7,7 +7,7 @@ bandwidth on the CPUs we measured (benchmarks/RESULTS.md). ``csrc/gemv_bf16.c`` 
 bandwidth, with OpenMP splitting the weight rows across the cores. With several input rows (a batch of requests
 decoding together) it still reads each weight once per call, and keeps the arithmetic from limiting it: each
 vector of weights meets a tile of input rows while it is in a register, with bf16 dot-product instructions where
-the CPU has them (AVX512_BF16), fp32 FMAs on AVX2 (see the C file's header).
+the CPU has them (AVX512_BF16), fp32 FMAs on other AVX-512 and on AVX2 CPUs (see the C file's header).
 
 It is compiled on first use with the system C compiler (``$CC``, else ``cc``) into a cache folder
 (``$LLAMA_KERNEL_CACHE``, else ``~/.cache/llama/kernels``), keyed by the source, the compiler and the CPU,
@@ -161,9 +161,10 @@ def available() -> bool:
 
 def kernel_variant(extra_flags: Sequence[str] = ()) -> Optional[tuple[ctypes._CFuncPtr, str]]:
     """The kernel built with `extra_flags` after the usual flags, and the name of the inner loop that build compiled
-    ("avx512bf16", "avx2" or "plain"; see the C file); None where it cannot be built. For the tests and benchmarks
-    of each loop: ``["-mno-avx512f"]`` gives the AVX2 loop on an AVX-512 machine, ``["-march=x86-64"]`` the plain one
-    on any x86-64; no flags, the loop ``kernel()`` runs."""
+    ("avx512bf16", "avx512", "avx2" or "plain"; see the C file); None where it cannot be built. For the tests and
+    benchmarks of each loop: ``["-mno-avx512bf16"]`` gives the "avx512" loop on a CPU with AVX512_BF16,
+    ``["-mno-avx512f"]`` the AVX2 one on an AVX-512 machine, ``["-march=x86-64"]`` the plain one on any x86-64; no
+    flags, the loop ``kernel()`` runs."""
     fns = load_kernel(SOURCE, {SYMBOL: ARGTYPES, LOOP_SYMBOL: []}, "no such variant", ctypes.c_int, extra_flags)
     if fns is None:
         return None
@@ -197,8 +198,9 @@ def linear_bf16(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     x2 = x if x.is_contiguous() else x.contiguous()  # the kernel widens it to fp32 (exactly)
     w = weight if weight.is_contiguous() else weight.contiguous()
     y = torch.empty(*x.shape[:-1], n, dtype=torch.bfloat16)  # few aten calls: a decode step makes 100+ of these
-    if fn(x2.data_ptr(), w.data_ptr(), y.data_ptr(), x2.numel() // k, n, k):
-        raise MemoryError(f"linear_bf16: out of memory for the kernel's scratch ({x2.numel() // k} rows of {k})")
+    rows = y.numel() // n if n else 0
+    if fn(x2.data_ptr(), w.data_ptr(), y.data_ptr(), rows, n, k):
+        raise MemoryError(f"linear_bf16: out of memory for the kernel's scratch ({rows} rows of {k})")
     return y
 
 
@@ -210,14 +212,28 @@ def _(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return x.new_empty(*x.shape[:-1], weight.shape[0])
 
 
-MAX_ROWS = 16  # input rows up to which the kernel beats torch's bf16 kernel (benchmarks/bench_batch_decode.py)
+# Input rows up to which each inner loop of the kernel is the faster choice (benchmarks/bench_batch_decode.py,
+# RESULTS.md 2026-12-04): on a Zen 4 the bf16 dot-product loop beat torch's bf16 kernel (which has those instructions
+# there) at 1 to 16 rows; the fp32 loops, built there for CPUs without them, beat it up to 8 rows and not at 16,
+# which is as far as we know (torch has no bf16 instructions either on those CPUs); the plain loop was measured at
+# one row only.
+MAX_ROWS = {"avx512bf16": 16, "avx512": 8, "avx2": 8, "plain": 1}
+
+
+def max_rows() -> int:
+    """The most input rows for which the built kernel is the faster choice (``MAX_ROWS`` of its loop); 0 where it
+    cannot be built."""
+    if "max_rows" not in _state:
+        variant = kernel_variant() if available() else None  # the same library kernel() loaded
+        _state["max_rows"] = 0 if variant is None else MAX_ROWS.get(variant[1], 1)
+    return _state["max_rows"]  # type: ignore[return-value]
 
 
 def applies(x_rows: int, weight: torch.Tensor) -> bool:
-    """Whether the kernel is the faster choice: bf16 weights on the CPU, 1 to ``MAX_ROWS`` input rows (decoding a
-    batch: it reads each weight once for all of them), and a built kernel. With more rows (prefill), torch's
-    fp32 GEMM on upcast copies (``linear_upcast``) wins."""
-    return 1 <= x_rows <= MAX_ROWS and weight.device.type == "cpu" and weight.dtype == torch.bfloat16 and available()
+    """Whether the kernel is the faster choice: bf16 weights on the CPU, 1 to ``max_rows()`` input rows (decoding a
+    batch: it reads each weight once for all of them; 16 where the CPU has bf16 dot products), and a built kernel.
+    With more rows (prefill), torch's GEMMs win."""
+    return weight.device.type == "cpu" and weight.dtype == torch.bfloat16 and 1 <= x_rows <= max_rows()
 
 
 FP32_CHUNK = 1 << 24  # fp32 elements (64 MB) of weight held at a time by linear_in_fp32_chunks
