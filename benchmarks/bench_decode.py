@@ -301,13 +301,25 @@ def prefill_table(models: dict[str, Transformer], gguf: dict[str, Path], lengths
     return rows
 
 
-def main(argv: Optional[list[str]] = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """--device, --shape, --dtype and the shape's overrides (--dim, --n_layers...), shared by the benchmarks."""
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--shape", default=None, choices=sorted(SHAPES), help="default: the device's (cpu/cuda)")
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     for key in ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of"):
         parser.add_argument(f"--{key}", type=int, default=None)
+
+
+def model_shape(opts: argparse.Namespace, device: torch.device) -> dict:
+    """The ModelArgs fields of --shape (default: the device's), with the overrides given (add_model_arguments)."""
+    shape = dict(SHAPES[opts.shape or ("cuda" if device.type == "cuda" else "cpu")])
+    shape.update({k: getattr(opts, k) for k in shape if getattr(opts, k, None) is not None})
+    return shape
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_arguments(parser)
     parser.add_argument("--batch_sizes", default=None, help="comma-separated; default 1 on CPU, 1,8,32 on GPU")
     parser.add_argument("--prompt_len", type=int, default=16)
     parser.add_argument("--gen_short", type=int, default=8)
@@ -341,8 +353,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     device = torch.device(opts.device)
     dtype = getattr(torch, opts.dtype)
     dtype_name = DTYPE_NAMES[dtype]
-    shape = dict(SHAPES[opts.shape or ("cuda" if device.type == "cuda" else "cpu")])
-    shape.update({k: getattr(opts, k) for k in shape if getattr(opts, k, None) is not None})
+    shape = model_shape(opts, device)
     batch_sizes = [int(b) for b in (opts.batch_sizes or ("1,8,32" if device.type == "cuda" else "1")).split(",")]
     prefill_lens = [int(n) for n in opts.prefill_lens.split(",") if n]
     max_seq_len = max(opts.max_seq_len, opts.prompt_len + opts.gen_long)

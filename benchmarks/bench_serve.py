@@ -57,7 +57,7 @@ from types import SimpleNamespace
 from typing import Callable, Optional
 
 import torch
-from bench_decode import DTYPE_NAMES, SHAPES, hf_model, quantized, random_model
+from bench_decode import DTYPE_NAMES, add_model_arguments, hf_model, model_shape, quantized, random_model
 
 from llama import Llama
 from llama.distributed import setup_model_parallel
@@ -369,11 +369,7 @@ def cpu_model() -> str:
 
 def main(argv: Optional[list[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--shape", default=None, choices=sorted(SHAPES), help="default: the device's (cpu/cuda)")
-    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
-    for key in ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of"):
-        parser.add_argument(f"--{key}", type=int, default=None)
+    add_model_arguments(parser)
     parser.add_argument("--requests", type=int, default=16)
     parser.add_argument("--prompt_lens", default="16,64", help="lo,hi: prompt lengths drawn uniformly")
     parser.add_argument("--gen_lens", default="16,64", help="lo,hi: generation lengths drawn uniformly")
@@ -391,8 +387,7 @@ def main(argv: Optional[list[str]] = None) -> None:
 
     device = torch.device(opts.device)
     dtype = getattr(torch, opts.dtype)
-    shape = dict(SHAPES[opts.shape or ("cuda" if device.type == "cuda" else "cpu")])
-    shape.update({k: getattr(opts, k) for k in shape if getattr(opts, k, None) is not None})
+    shape = model_shape(opts, device)
     prompt_lens, gen_lens = pair(opts.prompt_lens, "--prompt_lens"), pair(opts.gen_lens, "--gen_lens")
     clients = [int(c) for c in opts.clients.split(",") if c]
     hf_clients = [int(c) for c in opts.hf_clients.split(",") if c]

@@ -136,7 +136,8 @@ def check_prompts(prompt_tokens: Any, max_batch_size: int, max_seq_len: int, voc
         if bad is not None:
             raise TypeError(f"prompt {i} holds {bad!r} ({type(bad).__name__}); token ids must be integers")
         ids = [int(x) for x in t]
-        if not all(0 <= x < vocab_size for x in ids):
-            raise ValueError(f"prompt {i} holds token ids outside [0, {vocab_size})")
+        outside = next((x for x in ids if not 0 <= x < vocab_size), None)
+        if outside is not None:
+            raise ValueError(f"prompt {i} holds token id {outside}, outside the vocabulary [0, {vocab_size})")
         checked.append(ids)
     return checked

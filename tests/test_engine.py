@@ -117,11 +117,7 @@ def test_stop_strings_and_stop_ids_end_a_request_as_text_completion_does(generat
     run_until_done(engine, [handle])
     result = handle.result()
     assert (result.text, result.finish_reason, result.stop_string) == (expected, "stop", stop)
-    assert "".join(o.text for o in _outputs(handle)) == expected
-
-
-def _outputs(handle) -> list:
-    return list(handle)
+    assert "".join(o.text for o in handle) == expected
 
 
 def test_echo_and_scoring_equal_generate(generator):
@@ -238,7 +234,7 @@ def test_bad_sampling_params_are_refused(make, error, message):
         ([1, 10**6], 4, ValueError, "outside the vocabulary"),
         ([1, -3], 4, ValueError, "outside the vocabulary"),
         ([1, 2.5], 4, TypeError, "integers"),
-        ("not a list" * 0 or 5, 4, TypeError, "token ids"),
+        (5, 4, TypeError, "token ids"),
         ([1] * 65, 0, ValueError, "more than max_seq_len=64"),
         ([1] * 60, 10, ValueError, "ask for at most 4 tokens"),
     ],
@@ -261,6 +257,46 @@ def test_cancel_of_unknown_ids_and_duplicate_ids(generator):
         engine.submit(PROMPTS[1], request_id="mine")
     run_until_done(engine, [handle])
     assert engine.cancel("mine") is False  # finished: cancelling it is not an error
+
+
+def test_misuse_of_the_engine_is_refused_with_the_fix_named(generator):
+    from llama.engine.batching import EngineClosed
+
+    for option in ({"prefill_chunk": 0}, {"max_waiting": 1.5}):
+        with pytest.raises(ValueError, match="must be a positive integer"):
+            engine_of(generator, **option)
+    engine = engine_of(generator)
+    with pytest.raises(TypeError, match="request_id must be a non-empty str"):
+        engine.submit(PROMPTS[0], request_id=7)
+    handle = engine.submit(PROMPTS[0], SamplingParams(max_gen_len=2))
+    with pytest.raises(TimeoutError, match="has not finished after 0.01 s"):
+        handle.result(timeout=0.01)  # nobody steps this engine
+    engine.close()
+    assert handle.result().finish_reason == "cancelled"
+    with pytest.raises(EngineClosed, match="no more requests"):
+        engine.submit(PROMPTS[0])
+    no_chat = Engine(generator.model, generator.tokenizer, background=False)
+    with pytest.raises(TypeError, match="no chat format"):
+        no_chat.submit_chat([{"role": "user", "content": "hi"}])
+
+
+def test_only_the_background_thread_steps_a_started_engine(generator):
+    with Engine.for_llama(generator) as engine:
+        engine.start()
+        with pytest.raises(RuntimeError, match="background thread runs its steps"):
+            engine.step()
+
+
+def test_fast_prefill_into_a_slot_refuses_what_is_not_one_row_in_the_cache(tiny_args):
+    from helpers import random_model
+
+    from llama.engine.fast import FastDecoder
+
+    fast = FastDecoder(random_model(tiny_args("gqa", max_batch_size=2)), compile=False)
+    with pytest.raises(ValueError, match="one row into one of the cache's 2 slots"):
+        fast.prefill(torch.ones(1, 4, dtype=torch.long), 0, slot=2)
+    with pytest.raises(ValueError, match="got 2 rows"):
+        fast.prefill(torch.ones(2, 4, dtype=torch.long), 0, slot=0)
 
 
 def test_a_full_queue_is_refused_with_queue_full(generator):

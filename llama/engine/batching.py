@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any, Optional, Protocol, Sequence
 import torch
 import torch.nn.functional as F
 
-from llama.checks import is_int
+from llama.checks import check_prompts, is_int
 from llama.distributed import CollectiveError, broadcast_from_main, start_patient_broadcasts
 from llama.engine.ends import EndRule, RowEnd
 from llama.engine.requests import Outbox, RequestHandle, Result, SamplingParams, StepOutput, Usage, request_generator
@@ -223,10 +223,10 @@ class Engine:
         """
         params = SamplingParams() if params is None else params
         if isinstance(prompt, str):
-            tokens = self.tokenizer.encode(prompt, bos=True, eos=False)
-        else:
-            tokens = self._check_tokens(prompt)
-        return self._enqueue(tokens, params, request_id, echo_text=params.echo)
+            prompt = self.tokenizer.encode(prompt, bos=True, eos=False)
+        elif not isinstance(prompt, (list, tuple)):
+            raise TypeError(f"a prompt must be a str or a list of token ids, got {type(prompt).__name__}")
+        return self._enqueue(prompt, params, request_id, echo_text=params.echo)
 
     def submit_chat(
         self, dialog: Dialog, params: Optional[SamplingParams] = None, *, request_id: Optional[str] = None
@@ -243,36 +243,22 @@ class Engine:
             return self._refuse(tokens, refusal, request_id)
         return self._enqueue(tokens, params, request_id, echo_text=False, formatter=self.formatter)
 
-    def _check_tokens(self, prompt: Any) -> list[int]:
-        if not isinstance(prompt, (list, tuple)):
-            raise TypeError(f"a prompt must be a str or a list of token ids, got {type(prompt).__name__}")
-        bad = next((x for x in prompt if not is_int(x)), None)
-        if bad is not None:
-            raise TypeError(f"the prompt holds {bad!r} ({type(bad).__name__}); token ids must be integers")
-        tokens = [int(x) for x in prompt]
-        outside = next((x for x in tokens if not 0 <= x < self.params.vocab_size), None)
-        if outside is not None:
-            raise ValueError(f"the prompt holds token id {outside}, outside the vocabulary [0, "
-                             f"{self.params.vocab_size})")  # fmt: skip
-        return tokens
-
-    def _check_fits(self, tokens: list[int], params: SamplingParams) -> None:
+    def _check_fits(self, tokens: Sequence[int], params: SamplingParams) -> list[int]:
+        """The prompt as a list of ints, checked as the batch calls check theirs (``check_prompts``), and with its
+        max_gen_len inside the cache (the batch calls clamp it; a request says how many tokens fit)."""
         max_seq_len = self.params.max_seq_len
-        if not tokens:
-            raise ValueError("the prompt is empty: give at least one token (a text prompt gets BOS)")
-        if len(tokens) > max_seq_len:
-            raise ValueError(f"the prompt has {len(tokens)} tokens, more than max_seq_len={max_seq_len}; shorten it "
-                             "or build with a larger max_seq_len")  # fmt: skip
+        [tokens] = check_prompts([tokens], 1, max_seq_len, self.params.vocab_size)
         if params.max_gen_len is not None and len(tokens) + params.max_gen_len > max_seq_len:
             raise ValueError(
                 f"the prompt's {len(tokens)} tokens plus max_gen_len={params.max_gen_len} exceed max_seq_len="
                 f"{max_seq_len}; ask for at most {max_seq_len - len(tokens)} tokens, or build with a larger "
                 "max_seq_len"
             )
+        return tokens
 
-    def _enqueue(self, tokens: list[int], params: SamplingParams, request_id: Optional[str], echo_text: bool,
+    def _enqueue(self, tokens: Sequence[int], params: SamplingParams, request_id: Optional[str], echo_text: bool,
                  formatter: Optional[ChatFormat] = None) -> RequestHandle:  # fmt: skip
-        self._check_fits(tokens, params)
+        tokens = self._check_fits(tokens, params)
         max_gen_len = self.params.max_seq_len if params.max_gen_len is None else params.max_gen_len
         rule = EndRule(self.tokenizer, max_gen_len, self.params.max_seq_len, params.stop)
         [row] = rule.text_rows([tokens], echo_text)
@@ -573,18 +559,16 @@ class Engine:
         collective (a dead rank) closes the engine."""
         logger.error("engine step failed: %s", error)
         with self._changed:
-            for request in list(self._active.values()):
-                self._active.pop(request.slot, None)
+            failed = list(self._active.values())
+            self._active.clear()
+            if isinstance(error, CollectiveError) or not isinstance(error, Exception):
+                self._closed = error
+                failed += self._waiting
+                self._waiting.clear()
+            for request in failed:
                 self._requests.pop(request.id, None)
                 self._remember(request.id)
                 request.box.finish(None, error)
-            if isinstance(error, CollectiveError) or not isinstance(error, Exception):
-                self._closed = error
-                for request in list(self._waiting):
-                    self._requests.pop(request.id, None)
-                    self._remember(request.id)
-                    request.box.finish(None, error)
-                self._waiting.clear()
 
     def _take_cache(self) -> None:
         if not self._holds_cache:

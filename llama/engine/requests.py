@@ -46,7 +46,7 @@ class SamplingParams:
 
     def __post_init__(self) -> None:
         check_sampling(self.temperature, self.top_p, 0 if self.max_gen_len is None else self.max_gen_len)
-        object.__setattr__(self, "stop", tuple(check_stop(None if self.stop == () else self.stop)))
+        object.__setattr__(self, "stop", tuple(check_stop(self.stop)))
         for name in ("logprobs", "echo"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be True or False, got {getattr(self, name)!r}")

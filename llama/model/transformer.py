@@ -260,9 +260,7 @@ class Transformer(nn.Module):
         """
         bsz, seqlen = tokens.shape
         h = self.tok_embeddings(tokens)
-        if self.freqs_cis.device != h.device:
-            self.freqs_cis = self.freqs_cis.to(h.device)
-        freqs_cis = self.freqs_cis[start_pos : start_pos + seqlen]
+        freqs_cis = self._freqs_cis_on(h.device)[start_pos : start_pos + seqlen]
 
         mask = None
         if seqlen > 1:
@@ -279,8 +277,6 @@ class Transformer(nn.Module):
         bsz, seqlen = tokens.shape
         device = tokens.device
         h = self.tok_embeddings(tokens)
-        if self.freqs_cis.device != h.device:
-            self.freqs_cis = self.freqs_cis.to(h.device)
         at = torch.tensor(positions, dtype=torch.long, device=device)[:, None] + torch.arange(seqlen, device=device)
         length = max(positions) + seqlen
         if bsz > 1:
@@ -289,7 +285,13 @@ class Transformer(nn.Module):
             # row reads exactly its positions: the reference's shapes, so its bits.
             length = min(self.params.max_seq_len, -(-length // ATTENTION_LENGTH_STEP) * ATTENTION_LENGTH_STEP)
         rows = CacheRows(torch.tensor(slots, dtype=torch.long, device=device), at[:, 0], length)
-        return self.logits(h, rows, self.freqs_cis[at], rows_mask(at, length, h.dtype))
+        return self.logits(h, rows, self._freqs_cis_on(device)[at], rows_mask(at, length, h.dtype))
+
+    def _freqs_cis_on(self, device: torch.device) -> torch.Tensor:
+        """The rotations table, moved once to the device the model computes on."""
+        if self.freqs_cis.device != device:
+            self.freqs_cis = self.freqs_cis.to(device)
+        return self.freqs_cis
 
     def logits(
         self,
