@@ -1,4 +1,4 @@
-"""Batched bf16 decoding on CPUs: what a step of 1 to 16 rows costs (a continuous-batching engine's steps).
+"""Batched decoding on CPUs: what a step of 1 to 16 rows costs (a continuous-batching engine's steps).
 
 Two measurements, on the 0.85B shape of bench_decode.py (random weights, far more bytes than the caches hold):
 
@@ -12,6 +12,7 @@ Two measurements, on the 0.85B shape of bench_decode.py (random weights, far mor
     python benchmarks/bench_batch_decode.py                             # both, rows 1,2,4,8,16
     python benchmarks/bench_batch_decode.py --what gemv --flags=-mno-avx512f   # the AVX2 loop, on an AVX-512 CPU
     python benchmarks/bench_batch_decode.py --what step --step_rows 8
+    python benchmarks/bench_batch_decode.py --what step --quantize int8,int4   # and the quantized C steps
     git show HEAD~1:llama/csrc/gemv_bf16.c > /tmp/old.c
     python benchmarks/bench_batch_decode.py --what gemv --other_source /tmp/old.c   # an older kernel beside ours
 
@@ -37,6 +38,8 @@ from llama.distributed import setup_model_parallel
 from llama.engine.cpu_decode import CpuDecoder, _products
 from llama.kernels import cpu_gemv
 from llama.model import ModelArgs, Transformer, rope_cos_sin
+from llama.quant.linear import quantize_model
+from llama.quant.scheme import Scheme
 
 
 def interleaved(contenders: dict[object, Callable[[], object]], repeat: int) -> dict[object, float]:
@@ -155,6 +158,8 @@ def main() -> None:
     parser.add_argument("--other_source", default="", help="another gemv_bf16.c to time beside (e.g. an older one)")
     parser.add_argument("--no_fp32", dest="fp32", action="store_false", help="skip torch's fp32 GEMM")
     parser.add_argument("--repeat", type=int, default=5, help="rounds; each contender's best is reported")
+    parser.add_argument("--quantize", default="", help='step: also "int8", "int4" weights (groups of 32)')
+    parser.add_argument("--no_bf16", dest="bf16", action="store_false", help="step: only the --quantize models")
     opts = parser.parse_args()
     opts.rows = [int(r) for r in opts.rows.split(",")]
     opts.step_rows = [int(r) for r in opts.step_rows.split(",")]
@@ -168,8 +173,12 @@ def main() -> None:
     what = opts.what.split(",")
     if "gemv" in what:
         bench_gemv(model, opts)
-    if "step" in what:
+    if "step" in what and opts.bf16:
+        print("\nbf16 weights")
         bench_step(model, opts)
+    for mode in [m for m in opts.quantize.split(",") if m] if "step" in what else []:
+        print(f"\n{mode} weights (llama.quant, groups of 32, int8 inputs: the default kernels)")
+        bench_step(quantize_model(random_model(args, cpu, torch.bfloat16), Scheme(mode, 32)), opts)
 
 
 if __name__ == "__main__":

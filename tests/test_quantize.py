@@ -3,9 +3,11 @@ match their dequantized twins, quantize-on-load, quantized checkpoints, and perp
 
 from __future__ import annotations
 
+import ctypes
 import json
 import logging
 import math
+import platform
 
 import pytest
 import torch
@@ -205,22 +207,125 @@ def test_layers_use_int8_inputs_by_default_and_exact_products_on_request(tiny_ar
     assert torch.equal(use_int8_inputs(quantized).forward(tokens, 0), quantized.forward(tokens, 0))
 
 
+def panel_product_reference(x, qweight, scales, scheme):
+    """The int8-input product as the panel kernel computes it, in float64: per block of 32, the exact integer dot
+    product of the rounded inputs and the weights, times the weight's and the input block's scales."""
+    blocks = x.float().reshape(x.shape[0], -1, 32)
+    amax = blocks.abs().amax(-1)
+    inv = torch.where(amax > 0, 127 / amax, torch.zeros_like(amax))
+    xq, xs = torch.round(blocks * inv.unsqueeze(-1)).double(), (amax / 127).double()
+    w = tensor.dequantize(qweight, torch.ones_like(scales), scheme, torch.float64)  # the integers q
+    d = torch.einsum("rbi,jbi->rjb", xq, w.reshape(w.shape[0], -1, 32))
+    ws = scales.double().repeat_interleave(scheme.group_size // 32, dim=1)
+    return (d * ws.unsqueeze(0) * xs.unsqueeze(1)).sum(-1)
+
+
+def panel_kernels(extra_flags=()):
+    """The panel products (int8, int4) of gemv_quant.c built with extra_flags, and the loop that build runs."""
+    signature = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 5
+    symbols = {f"llama_gemm_{m}_q8x": signature for m in MODES} | {"llama_gemm_q8_loop": []}
+    fns = kernels.cpu_gemv.load_kernel(kernels.SOURCE, symbols, "no such build", ctypes.c_int, list(extra_flags))
+    assert fns is not None, f"gemv_quant.c does not build with {extra_flags}"
+    fns["llama_gemm_q8_loop"].restype = ctypes.c_char_p
+    return {m: fns[f"llama_gemm_{m}_q8x"] for m in MODES}, fns["llama_gemm_q8_loop"]().decode()
+
+
+def panel_product(fn, x, qweight, scales, g):
+    y = torch.empty(x.shape[0], qweight.shape[0])
+    assert fn(x.data_ptr(), qweight.data_ptr(), scales.data_ptr(), y.data_ptr(), x.shape[0], qweight.shape[0],
+              x.shape[1], g, 0) == 0  # fmt: skip
+    return y
+
+
+PANEL_CASES = [(mode, g, rows, n, k) for mode, g in [("int8", 32), ("int8", 64), ("int4", 32)]
+               for rows, n, k in [(2, 1, 64), (3, 17, 96), (9, 40, 256), (13, 33, 2112), (20, 16, 64)]
+               if k % g == 0]  # fmt: skip
+
+
+@needs_kernel
+@pytest.mark.parametrize("mode,g,rows,n,k", PANEL_CASES)
+def test_panel_product_equals_its_float64_reference(mode, g, rows, n, k):
+    """Many rows (prefill, batched decode) with int8 inputs: panels of 16 (AVX512-VNNI) or 8 weight rows, tiles of
+    input rows, tails of both, odd block counts (int4 packs two blocks at a time)."""
+    scheme = Scheme(mode, g)
+    qweight, scales = tensor.quantize(weights(n, k, seed=k + n), scheme)
+    x = torch.randn(rows, k, generator=torch.Generator().manual_seed(rows))
+    x[0, :32] = 0.0  # an all-zero block
+    fn = kernels.kernels()[f"gemm_{mode}"]
+    y = panel_product(fn, x, qweight, scales, g)
+    reference = panel_product_reference(x, qweight, scales, scheme)
+    # exact integer sums; each block's scaled sum rounds in fp32, so errors stay near 2^-24 of the summed magnitudes
+    bound = 1e-6 * (x.abs().double() @ tensor.dequantize(qweight, scales, scheme).abs().double().T) + 1e-9
+    assert ((y.double() - reference).abs() <= bound).all()
+    assert ((y.double() - exact_product(x, qweight, scales, scheme)).norm() / reference.norm()).item() < 0.02
+    if rows >= 4:  # the layers' operator takes it from 4 rows on
+        assert torch.equal(kernels._linear_kernel(mode, x, qweight, scales, g, int8_x=True), y)
+    # each row is bitwise the same row alone, and the rows of a bf16 call are the fp32 ones rounded
+    for r in (0, rows - 1):
+        assert torch.equal(panel_product(fn, x[r : r + 1], qweight, scales, g)[0], y[r])
+    xb = x.bfloat16()
+    yb = torch.empty(rows, n, dtype=torch.bfloat16)
+    assert (
+        fn(
+            xb.data_ptr(),
+            qweight.data_ptr(),
+            scales.data_ptr(),
+            yb.data_ptr(),
+            rows,
+            n,
+            k,
+            g,
+            kernels.IO_FLAGS[xb.dtype],
+        )
+        == 0
+    )
+    assert torch.equal(yb, panel_product(fn, xb.float(), qweight, scales, g).bfloat16())
+
+
+@needs_kernel
+def test_every_loop_of_the_panel_product_gives_the_same_bits():
+    """The AVX512-VNNI, AVX2 and portable loops compute the same fp32 operations in the same order."""
+    builds = [(), ("-mno-avx512f",), ("-march=x86-64",)]
+    if platform.machine() not in ("x86_64", "AMD64"):
+        builds = [()]
+    results = {}
+    for flags in builds:
+        fns, loop = panel_kernels(flags)
+        for mode, g in (("int8", 32), ("int8", 64), ("int4", 32)):
+            scheme = Scheme(mode, g)
+            qweight, scales = tensor.quantize(weights(21, 192, seed=g), scheme)
+            x = torch.randn(7, 192, generator=torch.Generator().manual_seed(4))
+            results.setdefault((mode, g), {})[loop] = panel_product(fns[mode], x, qweight, scales, g)
+    if platform.machine() in ("x86_64", "AMD64"):  # the flags give the loops their names say (on any x86-64)
+        assert {"avx2", "plain"} <= set(results["int8", 32])
+    for by_loop in results.values():
+        first = next(iter(by_loop.values()))
+        assert all(torch.equal(first, y) for y in by_loop.values()), list(by_loop)
+
+
 @needs_kernel
 @pytest.mark.parametrize("mode", MODES)
-def test_decode_rows_take_the_kernel_and_prefill_the_exact_fp32_gemm(mode, monkeypatch):
+def test_prefill_takes_the_panel_product_and_the_exact_mode_the_fp32_gemm(mode, monkeypatch):
     scheme = Scheme(mode, 32)
     layer = QuantizedLinear(128, 24, scheme)
     layer.qweight, layer.scales = tensor.quantize(weights(24, 128, seed=6), scheme)
     assert torch.equal(kernels.dequantize_cpu(layer.qweight, layer.scales, scheme), layer.dequantized_weight())
-    rows = kernels.KERNEL_MAX_ROWS
-    x = torch.randn(2, rows // 2, 128, generator=torch.Generator().manual_seed(7))
-    # up to the limit: the kernel, each row rounded on its own to int8 as a decode step rounds it
-    expected = exact_product(quantize_input_reference(x.reshape(rows, 128)), layer.qweight, layer.scales, scheme)
-    assert_close(layer(x).reshape(rows, 24).double(), expected, rtol=1e-5, atol=1e-5)
-    one_by_one = torch.cat([layer(x[:, t : t + 1]) for t in range(rows // 2)], dim=1)
-    assert torch.equal(one_by_one, layer(x))
-    # past it: torch's fp32 GEMM on the dequantized weight, exact, without calling a product kernel
-    longer = torch.randn(1, rows + 1, 128, generator=torch.Generator().manual_seed(8))
+    x = torch.randn(2, 40, 128, generator=torch.Generator().manual_seed(7))  # 80 rows: a prefill
+    # int8 inputs (the default): every row rounded on its own to int8, as a decode step rounds it
+    expected = panel_product_reference(x.reshape(80, 128), layer.qweight, layer.scales, scheme)
+    y = layer(x)
+    assert_close(y.reshape(80, 24).double(), expected, rtol=1e-5, atol=1e-5)
+    # a row gives the same bits in any call of 4 or more rows; up to 3 rows take the one-row loops (same integer
+    # products, another order of fp32 sums), each row bitwise the row alone there
+    assert torch.equal(torch.cat([layer(x[:, t : t + 4]) for t in range(0, 40, 4)], dim=1), y)
+    one_by_one = torch.cat([layer(x[:, t : t + 1]) for t in range(40)], dim=1)  # 2 rows a call
+    assert torch.equal(torch.cat([layer(x[1:, t : t + 1]) for t in range(3)], dim=1), one_by_one[1:, :3])
+    assert_close(one_by_one, y, rtol=1e-5, atol=1e-5)
+    if kernels.gemm_loop() == "plain":  # the portable build prefills through the fp32 GEMM instead (below)
+        monkeypatch.setattr(kernels, "gemm_loop", lambda: "avx2")
+    # the exact mode: torch's fp32 GEMM on the dequantized weight past KERNEL_MAX_ROWS, without a product kernel
+    use_int8_inputs(layer, False)
+    longer = torch.randn(1, kernels.KERNEL_MAX_ROWS + 1, 128, generator=torch.Generator().manual_seed(8))
     real = kernels.kernels()
     monkeypatch.setitem(kernels._state, "fns", {name: fn for name, fn in real.items() if name.startswith("dequant")})
     w = layer.dequantized_weight()

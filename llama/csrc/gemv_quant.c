@@ -18,7 +18,9 @@
  *   32 weights is summed exactly in int32 by byte multiply-adds (AVX2's vpmaddubsw) before it is scaled by
  *   xs * s. That is a few instructions per 32 weights, fast enough to stream the packed weights at the
  *   memory's speed, but the input's rounding (half a step of 1/127 of each block's largest value) moves the
- *   result: it approximates the dequantized product. Groups must be multiples of 32 (int4: exactly 32).
+ *   result: it approximates the dequantized product. Groups must be multiples of 32 (int4: exactly 32). From four
+ *   input rows on they hand over to the panel product (the last section), which sums the same integer products
+ *   with 4-way byte dot products (vpdpbusd on AVX512-VNNI) over weights repacked once per call.
  *
  * Memory. Each thread walks a few weight rows side by side (BLOCK for the exact kernels, QROWS for those with
  * int8 inputs: as many streams) and, while it works on one block of rows, prefetches the next block (which
@@ -552,16 +554,379 @@ static int gemv_q8x(const void *x, const void *w, const uint16_t *s, void *y, in
     return failed;
 }
 
-/* Group sizes: int8 a multiple of 32, int4 exactly 32 (checked by the caller, llama/quant/kernels.py). Return 0, or
- * 1 if out of memory (nothing written; the caller falls back). */
+/* ---------------------------------------------------------------------------------------------------------
+ * Many input rows (prefill, a batch of decoding rows): a product over panels of PANEL weight rows.
+ *
+ * The input rows are rounded to int8 blocks exactly as above (quantize_row_q8), so each (input row, weight row,
+ * block of 32) has the same exact integer dot product d as in the kernels above; the result is
+ * y[r, j] = sum over blocks b, in order, of fma(d, ws[j, b] * xs[r, b], .) in fp32. Every code path below (AVX512
+ * VNNI, AVX2, portable) computes exactly that, so they agree bitwise, and each row of a call is bitwise the row
+ * alone (nothing depends on the other rows or on where a row falls in a tile).
+ *
+ * Layout. Each thread copies a panel of PANEL weight rows into a buffer laid out for the vector instructions (a
+ * "packed" panel, as GEMMs do): per block of 32 inputs, 8 steps of PANEL x 4 bytes, step t holding weights
+ * 4t..4t+3 of each of the PANEL rows side by side (lane j = weight row j), and the panel's scales per block. One
+ * vector of packed weights then meets 4 inputs of an input row (the same 4 bytes in every lane) in one 4-way
+ * byte dot product per lane: vpdpbusd on AVX512-VNNI (16 rows a vector), vpmaddubsw + vpmaddwd on AVX2 (8). The
+ * panel (PANEL * k bytes, plus scales) stays in cache while TILE input rows at a time run over it, so each weight
+ * is read from memory once per call, and the packing (one gather per vector) is paid once per call too.
+ *
+ * The byte products take one unsigned and one signed operand. Int4 nibbles are q + 8 (unsigned) as stored; int8
+ * weights get + 128 (a flip of the top bit) on AVX512-VNNI, whose 32-bit sums cannot overflow. Either way each
+ * block sum overshoots by offset * (the block's sum of the int8 inputs), which starts the sum negated (corr). The
+ * AVX2 int8 loop instead keeps the weights signed and moves their signs onto the inputs (as loop_int8_q8x does):
+ * its pair sums must stay within int16.
+ */
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
+#define GEMM_VNNI 1
+#define PANEL 16
+#define GEMM_LOOP "avx512vnni"
+#elif defined(HAVE_AVX2)
+#define GEMM_AVX2 1
+#define PANEL 8
+#define GEMM_LOOP "avx2"
+#else
+#define PANEL 8
+#define GEMM_LOOP "plain"
+#endif
+/* input rows run over a packed panel together (their sums stay in registers: AVX-512 has 32 of them) */
+#ifdef GEMM_VNNI
+#define TILE 8
+#else
+#define TILE 4
+#endif
+
+/* From this many input rows on, llama_gemv_*_q8x run the product below. It pays for packing each panel once per
+ * call, which costs about as much again as reading the weights: below 4 rows, the loops above, which stream the
+ * weights as they are and serve each row with a few instructions per 32 weights, were as fast or faster (one thread
+ * on a Zen 4, AVX-512 and AVX2 builds). */
+#define GEMM_MIN_ROWS 4
+
+const char *llama_gemm_q8_loop(void) { return GEMM_LOOP; }
+
+/* The input rows rounded to int8 blocks (rows x k), their block scales (rows x nb), and corr (rows x nb): the
+ * weights' offset times each block's sum of int8 inputs. */
+typedef struct {
+    int8_t *q;
+    float *s;
+    int32_t *corr;
+} InputRows;
+
+/* The weights' offset in the packed panel: what each block sum overshoots by, per unit of the inputs' sum. */
+static inline int32_t packed_offset(int int4) {
+#if defined(GEMM_VNNI)
+    return int4 ? 8 : 128;
+#elif defined(GEMM_AVX2)
+    return int4 ? 8 : 0;
+#else
+    return int4 ? 8 : 0; /* the portable loop reads int8 weights as they are */
+#endif
+}
+
+static int quantize_inputs(const float *x, int64_t rows, int64_t k, int int4, InputRows in) {
+    int64_t nb = k / QBLOCK;
+    float *sums = malloc(sizeof(float) * (size_t)nb); /* quantize_row_q8's xsum8, unused here */
+    if (sums == NULL) return 1;
+    const int32_t offset = packed_offset(int4);
+    for (int64_t r = 0; r < rows; r++) {
+        QuantRow q = {in.q + r * k, in.s + r * nb, sums, NULL, NULL, NULL};
+        quantize_row_q8(x + r * k, k, q);
+        for (int64_t b = 0; b < nb; b++) {
+            int32_t sum = 0;
+            for (int i = 0; i < QBLOCK; i++) sum += q.xq[b * QBLOCK + i];
+            in.corr[r * nb + b] = offset * sum;
+        }
+    }
+    free(sums);
+    return 0;
+}
+
+#if defined(GEMM_VNNI) || defined(GEMM_AVX2)
+/* r[i] (8 dwords each) becomes column i of the 8 x 8 matrix of dwords whose rows were r[0..7]. */
+static inline __attribute__((always_inline)) void transpose8x8(__m256i r[8]) {
+    __m256i a[8], b[8];
+    for (int i = 0; i < 8; i += 2) {
+        a[i] = _mm256_unpacklo_epi32(r[i], r[i + 1]);
+        a[i + 1] = _mm256_unpackhi_epi32(r[i], r[i + 1]);
+    }
+    for (int i = 0; i < 8; i += 4) {
+        b[i] = _mm256_unpacklo_epi64(a[i], a[i + 2]);
+        b[i + 1] = _mm256_unpackhi_epi64(a[i], a[i + 2]);
+        b[i + 2] = _mm256_unpacklo_epi64(a[i + 1], a[i + 3]);
+        b[i + 3] = _mm256_unpackhi_epi64(a[i + 1], a[i + 3]);
+    }
+    for (int i = 0; i < 4; i++) {
+        r[i] = _mm256_permute2x128_si256(b[i], b[i + 4], 0x20);
+        r[i + 4] = _mm256_permute2x128_si256(b[i], b[i + 4], 0x31);
+    }
+}
+
+/* 32 bytes of each of the 8 weight rows from `row` on (rows at or past `count` read as zeros; only 16 bytes each,
+ * zero-extended, if `half`), transposed: r[t] holds bytes 4t..4t+3 of each row. */
+static inline __attribute__((always_inline)) void load_transposed(const uint8_t *p, int64_t row_bytes, int row,
+                                                                  int count, int half, __m256i r[8], int ahead) {
+    for (int i = 0; i < 8; i++) {
+        const uint8_t *q = p + (int64_t)(row + i) * row_bytes;
+        /* the same bytes of the next panel's rows (prefetches never fault, past the end included) */
+        if (ahead) __builtin_prefetch(q + PANEL * row_bytes, 0, 0);
+        if (row + i >= count)
+            r[i] = _mm256_setzero_si256();
+        else if (half)
+            r[i] = _mm256_zextsi128_si256(_mm_loadu_si128((const __m128i *)q));
+        else
+            r[i] = _mm256_loadu_si256((const __m256i *)q);
+    }
+    transpose8x8(r);
+}
+
+/* Pack weight rows first.. (count <= PANEL) into pw: per block of 32 inputs, 8 steps of PANEL lanes of 4 bytes,
+ * step t lane j holding weights 4t..4t+3 of row j (lanes past count 0: never stored). Loads and in-register
+ * transposes of 8 x 8 dwords (int8: one block of 8 rows; int4: two blocks, 16 bytes a row each, whose low nibbles
+ * are weights 0-15 and high ones 16-31). */
+static void pack_panel(const uint8_t *w, int64_t first, int count, int64_t k, int int4, uint8_t *pw) {
+    int64_t nb = k / QBLOCK, row_bytes = int4 ? k / 2 : k;
+    const uint8_t *rows = w + first * row_bytes;
+    const int64_t step = PANEL * 4; /* bytes a step */
+    for (int h = 0; h < PANEL; h += 8) {
+        __m256i r[8];
+        if (int4) { /* the nibbles stay packed: a byte holds the weights of steps t (low) and t + 4 (high) */
+            for (int64_t b = 0; b < nb; b += 2) {
+                load_transposed(rows + b * 16, row_bytes, h, count, b + 1 == nb, r, (b & 2) == 0);
+                for (int pair = 0; pair < 2 && b + pair < nb; pair++) {
+                    uint8_t *out = pw + (b + pair) * 4 * step + h * 4;
+                    for (int t = 0; t < 4; t++) _mm256_storeu_si256((__m256i *)(out + t * step), r[4 * pair + t]);
+                }
+            }
+        } else {
+            for (int64_t b = 0; b < nb; b++) {
+                load_transposed(rows + b * QBLOCK, row_bytes, h, count, 0, r, (b & 1) == 0);
+                uint8_t *out = pw + b * 8 * step + h * 4;
+                for (int t = 0; t < 8; t++) {
+#ifdef GEMM_VNNI
+                    r[t] = _mm256_xor_si256(r[t], _mm256_set1_epi8((char)0x80)); /* + 128: unsigned */
+#endif
+                    _mm256_storeu_si256((__m256i *)(out + t * step), r[t]);
+                }
+            }
+        }
+    }
+}
+
+static inline int32_t load4(const int8_t *p) {
+    int32_t v;
+    memcpy(&v, p, sizeof v);
+    return v;
+}
+#endif
+
+/* The scales of weight rows first.. (count of them, the rest of the panel 0) per block: ps[b * PANEL + j]. */
+static void pack_scales(const uint16_t *s, int64_t first, int count, int64_t k, int64_t g, float *ps) {
+    int64_t nb = k / QBLOCK, groups = k / g, per = g / QBLOCK;
+    /* the next panel's scales (they follow these), a cache line at a time: the loads below would wait for each */
+    prefetch_stretch(s + (first + PANEL) * groups, PANEL * groups * (int64_t)sizeof(uint16_t));
+    int64_t done = 0;
+#if defined(GEMM_VNNI) || defined(GEMM_AVX2)
+    if (per == 1) /* groups of 32: 8 blocks of 8 rows at a time, widened to fp32 and transposed */
+        for (; done + 8 <= nb; done += 8)
+            for (int h = 0; h < PANEL; h += 8) {
+                __m256i r[8];
+                for (int i = 0; i < 8; i++)
+                    r[i] = h + i < count ? _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(
+                                               (const __m128i *)(s + (first + h + i) * groups + done))), 16)
+                                         : _mm256_setzero_si256();
+                transpose8x8(r);
+                for (int t = 0; t < 8; t++) _mm256_storeu_si256((__m256i *)(ps + (done + t) * PANEL + h), r[t]);
+            }
+#endif
+    for (int j = 0; j < PANEL; j++) {
+        const uint16_t *row = s + (first + j) * groups;
+        for (int64_t b = done; b < nb; b++) ps[b * PANEL + j] = j < count ? bf16_to_float(row[b / per]) : 0.0f;
+    }
+}
+
+
+#ifdef GEMM_VNNI
+/* out[r * PANEL + j] for input rows r0..r0+count-1 (count <= TILE) against a packed panel. */
+static inline __attribute__((always_inline)) void tile(const uint8_t *pw, const float *ps, InputRows in, int64_t r0,
+                                                         int count, int64_t k, int int4, float *out) {
+    int64_t nb = k / QBLOCK;
+    const __m512i low4 = _mm512_set1_epi8(15);
+    __m512 acc[TILE];
+    for (int r = 0; r < count; r++) acc[r] = _mm512_setzero_ps();
+    for (int64_t b = 0; b < nb; b++) {
+        __m512i d[TILE];
+        const int8_t *xb = in.q + r0 * k + b * QBLOCK;
+        for (int r = 0; r < count; r++) d[r] = _mm512_set1_epi32(-in.corr[(r0 + r) * nb + b]);
+        if (int4) {
+            const uint8_t *pb = pw + b * 4 * PANEL * 4;
+            for (int t = 0; t < 4; t++) {
+                __m512i packed = _mm512_loadu_si512((const void *)(pb + t * PANEL * 4));
+                __m512i lo = _mm512_and_si512(packed, low4), hi = _mm512_and_si512(_mm512_srli_epi16(packed, 4), low4);
+                for (int r = 0; r < count; r++) {
+                    d[r] = _mm512_dpbusd_epi32(d[r], lo, _mm512_set1_epi32(load4(xb + r * k + 4 * t)));
+                    d[r] = _mm512_dpbusd_epi32(d[r], hi, _mm512_set1_epi32(load4(xb + r * k + 16 + 4 * t)));
+                }
+            }
+        } else {
+            const uint8_t *pb = pw + b * 8 * PANEL * 4;
+            for (int t = 0; t < 8; t++) {
+                __m512i wv = _mm512_loadu_si512((const void *)(pb + t * PANEL * 4));
+                for (int r = 0; r < count; r++)
+                    d[r] = _mm512_dpbusd_epi32(d[r], wv, _mm512_set1_epi32(load4(xb + r * k + 4 * t)));
+            }
+        }
+        __m512 ws = _mm512_loadu_ps(ps + b * PANEL);
+        for (int r = 0; r < count; r++) {
+            __m512 scale = _mm512_mul_ps(ws, _mm512_set1_ps(in.s[(r0 + r) * nb + b]));
+            acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d[r]), scale, acc[r]);
+        }
+    }
+    for (int r = 0; r < count; r++) _mm512_storeu_ps(out + r * PANEL, acc[r]);
+}
+#elif defined(GEMM_AVX2)
+static inline __attribute__((always_inline)) void tile(const uint8_t *pw, const float *ps, InputRows in, int64_t r0,
+                                                         int count, int64_t k, int int4, float *out) {
+    int64_t nb = k / QBLOCK;
+    const __m256i ones = _mm256_set1_epi16(1), low4 = _mm256_set1_epi8(15);
+    __m256 acc[TILE];
+    for (int r = 0; r < count; r++) acc[r] = _mm256_setzero_ps();
+    for (int64_t b = 0; b < nb; b++) {
+        __m256i d[TILE];
+        const int8_t *xb = in.q + r0 * k + b * QBLOCK;
+        if (int4) { /* nibble x int8 pair sums stay within 2 * 15 * 127: 8 steps add up in int16 */
+            const uint8_t *pb = pw + b * 4 * PANEL * 4;
+            __m256i pairs[TILE];
+            for (int r = 0; r < count; r++) pairs[r] = _mm256_setzero_si256();
+            for (int t = 0; t < 4; t++) {
+                __m256i packed = _mm256_loadu_si256((const __m256i *)(pb + t * PANEL * 4));
+                __m256i lo = _mm256_and_si256(packed, low4), hi = _mm256_and_si256(_mm256_srli_epi16(packed, 4), low4);
+                for (int r = 0; r < count; r++) {
+                    __m256i x_lo = _mm256_set1_epi32(load4(xb + r * k + 4 * t));
+                    __m256i x_hi = _mm256_set1_epi32(load4(xb + r * k + 16 + 4 * t));
+                    pairs[r] = _mm256_add_epi16(pairs[r], _mm256_add_epi16(_mm256_maddubs_epi16(lo, x_lo),
+                                                                           _mm256_maddubs_epi16(hi, x_hi)));
+                }
+            }
+            for (int r = 0; r < count; r++)
+                d[r] = _mm256_sub_epi32(_mm256_madd_epi16(pairs[r], ones), _mm256_set1_epi32(in.corr[(r0 + r) * nb + b]));
+        } else { /* signed weights: |w| * (x * sign(w)) = w * x, pair sums within 2 * 128 * 127 */
+            const uint8_t *pb = pw + b * 8 * PANEL * 4;
+            for (int r = 0; r < count; r++) d[r] = _mm256_setzero_si256();
+            for (int t = 0; t < 8; t++) {
+                __m256i wv = _mm256_loadu_si256((const __m256i *)(pb + t * PANEL * 4));
+                __m256i magnitude = _mm256_sign_epi8(wv, wv);
+                for (int r = 0; r < count; r++) {
+                    __m256i xv = _mm256_sign_epi8(_mm256_set1_epi32(load4(xb + r * k + 4 * t)), wv);
+                    d[r] = _mm256_add_epi32(d[r], _mm256_madd_epi16(_mm256_maddubs_epi16(magnitude, xv), ones));
+                }
+            }
+        }
+        __m256 ws = _mm256_loadu_ps(ps + b * PANEL);
+        for (int r = 0; r < count; r++) {
+            __m256 scale = _mm256_mul_ps(ws, _mm256_set1_ps(in.s[(r0 + r) * nb + b]));
+            acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d[r]), scale, acc[r]);
+        }
+    }
+    for (int r = 0; r < count; r++) _mm256_storeu_ps(out + r * PANEL, acc[r]);
+}
+#endif
+
+#if !defined(GEMM_VNNI) && !defined(GEMM_AVX2)
+/* The portable loop: the same sums from the weights as stored (no packing). */
+static void panel_plain(const void *w, const float *ps, InputRows in, int64_t rows, int64_t first, int count,
+                        int64_t k, int int4, float *out /* rows x PANEL */) {
+    int64_t nb = k / QBLOCK, row_bytes = int4 ? k / 2 : k;
+    for (int64_t r = 0; r < rows; r++) {
+        float acc[PANEL] = {0};
+        for (int64_t b = 0; b < nb; b++) {
+            const int8_t *xb = in.q + r * k + b * QBLOCK;
+            for (int j = 0; j < count; j++) {
+                const uint8_t *wb = (const uint8_t *)w + (first + j) * row_bytes + b * (int4 ? 16 : QBLOCK);
+                int32_t d = -in.corr[r * nb + b];
+                for (int i = 0; i < QBLOCK; i++) {
+                    int32_t q = int4 ? (i < 16 ? wb[i] & 15 : wb[i - 16] >> 4) : (int32_t)(int8_t)wb[i];
+                    d += q * xb[i];
+                }
+                acc[j] = fmaf((float)d, ps[b * PANEL + j] * in.s[r * nb + b], acc[j]);
+            }
+        }
+        memcpy(out + r * PANEL, acc, sizeof acc);
+    }
+}
+#endif
+
+static int gemm_q8(const void *x, const void *w, const uint16_t *s, void *y, int64_t rows, int64_t n, int64_t k,
+                   int64_t g, int int4, int64_t io) {
+    int64_t nb = k / QBLOCK, panels = (n + PANEL - 1) / PANEL;
+    const float *xf = float_rows(x, rows * k, io);
+    InputRows in = {malloc((size_t)(rows * k)), malloc(sizeof(float) * (size_t)(rows * nb)),
+                    malloc(sizeof(int32_t) * (size_t)(rows * nb))};
+    int failed = xf == NULL || in.q == NULL || in.s == NULL || in.corr == NULL;
+    if (!failed) failed = quantize_inputs(xf, rows, k, int4, in);
+    if (!failed) {
+#pragma omp parallel
+        {
+            /* each thread's packed panel, scales and tile results */
+            uint8_t *pw = malloc((size_t)(PANEL * k));
+            float *ps = malloc(sizeof(float) * (size_t)(PANEL * nb));
+            float *out = malloc(sizeof(float) * (size_t)(PANEL * (rows > TILE ? rows : TILE)));
+            int mine_failed = pw == NULL || ps == NULL || out == NULL;
+            if (mine_failed) {
+#pragma omp atomic write
+                failed = 1;
+            }
+#pragma omp for schedule(static)
+            for (int64_t p = 0; p < panels; p++) {
+                if (mine_failed) continue;
+                int64_t first = p * PANEL;
+                int count = first + PANEL <= n ? PANEL : (int)(n - first);
+                pack_scales(s, first, count, k, g, ps);
+#if defined(GEMM_VNNI) || defined(GEMM_AVX2)
+                pack_panel((const uint8_t *)w, first, count, k, int4, pw);
+                int64_t r0 = 0;
+                for (; r0 + TILE <= rows; r0 += TILE) tile(pw, ps, in, r0, TILE, k, int4, out + r0 * PANEL);
+                if (r0 < rows) tile(pw, ps, in, r0, (int)(rows - r0), k, int4, out + r0 * PANEL);
+#else
+                panel_plain(w, ps, in, rows, first, count, k, int4, out);
+#endif
+                for (int64_t r = 0; r < rows; r++) store(y, r * n + first, out + r * PANEL, count, io);
+            }
+            free(pw);
+            free(ps);
+            free(out);
+        }
+    }
+    if (xf != NULL && (const void *)xf != x) free((void *)xf);
+    free(in.q);
+    free(in.s);
+    free(in.corr);
+    return failed;
+}
+
+/* The product with int8 inputs: the panels above from GEMM_MIN_ROWS input rows on, else gemv_q8x. Group sizes:
+ * int8 a multiple of 32, int4 exactly 32 (checked by the caller, llama/quant/kernels.py). Return 0, or 1 if out of
+ * memory (the caller falls back; y may be partly written). */
 int llama_gemv_int8_q8x(const void *x, const int8_t *w, const uint16_t *s, void *y, int64_t rows, int64_t n,
                         int64_t k, int64_t g, int64_t io) {
+    if (rows >= GEMM_MIN_ROWS) return gemm_q8(x, w, s, y, rows, n, k, g, 0, io);
     return gemv_q8x(x, w, s, y, rows, n, k, g, 0, io);
 }
 
 int llama_gemv_int4_q8x(const void *x, const uint8_t *w, const uint16_t *s, void *y, int64_t rows, int64_t n,
                         int64_t k, int64_t g, int64_t io) {
+    if (rows >= GEMM_MIN_ROWS) return gemm_q8(x, w, s, y, rows, n, k, g, 1, io);
     return gemv_q8x(x, w, s, y, rows, n, k, g, 1, io);
+}
+
+/* The panel product at any row count (tests and benchmarks compare it with the one-row kernels above). */
+int llama_gemm_int8_q8x(const void *x, const int8_t *w, const uint16_t *s, void *y, int64_t rows, int64_t n,
+                        int64_t k, int64_t g, int64_t io) {
+    return gemm_q8(x, w, s, y, rows, n, k, g, 0, io);
+}
+
+int llama_gemm_int4_q8x(const void *x, const uint8_t *w, const uint16_t *s, void *y, int64_t rows, int64_t n,
+                        int64_t k, int64_t g, int64_t io) {
+    return gemm_q8(x, w, s, y, rows, n, k, g, 1, io);
 }
 
 /* ---------------------------------------------------------------------------------------------------------

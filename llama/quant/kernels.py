@@ -1,17 +1,21 @@
 """The C kernels of ``csrc/gemv_quant.c`` for quantized weights, and the torch operators over them.
 
-``QuantizedLinear(x)`` stands for ``x @ dequantize(W).T``. On a CPU, for up to ``KERNEL_MAX_ROWS`` input rows
-(decoding), it runs the kernels (torch operators ``llama::linear_int8`` and ``llama::linear_int4``, defined and
-registered here, once per process), which read the packed weights once per call. By default they work as
-llama.cpp does: each input row is rounded to int8 in blocks of 32 as well, and each block's products are summed as
-integers (AVX2's byte multiply-adds), which is what lets them stream the weights at the memory's speed. That
+``QuantizedLinear(x)`` stands for ``x @ dequantize(W).T``. On a CPU it runs the kernels (torch operators
+``llama::linear_int8`` and ``llama::linear_int4``, defined and registered here, once per process), which read the
+packed weights once per call. By default they work as llama.cpp does: each input row is rounded to int8 in blocks
+of 32, and each block's products are summed exactly as integers (byte multiply-adds: AVX512-VNNI's vpdpbusd, AVX2's
+vpmaddubsw), which is what lets them stream the weights at the memory's speed for one row and run prefill as
+integer arithmetic. Up to 3 rows take matrix-vector loops (each row's result bitwise the row alone); 4 or more (a
+batch of decoding rows, a prompt) take the panel product, which repacks each panel of weight rows once per call for
+the vector units and serves every input row from it; every row of a panel-product call is bitwise that row in any
+other call of 4 or more rows (the two kinds sum the same exact integer products, in another order of fp32 sums). That
 rounding moves a result by about 0.5% of its norm on random data; on the demo model it moves perplexity by 0.03%
 or less (tests hold the bounds). ``use_int8_inputs(model, False)`` (``llama.quant.linear``) switches a model to the
-exact kernels instead: products with the dequantized weights, exact in fp32 and summed in fp32, slower (about
-bf16's speed per weight). Group sizes the int8-input kernels do not serve (int8: not a multiple of 32; int4: other
-than 32) always take the exact kernels. With more than ``KERNEL_MAX_ROWS`` input rows (prefill), a C loop
-dequantizes the weight to fp32 and torch's fp32 GEMM computes the exact product, which is faster there. On CUDA,
-or without a C compiler, a layer dequantizes its weight to the model's dtype and calls ``F.linear`` (under
+exact mode instead: products with the dequantized weights, exact in fp32 and summed in fp32, slower (for up to
+``KERNEL_MAX_ROWS`` rows the exact kernels, beyond that a C loop dequantizes the weight to fp32 for torch's fp32
+GEMM). Group sizes the int8-input kernels do not serve (int8: not a multiple of 32; int4: other than 32) always take
+the exact mode, and so does prefill where the panel product has no vector loop (``prefill_with_int8_inputs``). On
+CUDA, or without a C compiler, a layer dequantizes its weight to the model's dtype and calls ``F.linear`` (under
 ``torch.compile`` inductor fuses the dequantization into the product).
 """
 
@@ -31,8 +35,8 @@ from llama.quant.tensor import dequantize
 
 SOURCE = Path(__file__).parent.parent / "csrc" / "gemv_quant.c"
 
-# Above this many input rows (prefill), the CPU path dequantizes the weight to fp32 (in C) for torch's GEMM,
-# which then beats the kernels.
+# Above this many input rows (prefill), the exact mode dequantizes the weight to fp32 (in C) for torch's GEMM,
+# which then beats the exact kernels.
 KERNEL_MAX_ROWS = 16
 
 _lock = threading.Lock()
@@ -47,14 +51,31 @@ def kernels() -> Optional[dict[str, ctypes._CFuncPtr]]:
                 # name -> (C symbol, argument types): the products, then the dequantizations to fp32
                 spec = {f"{m}{x}": (f"llama_gemv_{m}{x}", [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 5)
                         for m in MODES for x in ("", "_q8x")}  # fmt: skip
+                spec.update({f"gemm_{m}": (f"llama_gemm_{m}_q8x", spec[f"{m}_q8x"][1]) for m in MODES})
                 spec.update({f"dequant_{m}": (f"llama_dequant_{m}", [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 3)
                              for m in MODES})  # fmt: skip
+                spec["gemm_loop"] = ("llama_gemm_q8_loop", [])
                 fns = cpu_gemv.load_kernel(
                     SOURCE, dict(spec.values()), "quantized layers dequantize their weights and use torch's matmul",
                     restype=ctypes.c_int,
                 )  # fmt: skip
+                if fns is not None:
+                    fns["llama_gemm_q8_loop"].restype = ctypes.c_char_p
+                    _state["gemm_loop"] = fns["llama_gemm_q8_loop"]().decode()
                 _state["fns"] = None if fns is None else {name: fns[symbol] for name, (symbol, _) in spec.items()}
     return _state["fns"]  # type: ignore[return-value]
+
+
+def gemm_loop() -> Optional[str]:
+    """Which loop the built panel product (many input rows with int8 inputs) runs: "avx512vnni", "avx2" or
+    "plain" (see gemv_quant.c); None where the kernels are not built."""
+    return _state.get("gemm_loop") if kernels() is not None else None  # type: ignore[return-value]
+
+
+def prefill_with_int8_inputs() -> bool:
+    """Whether many input rows (prefill) take the panel product with int8 inputs: built with vector instructions.
+    The portable build's loop is scalar, slower than dequantizing for torch's fp32 GEMM."""
+    return gemm_loop() in ("avx512vnni", "avx2")
 
 
 def available() -> bool:
@@ -174,11 +195,12 @@ for _mode, _fn in (("int8", linear_int8), ("int4", linear_int4)):
 def cpu_linear(
     x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, scheme: Scheme, int8_x: bool = True
 ) -> torch.Tensor:
-    """``F.linear(x, dequantize(qweight, scales))`` on a CPU whose kernels are built: the kernels (with int8
-    inputs where asked and the format allows) for up to KERNEL_MAX_ROWS rows, else the exact fp32 GEMM."""
-    if x.numel() > KERNEL_MAX_ROWS * x.shape[-1]:  # prefill: torch's fp32 GEMM, exact
-        return linear_dequantized(x, qweight, scales, scheme)
+    """``F.linear(x, dequantize(qweight, scales))`` on a CPU whose kernels are built. With int8 inputs (where asked
+    and the format allows) the kernels take any number of rows (from 2 rows on, the panel product; for prefill only
+    where it is vectorized: ``prefill_with_int8_inputs``). Otherwise the exact kernels up to KERNEL_MAX_ROWS rows,
+    and the exact fp32 GEMM on dequantized weights beyond."""
     int8_x = int8_x and int8_x_applies(scheme.mode, scheme.group_size)
+    if x.numel() > KERNEL_MAX_ROWS * x.shape[-1] and not (int8_x and prefill_with_int8_inputs()):
+        return linear_dequantized(x, qweight, scales, scheme)  # exact prefill: torch's fp32 GEMM
     op = torch.ops.llama.linear_int8 if scheme.mode == "int8" else torch.ops.llama.linear_int4
     return op(x, qweight, scales, scheme.group_size, int8_x)
-
