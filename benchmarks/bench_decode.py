@@ -23,8 +23,10 @@ the same weights (bf16 against bf16, int8 against q8_0, int4 against q4_0): abov
 
 Prefill, for each dtype: the time to evaluate a prompt of each of --prefill_lens tokens on an empty cache.
 Ours are the faithful path's ``model.forward`` and the fast path's ``FastDecoder.prefill`` (fp32 attention and
-GEMMs on CPUs; see llama/engine/fast.py), which both return the logits of every position, as the reference does;
-llama.cpp evaluates the prompt in one batch and computes the last position's logits only.
+GEMMs on CPUs; see llama/engine/fast.py), which both return the logits of every position, as the reference does,
+and the fast path's prefill of the last position's logits alone ("fast last": what generation after a prompt
+reads, and what the fast path's generate and engine compute when no prompt logprobs are asked for). llama.cpp
+evaluates the prompt in one batch and computes the last position's logits only: its ratio is to "fast last".
 """
 
 from __future__ import annotations
@@ -273,29 +275,35 @@ def prefill_table(models: dict[str, Transformer], gguf: dict[str, Path], lengths
         prefill[f"ours {weights}"] = lambda n, m=long_model: m.forward(prompts[n], 0)
         decoder = FastDecoder(long_model, compile=False)  # its prefill is eager
         prefill[f"ours fast {weights}"] = lambda n, d=decoder: d.prefill(prompts[n], 0)
+        # what generating after the prompt needs (and what llama.cpp computes): the last position's logits
+        prefill[f"ours fast last {weights}"] = lambda n, d=decoder: d.prefill(prompts[n], 0, last_only=True)
         if gguf:  # the longest prompt in one batch; prefiller's reset() and eval() empty the cache each time
             llm = lcpp.load(gguf[weights], max(lengths), n_batch=max(lengths))
             prefill[llama_cpp_row(weights, model_dtype)] = lcpp.prefiller(llm)
     fastest = fastest_in_rounds(prefill, prompts[lengths[0]].device, lengths, repeat)
 
-    print(f"\nprefill, the fastest of {repeat} interleaved round(s); ours: logits of every position"
-          + ("; llama.cpp: one batch, the last position's logits" if gguf else ""))  # fmt: skip
-    theirs_header = PREFILL_THEIRS.format("llama.cpp", "ms", "tok/s", "fast vs llama.cpp") if gguf else ""
-    print(PREFILL_ROW.format("weights", "tokens", "faithful ms", "tok/s", "fast ms", "tok/s") + theirs_header)
+    print(
+        f"\nprefill, the fastest of {repeat} interleaved round(s); ours: logits of every position, and (fast "
+        "last) of the last position alone" + ("; llama.cpp: one batch, the last position's logits" if gguf else "")
+    )
+    theirs_header = PREFILL_THEIRS.format("llama.cpp", "ms", "tok/s", "fast last vs llama.cpp") if gguf else ""
+    print(PREFILL_ROW.format("weights", "tokens", "faithful ms", "tok/s", "fast ms", "tok/s")
+          + " {:>13s}".format("fast last ms") + theirs_header)  # fmt: skip
     rows = []
     for weights in models:
         for n in lengths:
             t, fast = fastest[f"ours {weights}"][n], fastest[f"ours fast {weights}"][n]
+            last = fastest[f"ours fast last {weights}"][n]
             row = {"weights": weights, "tokens": n, "ms": t * 1e3, "tok_per_s": n / t, "fast_ms": fast * 1e3,
-                   "fast_tok_per_s": n / fast}  # fmt: skip
+                   "fast_tok_per_s": n / fast, "fast_last_ms": last * 1e3}  # fmt: skip
             line = PREFILL_ROW.format(weights, n, f"{t * 1e3:.1f}", f"{n / t:.1f}", f"{fast * 1e3:.1f}",
-                                      f"{n / fast:.1f}")  # fmt: skip
+                                      f"{n / fast:.1f}") + f" {last * 1e3:13.1f}"  # fmt: skip
             if gguf:
                 name = llama_cpp_row(weights, model_dtype)
                 theirs = fastest[name][n]
                 row.update(llama_cpp=name, llama_cpp_ms=theirs * 1e3, llama_cpp_tok_per_s=n / theirs,
-                           vs_llama_cpp=theirs / fast)  # fmt: skip
-                line += PREFILL_THEIRS.format(name, f"{theirs * 1e3:.1f}", f"{n / theirs:.1f}", ratio(theirs / fast))
+                           vs_llama_cpp=theirs / last)  # fmt: skip
+                line += PREFILL_THEIRS.format(name, f"{theirs * 1e3:.1f}", f"{n / theirs:.1f}", ratio(theirs / last))
             rows.append(row)
             print(line)
     return rows

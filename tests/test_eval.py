@@ -157,7 +157,8 @@ def test_kl_divergence_statistics(demo, build_generator, tmp_path):
     assert stats["kld_unc"] == pytest.approx(float(klds.std()) / math.sqrt(len(klds)), rel=1e-2)
     assert stats["same_top"] == pytest.approx(float(torch.cat(tops).double().mean()))
     assert stats["dp"] == pytest.approx(float(dps.mean()), abs=1e-9)
-    assert stats["dp_rms"] == pytest.approx(float(dps.square().mean().sqrt()), rel=1e-6)
+    # Δp from fp32 probabilities (~6e-8 rounding each) against float64 ones: ~1e-5 of an RMS of ~1e-3
+    assert stats["dp_rms"] == pytest.approx(float(dps.square().mean().sqrt()), rel=1e-4)
     assert stats["kld_median"] == pytest.approx(float(klds.double().quantile(0.5)), rel=1e-2)
     assert stats["ppl"] == pytest.approx(result.ppl, rel=1e-6)
     report = result.kl.report()

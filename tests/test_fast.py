@@ -159,13 +159,35 @@ def test_prefill_equals_the_forward_in_fp32_and_fills_the_cache_alike(tiny_args,
     for layer in model.layers:  # start from an empty cache
         layer.attention.kv_cache.cache_k.zero_(), layer.attention.kv_cache.cache_v.zero_()
     got = torch.cat([fast.prefill(tokens[:, :13], 0), fast.prefill(tokens[:, 13:], 13)], dim=1)  # two chunks
-    cache = [(layer.attention.kv_cache.cache_k.clone(), layer.attention.kv_cache.cache_v.clone())
-             for layer in model.layers]
+    cache = [
+        (layer.attention.kv_cache.cache_k.clone(), layer.attention.kv_cache.cache_v.clone()) for layer in model.layers
+    ]
     assert_close(got, expected)
     model.forward(tokens, 0)  # the reference's keys and values, against the prefill's
     for (k, v), layer in zip(cache, model.layers):
         assert_close(k, layer.attention.kv_cache.cache_k)
         assert_close(v, layer.attention.kv_cache.cache_v)
+
+
+def test_prefill_of_the_last_position_alone_gives_its_logits_and_the_same_cache(tiny_args):
+    """last_only (what sampling the next token needs) skips the output layer for the other positions: the last
+    position's logits are the full prefill's (the same blocks; only the output product's row count differs), and
+    the cache is written alike."""
+    model = random_model(tiny_args("gqa", vocab_size=128))
+    fast = FastDecoder(model, compile=False)
+    tokens = torch.randint(3, 120, (2, 21), generator=torch.Generator().manual_seed(4))
+    every = fast.prefill(tokens, 0)
+    cache = [(layer.attention.kv_cache.cache_k.clone(), layer.attention.kv_cache.cache_v.clone())
+             for layer in model.layers]  # fmt: skip
+    last = fast.prefill(tokens, 0, last_only=True)
+    assert last.shape == (2, 1, 128)
+    assert_close(last, every[:, -1:], rtol=1e-6, atol=1e-6)
+    for (k, v), layer in zip(cache, model.layers):
+        assert torch.equal(k, layer.attention.kv_cache.cache_k) and torch.equal(v, layer.attention.kv_cache.cache_v)
+    # one row into an engine's cache slot, in two chunks
+    first = fast.prefill(tokens[:1, :9], 0, slot=1, last_only=True)
+    assert_close(first, every[:1, 8:9], rtol=1e-5, atol=1e-5)
+    assert_close(fast.prefill(tokens[:1, 9:], 9, slot=1, last_only=True), every[:1, -1:], rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("native_bf16", [False, True], ids=["fp32-gemm-on-upcast-copies", "bf16-gemm"])
@@ -214,9 +236,10 @@ def test_nothing_outside_the_model_touches_the_kv_cache_tensors():
 def test_the_fast_path_and_the_c_step_read_no_layer_internals():
     """The fast path and the C step ask the modules for what they read (kernel_operands(), heads(), the KVCache,
     the model's dtype and device) rather than reading weights, norms' eps, head counts or quantized tensors."""
-    internals = re.compile(r"(?<!operands)\.(weight|qweight|scales|scheme|eps|n_local_heads|n_local_kv_heads|"
-                           r"head_dim|n_rep|cache_k|cache_v)\b")
+    internals = re.compile(
+        r"(?<!operands)\.(weight|qweight|scales|scheme|eps|n_local_heads|n_local_kv_heads|"
+        r"head_dim|n_rep|cache_k|cache_v)\b"
+    )
     package = Path(llama.__file__).parent
     files = [package / "engine" / "fast.py", package / "engine" / "cpu_decode.py", *package.glob("kernels/*.py")]
     assert [where for where, line in source_lines(files) if internals.search(line)] == []
-

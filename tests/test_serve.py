@@ -265,8 +265,8 @@ class SlowRows:
     def __init__(self, rows):
         self.rows = rows
 
-    def prefill(self, *args):
-        return self.rows.prefill(*args)
+    def prefill(self, *args, **options):
+        return self.rows.prefill(*args, **options)
 
     def decode(self, *args):
         time.sleep(0.01)

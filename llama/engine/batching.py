@@ -64,8 +64,9 @@ class EngineClosed(RuntimeError):
 
 
 class RowForward(Protocol):
-    def prefill(self, tokens: torch.Tensor, slot: int, start: int) -> torch.Tensor:
-        """Logits (1, c, vocab) of a prompt chunk tokens (1, c) at positions start.. of cache slot `slot`."""
+    def prefill(self, tokens: torch.Tensor, slot: int, start: int, last_only: bool = False) -> torch.Tensor:
+        """Logits (1, c, vocab) of a prompt chunk tokens (1, c) at positions start.. of cache slot `slot`
+        (last_only: of its last position alone, (1, 1, vocab))."""
 
     def decode(self, tokens: torch.Tensor, slots: list[int], positions: list[int]) -> torch.Tensor:
         """Logits (n, 1, vocab) of one token per row (n, 1), row i at positions[i] of slot slots[i]."""
@@ -77,8 +78,9 @@ class ModelRows:
     def __init__(self, model: Transformer):
         self.model = model
 
-    def prefill(self, tokens: torch.Tensor, slot: int, start: int) -> torch.Tensor:
-        return self.model.forward_rows(tokens, [slot], [start])
+    def prefill(self, tokens: torch.Tensor, slot: int, start: int, last_only: bool = False) -> torch.Tensor:
+        logits = self.model.forward_rows(tokens, [slot], [start])  # the reference's shapes: its bits
+        return logits[:, -1:] if last_only else logits
 
     def decode(self, tokens: torch.Tensor, slots: list[int], positions: list[int]) -> torch.Tensor:
         return self.model.forward_rows(tokens, slots, positions)
@@ -90,8 +92,8 @@ class FastRows:
     def __init__(self, fast: FastDecoder):
         self.fast = fast
 
-    def prefill(self, tokens: torch.Tensor, slot: int, start: int) -> torch.Tensor:
-        return self.fast.prefill(tokens, start, slot=slot)
+    def prefill(self, tokens: torch.Tensor, slot: int, start: int, last_only: bool = False) -> torch.Tensor:
+        return self.fast.prefill(tokens, start, slot=slot, last_only=last_only)
 
     def decode(self, tokens: torch.Tensor, slots: list[int], positions: list[int]) -> torch.Tensor:
         return self.fast.step_rows(tokens, slots, positions)
@@ -101,24 +103,27 @@ class FastRows:
 class Plan:
     """One step's forward passes: what rank 0 broadcasts so every model-parallel rank runs the same ones.
 
-    decode: (slots, positions, tokens), one token per row; prefill: (slot, start, tokens) of one prompt chunk.
+    decode: (slots, positions, tokens), one token per row; prefill: (slot, start, tokens, every_position) of one
+    prompt chunk, every_position saying whether all of its logits are needed (a prompt scored with echo and
+    logprobs) or only the last position's.
     """
 
     decode: Optional[tuple[list[int], list[int], list[int]]]
-    prefill: Optional[tuple[int, int, list[int]]]
+    prefill: Optional[tuple[int, int, list[int], bool]]
 
 
 def run_plan(forward: RowForward, plan: Plan, device: torch.device) -> tuple[Optional[torch.Tensor], ...]:
-    """The logits of the plan's decode rows (n, vocab) and of its prefill chunk (c, vocab); None for what it lacks."""
+    """The logits of the plan's decode rows (n, vocab) and of its prefill chunk (c, vocab, or 1 for its last position
+    when the others are not needed); None for what it lacks."""
     decoded = prefilled = None
     if plan.decode is not None:
         slots, positions, tokens = plan.decode
         column = torch.tensor(tokens, dtype=torch.long, device=device)[:, None]
         decoded = forward.decode(column, slots, positions)[:, 0]
     if plan.prefill is not None:
-        slot, start, tokens = plan.prefill
+        slot, start, tokens, every_position = plan.prefill
         chunk = torch.tensor([tokens], dtype=torch.long, device=device)
-        prefilled = forward.prefill(chunk, slot, start)[0]
+        prefilled = forward.prefill(chunk, slot, start, last_only=not every_position)[0]
     return decoded, prefilled
 
 
@@ -406,7 +411,7 @@ class Engine:
                 with self._changed:
                     self._after_decode(decoding, decoded)
                     if prefilling is not None:
-                        self._after_prefill(prefilling, prefilled)
+                        self._after_prefill(prefilling, len(plan.prefill[2]), prefilled)
             except BaseException as error:
                 self._fail(error)
                 if not isinstance(error, Exception):
@@ -464,7 +469,8 @@ class Engine:
         if prefilling is not None:
             start = prefilling.prefilled
             chunk = prefilling.prompt[start : start + self.prefill_chunk]
-            prefill = (prefilling.slot, start, chunk)
+            scored = prefilling.params.echo and prefilling.params.logprobs
+            prefill = (prefilling.slot, start, chunk, scored)
         if decode is None and prefill is None:
             return None, [], None
         return Plan(decode, prefill), decoding, prefilling
@@ -476,8 +482,9 @@ class Engine:
             request.pending = None
             self._take(request, row_logits)
 
-    def _after_prefill(self, request: Running, logits: torch.Tensor) -> None:
-        start, count = request.prefilled, logits.shape[0]
+    def _after_prefill(self, request: Running, count: int, logits: torch.Tensor) -> None:
+        """After a chunk of `count` prompt tokens: logits of each of its positions, or of the last alone."""
+        start = request.prefilled
         request.prefilled += count
         params = request.params
         if params.echo and params.logprobs:  # logits at positions start.. score the prompt's tokens start+1..

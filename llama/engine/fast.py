@@ -152,16 +152,17 @@ def prefill_attention(
 
 def prefill_forward(
     model: Transformer, tokens: torch.Tensor, start_pos: int, cos: torch.Tensor, sin: torch.Tensor, ops: FastOps,
-    slot: Optional[int] = None,
+    slot: Optional[int] = None, last_only: bool = False,
 ) -> torch.Tensor:  # fmt: skip
     """Logits (bsz, seqlen, vocab) in fp32 of tokens (bsz, seqlen) at positions start_pos...: the model's forward
-    (``Transformer.forward``), with its KV cache written the same way, but computed as fast CPUs allow.
+    (``Transformer.forward``), with its KV cache written the same way, but computed as fast CPUs allow. last_only:
+    the last position's alone (bsz, 1, vocab), which is all that sampling the next token needs.
 
     ops: products by ``prefill_matmul`` and attention by ``prefill_attention`` (see ``FastDecoder``): the
     reference's math and roundings, except where half precision would be slow on CPUs without native bf16
     instructions: attention runs in fp32 (more precise than the reference's half-precision matmuls, as the decode
-    step's is), and products with half-precision weights in fp32. Quantized layers prefill through their exact
-    fp32 GEMM.
+    step's is), and products with half-precision weights in fp32. Quantized layers prefill through their kernels
+    (with int8 inputs, the default: the panel product; in the exact mode, torch's fp32 GEMM).
 
     slot: the cache slot of a single row (the continuous-batching engine's), instead of rows 0..bsz-1.
     """
@@ -174,7 +175,7 @@ def prefill_forward(
     if slot is not None:
         at = torch.tensor([start_pos], dtype=torch.long, device=tokens.device)
         where = CacheRows(torch.tensor([slot], dtype=torch.long, device=tokens.device), at, end)
-    return model.logits(model.tok_embeddings(tokens), where, rotations, visible, ops)
+    return model.logits(model.tok_embeddings(tokens), where, rotations, visible, ops, last_only)
 
 
 class FastDecoder:
@@ -242,10 +243,13 @@ class FastDecoder:
         self.cpu_step = CpuDecoder.build(self.model, self.fused, self.cos, self.sin) if self.use_cpu_step else None
 
     @torch.inference_mode()
-    def prefill(self, tokens: torch.Tensor, start_pos: int, slot: Optional[int] = None) -> torch.Tensor:
+    def prefill(
+        self, tokens: torch.Tensor, start_pos: int, slot: Optional[int] = None, last_only: bool = False
+    ) -> torch.Tensor:
         """Logits (bsz, seqlen, vocab) in fp32 of a prompt chunk tokens (bsz, seqlen) at start_pos, written into
         the KV cache: ``prefill_forward`` on CPUs, the model's own forward on GPUs. slot: one row's chunk, written
-        into that cache slot (the engine's) rather than row 0."""
+        into that cache slot (the engine's) rather than row 0. last_only: the logits of the chunk's last position
+        alone, (bsz, 1, vocab), saving the output layer's product for the others on CPUs."""
         if start_pos < 0 or start_pos + tokens.shape[1] > self.model.params.max_seq_len:
             raise ValueError(f"prefill of {tokens.shape[1]} tokens at position {start_pos}: past the KV cache of "
                              f"{self.model.params.max_seq_len} positions")  # fmt: skip
@@ -257,10 +261,12 @@ class FastDecoder:
                              f"{self.model.params.max_batch_size} slots, got {tokens.shape[0]} rows")  # fmt: skip
         if tokens.device.type != "cpu":  # GPUs run the reference's half-precision matmuls fast: its forward
             if slot is not None:
-                return self.model.forward_rows(tokens, [slot], [start_pos])
-            return self.model.forward(tokens, start_pos)
+                logits = self.model.forward_rows(tokens, [slot], [start_pos])
+            else:
+                logits = self.model.forward(tokens, start_pos)
+            return logits[:, -1:] if last_only else logits
         self._follow_switches()
-        return prefill_forward(self.model, tokens, start_pos, self.cos, self.sin, self.prefill_ops, slot)
+        return prefill_forward(self.model, tokens, start_pos, self.cos, self.sin, self.prefill_ops, slot, last_only)
 
     @torch.inference_mode()
     def step_rows(self, tokens: torch.Tensor, slots: list[int], positions: list[int]) -> torch.Tensor:

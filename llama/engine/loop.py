@@ -1,9 +1,10 @@
 """The reference's decoding loop, and the calls that take turns on one model's KV cache: a batch (``complete``) and,
 under torchrun with several ranks, a stream (with one process, streams run on ``llama.engine.batching``'s engine).
 
-The loop runs over a small "forward" interface: anything with ``forward(tokens, start_pos) -> logits`` that writes
-the tokens' keys and values into the KV cache at start_pos. The faithful ``Transformer`` is one; the fast path's
-``FastDecoder`` becomes one through ``FastForward``. Sampling is ``llama.engine.sampling``'s, and where each row
+The loop runs over a small "forward" interface: ``forward(tokens, start_pos) -> logits``, which writes the tokens'
+keys and values into the KV cache at start_pos, and ``last_logits``, the same call's last position alone (what the
+loop reads without logprobs). The faithful ``Transformer`` becomes one through ``ModelForward`` (its forward as is),
+the fast path's ``FastDecoder`` through ``FastForward``. Sampling is ``llama.engine.sampling``'s, and where each row
 ends is ``llama.engine.ends``'s, for every path.
 
 Prompts are laid left-aligned into a (bsz, total_len) grid as in the reference; decoding starts at the shortest
@@ -32,6 +33,24 @@ class Forward(Protocol):
     def forward(self, tokens: torch.Tensor, start_pos: int) -> torch.Tensor:
         """Logits (bsz, seqlen, vocab) of tokens (bsz, seqlen) at positions start_pos.., written into the cache."""
 
+    def last_logits(self, tokens: torch.Tensor, start_pos: int) -> torch.Tensor:
+        """The same call's logits of the last position alone, (bsz, 1, vocab): all that choosing the next token
+        needs, when no logprobs are asked for."""
+
+
+class ModelForward:
+    """The faithful model as a Forward: the reference's forward, whose last position it also slices (its values
+    bitwise, whatever the call needs)."""
+
+    def __init__(self, model: Transformer):
+        self.model = model
+
+    def forward(self, tokens: torch.Tensor, start_pos: int) -> torch.Tensor:
+        return self.model.forward(tokens, start_pos)
+
+    def last_logits(self, tokens: torch.Tensor, start_pos: int) -> torch.Tensor:
+        return self.model.forward(tokens, start_pos)[:, -1:]
+
 
 class FastForward:
     """A ``FastDecoder`` as a Forward: its prefill for the prompts (the loop's first call, at position 0), its
@@ -43,6 +62,11 @@ class FastForward:
     def forward(self, tokens: torch.Tensor, start_pos: int) -> torch.Tensor:
         if start_pos == 0:
             return self.fast.prefill(tokens, start_pos)
+        return self.fast(tokens, start_pos)
+
+    def last_logits(self, tokens: torch.Tensor, start_pos: int) -> torch.Tensor:
+        if start_pos == 0:  # the prompts: the output layer for their last position only
+            return self.fast.prefill(tokens, start_pos, last_only=True)
         return self.fast(tokens, start_pos)
 
 
@@ -83,7 +107,7 @@ class DecodeLoop:
     def __init__(self, model: Transformer, tokenizer: TokenizerLike, fast: Optional[FastDecoder] = None):
         self.model = model  # its forward also scores prompts when there is nothing to generate
         self.tokenizer = tokenizer
-        self.forward: Forward = model if fast is None else FastForward(fast)
+        self.forward: Forward = ModelForward(model) if fast is None else FastForward(fast)
         # The reference asks the device every step whether every row has ended; the fast path only every few
         # steps, as the answer costs a host sync.
         self.check_every = 1 if fast is None else fast.eos_check_every
@@ -224,7 +248,9 @@ class DecodeLoop:
                 logits = self.model.forward(grid, 0)
                 state.token_logprobs[:, 1:] = token_logprobs_of(logits[:, :-1], grid[:, 1:])
             return
-        forward, check_every = self.forward, self.check_every
+        # without logprobs, only each call's last position's logits are read
+        forward = self.forward.forward if state.token_logprobs is not None else self.forward.last_logits
+        check_every = self.check_every
         prev_pos = 0
         for step, cur_pos in enumerate(range(state.filled, total_len), start=1):
             if self._batch != state.batch:
@@ -232,7 +258,7 @@ class DecodeLoop:
                     "this stream's KV cache was overwritten by another generation on the same Llama; finish a "
                     "stream before starting another call on that Llama, or give each concurrent stream its own Llama"
                 )
-            logits = forward.forward(tokens[:, prev_pos:cur_pos], prev_pos)  # (bsz, cur - prev, vocab)
+            logits = forward(tokens[:, prev_pos:cur_pos], prev_pos)  # (bsz, cur - prev or 1, vocab)
             next_token = select_next_token(logits[:, -1], temperature, top_p)
             # Where the prompt still has a token at cur_pos, keep it.
             generated = ~state.is_prompt[:, cur_pos]

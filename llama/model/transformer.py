@@ -300,12 +300,14 @@ class Transformer(nn.Module):
         freqs_cis: Rotations,
         mask: Optional[torch.Tensor],
         ops: BlockOps = REFERENCE,
+        last_only: bool = False,
     ) -> torch.Tensor:
         """Logits (bsz, seqlen, vocab_size) in fp32 of the embeddings h (bsz, seqlen, dim) of tokens at positions
-        start_pos...: every block, the final norm and the output layer, computed as ops says (see ``BlockOps``)."""
+        start_pos...: every block, the final norm and the output layer, computed as ops says (see ``BlockOps``).
+        last_only: the last position's logits alone, (bsz, 1, vocab_size) (the rows' caches are written whole)."""
         for layer in self.layers:
             h = layer(h, start_pos, freqs_cis, mask, ops)
-        h = self.norm(h)
+        h = self.norm(h[:, -1:] if last_only else h)
         return ops.linear(h, self.output).float()
 
     def stack_projections(self) -> Optional[list[tuple[StackedLinear, StackedLinear]]]:
