@@ -565,11 +565,13 @@ static int gemv_q8x(const void *x, const void *w, const uint16_t *s, void *y, in
  *
  * Layout. Each thread copies a panel of PANEL weight rows into a buffer laid out for the vector instructions (a
  * "packed" panel, as GEMMs do): per block of 32 inputs, 8 steps of PANEL x 4 bytes, step t holding weights
- * 4t..4t+3 of each of the PANEL rows side by side (lane j = weight row j), and the panel's scales per block. One
- * vector of packed weights then meets 4 inputs of an input row (the same 4 bytes in every lane) in one 4-way
- * byte dot product per lane: vpdpbusd on AVX512-VNNI (16 rows a vector), vpmaddubsw + vpmaddwd on AVX2 (8). The
- * panel (PANEL * k bytes, plus scales) stays in cache while TILE input rows at a time run over it, so each weight
- * is read from memory once per call, and the packing (one gather per vector) is paid once per call too.
+ * 4t..4t+3 of each of the PANEL rows side by side (lane j = weight row j; int4 keeps two steps in the nibbles of
+ * one, t in the low ones and t + 4 in the high ones), and the panel's scales per block as fp32. One vector of
+ * packed weights then meets 4 inputs of an input row (the same 4 bytes in every lane) in one 4-way byte dot
+ * product per lane: vpdpbusd on AVX512-VNNI (16 rows a vector), vpmaddubsw + vpmaddwd on AVX2 (8). The panel
+ * (PANEL * k bytes or half that, plus scales) stays in cache while TILE input rows at a time run over it, so each
+ * weight is read from memory once per call, and the packing (loads and 8 x 8 transposes of 4-byte words, the next
+ * panel prefetched meanwhile) is paid once per call too.
  *
  * The byte products take one unsigned and one signed operand. Int4 nibbles are q + 8 (unsigned) as stored; int8
  * weights get + 128 (a flip of the top bit) on AVX512-VNNI, whose 32-bit sums cannot overflow. Either way each
@@ -623,14 +625,22 @@ static inline int32_t packed_offset(int int4) {
 #endif
 }
 
-static int quantize_inputs(const float *x, int64_t rows, int64_t k, int int4, InputRows in) {
+/* Round the input rows (fp32, or bf16 per io) into `in`, one row at a time (bf16 rows widened into one row's
+ * buffer, not all at once: a long prompt's would be large). Returns 1 if out of memory. */
+static int quantize_inputs(const void *x, int64_t rows, int64_t k, int int4, int64_t io, InputRows in) {
     int64_t nb = k / QBLOCK;
     float *sums = malloc(sizeof(float) * (size_t)nb); /* quantize_row_q8's xsum8, unused here */
-    if (sums == NULL) return 1;
+    float *row = (io & IO_X_BF16) ? malloc(sizeof(float) * (size_t)k) : NULL;
+    int failed = sums == NULL || ((io & IO_X_BF16) && row == NULL);
     const int32_t offset = packed_offset(int4);
-    for (int64_t r = 0; r < rows; r++) {
+    for (int64_t r = 0; r < rows && !failed; r++) {
+        const float *xr = (const float *)x + r * k;
+        if (io & IO_X_BF16) {
+            for (int64_t i = 0; i < k; i++) row[i] = bf16_to_float(((const uint16_t *)x)[r * k + i]);
+            xr = row;
+        }
         QuantRow q = {in.q + r * k, in.s + r * nb, sums, NULL, NULL, NULL};
-        quantize_row_q8(x + r * k, k, q);
+        quantize_row_q8(xr, k, q);
         for (int64_t b = 0; b < nb; b++) {
             int32_t sum = 0;
             for (int i = 0; i < QBLOCK; i++) sum += q.xq[b * QBLOCK + i];
@@ -638,7 +648,8 @@ static int quantize_inputs(const float *x, int64_t rows, int64_t k, int int4, In
         }
     }
     free(sums);
-    return 0;
+    free(row);
+    return failed;
 }
 
 #if defined(GEMM_VNNI) || defined(GEMM_AVX2)
@@ -858,11 +869,10 @@ static void panel_plain(const void *w, const float *ps, InputRows in, int64_t ro
 static int gemm_q8(const void *x, const void *w, const uint16_t *s, void *y, int64_t rows, int64_t n, int64_t k,
                    int64_t g, int int4, int64_t io) {
     int64_t nb = k / QBLOCK, panels = (n + PANEL - 1) / PANEL;
-    const float *xf = float_rows(x, rows * k, io);
     InputRows in = {malloc((size_t)(rows * k)), malloc(sizeof(float) * (size_t)(rows * nb)),
                     malloc(sizeof(int32_t) * (size_t)(rows * nb))};
-    int failed = xf == NULL || in.q == NULL || in.s == NULL || in.corr == NULL;
-    if (!failed) failed = quantize_inputs(xf, rows, k, int4, in);
+    int failed = in.q == NULL || in.s == NULL || in.corr == NULL;
+    if (!failed) failed = quantize_inputs(x, rows, k, int4, io, in);
     if (!failed) {
 #pragma omp parallel
         {
@@ -896,7 +906,6 @@ static int gemm_q8(const void *x, const void *w, const uint16_t *s, void *y, int
             free(out);
         }
     }
-    if (xf != NULL && (const void *)xf != x) free((void *)xf);
     free(in.q);
     free(in.s);
     free(in.corr);
