@@ -678,8 +678,9 @@ static inline __attribute__((always_inline)) void load_transposed(const uint8_t 
                                                                   int count, int half, __m256i r[8], int ahead) {
     for (int i = 0; i < 8; i++) {
         const uint8_t *q = p + (int64_t)(row + i) * row_bytes;
-        /* the same bytes of the next panel's rows (prefetches never fault, past the end included) */
-        if (ahead) __builtin_prefetch(q + PANEL * row_bytes, 0, 0);
+        /* the same bytes of the next panel's rows, into L2 (prefetches never fault, past the end included; into
+         * L2 rather than L1 or non-temporally: 8 rows read 1.2-1.6x faster on a Zen 4) */
+        if (ahead) __builtin_prefetch(q + PANEL * row_bytes, 0, 1);
         if (row + i >= count)
             r[i] = _mm256_setzero_si256();
         else if (half)
