@@ -125,6 +125,13 @@ def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
     )
 
 
+def repeat_heads(x: torch.Tensor, n_rep: int) -> torch.Tensor:
+    """(bsz, n_kv_heads, a, b) -> (bsz, n_kv_heads * n_rep, a, b), each head n_rep times in place, as one contiguous
+    tensor: ``repeat_kv``'s repetition for tensors whose heads come before the positions (``attention``)."""
+    bsz, n_kv_heads, a, b = x.shape
+    return x[:, :, None].expand(bsz, n_kv_heads, n_rep, a, b).reshape(bsz, n_kv_heads * n_rep, a, b).contiguous()
+
+
 def split_dim_of(module: nn.Module, name: str) -> Optional[int]:
     """The dimension along which model-parallel ranks split `module`'s own tensor `name` ("weight"), as the module
     declares it in ``split_dims``; None for a tensor that every rank holds whole (a module that declares none)."""

@@ -11,8 +11,10 @@ a ``BlockOps``: the reference's by default; the fast path (``llama.engine.fast``
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
+import platform
 from typing import Optional, Union
 
 import fairscale.nn.model_parallel.initialize as fs_init
@@ -32,6 +34,7 @@ from llama.model.layers import (
     _keep,
     apply_rotary_emb,
     precompute_freqs_cis,
+    repeat_heads,
     repeat_kv,
     stack_linears,
 )
@@ -66,19 +69,62 @@ def attention(xq: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: 
     """The reference's attention of queries xq (bsz, seqlen, n_local_heads, head_dim) over keys and values (bsz,
     cache_len + seqlen, n_local_kv_heads, head_dim), mask added to the scores; (bsz, seqlen, n_local_heads,
     head_dim). Query head h reads KV head h // n_rep."""
-    n_rep, head_dim = xq.shape[2] // keys.shape[2], xq.shape[3]
-    keys = repeat_kv(keys, n_rep)  # (bsz, cache_len + seqlen, n_local_heads, head_dim)
-    values = repeat_kv(values, n_rep)
-
+    bsz, seqlen, n_heads, head_dim = xq.shape
+    n_kv_heads, length = keys.shape[2], keys.shape[1]
+    n_rep = n_heads // n_kv_heads
     xq = xq.transpose(1, 2)  # (bsz, n_local_heads, seqlen, head_dim)
-    keys = keys.transpose(1, 2)
-    values = values.transpose(1, 2)
-    scores = torch.matmul(xq, keys.transpose(2, 3)) / math.sqrt(head_dim)
+    if _matmuls_take_contiguous_operands(bsz, n_heads, seqlen, head_dim, length, keys.dtype, keys.device):
+        # The reference's products on the tensors its matmuls multiply: they would copy their strided operands
+        # into these contiguous ones, so the keys are repeated once, transposed at n_kv_heads (not n_heads) and
+        # without the reference's copies, which cost most at long caches (the same bits: tested).
+        keys_t = keys.permute(0, 2, 3, 1)  # (bsz, n_local_kv_heads, head_dim, cache_len + seqlen), a view
+        keys_t = repeat_heads(keys_t.contiguous() if n_rep > 1 else keys_t, n_rep)  # (.., n_local_heads, ..)
+        values = repeat_heads(values.transpose(1, 2), n_rep)  # (bsz, n_local_heads, cache_len + seqlen, head_dim)
+    else:
+        keys = repeat_kv(keys, n_rep)  # (bsz, cache_len + seqlen, n_local_heads, head_dim)
+        values = repeat_kv(values, n_rep).transpose(1, 2)
+        keys_t = keys.transpose(1, 2).transpose(2, 3)
+    scores = torch.matmul(xq, keys_t) / math.sqrt(head_dim)
     if mask is not None:
         scores = scores + mask  # (bsz, n_local_heads, seqlen, cache_len + seqlen)
     scores = F.softmax(scores.float(), dim=-1).type_as(xq)
     output = torch.matmul(scores, values)  # (bsz, n_local_heads, seqlen, head_dim)
     return output.transpose(1, 2)
+
+
+def _matmuls_take_contiguous_operands(
+    bsz: int, n_heads: int, seqlen: int, head_dim: int, length: int, dtype: torch.dtype, device: torch.device
+) -> bool:
+    """Whether both of the reference attention's matmuls multiply contiguous copies of its repeated keys and values
+    (batch (bsz * n_heads) of (head_dim, length) and of (length, head_dim)), never the strided views themselves.
+
+    torch.matmul folds (bsz, n_heads) into one batch dimension, which copies the views when bsz > 1 (unless a
+    dimension is 1). With one row, the views reach bmm, which copies them on its oneDNN route (bf16 CPU products
+    of more than 16**3 multiply-adds, torch 2.x) and multiplies them as they are on its other routes (fp32 and
+    fp16 through BLAS with strides, small products), where other strides could change the bits. False leaves
+    the reference's steps as they are.
+    """
+    if length == 1 or n_heads == 1:  # the views are contiguous, or transposed forms that oneDNN takes as they are
+        return False
+    if bsz > 1:
+        return True
+    return (
+        dtype == torch.bfloat16
+        and device.type == "cpu"
+        and bsz * n_heads * seqlen * head_dim * length > 16**3
+        and torch.backends.mkldnn.enabled
+        and _cpu_runs_bf16_matmuls_with_onednn()
+    )
+
+
+@functools.cache
+def _cpu_runs_bf16_matmuls_with_onednn() -> bool:
+    """torch's test for sending bf16 matmuls to oneDNN on this CPU (x86 with AVX-512 or AVX-NE-CONVERT)."""
+    return (
+        platform.machine().lower() in ("x86_64", "amd64")
+        and torch.backends.mkldnn.is_available()
+        and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    )
 
 
 # The rotations of a call's positions: the complex freqs_cis (seqlen, head_dim // 2) for the reference's ops, or
