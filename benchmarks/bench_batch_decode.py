@@ -36,7 +36,7 @@ from bench_decode import SHAPES, random_model, read_bandwidth
 
 from llama.distributed import setup_model_parallel
 from llama.engine.cpu_decode import CpuDecoder, _products
-from llama.kernels import cpu_gemv
+from llama.kernels import cpu_gemv, pages
 from llama.model import ModelArgs, Transformer, rope_cos_sin
 from llama.quant.linear import quantize_model
 from llama.quant.scheme import Scheme
@@ -160,6 +160,8 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=5, help="rounds; each contender's best is reported")
     parser.add_argument("--quantize", default="", help='step: also "int8", "int4" weights (groups of 32)')
     parser.add_argument("--no_bf16", dest="bf16", action="store_false", help="step: only the --quantize models")
+    parser.add_argument("--small_pages", dest="huge_pages", action="store_false",
+                        help="leave the weights in 4 KB pages (the fast path moves them to 2 MB pages)")
     opts = parser.parse_args()
     opts.rows = [int(r) for r in opts.rows.split(",")]
     opts.step_rows = [int(r) for r in opts.step_rows.split(",")]
@@ -168,6 +170,8 @@ def main() -> None:
     shape = SHAPES["cpu"]
     args = ModelArgs(**shape, max_batch_size=16, max_seq_len=opts.context + 1)
     model = random_model(args, cpu, torch.bfloat16)
+    if opts.huge_pages:  # as FastDecoder does on CPUs (and stack_projections makes its stacks there)
+        pages.move_to_huge_pages(model)
     print(f"torch {torch.__version__}, {platform.machine()}, {torch.get_num_threads()} threads; shape {shape}; "
           f"read bandwidth {read_bandwidth(cpu) / 1e9:.1f} GB/s")  # fmt: skip
     what = opts.what.split(",")
@@ -178,7 +182,10 @@ def main() -> None:
         bench_step(model, opts)
     for mode in [m for m in opts.quantize.split(",") if m] if "step" in what else []:
         print(f"\n{mode} weights (llama.quant, groups of 32, int8 inputs: the default kernels)")
-        bench_step(quantize_model(random_model(args, cpu, torch.bfloat16), Scheme(mode, 32)), opts)
+        quantized = quantize_model(random_model(args, cpu, torch.bfloat16), Scheme(mode, 32))
+        if opts.huge_pages:
+            pages.move_to_huge_pages(quantized)
+        bench_step(quantized, opts)
 
 
 if __name__ == "__main__":

@@ -272,6 +272,7 @@ def prefill_table(models: dict[str, Transformer], gguf: dict[str, Path], lengths
         # a cache as long as the prompt: a model of that length sharing the weights
         long_args = dataclasses.replace(model.params, max_batch_size=1, max_seq_len=max(lengths))
         long_model = twin(model, long_args)
+        use_int8_inputs(long_model, True)  # the library's default (the decode rows may have left it off)
         prefill[f"ours {weights}"] = lambda n, m=long_model: m.forward(prompts[n], 0)
         decoder = FastDecoder(long_model, compile=False)  # its prefill is eager
         prefill[f"ours fast {weights}"] = lambda n, d=decoder: d.prefill(prompts[n], 0)

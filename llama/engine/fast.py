@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 
 from llama.engine.cpu_decode import CpuDecoder
-from llama.kernels import cpu_attention, cpu_gemv
+from llama.kernels import cpu_attention, cpu_gemv, pages
 from llama.model import BlockOps, CacheRows, StackedLinear, Transformer, apply_rotary_emb_real, rope_cos_sin
 from llama.model.transformer import Rotations
 from llama.quant import kernels as quant_kernels
@@ -212,6 +212,9 @@ class FastDecoder:
         self.use_cpu_step = use_cpu_step and use_cpu_gemv and self.attention_on_cpu
         # The quantized layers, whose int8-input switches (use_int8_inputs) pick their kernels
         self.switched = [m for m in model.modules() if isinstance(m, QuantizedLinear)]
+        # Every step streams the weights (and reads the KV cache): on CPUs, in 2 MB pages where the system gives
+        # them (llama.kernels.pages; the stacked projections are made there too), the same values.
+        self.huge_page_bytes = pages.move_to_huge_pages(model) if device.type == "cpu" else 0
         self._stack_projections()
         self.step: Callable[..., torch.Tensor] = decode_step
         self.row_step: Callable[..., torch.Tensor] = decode_rows_step

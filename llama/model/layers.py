@@ -12,6 +12,8 @@ import torch.nn.functional as F
 from fairscale.nn.model_parallel import layers as fs_layers
 from torch import nn
 
+from llama.kernels import pages
+
 
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float = 1e-6):
@@ -268,6 +270,9 @@ def stack_rows(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     adjacent = all(t.is_contiguous() and t.untyped_storage().data_ptr() == first.untyped_storage().data_ptr()
                    and t.storage_offset() == offset for t, offset in zip(tensors, offsets))  # fmt: skip
     if not adjacent:
+        if first.device.type == "cpu" and pages.available():  # decoding streams it: 2 MB pages (llama.kernels.pages)
+            rows = sum(t.shape[0] for t in tensors)
+            return torch.cat(list(tensors), out=pages.empty(rows * first.shape[1], first.dtype).view(rows, -1))
         return torch.cat(list(tensors))
     rows = sum(t.shape[0] for t in tensors)
     return torch.empty(0, dtype=first.dtype, device=first.device).set_(
