@@ -10,6 +10,10 @@ percentage of that limit, for the bytes its own weights take.
     python benchmarks/bench_decode.py --dim 512 --n_layers 4  # any shape
     PYTHONPATH=<llama-cpp-python> python benchmarks/bench_decode.py --llama_cpp   # and llama.cpp, same weights
 
+Memory: on CPUs the fast path moves the model's weights into 2 MB pages (llama/kernels/pages.py), and the faithful
+rows share those weights; transformers' copy is moved too, and llama.cpp reads its memory-mapped file's page cache
+(large pages on this kind of system), so every contender streams its weights from large pages.
+
 On a CPU with bf16 weights the fast path runs its linear layers through the C kernel of llama/kernels/cpu_gemv.py;
 the row "fast, torch GEMV" is the same path with torch's kernels, to show what the kernel brings.
 `--quantize int8,int4` (the default on CPUs; "" for none) adds the fast path on the same weights quantized by
@@ -45,6 +49,7 @@ import torch
 
 from llama import Llama
 from llama.distributed import default_dtype_scope, setup_model_parallel
+from llama.kernels import pages
 from llama.engine.fast import FastDecoder
 from llama.model import ModelArgs, Transformer
 from llama.quant import kernels as quant_kernels
@@ -446,6 +451,10 @@ def main(argv: Optional[list[str]] = None) -> None:
     results["bytes_per_token_of_row"] = bytes_of
 
     hf = None if opts.skip_hf else hf_model(model, dtype, device)
+    if hf is not None and device.type == "cpu":
+        # The fast path moved the weights our rows share into 2 MB pages (llama.kernels.pages); transformers' copy
+        # goes there too, so that every contender reads its weights from large pages (llama.cpp from its file's).
+        pages.move_to_huge_pages(hf)
     for bsz in batch_sizes:
         prompts = [[1] + [100 + i] * (opts.prompt_len - 1) for i in range(bsz)]
 
