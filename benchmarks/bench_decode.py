@@ -49,8 +49,8 @@ import torch
 
 from llama import Llama
 from llama.distributed import default_dtype_scope, setup_model_parallel
-from llama.kernels import pages
 from llama.engine.fast import FastDecoder
+from llama.kernels import pages
 from llama.model import ModelArgs, Transformer
 from llama.quant import kernels as quant_kernels
 from llama.quant.linear import QuantizedLinear, is_parallel_linear, quantize_model, use_int8_inputs
