@@ -304,6 +304,26 @@ def test_every_loop_of_the_panel_product_gives_the_same_bits():
 
 
 @needs_kernel
+def test_one_row_loops_of_every_build_equal_the_product_with_the_rounded_input():
+    """The one-row int8-input loops: AVX512-VNNI (int8) where the CPU has it, AVX2 (``-mno-avx512f``), portable."""
+    builds = [(), ("-mno-avx512f",), ("-march=x86-64",)] if platform.machine() in ("x86_64", "AMD64") else [()]
+    signature = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 5
+    for flags in builds:
+        fns = kernels.cpu_gemv.load_kernel(kernels.SOURCE, {f"llama_gemv_{m}_q8x": signature for m in MODES},
+                                           "no such build", ctypes.c_int, list(flags))  # fmt: skip
+        assert fns is not None, flags
+        for mode, g, k in (("int8", 32, 2080), ("int8", 64, 256), ("int4", 32, 2080), ("int4", 32, 96)):
+            scheme = Scheme(mode, g)
+            qweight, scales = tensor.quantize(weights(13, k, seed=k), scheme)
+            x = torch.randn(1, k, generator=torch.Generator().manual_seed(6))
+            y = torch.empty(1, 13)
+            fn = fns[f"llama_gemv_{mode}_q8x"]
+            assert fn(x.data_ptr(), qweight.data_ptr(), scales.data_ptr(), y.data_ptr(), 1, 13, k, g, 0) == 0
+            expected = exact_product(quantize_input_reference(x), qweight, scales, scheme)
+            assert_close(y.double(), expected, rtol=1e-5, atol=1e-5, msg=f"{flags} {mode} g{g} k{k}")
+
+
+@needs_kernel
 @pytest.mark.parametrize("mode", MODES)
 def test_prefill_takes_the_panel_product_and_the_exact_mode_the_fp32_gemm(mode, monkeypatch):
     scheme = Scheme(mode, 32)

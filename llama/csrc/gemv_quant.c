@@ -378,7 +378,7 @@ static inline __attribute__((always_inline)) void loop_int8_q8x(QuantRow q, cons
     for (int j = 0; j < count; j++) out[j] = hsum(acc[j]);
 }
 
-#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512VNNI__)
 #define HAVE_VNNI512 1
 /* The int8 loop on AVX512-VNNI: two blocks (64 bytes) a vector, one vpdpbusd for their 64 byte products (4-way
  * sums into 16 int32 lanes, exact). vpdpbusd takes unsigned bytes first, so the weights' signs move onto the
