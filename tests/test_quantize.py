@@ -304,8 +304,10 @@ def test_every_loop_of_the_panel_product_gives_the_same_bits():
 
 
 @needs_kernel
-def test_one_row_loops_of_every_build_equal_the_product_with_the_rounded_input():
-    """The one-row int8-input loops: AVX512-VNNI (int8) where the CPU has it, AVX2 (``-mno-avx512f``), portable."""
+def test_one_row_loops_of_every_build_give_the_panel_products_bits():
+    """The one-row int8-input loops of every build (native, AVX2 with ``-mno-avx512f``, portable): the product with
+    the rounded input, and bitwise the panel product's row (exact block sums, scaled and summed in the same order),
+    so that a row's result never depends on how many rows its call has."""
     builds = [(), ("-mno-avx512f",), ("-march=x86-64",)] if platform.machine() in ("x86_64", "AMD64") else [()]
     signature = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 5
     for flags in builds:
@@ -321,6 +323,8 @@ def test_one_row_loops_of_every_build_equal_the_product_with_the_rounded_input()
             assert fn(x.data_ptr(), qweight.data_ptr(), scales.data_ptr(), y.data_ptr(), 1, 13, k, g, 0) == 0
             expected = exact_product(quantize_input_reference(x), qweight, scales, scheme)
             assert_close(y.double(), expected, rtol=1e-5, atol=1e-5, msg=f"{flags} {mode} g{g} k{k}")
+            # and bitwise the panel product's row (the native build's: every build computes the same bits)
+            assert torch.equal(y, panel_product(kernels.kernels()[f"gemm_{mode}"], x, qweight, scales, g))
 
 
 @needs_kernel
@@ -335,12 +339,11 @@ def test_prefill_takes_the_panel_product_and_the_exact_mode_the_fp32_gemm(mode, 
     expected = panel_product_reference(x.reshape(80, 128), layer.qweight, layer.scales, scheme)
     y = layer(x)
     assert_close(y.reshape(80, 24).double(), expected, rtol=1e-5, atol=1e-5)
-    # a row gives the same bits in any call of 4 or more rows; up to 3 rows take the one-row loops (same integer
-    # products, another order of fp32 sums), each row bitwise the row alone there
+    # a row gives the same bits in a call of any number of rows: 1-3 rows take the one-row loops, 4 or more the
+    # panel product, which compute the same fp32 operations in the same order
     assert torch.equal(torch.cat([layer(x[:, t : t + 4]) for t in range(0, 40, 4)], dim=1), y)
-    one_by_one = torch.cat([layer(x[:, t : t + 1]) for t in range(40)], dim=1)  # 2 rows a call
-    assert torch.equal(torch.cat([layer(x[1:, t : t + 1]) for t in range(3)], dim=1), one_by_one[1:, :3])
-    assert_close(one_by_one, y, rtol=1e-5, atol=1e-5)
+    assert torch.equal(torch.cat([layer(x[:, t : t + 1]) for t in range(40)], dim=1), y)  # 2 rows a call
+    assert torch.equal(torch.cat([layer(x[1:, t : t + 1]) for t in range(3)], dim=1), y[1:, :3])  # 1 row
     if kernels.gemm_loop() == "plain":  # the portable build prefills through the fp32 GEMM instead (below)
         monkeypatch.setattr(kernels, "gemm_loop", lambda: "avx2")
     # the exact mode: torch's fp32 GEMM on the dequantized weight past KERNEL_MAX_ROWS, without a product kernel

@@ -45,14 +45,8 @@ static inline int omp_get_thread_num(void) { return 0; }
 #include "common.h"
 
 #define BLOCK 8 /* weight rows walked side by side (the exact kernels) */
-/* The same for the kernels with int8 inputs, which need few instructions per byte: on a Zen 3 (AVX2, two
- * cores) two rows side by side streamed 12-18% faster than eight (benchmarks/RESULTS.md); CPUs with AVX-512
- * keep eight, as measured before on a Xeon. */
-#ifdef __AVX512F__
+/* The same for the one-row kernels with int8 inputs: 8, whose exact block sums one vector gathers (sum_blocks). */
 #define QROWS 8
-#else
-#define QROWS 2
-#endif
 #define QBLOCK 32 /* inputs per int8 block of the input row */
 
 /* Inputs and outputs are fp32, or bf16 where these bits of `io` say so (saves the caller two conversions). */
@@ -266,18 +260,23 @@ int llama_gemv_int4(const void *x, const uint8_t *w, const uint16_t *s, void *y,
 }
 
 /* ---------------------------------------------------------------------------------------------------------
- * Kernels with int8 inputs. An input row is quantized once per call into xq (k int8), xs (k / 32 block
- * scales) and xsum8 (8 * xs * the block's sum of xq, for int4's offset: below). The AVX2 int4 loop reads
- * them rearranged once per call (arrange_pairs) into pairs of blocks as its vectors hold them, except an odd
- * last block, whose xs and xsum8 it reads as they are.
+ * Kernels with int8 inputs. An input row is quantized once per call into xq (k int8), xs (k / 32 block scales) and
+ * xsum (each block's sum of xq, for int4's offset: below). The int4 loop reads xq rearranged once per call
+ * (arrange_pairs) into pairs of blocks as its vectors hold them.
+ *
+ * The result is the panel product's (the last section): y[j] = sum over blocks b, in order, of fma(d, ws[j, b] *
+ * xs[b], .) in fp32, d the exact integer dot product of the block, so a row gives the same bits alone (these loops)
+ * and in a call of any number of rows (the panel product from GEMM_MIN_ROWS on): the continuous-batching engine's
+ * requests do not depend on their batch. Each loop takes QROWS weight rows side by side; per block, each row's
+ * 32 byte products are summed into 8 int32 lanes, and one vector of the 8 rows' block sums is gathered from those
+ * (sum_blocks: horizontal adds), converted and multiplied by the 8 rows' combined scales.
  */
 
 typedef struct {
     int8_t *xq;
-    float *xs, *xsum8;
-    /* int4 (filled by arrange_pairs, for the AVX2 loop; NULL for int8): */
-    int8_t *pair_q;           /* per pair of blocks, inputs 0-15 of both, then 16-31 of both */
-    float *pair_s, *pair_off; /* per pair, xs of each block 4 times, and xsum8 / 4 of each 4 times */
+    float *xs;
+    int32_t *xsum;
+    int8_t *pair_q; /* int4 (arrange_pairs): per pair of blocks, inputs 0-15 of both, then 16-31 of both */
 } QuantRow;
 
 /* 127 / amax, the factor that maps a block onto [-127, 127]; 0 for a block of zeros, a bad one (NaN or inf),
@@ -330,20 +329,9 @@ static void quantize_row_q8(const float *x, int64_t k, QuantRow q) {
             sum += v;
         }
 #endif
-        float scale = bad ? NAN : amax / 127.0f;
-        q.xs[b] = scale;
-        q.xsum8[b] = 8.0f * scale * (float)sum;
+        q.xs[b] = bad ? NAN : amax / 127.0f;
+        q.xsum[b] = sum;
     }
-}
-
-/* comb[b] = s[b / per] * xs[b]: the scale of block b's integer dot product, for one weight row. */
-static inline void combine_scales(const uint16_t *s, const float *xs, int64_t nb, int64_t per, float *comb) {
-    int64_t b = 0;
-#ifdef HAVE_AVX2
-    if (per == 1)
-        for (; b + 8 <= nb; b += 8) _mm256_storeu_ps(comb + b, _mm256_mul_ps(load_bf16x8(s + b), _mm256_loadu_ps(xs + b)));
-#endif
-    for (; b < nb; b++) comb[b] = bf16_to_float(s[b / per]) * xs[b];
 }
 
 /* Exact int32 dot product of 32 int8 weights and 32 int8 inputs (the portable path). */
@@ -353,77 +341,129 @@ static inline int32_t dot32(const int8_t *w, const int8_t *x) {
     return sum;
 }
 
-/* The AVX2 loops over the blocks of 32 inputs, for `count` rows (always inlined: with count == QROWS the trip
- * counts are fixed and the accumulators stay in registers). */
 #ifdef HAVE_AVX2
-static inline __attribute__((always_inline)) void loop_int8_q8x(QuantRow q, const int8_t *w, int64_t k,
-                                                                 int count, float *out, const int8_t *next,
-                                                                 const float *comb) {
-    /* maddubs multiplies unsigned by signed bytes, so the weights' signs move onto the inputs:
-     * |w| * (x * sign(w)) = w * x. Pair sums stay within int16: 2 * 127 * 127 < 32767. */
-    int64_t nb = k / QBLOCK;
-    const __m256i ones = _mm256_set1_epi16(1);
-    __m256 acc[QROWS];
-    for (int j = 0; j < count; j++) acc[j] = _mm256_setzero_ps();
-    for (int64_t b = 0; b < nb; b++) {
-        __m256i xv = _mm256_loadu_si256((const __m256i *)(q.xq + b * QBLOCK));
-        prefetch_stretch(next + b * QBLOCK * QROWS, QBLOCK * QROWS);
-        for (int j = 0; j < count; j++) {
-            __m256i wv = _mm256_loadu_si256((const __m256i *)(w + j * k + b * QBLOCK));
-            __m256i pairs = _mm256_maddubs_epi16(_mm256_sign_epi8(wv, wv), _mm256_sign_epi8(xv, wv));
-            __m256 d = _mm256_cvtepi32_ps(_mm256_madd_epi16(pairs, ones));
-            acc[j] = _mm256_fmadd_ps(d, _mm256_broadcast_ss(comb + j * nb + b), acc[j]);
-        }
+/* r[i] (8 dwords each) becomes column i of the 8 x 8 matrix of dwords whose rows were r[0..7]. */
+static inline __attribute__((always_inline)) void transpose8x8(__m256i r[8]) {
+    __m256i a[8], b[8];
+    for (int i = 0; i < 8; i += 2) {
+        a[i] = _mm256_unpacklo_epi32(r[i], r[i + 1]);
+        a[i + 1] = _mm256_unpackhi_epi32(r[i], r[i + 1]);
     }
-    for (int j = 0; j < count; j++) out[j] = hsum(acc[j]);
+    for (int i = 0; i < 8; i += 4) {
+        b[i] = _mm256_unpacklo_epi64(a[i], a[i + 2]);
+        b[i + 1] = _mm256_unpackhi_epi64(a[i], a[i + 2]);
+        b[i + 2] = _mm256_unpacklo_epi64(a[i + 1], a[i + 3]);
+        b[i + 3] = _mm256_unpackhi_epi64(a[i + 1], a[i + 3]);
+    }
+    for (int i = 0; i < 4; i++) {
+        r[i] = _mm256_permute2x128_si256(b[i], b[i + 4], 0x20);
+        r[i + 4] = _mm256_permute2x128_si256(b[i], b[i + 4], 0x31);
+    }
 }
 
-#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512VNNI__)
-#define HAVE_VNNI512 1
-/* The int8 loop on AVX512-VNNI: two blocks (64 bytes) a vector, one vpdpbusd for their 64 byte products (4-way
- * sums into 16 int32 lanes, exact). vpdpbusd takes unsigned bytes first, so the weights' signs move onto the
- * inputs as above (AVX-512 has no vpsignb: a masked negation), and each lane's sum is scaled by its block's
- * combined scale: the pair's two, spread over the lower and upper 8 lanes. About half the instructions per weight
- * of the AVX2 loop, which bound the one-row speed here (int8 weights stream fast). */
-static inline __attribute__((always_inline)) void loop_int8_vnni(QuantRow q, const int8_t *w, int64_t k, int count,
-                                                                  float *out, const int8_t *next,
-                                                                  const float *comb) {
-    int64_t nb = k / QBLOCK;
-    const __m512i zero = _mm512_setzero_si512();
-    const __m512i halves = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
-    __m512 acc[QROWS];
-    for (int j = 0; j < count; j++) acc[j] = _mm512_setzero_ps();
-    int64_t b = 0;
-    for (; b + 2 <= nb; b += 2) {
-        const __m512i xv = _mm512_loadu_si512((const void *)(q.xq + b * QBLOCK));
-        prefetch_stretch(next + b * QBLOCK * QROWS, 2 * QBLOCK * QROWS);
-        for (int j = 0; j < count; j++) {
-            const __m512i wv = _mm512_loadu_si512((const void *)(w + j * k + b * QBLOCK));
-            const __m512i xsigned = _mm512_mask_sub_epi8(xv, _mm512_movepi8_mask(wv), zero, xv);
-            const __m512i d = _mm512_dpbusd_epi32(zero, _mm512_abs_epi8(wv), xsigned);
-            const __m128 two = _mm_castpd_ps(_mm_load_sd((const double *)(comb + j * nb + b)));
-            const __m512 scale = _mm512_permutexvar_ps(halves, _mm512_castps128_ps512(two));
-            acc[j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), scale, acc[j]);
-        }
-    }
-    for (int j = 0; j < count; j++) {
-        float sum = _mm512_reduce_add_ps(acc[j]);
-        if (b < nb) { /* an odd last block */
-            const __m256i xv = _mm256_loadu_si256((const __m256i *)(q.xq + b * QBLOCK));
-            const __m256i wv = _mm256_loadu_si256((const __m256i *)(w + j * k + b * QBLOCK));
-            const __m256i d = _mm256_dpbusd_epi32(_mm256_setzero_si256(), _mm256_sign_epi8(wv, wv),
-                                                  _mm256_sign_epi8(xv, wv));
-            sum += comb[j * nb + b] * hsum(_mm256_cvtepi32_ps(d));
-        }
-        out[j] = sum;
-    }
+/* Lane j of *low = the sum of lanes 0-3 of p[j], of *high = of lanes 4-7 (exact: int32). */
+static inline __attribute__((always_inline)) void sum_halves(const __m256i p[8], __m256i *low, __m256i *high) {
+    /* unpacks and adds (single instructions, where horizontal adds are several): pairs of rows, then fours */
+    __m256i t[4], u[2];
+    for (int i = 0; i < 4; i++)
+        t[i] = _mm256_add_epi32(_mm256_unpacklo_epi32(p[2 * i], p[2 * i + 1]),
+                                _mm256_unpackhi_epi32(p[2 * i], p[2 * i + 1]));
+    for (int i = 0; i < 2; i++)
+        u[i] = _mm256_add_epi32(_mm256_unpacklo_epi64(t[2 * i], t[2 * i + 1]),
+                                _mm256_unpackhi_epi64(t[2 * i], t[2 * i + 1]));
+    *low = _mm256_permute2x128_si256(u[0], u[1], 0x20);
+    *high = _mm256_permute2x128_si256(u[0], u[1], 0x31);
+}
+
+/* Lane j = the sum of the 8 lanes of p[j]. */
+static inline __attribute__((always_inline)) __m256i sum_blocks(const __m256i p[8]) {
+    __m256i low, high;
+    sum_halves(p, &low, &high);
+    return _mm256_add_epi32(low, high);
+}
+
+/* 32 weights (signed bytes) times 32 int8 inputs, summed exactly into 8 int32 lanes (4 products each). The byte
+ * products take an unsigned operand first, so the weights' signs move onto the inputs: |w| * (x * sign(w)). */
+static inline __m256i dot_lanes(__m256i w, __m256i x) {
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+    return _mm256_dpbusd_epi32(_mm256_setzero_si256(), _mm256_sign_epi8(w, w), _mm256_sign_epi8(x, w));
+#else /* pair sums within int16: 2 * 128 * 127 < 32767 */
+    return _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_sign_epi8(w, w), _mm256_sign_epi8(x, w)), _mm256_set1_epi16(1));
+#endif
+}
+
+/* The same for unsigned weights below 16 (int4 nibbles, q + 8): two halves, lo x xlo + hi x xhi. */
+static inline __m256i nibble_dot_lanes(__m256i lo, __m256i xlo, __m256i hi, __m256i xhi) {
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+    return _mm256_dpbusd_epi32(_mm256_dpbusd_epi32(_mm256_setzero_si256(), lo, xlo), hi, xhi);
+#else /* within int16: 4 * 15 * 127 < 32767 */
+    return _mm256_madd_epi16(_mm256_add_epi16(_mm256_maddubs_epi16(lo, xlo), _mm256_maddubs_epi16(hi, xhi)),
+                             _mm256_set1_epi16(1));
+#endif
 }
 #endif
 
-/* Where its vectors hold two blocks (b, b + 1), the int4 loop reads the input row from pair_q: inputs 0-15 of
- * both blocks, then inputs 16-31 of both, the order of the low and high nibbles of the 32 bytes that hold the
- * two blocks' weights; and each block's input scale and offset (below) 4 times, matching the 4 sums of each
- * block in its vectors. An odd last block is copied as it is. */
+/* comb[b * QROWS + j] = ws[j, b] * xs[b] (0 for rows past count): the combined scale of each block's integer dot
+ * product, per block for the QROWS rows at s (groups scales a row, per blocks a group). */
+static void combine_scales(const uint16_t *s, const float *xs, int64_t nb, int64_t groups, int64_t per, int count,
+                           float *comb) {
+    int64_t done = 0;
+#ifdef HAVE_AVX2
+    if (per == 1) /* 8 blocks of the 8 rows at a time: widened, transposed, times the inputs' scales */
+        for (; done + 8 <= nb; done += 8) {
+            __m256i r[8];
+            for (int j = 0; j < 8; j++)
+                r[j] = j < count ? _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(
+                                       s + j * groups + done))), 16)
+                                 : _mm256_setzero_si256();
+            transpose8x8(r);
+            for (int t = 0; t < 8; t++)
+                _mm256_storeu_ps(comb + (done + t) * QROWS,
+                                 _mm256_mul_ps(_mm256_castsi256_ps(r[t]), _mm256_set1_ps(xs[done + t])));
+        }
+#endif
+    for (int j = 0; j < QROWS; j++)
+        for (int64_t group = done / per; group < groups; group++) {
+            const float scale = j < count ? bf16_to_float(s[j * groups + group]) : 0.0f;
+            for (int64_t b = group * per > done ? group * per : done; b < (group + 1) * per; b++)
+                comb[b * QROWS + j] = scale * xs[b];
+        }
+}
+
+/* out[j] for `count` (at most QROWS) int8 rows at w against one quantized input row; comb from combine_scales.
+ * next: the next block of rows, prefetched as this one is read. */
+static void rows_int8_q8x(QuantRow q, const int8_t *w, int64_t k, int count, float *out, const int8_t *next,
+                          const float *comb) {
+    int64_t nb = k / QBLOCK;
+#ifdef HAVE_AVX2
+    __m256 acc = _mm256_setzero_ps();
+    for (int64_t b = 0; b < nb; b++) {
+        const __m256i xv = _mm256_loadu_si256((const __m256i *)(q.xq + b * QBLOCK));
+        prefetch_stretch(next + b * QBLOCK * QROWS, QBLOCK * QROWS);
+        __m256i p[QROWS];
+        for (int j = 0; j < QROWS; j++)
+            p[j] = j < count ? dot_lanes(_mm256_loadu_si256((const __m256i *)(w + j * k + b * QBLOCK)), xv)
+                             : _mm256_setzero_si256();
+        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum_blocks(p)), _mm256_loadu_ps(comb + b * QROWS), acc);
+    }
+    float lanes[QROWS];
+    _mm256_storeu_ps(lanes, acc);
+    memcpy(out, lanes, sizeof(float) * (size_t)count);
+#else
+    (void)next;
+    for (int j = 0; j < count; j++) {
+        float acc = 0.0f;
+        for (int64_t b = 0; b < nb; b++)
+            acc = fmaf((float)dot32(w + j * k + b * QBLOCK, q.xq + b * QBLOCK), comb[b * QROWS + j], acc);
+        out[j] = acc;
+    }
+#endif
+}
+
+#ifdef HAVE_AVX2
+/* Where its vectors hold two blocks (b, b + 1), the int4 loop reads the input row from pair_q: inputs 0-15 of both
+ * blocks, then inputs 16-31 of both, the order of the low and high nibbles of the 32 bytes that hold the two
+ * blocks' weights. An odd last block is copied as it is. */
 static void arrange_pairs(QuantRow q, int64_t nb) {
     int64_t b = 0;
     for (; b + 2 <= nb; b += 2) {
@@ -433,132 +473,86 @@ static void arrange_pairs(QuantRow q, int64_t nb) {
         memcpy(to + 16, x1, 16);
         memcpy(to + 32, x0 + 16, 16);
         memcpy(to + 48, x1 + 16, 16);
-        for (int l = 0; l < 4; l++) {
-            q.pair_s[4 * b + l] = q.xs[b];
-            q.pair_s[4 * b + 4 + l] = q.xs[b + 1];
-            q.pair_off[4 * b + l] = 0.25f * q.xsum8[b];
-            q.pair_off[4 * b + 4 + l] = 0.25f * q.xsum8[b + 1];
-        }
     }
     if (b < nb) memcpy(q.pair_q + b * QBLOCK, q.xq + b * QBLOCK, QBLOCK);
 }
+#endif
 
-static inline __attribute__((always_inline)) void loop_int4_q8x(QuantRow q, const uint8_t *w, const uint16_t *s,
-                                                                 int64_t k, int count, float *out,
-                                                                 const uint8_t *next) {
-    /* Two blocks at a time: the 32 bytes of blocks b and b + 1 in one load. Their low nibbles are weights
-     * 0..15 of each block and their high nibbles weights 16..31, so they meet the inputs arranged to match
-     * (arrange_pairs). The two byte products, pair sums of (q + 8) * x each within 2 * 15 * 127, add up in
-     * int16 (within 4 * 15 * 127 < 32767), and one multiply-add gives 4 int32 sums per block, d.
-     *
-     * The nibbles hold q + 8, so the integer sums overshoot each block's by 8 * sum(xq of the block); over
-     * the 4 sums of a block, (d * xs - xsum8 / 4) adds up to the block's true product, xs * dot(q, xq). That
-     * is multiplied by the weight scale: the two blocks' bf16 scales, read as one 32-bit word, are spread by
-     * one byte shuffle into the top halves of the lanes of their sums (a bf16 is the top half of an fp32).
-     * Odd block counts end with one block alone: 16 bytes broadcast to both halves, the upper half shifted by
-     * 4, and its 8 sums take an eighth of the offset each. */
+/* The same for int4 rows with groups of 32 (16 bytes a block). The nibbles hold q + 8 (unsigned, as the byte
+ * products take them), so each block sum overshoots by 8 * xsum[b], taken off exactly before the scaling. Two
+ * blocks a vector: the 32 bytes of blocks b and b + 1 hold weights 0-15 of each in their low nibbles and 16-31 in
+ * their high ones, against pair_q; lanes 0-3 of each row's sums are block b's, lanes 4-7 block b + 1's. An odd last
+ * block: its 16 bytes in both halves, the upper half's high nibbles, against its 32 inputs in order. */
+static void rows_int4_q8x(QuantRow q, const uint8_t *w, int64_t k, int count, float *out, const uint8_t *next,
+                          const float *comb) {
     int64_t nb = k / QBLOCK, row_bytes = k / 2;
-    const __m256i ones = _mm256_set1_epi16(1), low4 = _mm256_set1_epi8(15);
-    const __m256i spread = _mm256_setr_epi8(-1, -1, 0, 1, -1, -1, 0, 1, -1, -1, 0, 1, -1, -1, 0, 1,  //
-                                            -1, -1, 2, 3, -1, -1, 2, 3, -1, -1, 2, 3, -1, -1, 2, 3);
-    __m256 acc[QROWS];
-    for (int j = 0; j < count; j++) acc[j] = _mm256_setzero_ps();
+#ifdef HAVE_AVX2
+    const __m256i low4 = _mm256_set1_epi8(15);
+    __m256 acc = _mm256_setzero_ps();
     int64_t b = 0;
     for (; b + 2 <= nb; b += 2) {
         const __m256i x_lo = _mm256_loadu_si256((const __m256i *)(q.pair_q + b * QBLOCK));
         const __m256i x_hi = _mm256_loadu_si256((const __m256i *)(q.pair_q + b * QBLOCK + 32));
-        const __m256 xs = _mm256_loadu_ps(q.pair_s + 4 * b), off = _mm256_loadu_ps(q.pair_off + 4 * b);
         prefetch_stretch(next + b * 16 * QROWS, 32 * QROWS);
-        for (int j = 0; j < count; j++) {
-            __m256i packed = _mm256_loadu_si256((const __m256i *)(w + j * row_bytes + b * 16));
-            __m256i lo = _mm256_and_si256(packed, low4), hi = _mm256_and_si256(_mm256_srli_epi16(packed, 4), low4);
-            __m256i pairs = _mm256_add_epi16(_mm256_maddubs_epi16(lo, x_lo), _mm256_maddubs_epi16(hi, x_hi));
-            __m256 d = _mm256_cvtepi32_ps(_mm256_madd_epi16(pairs, ones));
-            int32_t two_scales;
-            memcpy(&two_scales, s + j * nb + b, sizeof two_scales);
-            __m256 ws = _mm256_castsi256_ps(_mm256_shuffle_epi8(_mm256_set1_epi32(two_scales), spread));
-            acc[j] = _mm256_fmadd_ps(_mm256_fmsub_ps(d, xs, off), ws, acc[j]);
+        __m256i p[QROWS];
+        for (int j = 0; j < QROWS; j++) {
+            if (j >= count) {
+                p[j] = _mm256_setzero_si256();
+                continue;
+            }
+            const __m256i packed = _mm256_loadu_si256((const __m256i *)(w + j * row_bytes + b * 16));
+            p[j] = nibble_dot_lanes(_mm256_and_si256(packed, low4), x_lo,
+                                    _mm256_and_si256(_mm256_srli_epi16(packed, 4), low4), x_hi);
         }
+        __m256i first, second;
+        sum_halves(p, &first, &second);
+        first = _mm256_sub_epi32(first, _mm256_set1_epi32(8 * q.xsum[b]));
+        second = _mm256_sub_epi32(second, _mm256_set1_epi32(8 * q.xsum[b + 1]));
+        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(first), _mm256_loadu_ps(comb + b * QROWS), acc);
+        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(second), _mm256_loadu_ps(comb + (b + 1) * QROWS), acc);
     }
     if (b < nb) {
         const __m256i shift = _mm256_set_epi64x(4, 4, 0, 0);
         const __m256i xv = _mm256_loadu_si256((const __m256i *)(q.pair_q + b * QBLOCK));
-        const __m256 xs = _mm256_set1_ps(q.xs[b]), off = _mm256_set1_ps(0.125f * q.xsum8[b]);
-        for (int j = 0; j < count; j++) {
-            __m128i packed = _mm_loadu_si128((const __m128i *)(w + j * row_bytes + b * 16));
-            __m256i wv = _mm256_and_si256(_mm256_srlv_epi64(_mm256_broadcastsi128_si256(packed), shift), low4);
-            __m256 d = _mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_maddubs_epi16(wv, xv), ones));
-            __m256 ws = _mm256_set1_ps(bf16_to_float(s[j * nb + b]));
-            acc[j] = _mm256_fmadd_ps(_mm256_fmsub_ps(d, xs, off), ws, acc[j]);
+        __m256i p[QROWS];
+        for (int j = 0; j < QROWS; j++) {
+            if (j >= count) {
+                p[j] = _mm256_setzero_si256();
+                continue;
+            }
+            const __m128i packed = _mm_loadu_si128((const __m128i *)(w + j * row_bytes + b * 16));
+            const __m256i wv = _mm256_and_si256(_mm256_srlv_epi64(_mm256_broadcastsi128_si256(packed), shift), low4);
+            p[j] = nibble_dot_lanes(wv, xv, _mm256_setzero_si256(), _mm256_setzero_si256());
         }
+        const __m256i d = _mm256_sub_epi32(sum_blocks(p), _mm256_set1_epi32(8 * q.xsum[b]));
+        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d), _mm256_loadu_ps(comb + b * QROWS), acc);
     }
-    for (int j = 0; j < count; j++) out[j] = hsum(acc[j]);
-}
-#endif
-
-/* out[j] for `count` int8 rows at w against one quantized input row; comb: scratch of QROWS * nb floats. */
-static void rows_int8_q8x(QuantRow q, const int8_t *w, const uint16_t *s, int64_t k, int64_t g, int count,
-                          float *out, const int8_t *next, float *comb) {
-    int64_t nb = k / QBLOCK, groups = k / g;
-    for (int j = 0; j < count; j++) combine_scales(s + j * groups, q.xs, nb, g / QBLOCK, comb + j * nb);
-#if defined(HAVE_VNNI512)
-    if (count == QROWS)
-        loop_int8_vnni(q, w, k, QROWS, out, next, comb);
-    else
-        loop_int8_vnni(q, w, k, count, out, next, comb);
-#elif defined(HAVE_AVX2)
-    if (count == QROWS)
-        loop_int8_q8x(q, w, k, QROWS, out, next, comb);
-    else
-        loop_int8_q8x(q, w, k, count, out, next, comb);
+    float lanes[QROWS];
+    _mm256_storeu_ps(lanes, acc);
+    memcpy(out, lanes, sizeof(float) * (size_t)count);
 #else
     (void)next;
     for (int j = 0; j < count; j++) {
-        float sum = 0.0f;
-        for (int64_t b = 0; b < nb; b++) sum += comb[j * nb + b] * (float)dot32(w + j * k + b * QBLOCK, q.xq + b * QBLOCK);
-        out[j] = sum;
-    }
-#endif
-}
-
-/* The same for int4 rows with groups of 32 (16 bytes a block). The AVX2 loop uses the nibbles as they are
- * stored (q + 8, unsigned, which maddubs takes directly) and takes the offset off block by block; the portable
- * one subtracts 8 from each. */
-static void rows_int4_q8x(QuantRow q, const uint8_t *w, const uint16_t *s, int64_t k, int count, float *out,
-                          const uint8_t *next) {
-#ifdef HAVE_AVX2
-    if (count == QROWS)
-        loop_int4_q8x(q, w, s, k, QROWS, out, next);
-    else
-        loop_int4_q8x(q, w, s, k, count, out, next);
-#else
-    int64_t nb = k / QBLOCK;
-    (void)next;
-    for (int j = 0; j < count; j++) {
-        float sum = 0.0f;
+        float acc = 0.0f;
         for (int64_t b = 0; b < nb; b++) {
             int8_t wq[QBLOCK];
-            const uint8_t *p = w + j * (k / 2) + b * 16;
+            const uint8_t *p = w + j * row_bytes + b * 16;
             for (int i = 0; i < 16; i++) {
                 wq[i] = (int8_t)((p[i] & 15) - 8);
                 wq[16 + i] = (int8_t)((p[i] >> 4) - 8);
             }
-            sum += bf16_to_float(s[j * nb + b]) * q.xs[b] * (float)dot32(wq, q.xq + b * QBLOCK);
+            acc = fmaf((float)dot32(wq, q.xq + b * QBLOCK), comb[b * QROWS + j], acc);
         }
-        out[j] = sum;
+        out[j] = acc;
     }
 #endif
 }
 
-/* Input row r of `rows`, quantized into xq (int4: 2 * rows * k bytes, else rows * k) and xs (int4: 10 * rows * nb
- * floats, else 2 * rows * nb), as QuantRow's parts follow each other there. */
-static QuantRow input_row(int8_t *xq, float *xs, int64_t rows, int64_t r, int64_t k, int64_t nb, int int4) {
-    QuantRow q = {xq + r * k, xs + r * nb, xs + (rows + r) * nb, NULL, NULL, NULL};
-    if (int4) {
-        q.pair_q = xq + (rows + r) * k;
-        q.pair_s = xs + (2 * rows + 4 * r) * nb;
-        q.pair_off = xs + (6 * rows + 4 * r) * nb;
-    }
+/* Input row r of `rows`, quantized into xq (int4: 2 * rows * k bytes, the second half pair_q; else rows * k), xs
+ * (rows * nb floats) and xsum (rows * nb). */
+static QuantRow input_row(int8_t *xq, float *xs, int32_t *xsum, int64_t rows, int64_t r, int64_t k, int64_t nb,
+                          int int4) {
+    QuantRow q = {xq + r * k, xs + r * nb, xsum + r * nb, int4 ? xq + (rows + r) * k : NULL};
     return q;
 }
 
@@ -568,13 +562,14 @@ static int gemv_q8x(const void *x, const void *w, const uint16_t *s, void *y, in
     int64_t blocks = (n + QROWS - 1) / QROWS;
     const float *xf = float_rows(x, rows * k, io);
     int8_t *xq = malloc((size_t)((int4 ? 2 : 1) * rows * k));
-    float *xs = malloc(sizeof(float) * (size_t)((int4 ? 10 : 2) * rows * nb));
-    const int64_t per_thread = QROWS * nb; /* int8: combined scales of a block of rows */
-    float *comb = int4 ? NULL : malloc(sizeof(float) * (size_t)per_thread * (size_t)omp_get_max_threads());
-    int failed = xf == NULL || xq == NULL || xs == NULL || (!int4 && comb == NULL);
+    float *xs = malloc(sizeof(float) * (size_t)(rows * nb));
+    int32_t *xsum = malloc(sizeof(int32_t) * (size_t)(rows * nb));
+    const int64_t per_thread = QROWS * nb; /* the combined scales of a block of rows */
+    float *comb = malloc(sizeof(float) * (size_t)per_thread * (size_t)omp_get_max_threads());
+    int failed = xf == NULL || xq == NULL || xs == NULL || xsum == NULL || comb == NULL;
     if (!failed) {
         for (int64_t r = 0; r < rows; r++) {
-            QuantRow q = input_row(xq, xs, rows, r, k, nb, int4);
+            QuantRow q = input_row(xq, xs, xsum, rows, r, k, nb, int4);
             quantize_row_q8(xf + r * k, k, q);
 #ifdef HAVE_AVX2
             if (int4) arrange_pairs(q, nb);
@@ -583,14 +578,15 @@ static int gemv_q8x(const void *x, const void *w, const uint16_t *s, void *y, in
 #pragma omp parallel for schedule(static)
         for (int64_t blk = 0; blk < blocks; blk++) {
             RowBlock rb = row_block(w, s, blk, QROWS, n, row_bytes, groups);
+            float *mine = comb + (size_t)omp_get_thread_num() * (size_t)per_thread;
             for (int64_t r = 0; r < rows; r++) {
-                QuantRow q = input_row(xq, xs, rows, r, k, nb, int4);
+                QuantRow q = input_row(xq, xs, xsum, rows, r, k, nb, int4);
                 float out[QROWS];
+                combine_scales(rb.s, q.xs, nb, groups, g / QBLOCK, rb.count, mine);
                 if (int4)
-                    rows_int4_q8x(q, rb.w, rb.s, k, rb.count, out, rb.next);
+                    rows_int4_q8x(q, rb.w, k, rb.count, out, rb.next, mine);
                 else
-                    rows_int8_q8x(q, (const int8_t *)rb.w, rb.s, k, g, rb.count, out, (const int8_t *)rb.next,
-                                  comb + (size_t)omp_get_thread_num() * (size_t)per_thread);
+                    rows_int8_q8x(q, (const int8_t *)rb.w, k, rb.count, out, (const int8_t *)rb.next, mine);
                 store(y, r * n + rb.first, out, rb.count, io);
             }
         }
@@ -598,6 +594,7 @@ static int gemv_q8x(const void *x, const void *w, const uint16_t *s, void *y, in
     if (xf != NULL && (const void *)xf != x) free((void *)xf);
     free(xq);
     free(xs);
+    free(xsum);
     free(comb);
     return failed;
 }
@@ -624,7 +621,7 @@ static int gemv_q8x(const void *x, const void *w, const uint16_t *s, void *y, in
  * The byte products take one unsigned and one signed operand. Int4 nibbles are q + 8 (unsigned) as stored; int8
  * weights get + 128 (a flip of the top bit) on AVX512-VNNI, whose 32-bit sums cannot overflow. Either way each
  * block sum overshoots by offset * (the block's sum of the int8 inputs), which starts the sum negated (corr). The
- * AVX2 int8 loop instead keeps the weights signed and moves their signs onto the inputs (as loop_int8_q8x does):
+ * AVX2 int8 loop instead keeps the weights signed and moves their signs onto the inputs (as dot_lanes does):
  * its pair sums must stay within int16.
  */
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
@@ -677,7 +674,7 @@ static inline int32_t packed_offset(int int4) {
  * buffer, not all at once: a long prompt's would be large). Returns 1 if out of memory. */
 static int quantize_inputs(const void *x, int64_t rows, int64_t k, int int4, int64_t io, InputRows in) {
     int64_t nb = k / QBLOCK;
-    float *sums = malloc(sizeof(float) * (size_t)nb); /* quantize_row_q8's xsum8, unused here */
+    int32_t *sums = malloc(sizeof(int32_t) * (size_t)nb);
     float *row = (io & IO_X_BF16) ? malloc(sizeof(float) * (size_t)k) : NULL;
     int failed = sums == NULL || ((io & IO_X_BF16) && row == NULL);
     const int32_t offset = packed_offset(int4);
@@ -687,13 +684,9 @@ static int quantize_inputs(const void *x, int64_t rows, int64_t k, int int4, int
             for (int64_t i = 0; i < k; i++) row[i] = bf16_to_float(((const uint16_t *)x)[r * k + i]);
             xr = row;
         }
-        QuantRow q = {in.q + r * k, in.s + r * nb, sums, NULL, NULL, NULL};
+        QuantRow q = {in.q + r * k, in.s + r * nb, sums, NULL};
         quantize_row_q8(xr, k, q);
-        for (int64_t b = 0; b < nb; b++) {
-            int32_t sum = 0;
-            for (int i = 0; i < QBLOCK; i++) sum += q.xq[b * QBLOCK + i];
-            in.corr[r * nb + b] = offset * sum;
-        }
+        for (int64_t b = 0; b < nb; b++) in.corr[r * nb + b] = offset * sums[b];
     }
     free(sums);
     free(row);
@@ -701,25 +694,6 @@ static int quantize_inputs(const void *x, int64_t rows, int64_t k, int int4, int
 }
 
 #if defined(GEMM_VNNI) || defined(GEMM_AVX2)
-/* r[i] (8 dwords each) becomes column i of the 8 x 8 matrix of dwords whose rows were r[0..7]. */
-static inline __attribute__((always_inline)) void transpose8x8(__m256i r[8]) {
-    __m256i a[8], b[8];
-    for (int i = 0; i < 8; i += 2) {
-        a[i] = _mm256_unpacklo_epi32(r[i], r[i + 1]);
-        a[i + 1] = _mm256_unpackhi_epi32(r[i], r[i + 1]);
-    }
-    for (int i = 0; i < 8; i += 4) {
-        b[i] = _mm256_unpacklo_epi64(a[i], a[i + 2]);
-        b[i + 1] = _mm256_unpackhi_epi64(a[i], a[i + 2]);
-        b[i + 2] = _mm256_unpacklo_epi64(a[i + 1], a[i + 3]);
-        b[i + 3] = _mm256_unpackhi_epi64(a[i + 1], a[i + 3]);
-    }
-    for (int i = 0; i < 4; i++) {
-        r[i] = _mm256_permute2x128_si256(b[i], b[i + 4], 0x20);
-        r[i + 4] = _mm256_permute2x128_si256(b[i], b[i + 4], 0x31);
-    }
-}
-
 /* 32 bytes of each of the 8 weight rows from `row` on (rows at or past `count` read as zeros; only 16 bytes each,
  * zero-extended, if `half`), transposed: r[t] holds bytes 4t..4t+3 of each row. */
 static inline __attribute__((always_inline)) void load_transposed(const uint8_t *p, int64_t row_bytes, int row,

@@ -5,10 +5,11 @@
 packed weights once per call. By default they work as llama.cpp does: each input row is rounded to int8 in blocks
 of 32, and each block's products are summed exactly as integers (byte multiply-adds: AVX512-VNNI's vpdpbusd, AVX2's
 vpmaddubsw), which is what lets them stream the weights at the memory's speed for one row and run prefill as
-integer arithmetic. Up to 3 rows take matrix-vector loops (each row's result bitwise the row alone); 4 or more (a
-batch of decoding rows, a prompt) take the panel product, which repacks each panel of weight rows once per call for
-the vector units and serves every input row from it; every row of a panel-product call is bitwise that row in any
-other call of 4 or more rows (the two kinds sum the same exact integer products, in another order of fp32 sums). That
+integer arithmetic. Up to 3 rows take matrix-vector loops; 4 or more (a batch of decoding rows, a prompt) take the
+panel product, which repacks each panel of weight rows once per call for the vector units and serves every input
+row from it. Both compute the same fp32 operations in the same order (exact integer block sums, each scaled and
+added in turn), so a row's result is bitwise the same in a call of any number of rows: the continuous-batching
+engine's quantized requests do not depend on their batch. That
 rounding moves a result by about 0.5% of its norm on random data; on the demo model it moves perplexity by 0.03%
 or less (tests hold the bounds). ``use_int8_inputs(model, False)`` (``llama.quant.linear``) switches a model to the
 exact mode instead: products with the dequantized weights, exact in fp32 and summed in fp32, slower (for up to
