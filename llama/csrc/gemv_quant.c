@@ -403,6 +403,15 @@ static inline __m256i nibble_dot_lanes(__m256i lo, __m256i xlo, __m256i hi, __m2
 }
 #endif
 
+#ifdef HAVE_AVX2
+/* out[j] = lane j of acc, for the count (at most QROWS = 8) rows of a block. */
+static inline void store_lanes(__m256 acc, float *out, int count) {
+    float lanes[QROWS];
+    _mm256_storeu_ps(lanes, acc);
+    memcpy(out, lanes, sizeof(float) * (size_t)count);
+}
+#endif
+
 /* comb[b * QROWS + j] = ws[j, b] * xs[b] (0 for rows past count): the combined scale of each block's integer dot
  * product, per block for the QROWS rows at s (groups scales a row, per blocks a group). */
 static void combine_scales(const uint16_t *s, const float *xs, int64_t nb, int64_t groups, int64_t per, int count,
@@ -446,9 +455,7 @@ static void rows_int8_q8x(QuantRow q, const int8_t *w, int64_t k, int count, flo
                              : _mm256_setzero_si256();
         acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum_blocks(p)), _mm256_loadu_ps(comb + b * QROWS), acc);
     }
-    float lanes[QROWS];
-    _mm256_storeu_ps(lanes, acc);
-    memcpy(out, lanes, sizeof(float) * (size_t)count);
+    store_lanes(acc, out, count);
 #else
     (void)next;
     for (int j = 0; j < count; j++) {
@@ -527,9 +534,7 @@ static void rows_int4_q8x(QuantRow q, const uint8_t *w, int64_t k, int count, fl
         const __m256i d = _mm256_sub_epi32(sum_blocks(p), _mm256_set1_epi32(8 * q.xsum[b]));
         acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d), _mm256_loadu_ps(comb + b * QROWS), acc);
     }
-    float lanes[QROWS];
-    _mm256_storeu_ps(lanes, acc);
-    memcpy(out, lanes, sizeof(float) * (size_t)count);
+    store_lanes(acc, out, count);
 #else
     (void)next;
     for (int j = 0; j < count; j++) {
