@@ -287,6 +287,32 @@ def test_only_the_background_thread_steps_a_started_engine(generator):
             engine.step()
 
 
+def test_prompt_chunks_ask_for_every_position_only_when_the_prompt_is_scored(generator):
+    """A chunk's logits are needed at every position only with echo and logprobs; otherwise the plan asks for the
+    last position's alone (the fast path then skips the output layer for the others)."""
+    engine = engine_of(generator, prefill_chunk=4)
+    asked = []
+    rows = engine.forward
+
+    class Recording:
+        def prefill(self, tokens, slot, start, last_only=False):
+            asked.append(last_only)
+            return rows.prefill(tokens, slot, start, last_only=last_only)
+
+        def decode(self, *args):
+            return rows.decode(*args)
+
+    engine.forward = Recording()
+    plain = engine.submit(PROMPTS[0], SamplingParams(temperature=0, max_gen_len=2))
+    run_until_done(engine, [plain])
+    assert asked and all(asked)  # every chunk: the last position only
+    asked.clear()
+    scored = engine.submit(PROMPTS[0], SamplingParams(temperature=0, max_gen_len=2, echo=True, logprobs=True))
+    run_until_done(engine, [scored])
+    assert asked and not any(asked)
+    assert len(scored.result().logprobs) == len(scored.result().tokens)  # the prompt's tokens scored too
+
+
 def test_fast_prefill_into_a_slot_refuses_what_is_not_one_row_in_the_cache(tiny_args):
     from helpers import random_model
 

@@ -60,6 +60,11 @@ def test_nothing_moves_without_transparent_huge_pages(tmp_path, monkeypatch):
     assert pages.move_to_huge_pages(layer) == 0 and layer.weight.data_ptr() == ptr
     monkeypatch.setattr(pages, "THP_SETTING", tmp_path / "missing")
     assert not pages.available()
+    setting.write_text("always [madvise] never\n")
+    monkeypatch.setattr(pages, "THP_SETTING", setting)
+    assert pages.available()
+    monkeypatch.delattr(pages.mmap, "MADV_HUGEPAGE")  # a system whose Python has no madvise for it (not Linux)
+    assert not pages.available()
 
 
 def test_stacked_rows_equal_the_concatenation():

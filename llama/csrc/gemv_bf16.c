@@ -318,28 +318,19 @@ static const INPUT *prepare(const uint16_t *x, int64_t rows, int64_t k) {
 #if !ONE_ROW_PASSES
 TILE_FN(tile_one_row, 1, ONE_ROW_BLOCK)
 #endif
+/* One per count of input rows, 1..8; counts past TILE_X (never called: a pass has at most TILE_X rows) are built
+ * as TILE_X, so that the table needs no conditions. */
+#define ROWS_UP_TO_TILE_X(r) ((r) < TILE_X ? (r) : TILE_X)
 TILE_FN(tile_1, 1, TILE_W)
-#if TILE_X > 1
-TILE_FN(tile_2, 2, TILE_W)
-#endif
-#if TILE_X > 2
-TILE_FN(tile_3, 3, TILE_W)
-#endif
-#if TILE_X > 3
-TILE_FN(tile_4, 4, TILE_W)
-#endif
-#if TILE_X > 4
-TILE_FN(tile_5, 5, TILE_W)
-#endif
-#if TILE_X > 5
-TILE_FN(tile_6, 6, TILE_W)
-#endif
-#if TILE_X > 6
-TILE_FN(tile_7, 7, TILE_W)
-#endif
-#if TILE_X > 7
-TILE_FN(tile_8, 8, TILE_W)
-#endif
+TILE_FN(tile_2, ROWS_UP_TO_TILE_X(2), TILE_W)
+TILE_FN(tile_3, ROWS_UP_TO_TILE_X(3), TILE_W)
+TILE_FN(tile_4, ROWS_UP_TO_TILE_X(4), TILE_W)
+TILE_FN(tile_5, ROWS_UP_TO_TILE_X(5), TILE_W)
+TILE_FN(tile_6, ROWS_UP_TO_TILE_X(6), TILE_W)
+TILE_FN(tile_7, ROWS_UP_TO_TILE_X(7), TILE_W)
+TILE_FN(tile_8, ROWS_UP_TO_TILE_X(8), TILE_W)
+typedef void (*TileFn)(const INPUT *, int64_t, const uint16_t *, uint16_t *, int64_t, Ahead);
+static const TileFn TILES[8] = {tile_1, tile_2, tile_3, tile_4, tile_5, tile_6, tile_7, tile_8};
 
 static NOINLINE void tile_any(const INPUT *x, int64_t k, int nx, const uint16_t *w, int nw, uint16_t *y, int64_t n,
                               Ahead ahead) {
@@ -376,30 +367,7 @@ static void block(const INPUT *xp, const uint16_t *w, uint16_t *y, int64_t rows,
             tile_any(xr, k, nx, wb, count, yr, n, ahead);
             continue;
         }
-        switch (nx) {
-        case 1: tile_1(xr, k, wb, yr, n, ahead); break;
-#if TILE_X > 1
-        case 2: tile_2(xr, k, wb, yr, n, ahead); break;
-#endif
-#if TILE_X > 2
-        case 3: tile_3(xr, k, wb, yr, n, ahead); break;
-#endif
-#if TILE_X > 3
-        case 4: tile_4(xr, k, wb, yr, n, ahead); break;
-#endif
-#if TILE_X > 4
-        case 5: tile_5(xr, k, wb, yr, n, ahead); break;
-#endif
-#if TILE_X > 5
-        case 6: tile_6(xr, k, wb, yr, n, ahead); break;
-#endif
-#if TILE_X > 6
-        case 7: tile_7(xr, k, wb, yr, n, ahead); break;
-#endif
-#if TILE_X > 7
-        case 8: tile_8(xr, k, wb, yr, n, ahead); break;
-#endif
-        }
+        TILES[nx - 1](xr, k, wb, yr, n, ahead);
     }
 }
 

@@ -45,7 +45,7 @@ static inline int omp_get_thread_num(void) { return 0; }
 #include "common.h"
 
 #define BLOCK 8 /* weight rows walked side by side (the exact kernels) */
-/* The same for the one-row kernels with int8 inputs: 8, whose exact block sums one vector gathers (sum_blocks). */
+/* The same for the one-row kernels with int8 inputs: 8, whose exact block sums fill one vector (sum_blocks). */
 #define QROWS 8
 #define QBLOCK 32 /* inputs per int8 block of the input row */
 
@@ -269,7 +269,7 @@ int llama_gemv_int4(const void *x, const uint8_t *w, const uint16_t *s, void *y,
  * and in a call of any number of rows (the panel product from GEMM_MIN_ROWS on): the continuous-batching engine's
  * requests do not depend on their batch. Each loop takes QROWS weight rows side by side; per block, each row's
  * 32 byte products are summed into 8 int32 lanes, and one vector of the 8 rows' block sums is gathered from those
- * (sum_blocks: horizontal adds), converted and multiplied by the 8 rows' combined scales.
+ * (sum_blocks: unpacks and adds), converted and multiplied by the 8 rows' combined scales.
  */
 
 typedef struct {
@@ -332,6 +332,29 @@ static void quantize_row_q8(const float *x, int64_t k, QuantRow q) {
         q.xs[b] = bad ? NAN : amax / 127.0f;
         q.xsum[b] = sum;
     }
+}
+
+/* Round the input rows (fp32, or bf16 per io) to int8 blocks: xq (rows x k), xs (rows x nb) and xsum (rows x nb:
+ * each block's sum of xq, times offset). One row at a time: a bf16 row is widened into one row's buffer, not the
+ * whole input at once (a long prompt's would be large). Returns 1 if out of memory. */
+static int quantize_inputs(const void *x, int64_t rows, int64_t k, int64_t io, int32_t offset, int8_t *xq, float *xs,
+                           int32_t *xsum) {
+    int64_t nb = k / QBLOCK;
+    float *row = (io & IO_X_BF16) ? malloc(sizeof(float) * (size_t)k) : NULL;
+    if ((io & IO_X_BF16) && row == NULL) return 1;
+    for (int64_t r = 0; r < rows; r++) {
+        const float *xr = (const float *)x + r * k;
+        if (io & IO_X_BF16) {
+            for (int64_t i = 0; i < k; i++) row[i] = bf16_to_float(((const uint16_t *)x)[r * k + i]);
+            xr = row;
+        }
+        QuantRow q = {xq + r * k, xs + r * nb, xsum + r * nb, NULL};
+        quantize_row_q8(xr, k, q);
+        if (offset != 1)
+            for (int64_t b = 0; b < nb; b++) q.xsum[b] *= offset;
+    }
+    free(row);
+    return 0;
 }
 
 /* Exact int32 dot product of 32 int8 weights and 32 int8 inputs (the portable path). */
@@ -565,21 +588,18 @@ static int gemv_q8x(const void *x, const void *w, const uint16_t *s, void *y, in
                     int64_t g, int int4, int64_t io) {
     int64_t nb = k / QBLOCK, groups = k / g, row_bytes = int4 ? k / 2 : k;
     int64_t blocks = (n + QROWS - 1) / QROWS;
-    const float *xf = float_rows(x, rows * k, io);
     int8_t *xq = malloc((size_t)((int4 ? 2 : 1) * rows * k));
     float *xs = malloc(sizeof(float) * (size_t)(rows * nb));
     int32_t *xsum = malloc(sizeof(int32_t) * (size_t)(rows * nb));
     const int64_t per_thread = QROWS * nb; /* the combined scales of a block of rows */
     float *comb = malloc(sizeof(float) * (size_t)per_thread * (size_t)omp_get_max_threads());
-    int failed = xf == NULL || xq == NULL || xs == NULL || xsum == NULL || comb == NULL;
+    int failed = xq == NULL || xs == NULL || xsum == NULL || comb == NULL;
+    if (!failed) failed = quantize_inputs(x, rows, k, io, 1, xq, xs, xsum);
     if (!failed) {
-        for (int64_t r = 0; r < rows; r++) {
-            QuantRow q = input_row(xq, xs, xsum, rows, r, k, nb, int4);
-            quantize_row_q8(xf + r * k, k, q);
 #ifdef HAVE_AVX2
-            if (int4) arrange_pairs(q, nb);
+        if (int4)
+            for (int64_t r = 0; r < rows; r++) arrange_pairs(input_row(xq, xs, xsum, rows, r, k, nb, int4), nb);
 #endif
-        }
 #pragma omp parallel for schedule(static)
         for (int64_t blk = 0; blk < blocks; blk++) {
             RowBlock rb = row_block(w, s, blk, QROWS, n, row_bytes, groups);
@@ -596,7 +616,6 @@ static int gemv_q8x(const void *x, const void *w, const uint16_t *s, void *y, in
             }
         }
     }
-    if (xf != NULL && (const void *)xf != x) free((void *)xf);
     free(xq);
     free(xs);
     free(xsum);
@@ -669,34 +688,9 @@ typedef struct {
 static inline int32_t packed_offset(int int4) {
 #if defined(GEMM_VNNI)
     return int4 ? 8 : 128;
-#elif defined(GEMM_AVX2)
+#else /* AVX2 and the portable loop read int8 weights as they are */
     return int4 ? 8 : 0;
-#else
-    return int4 ? 8 : 0; /* the portable loop reads int8 weights as they are */
 #endif
-}
-
-/* Round the input rows (fp32, or bf16 per io) into `in`, one row at a time (bf16 rows widened into one row's
- * buffer, not all at once: a long prompt's would be large). Returns 1 if out of memory. */
-static int quantize_inputs(const void *x, int64_t rows, int64_t k, int int4, int64_t io, InputRows in) {
-    int64_t nb = k / QBLOCK;
-    int32_t *sums = malloc(sizeof(int32_t) * (size_t)nb);
-    float *row = (io & IO_X_BF16) ? malloc(sizeof(float) * (size_t)k) : NULL;
-    int failed = sums == NULL || ((io & IO_X_BF16) && row == NULL);
-    const int32_t offset = packed_offset(int4);
-    for (int64_t r = 0; r < rows && !failed; r++) {
-        const float *xr = (const float *)x + r * k;
-        if (io & IO_X_BF16) {
-            for (int64_t i = 0; i < k; i++) row[i] = bf16_to_float(((const uint16_t *)x)[r * k + i]);
-            xr = row;
-        }
-        QuantRow q = {in.q + r * k, in.s + r * nb, sums, NULL};
-        quantize_row_q8(xr, k, q);
-        for (int64_t b = 0; b < nb; b++) in.corr[r * nb + b] = offset * sums[b];
-    }
-    free(sums);
-    free(row);
-    return failed;
 }
 
 #if defined(GEMM_VNNI) || defined(GEMM_AVX2)
@@ -901,7 +895,7 @@ static int gemm_q8(const void *x, const void *w, const uint16_t *s, void *y, int
     InputRows in = {malloc((size_t)(rows * k)), malloc(sizeof(float) * (size_t)(rows * nb)),
                     malloc(sizeof(int32_t) * (size_t)(rows * nb))};
     int failed = in.q == NULL || in.s == NULL || in.corr == NULL;
-    if (!failed) failed = quantize_inputs(x, rows, k, int4, io, in);
+    if (!failed) failed = quantize_inputs(x, rows, k, io, packed_offset(int4), in.q, in.s, in.corr);
     if (!failed) {
 #pragma omp parallel
         {

@@ -469,8 +469,7 @@ class Engine:
         if prefilling is not None:
             start = prefilling.prefilled
             chunk = prefilling.prompt[start : start + self.prefill_chunk]
-            scored = prefilling.params.echo and prefilling.params.logprobs
-            prefill = (prefilling.slot, start, chunk, scored)
+            prefill = (prefilling.slot, start, chunk, prefilling.params.scores_prompt)
         if decode is None and prefill is None:
             return None, [], None
         return Plan(decode, prefill), decoding, prefilling
@@ -486,8 +485,7 @@ class Engine:
         """After a chunk of `count` prompt tokens: logits of each of its positions, or of the last alone."""
         start = request.prefilled
         request.prefilled += count
-        params = request.params
-        if params.echo and params.logprobs:  # logits at positions start.. score the prompt's tokens start+1..
+        if request.params.scores_prompt:  # logits at positions start.. score the prompt's tokens start+1..
             targets = request.prompt[start + 1 : start + count + 1]
             if start == 0:
                 request.logprobs.append(0.0)  # the first token: nothing predicts it

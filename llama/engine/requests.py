@@ -55,6 +55,12 @@ class SamplingParams:
         if self.seed is not None:
             check_seed(self.seed)
 
+    @property
+    def scores_prompt(self) -> bool:
+        """Whether the prompt's tokens are scored too (echo with logprobs): then every prompt position's logits
+        are needed, not only the last one's."""
+        return self.echo and self.logprobs
+
 
 @dataclass(frozen=True)
 class StepOutput:

@@ -197,9 +197,9 @@ def cpu_linear(
     x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, scheme: Scheme, int8_x: bool = True
 ) -> torch.Tensor:
     """``F.linear(x, dequantize(qweight, scales))`` on a CPU whose kernels are built. With int8 inputs (where asked
-    and the format allows) the kernels take any number of rows (from 2 rows on, the panel product; for prefill only
-    where it is vectorized: ``prefill_with_int8_inputs``). Otherwise the exact kernels up to KERNEL_MAX_ROWS rows,
-    and the exact fp32 GEMM on dequantized weights beyond."""
+    and the format allows) the kernels take any number of rows (from 4 rows on, the panel product; past
+    KERNEL_MAX_ROWS only where it is vectorized: ``prefill_with_int8_inputs``). Otherwise the exact kernels up to
+    KERNEL_MAX_ROWS rows, and the exact fp32 GEMM on dequantized weights beyond."""
     int8_x = int8_x and int8_x_applies(scheme.mode, scheme.group_size)
     if x.numel() > KERNEL_MAX_ROWS * x.shape[-1] and not (int8_x and prefill_with_int8_inputs()):
         return linear_dequantized(x, qweight, scales, scheme)  # exact prefill: torch's fp32 GEMM
