@@ -3,6 +3,7 @@
 #define LLAMA_CSRC_COMMON_H
 
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 static inline float bf16_to_float(uint16_t h) {
@@ -10,6 +11,14 @@ static inline float bf16_to_float(uint16_t h) {
     float f;
     memcpy(&f, &bits, sizeof f);
     return f;
+}
+
+/* count bf16 values widened to fp32 (exactly) into a new buffer for the caller to free; NULL if out of memory. */
+static inline float *widened_copy(const uint16_t *x, int64_t count) {
+    float *out = malloc(sizeof(float) * (size_t)count);
+    if (out != NULL)
+        for (int64_t i = 0; i < count; i++) out[i] = bf16_to_float(x[i]);
+    return out;
 }
 
 /* Round to nearest, ties to even, as torch does; NaN stays a (quiet) NaN. */

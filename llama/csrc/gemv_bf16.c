@@ -197,12 +197,7 @@ INLINE void tile(const float *xf, int64_t k, int nx, const uint16_t *w, int nw, 
         for (int j = 0; j < nw; j++) y[r * n + j] = finish(acc[r][j], xf + r * k + k16, w + j * k + k16, k - k16);
 }
 
-static const INPUT *prepare(const uint16_t *x, int64_t rows, int64_t k) {
-    float *xf = malloc(sizeof(float) * (size_t)(rows * k));
-    if (xf == NULL) return NULL;
-    for (int64_t i = 0; i < rows * k; i++) xf[i] = bf16_to_float(x[i]);
-    return xf;
-}
+static const INPUT *prepare(const uint16_t *x, int64_t rows, int64_t k) { return widened_copy(x, rows * k); }
 
 #elif defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
@@ -301,12 +296,7 @@ INLINE void tile(const float *xf, int64_t k, int nx, const uint16_t *w, int nw, 
         for (int j = 0; j < nw; j++) y[r * n + j] = finish(acc[r][j], xf + r * k + i, w + j * k + i, k - i);
 }
 
-static const INPUT *prepare(const uint16_t *x, int64_t rows, int64_t k) {
-    float *xf = malloc(sizeof(float) * (size_t)(rows * k));
-    if (xf == NULL) return NULL;
-    for (int64_t i = 0; i < rows * k; i++) xf[i] = bf16_to_float(x[i]);
-    return xf;
-}
+static const INPUT *prepare(const uint16_t *x, int64_t rows, int64_t k) { return widened_copy(x, rows * k); }
 #endif
 
 /* The tiles, each its own function with constant sizes (so that its sums stay in registers), and one for any

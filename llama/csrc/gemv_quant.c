@@ -55,11 +55,7 @@ static inline int omp_get_thread_num(void) { return 0; }
 
 /* The input rows as fp32: x itself, or a converted copy to free (NULL if out of memory). */
 static const float *float_rows(const void *x, int64_t count, int64_t io) {
-    if (!(io & IO_X_BF16)) return (const float *)x;
-    float *out = malloc(sizeof(float) * (size_t)count);
-    if (out != NULL)
-        for (int64_t i = 0; i < count; i++) out[i] = bf16_to_float(((const uint16_t *)x)[i]);
-    return out;
+    return (io & IO_X_BF16) ? widened_copy((const uint16_t *)x, count) : (const float *)x;
 }
 
 /* y[offset + j] = v[j] for j < count, in y's dtype. */
