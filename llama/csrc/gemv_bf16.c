@@ -26,8 +26,11 @@
  *   the bf16 activations and weights of a model are not in practice (a test pins it).
  * - "avx512", AVX-512 without them (Skylake to Ice Lake): the weights widened to 16 fp32 lanes (a zero-extension
  *   and a shift), fp32 FMAs.
- *   In both, one input row runs the same passes as several (one 1 x TILE_W tile a block, the next block asked
- *   for ahead): on a Zen 4 that streamed 15-20% faster than 8 weight rows side by side with their own prefetch.
+ *   In both, one input row runs one pass over ONE_ROW_BLOCK weight rows a block, which asks for the next block
+ *   into L2 as it goes (ONE_ROW_AHEAD), without the per-row prefetch into L1 that passes over several input rows
+ *   make (there it helps). On a Zen 4, 1.57 GB of weights (the 0.85B shape) took 29.5-30.3 ms so, 32.5-33.4 ms
+ *   in 1 x 4 tiles with both prefetches, against 25-26 ms for a plain read of as many bytes
+ *   (benchmarks/RESULTS.md); asking ahead had itself streamed 15-20% faster than 8 rows with their own prefetch.
  * - "avx2", AVX2 and FMA without AVX-512 (Zen 2/3, Haswell to Alder Lake): 8 fp32 lanes per sum, the weights
  *   widened by two unpacks against zero, which put each bf16 in the top half of an fp32 lane. The unpacks take the
  *   weights of each 128-bit half in the order 0-3, 8-11 (low) and 4-7, 12-15 (high), so the input rows are widened
@@ -52,10 +55,10 @@
 
 /* Every size below can be set with -D, to measure others (benchmarks/bench_batch_decode.py --flags). */
 #ifndef PREFETCH_BYTES
-#define PREFETCH_BYTES 512 /* how far ahead each weight row asks for its own next bytes (not in "avx2") */
+#define PREFETCH_BYTES 512 /* how far ahead each weight row asks for its own bytes (not "avx2", not one AVX-512 row) */
 #endif
 #ifndef ONE_ROW_BLOCK
-#define ONE_ROW_BLOCK 8 /* weight rows side by side for one input row, where it has its own loop */
+#define ONE_ROW_BLOCK 8 /* weight rows side by side for one input row */
 #endif
 /* TILE_X input rows against TILE_W weight rows: the sums, the input rows' vectors and the weights' must fit in the
  * registers (32 with AVX-512, 16 with AVX2). Measured on a Zen 4 (benchmarks/RESULTS.md): with bf16 dot products
@@ -65,19 +68,19 @@
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512BF16__)
 #define TILE_X_DEFAULT 6
 #define TILE_W_DEFAULT 4
-#define ONE_ROW_PASSES 1 /* one input row runs the passes of several */
+#define ONE_ROW_AHEAD 1 /* one input row's pass asks for the next block of weight rows */
 #elif defined(__AVX512F__)
 #define TILE_X_DEFAULT 4
 #define TILE_W_DEFAULT 4
-#define ONE_ROW_PASSES 1
+#define ONE_ROW_AHEAD 1
 #elif defined(__AVX2__) && defined(__FMA__)
 #define TILE_X_DEFAULT 2
 #define TILE_W_DEFAULT 4
-#define ONE_ROW_PASSES 0
+#define ONE_ROW_AHEAD 0
 #else
 #define TILE_X_DEFAULT 2
 #define TILE_W_DEFAULT 2
-#define ONE_ROW_PASSES 0
+#define ONE_ROW_AHEAD 0
 #endif
 #ifndef TILE_X
 #define TILE_X TILE_X_DEFAULT
@@ -131,7 +134,7 @@ INLINE void tile(const uint16_t *x, int64_t k, int nx, const uint16_t *w, int nw
         __m512i wv[MAX_TILE_W];
         fetch_ahead(&ahead);
         for (int j = 0; j < nw; j++) {
-            __builtin_prefetch((const char *)(w + j * k + i) + PREFETCH_BYTES, 0, 3);
+            if (nx > 1) __builtin_prefetch((const char *)(w + j * k + i) + PREFETCH_BYTES, 0, 3);
             wv[j] = _mm512_loadu_si512(w + j * k + i);
         }
         for (int r = 0; r < nx; r++) {
@@ -188,7 +191,7 @@ INLINE void tile(const float *xf, int64_t k, int nx, const uint16_t *w, int nw, 
         __m512 xv[TILE_X];
         for (int r = 0; r < nx; r++) xv[r] = _mm512_loadu_ps(xf + r * k + i);
         for (int j = 0; j < nw; j++) {
-            if (i % 32 == 0) __builtin_prefetch((const char *)(w + j * k + i) + PREFETCH_BYTES, 0, 3);
+            if (nx > 1 && i % 32 == 0) __builtin_prefetch((const char *)(w + j * k + i) + PREFETCH_BYTES, 0, 3);
             const __m512 wv = widen16(w + j * k + i);
             for (int r = 0; r < nx; r++) acc[r][j] = _mm512_fmadd_ps(wv, xv[r], acc[r][j]);
         }
@@ -305,9 +308,7 @@ static const INPUT *prepare(const uint16_t *x, int64_t rows, int64_t k) { return
     static NOINLINE void name(const INPUT *x, int64_t k, const uint16_t *w, uint16_t *y, int64_t n, Ahead ahead) { \
         tile(x, k, nx, w, nw, y, n, ahead);                                                                       \
     }
-#if !ONE_ROW_PASSES
 TILE_FN(tile_one_row, 1, ONE_ROW_BLOCK)
-#endif
 /* One per count of input rows, 1..8; counts past TILE_X (never called: a pass has at most TILE_X rows) are built
  * as TILE_X, so that the table needs no conditions. */
 #define ROWS_UP_TO_TILE_X(r) ((r) < TILE_X ? (r) : TILE_X)
@@ -328,20 +329,11 @@ static NOINLINE void tile_any(const INPUT *x, int64_t k, int nx, const uint16_t 
 }
 
 /* One block of `count` weight rows (first: its first row) against every input row, in passes of up to TILE_X
- * input rows that ask for the next block (next_bytes from next) as they go. */
+ * input rows that ask for the next block (next_bytes from next) as they go. One input row: one pass over its
+ * ONE_ROW_BLOCK weight rows side by side, which asks for the next block only where ONE_ROW_AHEAD says so. */
 static void block(const INPUT *xp, const uint16_t *w, uint16_t *y, int64_t rows, int64_t n, int64_t k,
                   int64_t first, int count, const char *next, int64_t next_bytes) {
     const uint16_t *wb = w + first * k;
-#if !ONE_ROW_PASSES
-    if (rows == 1) { /* one pass as fast as the memory, its rows side by side */
-        const Ahead none = {NULL, NULL, 0};
-        if (count == ONE_ROW_BLOCK)
-            tile_one_row(xp, k, wb, y + first, n, none);
-        else
-            tile_any(xp, k, 1, wb, count, y + first, n, none);
-        return;
-    }
-#endif
     const int64_t passes = (rows + TILE_X - 1) / TILE_X, lines = (next_bytes + 63) / 64;
     const int64_t steps = (k + 31) / 32; /* of each pass, in lines of 32 weights */
     for (int64_t t = 0; t < passes; t++) {
@@ -353,11 +345,17 @@ static void block(const INPUT *xp, const uint16_t *w, uint16_t *y, int64_t rows,
          * streamed 8 rows 6% faster than one in proportion to the passes' rows, 6 + 2, on the Zen 4) */
         const int64_t from = t * lines / passes, to = (t + 1) * lines / passes;
         const Ahead ahead = {next + 64 * from, next + 64 * to, (int)((to - from + steps - 1) / steps)};
-        if (count != TILE_W) {
+        if (rows == 1) {
+            const Ahead one_row = ONE_ROW_AHEAD ? ahead : (Ahead){NULL, NULL, 0};
+            if (count == ONE_ROW_BLOCK)
+                tile_one_row(xr, k, wb, yr, n, one_row);
+            else
+                tile_any(xr, k, 1, wb, count, yr, n, one_row);
+        } else if (count != TILE_W) {
             tile_any(xr, k, nx, wb, count, yr, n, ahead);
-            continue;
+        } else {
+            TILES[nx - 1](xr, k, wb, yr, n, ahead);
         }
-        TILES[nx - 1](xr, k, wb, yr, n, ahead);
     }
 }
 
@@ -373,7 +371,7 @@ int llama_gemv_bf16(const uint16_t *x, const uint16_t *w, uint16_t *y, int64_t r
     }
     const INPUT *xp = prepare(x, rows, k);
     if (xp == NULL) return 1;
-    const int size = rows == 1 && !ONE_ROW_PASSES ? ONE_ROW_BLOCK : TILE_W;
+    const int size = rows == 1 ? ONE_ROW_BLOCK : TILE_W;
     const int64_t blocks = (n + size - 1) / size;
 #pragma omp parallel for schedule(static)
     for (int64_t b = 0; b < blocks; b++) {
