@@ -282,6 +282,90 @@ def test_panel_product_equals_its_float64_reference(mode, g, rows, n, k):
     assert torch.equal(yb, panel_product(fn, xb.float(), qweight, scales, g).bfloat16())
 
 
+def test_panel_layout_round_trips_and_reorders_words():
+    q = torch.arange(32 * 8, dtype=torch.int16).to(torch.uint8).view(32, 8)
+    panels = tensor.to_panels(q, tensor.QWEIGHT_WORD)
+    assert panels.shape == q.shape and torch.equal(tensor.from_panels(panels, tensor.QWEIGHT_WORD), q)
+    # word 1 of row 0 follows word 0 of rows 0..15
+    assert torch.equal(panels.view(-1)[:4], q[0, :4]) and torch.equal(panels.view(-1)[64:68], q[0, 4:8])
+    scales = torch.randn(48, 3).bfloat16()
+    assert torch.equal(tensor.from_panels(tensor.to_panels(scales, 1), 1), scales)
+    assert tensor.fits_panels(32, 8) and not tensor.fits_panels(24, 8) and not tensor.fits_panels(32, 6)
+
+
+def stored_product(mode, x, qweight, scales, g, int8_x, extra_flags=()):
+    """The product on weights stored in panels (the *_panels kernels of a build), for weights given as rows."""
+    name = f"llama_gemv_{mode}_panels{'_q8x' if int8_x else ''}"
+    fns = kernels.cpu_gemv.load_kernel(kernels.SOURCE, {name: [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 5},
+                                       "no such build", ctypes.c_int, list(extra_flags))  # fmt: skip
+    q, s = tensor.to_panels(qweight, tensor.QWEIGHT_WORD), tensor.to_panels(scales, 1)
+    return panel_product(fns[name], x, q, s, g)
+
+
+@needs_kernel
+@pytest.mark.parametrize("mode,g", [("int8", 32), ("int8", 64), ("int4", 32), ("int8", 96), ("int4", 64)])
+def test_products_on_stored_panels_give_the_bits_of_the_products_on_rows(mode, g):
+    """Weights kept in panels: the int8-input product (every build: native, AVX2, portable) gives bitwise what the
+    kernels on rows give (the one-row loops below 4 rows, the panel product from 4), and the exact product what the
+    exact kernels give, for 1 to 17 rows, odd block counts and two panels."""
+    builds = [(), ("-mno-avx512f",), ("-march=x86-64",)] if platform.machine() in ("x86_64", "AMD64") else [()]
+    k = 3 * g if g >= 64 else 160
+    scheme = Scheme(mode, g)
+    qweight, scales = tensor.quantize(weights(32, k, seed=g), scheme)
+    for rows in (1, 2, 3, 4, 5, 8, 9, 17):
+        x = torch.randn(rows, k, generator=torch.Generator().manual_seed(rows))
+        exact = panel_product(kernels.kernels()[mode], x, qweight, scales, g)
+        assert torch.equal(stored_product(mode, x, qweight, scales, g, int8_x=False), exact), (rows, "exact")
+        if not kernels.int8_x_applies(mode, g):
+            continue
+        on_rows = panel_product(kernels.kernels()[f"{mode}_q8x"], x, qweight, scales, g)
+        for flags in builds:
+            assert torch.equal(stored_product(mode, x, qweight, scales, g, True, flags), on_rows), (rows, flags)
+
+
+@needs_kernel
+@pytest.mark.parametrize("mode", MODES)
+def test_a_layer_holds_panels_and_shows_rows(mode):
+    """A layer whose outputs fit panels holds them: its state_dict() and loading speak rows (the checkpoints'
+    layout), and it computes bitwise what the same layer on rows computes, with int8 inputs or exact, decoding or
+    prefilling, stacked or not."""
+    scheme = Scheme(mode, 32)
+    linear = torch.nn.Linear(96, 48, bias=False)
+    linear.weight.data = weights(48, 96, seed=3)
+    linear.split_dims = {"weight": 0}
+    layer = QuantizedLinear.from_linear(linear, scheme)
+    rows = QuantizedLinear(96, 48, scheme, panels=False)
+    rows.qweight, rows.scales = tensor.quantize(linear.weight, scheme)
+    assert layer.panels and not rows.panels and "panels=True" in repr(layer)
+    assert not torch.equal(layer.qweight, rows.qweight)  # held otherwise...
+    state = layer.state_dict()
+    assert torch.equal(state["qweight"], rows.qweight) and torch.equal(state["scales"], rows.scales)  # ...shown so
+    assert torch.equal(layer.dequantized_weight(), rows.dequantized_weight())
+    for count in (1, 3, 6, 20):
+        x = torch.randn(count, 96, generator=torch.Generator().manual_seed(count)).bfloat16()
+        for int8_x in (True, False):
+            layer.int8_x = rows.int8_x = int8_x
+            assert torch.equal(layer(x), rows(x)), (count, int8_x)
+    # loading rows (a checkpoint's) into a layer that holds panels
+    fresh = QuantizedLinear(96, 48, scheme)
+    fresh.load_state_dict(rows.state_dict())
+    assert torch.equal(fresh.qweight, layer.qweight) and torch.equal(fresh.scales, layer.scales)
+    fresh.load_state_dict({k: v.clone() for k, v in rows.state_dict().items()}, assign=True)
+    assert torch.equal(fresh.qweight, layer.qweight)
+    # stacked: panels stack as rows do, and each part still shows its rows
+    layer.int8_x = rows.int8_x = True
+    other = QuantizedLinear(96, 16, scheme)
+    other.load_state_dict({"qweight": rows.qweight[:16].clone(), "scales": rows.scales[:16].clone()})
+    stacked = QuantizedLinear.stack([layer, other])
+    assert stacked is not None and stacked.layer.panels
+    x = torch.randn(2, 96)
+    assert torch.equal(stacked.layer(x), torch.cat([rows(x), rows(x)[:, :16]], dim=1))
+    assert torch.equal(layer.state_dict()["qweight"], rows.qweight)
+    assert QuantizedLinear.stack([layer, rows]) is None  # layouts differ
+    with pytest.raises(ValueError, match="panels"):
+        QuantizedLinear(96, 24, scheme, panels=True)
+
+
 @needs_kernel
 def test_every_loop_of_the_panel_product_gives_the_same_bits():
     """The AVX512-VNNI, AVX2 and portable loops compute the same fp32 operations in the same order."""
@@ -527,11 +611,16 @@ def test_compiled_fast_path_calls_the_int8_kernel(tiny_args, tokenizer_path, mon
     calls = []
     real = kernels.kernels()
 
-    def counting(*args):
-        calls.append(args[4:])
-        real["int8"](*args)
+    def counting(name):
+        def call(*args):
+            calls.append(args[4:])
+            return real[name](*args)
 
-    monkeypatch.setitem(kernels._state, "fns", {**real, "int8": counting})
+        return call
+
+    # the exact kernels, on weights as rows and in panels (the tiny model's layers have both)
+    counted = {name: counting(name) for name in ("int8", "int8_panels")}
+    monkeypatch.setitem(kernels._state, "fns", {**real, **counted})
     prompts = [tokenizer.encode("Llamas live in", bos=True, eos=False)]
     fast = Llama(quantized, tokenizer, fast=FastDecoder(quantized, compile=True, use_cpu_step=False))
     out = fast.generate(prompts, max_gen_len=8, temperature=0)[0]

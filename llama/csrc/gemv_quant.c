@@ -209,6 +209,25 @@ static inline RowBlock row_block(const void *w, const uint16_t *s, int64_t b, in
     return block;
 }
 
+/* out[j] = x . dequant(w[j]) for `count` (at most BLOCK) weight rows at w (their scales at s); next: the rows to
+ * prefetch meanwhile. */
+static inline void exact_rows(const float *x, const uint8_t *w, const uint16_t *s, int64_t k, int64_t g, int int4,
+                              int count, float *out, const uint8_t *next) {
+#ifdef HAVE_AVX2 /* groups of a multiple of 32: the AVX2 rows; otherwise (or without AVX2) the plain ones */
+    if (g % 32 == 0 && int4)
+        rows_int4_exact(x, w, s, k, g, count, out, next);
+    else if (g % 32 == 0)
+        rows_int8_exact(x, (const int8_t *)w, s, k, g, count, out, (const int8_t *)next);
+    else
+#else
+    (void)next;
+#endif
+    if (int4)
+        rows_int4_plain(x, w, s, k, g, count, out);
+    else
+        rows_int8_plain(x, (const int8_t *)w, s, k, g, count, out);
+}
+
 /* One call: blocks of BLOCK weight rows split among the threads; each block serves every input row. */
 static void gemv_exact(const float *x, const void *w, const uint16_t *s, void *y, int64_t rows, int64_t n,
                        int64_t k, int64_t g, int int4, int64_t io) {
@@ -217,19 +236,8 @@ static void gemv_exact(const float *x, const void *w, const uint16_t *s, void *y
     for (int64_t blk = 0; blk < blocks; blk++) {
         RowBlock rb = row_block(w, s, blk, BLOCK, n, row_bytes, groups);
         for (int64_t r = 0; r < rows; r++) {
-            const float *xr = x + r * k;
             float out[BLOCK];
-#ifdef HAVE_AVX2 /* groups of a multiple of 32: the AVX2 rows; otherwise (or without AVX2) the plain ones */
-            if (g % 32 == 0 && int4)
-                rows_int4_exact(xr, rb.w, rb.s, k, g, rb.count, out, rb.next);
-            else if (g % 32 == 0)
-                rows_int8_exact(xr, (const int8_t *)rb.w, rb.s, k, g, rb.count, out, (const int8_t *)rb.next);
-            else
-#endif
-            if (int4)
-                rows_int4_plain(xr, rb.w, rb.s, k, g, rb.count, out);
-            else
-                rows_int8_plain(xr, (const int8_t *)rb.w, rb.s, k, g, rb.count, out);
+            exact_rows(x + r * k, rb.w, rb.s, k, g, int4, rb.count, out, rb.next);
             store(y, r * n + rb.first, out, rb.count, io);
         }
     }
@@ -620,7 +628,8 @@ static int gemv_q8x(const void *x, const void *w, const uint16_t *s, void *y, in
 }
 
 /* ---------------------------------------------------------------------------------------------------------
- * Many input rows (prefill, a batch of decoding rows): a product over panels of PANEL weight rows.
+ * Many input rows (prefill, a batch of decoding rows), and any number of rows for weights stored in panels: a
+ * product over panels of STORED weight rows.
  *
  * The input rows are rounded to int8 blocks exactly as above (quantize_row_q8), so each (input row, weight row,
  * block of 32) has the same exact integer dot product d as in the kernels above; the result is
@@ -628,46 +637,50 @@ static int gemv_q8x(const void *x, const void *w, const uint16_t *s, void *y, in
  * VNNI, AVX2, portable) computes exactly that, so they agree bitwise, and each row of a call is bitwise the row
  * alone (nothing depends on the other rows or on where a row falls in a tile).
  *
- * Layout. Each thread copies a panel of PANEL weight rows into a buffer laid out for the vector instructions (a
- * "packed" panel, as GEMMs do): per block of 32 inputs, 8 steps of PANEL x 4 bytes, step t holding weights
- * 4t..4t+3 of each of the PANEL rows side by side (lane j = weight row j; int4 keeps two steps in the nibbles of
- * one, t in the low ones and t + 4 in the high ones), and the panel's scales per block as fp32. One vector of
- * packed weights then meets 4 inputs of an input row (the same 4 bytes in every lane) in one 4-way byte dot
- * product per lane: vpdpbusd on AVX512-VNNI (16 rows a vector), vpmaddubsw + vpmaddwd on AVX2 (8). The panel
- * (PANEL * k bytes or half that, plus scales) stays in cache while TILE input rows at a time run over it, so each
- * weight is read from memory once per call, and the packing (loads and 8 x 8 transposes of 4-byte words, the next
- * panel prefetched meanwhile) is paid once per call too.
+ * The panel layout. A panel is STORED = 16 consecutive weight rows laid out for the vector units: the rows' 4-byte
+ * words side by side, word d of rows 0..15, then word d + 1 (the bytes as (n / 16, 16, row bytes / 4, 4)
+ * transposed to (n / 16, row bytes / 4, 16, 4)); its scales likewise, each group's 16 scales side by side. A
+ * block of 32 inputs is then 8 "steps" of 64 bytes for int8 (step t: weights 4t..4t+3 of the 16 rows) and 4 for
+ * int4 (step t: the nibbles of weights 4t..4t+3 low and 16+4t..16+4t+3 high, as the rows hold them). Layers whose
+ * rows are a multiple of 16 keep their weights in this layout (llama/quant/panels.py): the *_panels products read
+ * them as they are. Other weights are copied into a panel per call (pack_panel: loads and 8 x 8 transposes of
+ * 4-byte words), which costs about as much again as reading them.
  *
- * The byte products take one unsigned and one signed operand. Int4 nibbles are q + 8 (unsigned) as stored; int8
- * weights get + 128 (a flip of the top bit) on AVX512-VNNI, whose 32-bit sums cannot overflow. Either way each
- * block sum overshoots by offset * (the block's sum of the int8 inputs), which starts the sum negated (corr). The
- * AVX2 int8 loop instead keeps the weights signed and moves their signs onto the inputs (as dot_lanes does):
- * its pair sums must stay within int16.
+ * One vector of a step meets 4 inputs of an input row (the same 4 bytes in every lane) in one 4-way byte dot
+ * product per lane: vpdpbusd on AVX512-VNNI (a panel's 16 rows a vector), vpmaddubsw + vpmaddwd on AVX2 (8 rows a
+ * vector: a panel in two halves). The panel stays in cache while TILE input rows at a time run over it, so each
+ * weight is read from memory once per call. The byte products take one unsigned and one signed operand. Int4
+ * nibbles are q + 8 (unsigned) as stored; int8 weights get + 128 (a flip of the top bit) as AVX512-VNNI loads
+ * them, whose 32-bit sums cannot overflow. Either way each block sum overshoots by offset * (the block's sum of the
+ * int8 inputs), which starts the sum negated (corr). The AVX2 int8 loop instead keeps the weights signed and
+ * moves their signs onto the inputs (as dot_lanes does): its pair sums must stay within int16.
+ *
+ * Memory. With TILE or more input rows the tiles are bound by the arithmetic, so the first tile of a panel asks
+ * for the next panel block by block as it computes (prefetch_block), and the memory streams while the vector units
+ * work (asked for all at once while packing, the two took turns: 8 rows 10% slower). With fewer rows the stored
+ * panels are read as one stream, which the hardware prefetchers follow best (asking ahead made one row 5% slower).
  */
+#define STORED 16 /* weight rows of a panel */
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
 #define GEMM_VNNI 1
-#define PANEL 16
+#define LANES 16 /* weight rows a tile computes: a vector's */
+#define TILE 8   /* input rows a tile runs over a panel together (their sums stay in registers: AVX-512 has 32) */
 #define GEMM_LOOP "avx512vnni"
 #elif defined(HAVE_AVX2)
 #define GEMM_AVX2 1
-#define PANEL 8
+#define LANES 8
+#define TILE 4
 #define GEMM_LOOP "avx2"
 #else
-#define PANEL 8
+#define LANES STORED
+#define TILE 1
 #define GEMM_LOOP "plain"
 #endif
-/* input rows run over a packed panel together (their sums stay in registers: AVX-512 has 32 of them) */
-#ifdef GEMM_VNNI
-#define TILE 8
-#else
-#define TILE 4
-#endif
 
-/* From this many input rows on, llama_gemv_*_q8x run the product below (the same bits either way). It pays for
- * packing each panel once per call, which costs about as much again as reading the weights: the one-row loops, which
- * stream the weights as they are, win below 3 rows and tie at 3 (two threads on a Zen 4, weights in 2 MB pages: int8
- * 1 / 2 / 3 / 4 rows 7.0 / 10.6 / 12.8 / 17.5 ms against 10.8 / 11.7 / 12.4 / 13.2 for this product, over 6
- * layers' weights). */
+/* From this many input rows on, llama_gemv_*_q8x run the product below on weights not stored in panels (the same
+ * bits either way). It pays for packing each panel once per call: the one-row loops, which stream the weights as
+ * they are, win below 3 rows and tie at 3 (two threads on a Zen 4, weights in 2 MB pages: int8 1 / 2 / 3 / 4 rows
+ * 7.0 / 10.6 / 12.8 / 17.5 ms against 10.8 / 11.7 / 12.4 / 13.2 for this product, over 6 layers' weights). */
 #define GEMM_MIN_ROWS 4
 
 const char *llama_gemm_q8_loop(void) { return GEMM_LOOP; }
@@ -680,13 +693,20 @@ typedef struct {
     int32_t *corr;
 } InputRows;
 
-/* The weights' offset in the packed panel: what each block sum overshoots by, per unit of the inputs' sum. */
+/* The weights' offset as the tiles read them: what each block sum overshoots by, per unit of the inputs' sum. */
 static inline int32_t packed_offset(int int4) {
 #if defined(GEMM_VNNI)
     return int4 ? 8 : 128;
 #else /* AVX2 and the portable loop read int8 weights as they are */
     return int4 ? 8 : 0;
 #endif
+}
+
+/* The scales of weight rows first.. (count of them, the rest of the panel 0) in the panel layout: sp[group * STORED
+ * + j]. */
+static void pack_scales(const uint16_t *s, int64_t first, int count, int64_t groups, uint16_t *sp) {
+    for (int64_t group = 0; group < groups; group++)
+        for (int j = 0; j < STORED; j++) sp[group * STORED + j] = j < count ? s[(first + j) * groups + group] : 0;
 }
 
 #if defined(GEMM_VNNI) || defined(GEMM_AVX2)
@@ -706,37 +726,17 @@ static inline __attribute__((always_inline)) void load_transposed(const uint8_t 
     transpose8x8(r);
 }
 
-/* Pack weight rows first.. (count <= PANEL) into pw: per block of 32 inputs, 8 steps of PANEL lanes of 4 bytes,
- * step t lane j holding weights 4t..4t+3 of row j (lanes past count 0: never stored). Loads and in-register
- * transposes of 8 x 8 dwords (int8: one block of 8 rows; int4: two blocks, 16 bytes a row each, whose low nibbles
- * are weights 0-15 and high ones 16-31). */
-static void pack_panel(const uint8_t *w, int64_t first, int count, int64_t k, int int4, uint8_t *pw) {
-    int64_t nb = k / QBLOCK, row_bytes = int4 ? k / 2 : k;
-    const uint8_t *rows = w + first * row_bytes;
-    const int64_t step = PANEL * 4; /* bytes a step */
-    for (int h = 0; h < PANEL; h += 8) {
-        __m256i r[8];
-        if (int4) { /* the nibbles stay packed: a byte holds the weights of steps t (low) and t + 4 (high) */
-            for (int64_t b = 0; b < nb; b += 2) {
-                load_transposed(rows + b * 16, row_bytes, h, count, b + 1 == nb, r);
-                for (int pair = 0; pair < 2 && b + pair < nb; pair++) {
-                    uint8_t *out = pw + (b + pair) * 4 * step + h * 4;
-                    for (int t = 0; t < 4; t++) _mm256_storeu_si256((__m256i *)(out + t * step), r[4 * pair + t]);
-                }
-            }
-        } else {
-            for (int64_t b = 0; b < nb; b++) {
-                load_transposed(rows + b * QBLOCK, row_bytes, h, count, 0, r);
-                uint8_t *out = pw + b * 8 * step + h * 4;
-                for (int t = 0; t < 8; t++) {
-#ifdef GEMM_VNNI
-                    r[t] = _mm256_xor_si256(r[t], _mm256_set1_epi8((char)0x80)); /* + 128: unsigned */
-#endif
-                    _mm256_storeu_si256((__m256i *)(out + t * step), r[t]);
-                }
-            }
+/* Weight rows first.. (count <= STORED; the rest of the panel 0) in the panel layout at pw: 8 rows and 8 words at
+ * a time, loaded and transposed in registers. */
+static void pack_panel(const uint8_t *w, int64_t first, int count, int64_t row_bytes, uint8_t *pw) {
+    const int64_t words = row_bytes / 4;
+    for (int h = 0; h < STORED; h += 8)
+        for (int64_t d = 0; d < words; d += 8) {
+            __m256i r[8];
+            load_transposed(w + first * row_bytes + d * 4, row_bytes, h, count, d + 4 == words, r);
+            for (int t = 0; t < 8 && d + t < words; t++)
+                _mm256_storeu_si256((__m256i *)(pw + ((d + t) * STORED + h) * 4), r[t]);
         }
-    }
 }
 
 static inline int32_t load4(const int8_t *p) {
@@ -745,52 +745,42 @@ static inline int32_t load4(const int8_t *p) {
     return v;
 }
 
-/* Ask for block b of the next panel's weight rows (at `ahead`; NULL: none), a cache line of each row at a time,
- * into L2 (prefetches never fault, past the end included; into L2 rather than L1 or non-temporally: 8 rows read
- * 1.2-1.6x faster on a Zen 4). A tile asks for them block by block as it computes, so that the memory streams the
- * next panel while the vector units work on this one (asked for all at once while packing, the stream and the
- * arithmetic took turns: 8 rows 10% slower). */
+/* Ask for block b of the next panel's weight rows (at `ahead`, as laid out: rows row_bytes apart, or a stored
+ * panel, whose lines are the same set; NULL: none), a cache line of each row at a time, into L2 (prefetches never
+ * fault, past the end included; into L2 rather than L1 or non-temporally: 8 rows read 1.2-1.6x faster on a Zen 4). */
 static inline __attribute__((always_inline)) void prefetch_block(const uint8_t *ahead, int64_t b, int64_t k,
                                                                  int int4) {
     const int64_t bytes = int4 ? QBLOCK / 2 : QBLOCK, row_bytes = int4 ? k / 2 : k;
     if (ahead != NULL && (b * bytes) % 64 == 0)
-        for (int j = 0; j < PANEL; j++) __builtin_prefetch(ahead + j * row_bytes + b * bytes, 0, 1);
+        for (int j = 0; j < STORED; j++) __builtin_prefetch(ahead + j * row_bytes + b * bytes, 0, 1);
+}
+#else
+/* The portable packing: word by word. */
+static void pack_panel(const uint8_t *w, int64_t first, int count, int64_t row_bytes, uint8_t *pw) {
+    for (int64_t d = 0; d < row_bytes / 4; d++)
+        for (int j = 0; j < STORED; j++) {
+            uint8_t *to = pw + (d * STORED + j) * 4;
+            if (j < count)
+                memcpy(to, w + (first + j) * row_bytes + d * 4, 4);
+            else
+                memset(to, 0, 4);
+        }
 }
 #endif
-
-/* The scales of weight rows first.. (count of them, the rest of the panel 0) per block: ps[b * PANEL + j]. */
-static void pack_scales(const uint16_t *s, int64_t first, int count, int64_t k, int64_t g, float *ps) {
-    int64_t nb = k / QBLOCK, groups = k / g, per = g / QBLOCK;
-    /* the next panel's scales (they follow these), a cache line at a time: the loads below would wait for each */
-    prefetch_stretch(s + (first + PANEL) * groups, PANEL * groups * (int64_t)sizeof(uint16_t));
-    int64_t done = 0;
-#if defined(GEMM_VNNI) || defined(GEMM_AVX2)
-    if (per == 1) /* groups of 32: 8 blocks of 8 rows at a time, widened to fp32 and transposed */
-        for (; done + 8 <= nb; done += 8)
-            for (int h = 0; h < PANEL; h += 8) {
-                __m256i r[8];
-                for (int i = 0; i < 8; i++)
-                    r[i] = h + i < count ? _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(
-                                               (const __m128i *)(s + (first + h + i) * groups + done))), 16)
-                                         : _mm256_setzero_si256();
-                transpose8x8(r);
-                for (int t = 0; t < 8; t++) _mm256_storeu_si256((__m256i *)(ps + (done + t) * PANEL + h), r[t]);
-            }
-#endif
-    for (int j = 0; j < PANEL; j++) {
-        const uint16_t *row = s + (first + j) * groups;
-        for (int64_t b = done; b < nb; b++) ps[b * PANEL + j] = j < count ? bf16_to_float(row[b / per]) : 0.0f;
-    }
-}
-
 
 #ifdef GEMM_VNNI
-/* out[r * PANEL + j] for input rows r0..r0+count-1 (count <= TILE) against a packed panel. */
-static inline __attribute__((always_inline)) void tile(const uint8_t *pw, const float *ps, InputRows in, int64_t r0,
-                                                         int count, int64_t k, int int4, const uint8_t *ahead,
-                                                         float *out) {
-    int64_t nb = k / QBLOCK;
-    const __m512i low4 = _mm512_set1_epi8(15);
+/* 16 bf16 scales as fp32. */
+static inline __m512 widen_scales(const uint16_t *p) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
+}
+
+/* out[r * STORED + j] for input rows r0..r0+count-1 (count <= TILE) against a panel (pw, sp; per blocks a
+ * group). */
+static inline __attribute__((always_inline)) void tile(const uint8_t *pw, const uint16_t *sp, int64_t per,
+                                                         InputRows in, int64_t r0, int count, int64_t k, int int4,
+                                                         const uint8_t *ahead, float *out) {
+    int64_t nb = k / QBLOCK, left = per;
+    const __m512i low4 = _mm512_set1_epi8(15), flip = _mm512_set1_epi8((char)0x80);
     __m512 acc[TILE];
     for (int r = 0; r < count; r++) acc[r] = _mm512_setzero_ps();
     for (int64_t b = 0; b < nb; b++) {
@@ -799,9 +789,9 @@ static inline __attribute__((always_inline)) void tile(const uint8_t *pw, const 
         const int8_t *xb = in.q + r0 * k + b * QBLOCK;
         for (int r = 0; r < count; r++) d[r] = _mm512_set1_epi32(-in.corr[(r0 + r) * nb + b]);
         if (int4) {
-            const uint8_t *pb = pw + b * 4 * PANEL * 4;
+            const uint8_t *pb = pw + b * 4 * STORED * 4;
             for (int t = 0; t < 4; t++) {
-                __m512i packed = _mm512_loadu_si512((const void *)(pb + t * PANEL * 4));
+                __m512i packed = _mm512_loadu_si512((const void *)(pb + t * STORED * 4));
                 __m512i lo = _mm512_and_si512(packed, low4), hi = _mm512_and_si512(_mm512_srli_epi16(packed, 4), low4);
                 for (int r = 0; r < count; r++) {
                     d[r] = _mm512_dpbusd_epi32(d[r], lo, _mm512_set1_epi32(load4(xb + r * k + 4 * t)));
@@ -809,26 +799,34 @@ static inline __attribute__((always_inline)) void tile(const uint8_t *pw, const 
                 }
             }
         } else {
-            const uint8_t *pb = pw + b * 8 * PANEL * 4;
+            const uint8_t *pb = pw + b * 8 * STORED * 4;
             for (int t = 0; t < 8; t++) {
-                __m512i wv = _mm512_loadu_si512((const void *)(pb + t * PANEL * 4));
+                __m512i wv = _mm512_xor_si512(_mm512_loadu_si512((const void *)(pb + t * STORED * 4)), flip);
                 for (int r = 0; r < count; r++)
                     d[r] = _mm512_dpbusd_epi32(d[r], wv, _mm512_set1_epi32(load4(xb + r * k + 4 * t)));
             }
         }
-        __m512 ws = _mm512_loadu_ps(ps + b * PANEL);
+        __m512 ws = widen_scales(sp);
         for (int r = 0; r < count; r++) {
             __m512 scale = _mm512_mul_ps(ws, _mm512_set1_ps(in.s[(r0 + r) * nb + b]));
             acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d[r]), scale, acc[r]);
         }
+        if (--left == 0) sp += STORED, left = per;
     }
-    for (int r = 0; r < count; r++) _mm512_storeu_ps(out + r * PANEL, acc[r]);
+    for (int r = 0; r < count; r++) _mm512_storeu_ps(out + r * STORED, acc[r]);
 }
 #elif defined(GEMM_AVX2)
-static inline __attribute__((always_inline)) void tile(const uint8_t *pw, const float *ps, InputRows in, int64_t r0,
-                                                         int count, int64_t k, int int4, const uint8_t *ahead,
-                                                         float *out) {
-    int64_t nb = k / QBLOCK;
+/* 8 bf16 scales as fp32. */
+static inline __m256 widen_scales(const uint16_t *p) {
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p)), 16));
+}
+
+/* The same for LANES = 8 rows of a panel: pw and sp point at the first of them (a panel's second half: 32 bytes
+ * and 8 scales on), the steps STORED * 4 bytes apart. */
+static inline __attribute__((always_inline)) void tile(const uint8_t *pw, const uint16_t *sp, int64_t per,
+                                                         InputRows in, int64_t r0, int count, int64_t k, int int4,
+                                                         const uint8_t *ahead, float *out) {
+    int64_t nb = k / QBLOCK, left = per;
     const __m256i ones = _mm256_set1_epi16(1), low4 = _mm256_set1_epi8(15);
     __m256 acc[TILE];
     for (int r = 0; r < count; r++) acc[r] = _mm256_setzero_ps();
@@ -837,11 +835,11 @@ static inline __attribute__((always_inline)) void tile(const uint8_t *pw, const 
         __m256i d[TILE];
         const int8_t *xb = in.q + r0 * k + b * QBLOCK;
         if (int4) { /* nibble x int8 pair sums stay within 2 * 15 * 127: 8 steps add up in int16 */
-            const uint8_t *pb = pw + b * 4 * PANEL * 4;
+            const uint8_t *pb = pw + b * 4 * STORED * 4;
             __m256i pairs[TILE];
             for (int r = 0; r < count; r++) pairs[r] = _mm256_setzero_si256();
             for (int t = 0; t < 4; t++) {
-                __m256i packed = _mm256_loadu_si256((const __m256i *)(pb + t * PANEL * 4));
+                __m256i packed = _mm256_loadu_si256((const __m256i *)(pb + t * STORED * 4));
                 __m256i lo = _mm256_and_si256(packed, low4), hi = _mm256_and_si256(_mm256_srli_epi16(packed, 4), low4);
                 for (int r = 0; r < count; r++) {
                     __m256i x_lo = _mm256_set1_epi32(load4(xb + r * k + 4 * t));
@@ -853,10 +851,10 @@ static inline __attribute__((always_inline)) void tile(const uint8_t *pw, const 
             for (int r = 0; r < count; r++)
                 d[r] = _mm256_sub_epi32(_mm256_madd_epi16(pairs[r], ones), _mm256_set1_epi32(in.corr[(r0 + r) * nb + b]));
         } else { /* signed weights: |w| * (x * sign(w)) = w * x, pair sums within 2 * 128 * 127 */
-            const uint8_t *pb = pw + b * 8 * PANEL * 4;
+            const uint8_t *pb = pw + b * 8 * STORED * 4;
             for (int r = 0; r < count; r++) d[r] = _mm256_setzero_si256();
             for (int t = 0; t < 8; t++) {
-                __m256i wv = _mm256_loadu_si256((const __m256i *)(pb + t * PANEL * 4));
+                __m256i wv = _mm256_loadu_si256((const __m256i *)(pb + t * STORED * 4));
                 __m256i magnitude = _mm256_sign_epi8(wv, wv);
                 for (int r = 0; r < count; r++) {
                     __m256i xv = _mm256_sign_epi8(_mm256_set1_epi32(load4(xb + r * k + 4 * t)), wv);
@@ -864,43 +862,71 @@ static inline __attribute__((always_inline)) void tile(const uint8_t *pw, const 
                 }
             }
         }
-        __m256 ws = _mm256_loadu_ps(ps + b * PANEL);
+        __m256 ws = widen_scales(sp);
         for (int r = 0; r < count; r++) {
             __m256 scale = _mm256_mul_ps(ws, _mm256_set1_ps(in.s[(r0 + r) * nb + b]));
             acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d[r]), scale, acc[r]);
         }
+        if (--left == 0) sp += STORED, left = per;
     }
-    for (int r = 0; r < count; r++) _mm256_storeu_ps(out + r * PANEL, acc[r]);
+    for (int r = 0; r < count; r++) _mm256_storeu_ps(out + r * STORED, acc[r]);
 }
-#endif
-
-#if !defined(GEMM_VNNI) && !defined(GEMM_AVX2)
-/* The portable loop: the same sums from the weights as stored (no packing). */
-static void panel_plain(const void *w, const float *ps, InputRows in, int64_t rows, int64_t first, int count,
-                        int64_t k, int int4, float *out /* rows x PANEL */) {
-    int64_t nb = k / QBLOCK, row_bytes = int4 ? k / 2 : k;
-    for (int64_t r = 0; r < rows; r++) {
-        float acc[PANEL] = {0};
-        for (int64_t b = 0; b < nb; b++) {
-            const int8_t *xb = in.q + r * k + b * QBLOCK;
-            for (int j = 0; j < count; j++) {
-                const uint8_t *wb = (const uint8_t *)w + (first + j) * row_bytes + b * (int4 ? 16 : QBLOCK);
-                int32_t d = -in.corr[r * nb + b];
+#else
+/* The portable loop: the same sums, one input row and one weight row at a time. */
+static void tile(const uint8_t *pw, const uint16_t *sp, int64_t per, InputRows in, int64_t r0, int count, int64_t k,
+                 int int4, const uint8_t *ahead, float *out) {
+    (void)ahead;
+    int64_t nb = k / QBLOCK;
+    for (int r = 0; r < count; r++)
+        for (int j = 0; j < STORED; j++) {
+            float acc = 0.0f;
+            for (int64_t b = 0; b < nb; b++) {
+                const int8_t *xb = in.q + (r0 + r) * k + b * QBLOCK;
+                int32_t d = -in.corr[(r0 + r) * nb + b];
                 for (int i = 0; i < QBLOCK; i++) {
-                    int32_t q = int4 ? (i < 16 ? wb[i] & 15 : wb[i - 16] >> 4) : (int32_t)(int8_t)wb[i];
+                    /* the word of weight i of the block (int4: of its nibble pair), then its byte */
+                    int64_t word = int4 ? b * 4 + (i % 16) / 4 : b * 8 + i / 4;
+                    uint8_t byte = pw[(word * STORED + j) * 4 + i % 4];
+                    int32_t q = int4 ? (i < 16 ? byte & 15 : byte >> 4) : (int32_t)(int8_t)byte;
                     d += q * xb[i];
                 }
-                acc[j] = fmaf((float)d, ps[b * PANEL + j] * in.s[r * nb + b], acc[j]);
+                acc = fmaf((float)d, bf16_to_float(sp[(b / per) * STORED + j]) * in.s[(r0 + r) * nb + b], acc);
             }
+            out[r * STORED + j] = acc;
         }
-        memcpy(out + r * PANEL, acc, sizeof acc);
-    }
 }
 #endif
 
+/* Every input row against one panel (pw, sp), into out (rows x STORED): TILE rows at a time over each LANES rows of
+ * it. Full tiles take TILE as a constant, and so does each count of the last one (the switch), which keeps their
+ * sums in registers. The first full tile asks for the next panel (ahead; NULL: none). */
+static void panel_rows(const uint8_t *pw, const uint16_t *sp, int64_t per, InputRows in, int64_t rows, int64_t k,
+                       int int4, const uint8_t *ahead, float *out) {
+    for (int h = 0; h < STORED; h += LANES) {
+        const uint8_t *ph = pw + h * 4;
+        const uint16_t *sh = sp + h;
+        int64_t r0 = 0;
+        for (; r0 + TILE <= rows; r0 += TILE, ahead = NULL) tile(ph, sh, per, in, r0, TILE, k, int4, ahead, out + r0 * STORED + h);
+        switch (rows - r0) { /* the last rows of the last tile, fewer than TILE */
+#define LAST_TILE(c) case c: tile(ph, sh, per, in, r0, c, k, int4, NULL, out + r0 * STORED + h); break;
+#if TILE > 7
+            LAST_TILE(7) LAST_TILE(6) LAST_TILE(5) LAST_TILE(4)
+#endif
+#if TILE > 3
+            LAST_TILE(3) LAST_TILE(2) LAST_TILE(1)
+#endif
+#undef LAST_TILE
+            default: break;
+        }
+        ahead = NULL;
+    }
+}
+
+/* The product with int8 inputs over panels: weights (w, s) stored in panels (n a multiple of STORED), or as rows,
+ * copied into a panel at a time per call. Returns 0, or 1 if out of memory (y may be partly written). */
 static int gemm_q8(const void *x, const void *w, const uint16_t *s, void *y, int64_t rows, int64_t n, int64_t k,
-                   int64_t g, int int4, int64_t io) {
-    int64_t nb = k / QBLOCK, panels = (n + PANEL - 1) / PANEL;
+                   int64_t g, int int4, int64_t io, int stored) {
+    const int64_t nb = k / QBLOCK, panels = (n + STORED - 1) / STORED, row_bytes = int4 ? k / 2 : k, groups = k / g;
     InputRows in = {malloc((size_t)(rows * k)), malloc(sizeof(float) * (size_t)(rows * nb)),
                     malloc(sizeof(int32_t) * (size_t)(rows * nb))};
     int failed = in.q == NULL || in.s == NULL || in.corr == NULL;
@@ -908,11 +934,11 @@ static int gemm_q8(const void *x, const void *w, const uint16_t *s, void *y, int
     if (!failed) {
 #pragma omp parallel
         {
-            /* each thread's packed panel, scales and tile results */
-            uint8_t *pw = malloc((size_t)(PANEL * k));
-            float *ps = malloc(sizeof(float) * (size_t)(PANEL * nb));
-            float *out = malloc(sizeof(float) * (size_t)(PANEL * (rows > TILE ? rows : TILE)));
-            int mine_failed = pw == NULL || ps == NULL || out == NULL;
+            /* each thread's panel (when it packs one) and results */
+            uint8_t *pw = stored ? NULL : malloc((size_t)(STORED * row_bytes));
+            uint16_t *sp = stored ? NULL : malloc(sizeof(uint16_t) * (size_t)(STORED * groups));
+            float *out = malloc(sizeof(float) * (size_t)(STORED * rows));
+            int mine_failed = out == NULL || (!stored && (pw == NULL || sp == NULL));
             if (mine_failed) {
 #pragma omp atomic write
                 failed = 1;
@@ -920,25 +946,22 @@ static int gemm_q8(const void *x, const void *w, const uint16_t *s, void *y, int
 #pragma omp for schedule(static)
             for (int64_t p = 0; p < panels; p++) {
                 if (mine_failed) continue;
-                int64_t first = p * PANEL;
-                int count = first + PANEL <= n ? PANEL : (int)(n - first);
-                pack_scales(s, first, count, k, g, ps);
-#if defined(GEMM_VNNI) || defined(GEMM_AVX2)
-                pack_panel((const uint8_t *)w, first, count, k, int4, pw);
-                /* the first tile asks for the next panel (with the static schedule, this thread's next one); full
-                 * tiles take TILE as a constant, which keeps their sums in registers */
-                const uint8_t *ahead = (const uint8_t *)w + (first + PANEL) * (int4 ? k / 2 : k);
-                int64_t r0 = 0;
-                for (; r0 + TILE <= rows; r0 += TILE, ahead = NULL)
-                    tile(pw, ps, in, r0, TILE, k, int4, ahead, out + r0 * PANEL);
-                if (r0 < rows) tile(pw, ps, in, r0, (int)(rows - r0), k, int4, ahead, out + r0 * PANEL);
-#else
-                panel_plain(w, ps, in, rows, first, count, k, int4, out);
-#endif
-                for (int64_t r = 0; r < rows; r++) store(y, r * n + first, out + r * PANEL, count, io);
+                const int64_t first = p * STORED;
+                const int count = first + STORED <= n ? STORED : (int)(n - first);
+                /* the next panel, with the static schedule this thread's next one */
+                const uint8_t *here = (const uint8_t *)w + first * row_bytes, *ahead = here + STORED * row_bytes;
+                if (stored) {
+                    panel_rows(here, s + first * groups, g / QBLOCK, in, rows, k, int4, rows >= TILE ? ahead : NULL,
+                               out);
+                } else {
+                    pack_scales(s, first, count, groups, sp);
+                    pack_panel((const uint8_t *)w, first, count, row_bytes, pw);
+                    panel_rows(pw, sp, g / QBLOCK, in, rows, k, int4, ahead, out);
+                }
+                for (int64_t r = 0; r < rows; r++) store(y, r * n + first, out + r * STORED, count, io);
             }
             free(pw);
-            free(ps);
+            free(sp);
             free(out);
         }
     }
@@ -953,25 +976,92 @@ static int gemm_q8(const void *x, const void *w, const uint16_t *s, void *y, int
  * memory (the caller falls back; y may be partly written). */
 int llama_gemv_int8_q8x(const void *x, const int8_t *w, const uint16_t *s, void *y, int64_t rows, int64_t n,
                         int64_t k, int64_t g, int64_t io) {
-    if (rows >= GEMM_MIN_ROWS) return gemm_q8(x, w, s, y, rows, n, k, g, 0, io);
+    if (rows >= GEMM_MIN_ROWS) return gemm_q8(x, w, s, y, rows, n, k, g, 0, io, 0);
     return gemv_q8x(x, w, s, y, rows, n, k, g, 0, io);
 }
 
 int llama_gemv_int4_q8x(const void *x, const uint8_t *w, const uint16_t *s, void *y, int64_t rows, int64_t n,
                         int64_t k, int64_t g, int64_t io) {
-    if (rows >= GEMM_MIN_ROWS) return gemm_q8(x, w, s, y, rows, n, k, g, 1, io);
+    if (rows >= GEMM_MIN_ROWS) return gemm_q8(x, w, s, y, rows, n, k, g, 1, io, 0);
     return gemv_q8x(x, w, s, y, rows, n, k, g, 1, io);
 }
 
-/* The panel product at any row count (tests and benchmarks compare it with the one-row kernels above). */
+/* The panel product at any row count on weights as rows (tests and benchmarks compare it with the one-row kernels
+ * above). */
 int llama_gemm_int8_q8x(const void *x, const int8_t *w, const uint16_t *s, void *y, int64_t rows, int64_t n,
                         int64_t k, int64_t g, int64_t io) {
-    return gemm_q8(x, w, s, y, rows, n, k, g, 0, io);
+    return gemm_q8(x, w, s, y, rows, n, k, g, 0, io, 0);
 }
 
 int llama_gemm_int4_q8x(const void *x, const uint8_t *w, const uint16_t *s, void *y, int64_t rows, int64_t n,
                         int64_t k, int64_t g, int64_t io) {
-    return gemm_q8(x, w, s, y, rows, n, k, g, 1, io);
+    return gemm_q8(x, w, s, y, rows, n, k, g, 1, io, 0);
+}
+
+/* The same products on weights stored in panels (n a multiple of STORED), for any number of rows: the same bits
+ * as the products above on the weights as rows. */
+int llama_gemv_int8_panels_q8x(const void *x, const int8_t *w, const uint16_t *s, void *y, int64_t rows, int64_t n,
+                               int64_t k, int64_t g, int64_t io) {
+    return gemm_q8(x, w, s, y, rows, n, k, g, 0, io, 1);
+}
+
+int llama_gemv_int4_panels_q8x(const void *x, const uint8_t *w, const uint16_t *s, void *y, int64_t rows, int64_t n,
+                               int64_t k, int64_t g, int64_t io) {
+    return gemm_q8(x, w, s, y, rows, n, k, g, 1, io, 1);
+}
+
+/* The exact products on weights stored in panels: each panel copied back into rows (16 rows and their scales, in
+ * each thread's cache), then the exact kernels' rows. Returns 0, or 1 if out of memory (nothing written). */
+static void unpack_panel(const uint8_t *pw, const uint16_t *sp, int64_t row_bytes, int64_t groups, uint8_t *w,
+                         uint16_t *s) {
+    for (int64_t d = 0; d < row_bytes / 4; d++)
+        for (int j = 0; j < STORED; j++) memcpy(w + j * row_bytes + d * 4, pw + (d * STORED + j) * 4, 4);
+    for (int64_t group = 0; group < groups; group++)
+        for (int j = 0; j < STORED; j++) s[j * groups + group] = sp[group * STORED + j];
+}
+
+static int exact_panels(const void *x, const void *w, const uint16_t *s, void *y, int64_t rows, int64_t n,
+                        int64_t k, int64_t g, int int4, int64_t io) {
+    const float *xf = float_rows(x, rows * k, io);
+    if (xf == NULL) return 1;
+    const int64_t row_bytes = int4 ? k / 2 : k, groups = k / g;
+    int failed = 0;
+#pragma omp parallel
+    {
+        uint8_t *wr = malloc((size_t)(STORED * row_bytes));
+        uint16_t *sr = malloc(sizeof(uint16_t) * (size_t)(STORED * groups));
+        if (wr == NULL || sr == NULL) {
+#pragma omp atomic write
+            failed = 1;
+        }
+#pragma omp barrier
+#pragma omp for schedule(static)
+        for (int64_t p = 0; p < n / STORED; p++) {
+            if (failed) continue;
+            unpack_panel((const uint8_t *)w + p * STORED * row_bytes, s + p * STORED * groups, row_bytes, groups, wr,
+                         sr);
+            for (int64_t r = 0; r < rows; r++)
+                for (int h = 0; h < STORED; h += BLOCK) {
+                    float out[BLOCK];
+                    exact_rows(xf + r * k, wr + h * row_bytes, sr + h * groups, k, g, int4, BLOCK, out, wr);
+                    store(y, r * n + p * STORED + h, out, BLOCK, io);
+                }
+        }
+        free(wr);
+        free(sr);
+    }
+    if ((const void *)xf != x) free((void *)xf);
+    return failed;
+}
+
+int llama_gemv_int8_panels(const void *x, const int8_t *w, const uint16_t *s, void *y, int64_t rows, int64_t n,
+                           int64_t k, int64_t g, int64_t io) {
+    return exact_panels(x, w, s, y, rows, n, k, g, 0, io);
+}
+
+int llama_gemv_int4_panels(const void *x, const uint8_t *w, const uint16_t *s, void *y, int64_t rows, int64_t n,
+                           int64_t k, int64_t g, int64_t io) {
+    return exact_panels(x, w, s, y, rows, n, k, g, 1, io);
 }
 
 /* ---------------------------------------------------------------------------------------------------------

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 
 from llama.kernels import cpu_gemv
 from llama.quant.scheme import MODES, SCALE_DTYPE, Scheme
-from llama.quant.tensor import dequantize
+from llama.quant.tensor import PANEL_ROWS, QWEIGHT_WORD, dequantize, dequantize_rows, fits_panels, from_panels
 
 SOURCE = Path(__file__).parent.parent / "csrc" / "gemv_quant.c"
 
@@ -53,6 +53,9 @@ def kernels() -> Optional[dict[str, ctypes._CFuncPtr]]:
                 spec = {f"{m}{x}": (f"llama_gemv_{m}{x}", [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 5)
                         for m in MODES for x in ("", "_q8x")}  # fmt: skip
                 spec.update({f"gemm_{m}": (f"llama_gemm_{m}_q8x", spec[f"{m}_q8x"][1]) for m in MODES})
+                # the same products on weights stored in panels (``llama.quant.tensor.to_panels``)
+                spec.update({f"{m}_panels{x}": (f"llama_gemv_{m}_panels{x}", spec[f"{m}_q8x"][1])
+                             for m in MODES for x in ("", "_q8x")})  # fmt: skip
                 spec.update({f"dequant_{m}": (f"llama_dequant_{m}", [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 3)
                              for m in MODES})  # fmt: skip
                 spec["gemm_loop"] = ("llama_gemm_q8_loop", [])
@@ -87,7 +90,8 @@ def available() -> bool:
 _library = torch.library.Library("llama", "FRAGMENT")
 for _mode in MODES:
     _library.define(
-        f"linear_{_mode}(Tensor x, Tensor qweight, Tensor scales, int group_size, bool int8_x=False) -> Tensor"
+        f"linear_{_mode}(Tensor x, Tensor qweight, Tensor scales, int group_size, bool int8_x=False, "
+        "bool panels=False) -> Tensor"
     )
 
 
@@ -98,12 +102,14 @@ def int8_x_applies(mode: str, group_size: int) -> bool:
 
 
 def _linear_kernel(
-    mode: str, x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, group_size: int, int8_x: bool = False
-) -> torch.Tensor:
+    mode: str, x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, group_size: int, int8_x: bool = False,
+    panels: bool = False,
+) -> torch.Tensor:  # fmt: skip
     """F.linear(x, dequantize(qweight, scales)) through the C kernel; x (..., k) float on the CPU.
 
     int8_x: quantize x to int8 in blocks of 32 and sum integer products (llama.cpp's way; see gemv_quant.c),
-    where the format allows (``int8_x_applies``): faster, but it rounds x as well.
+    where the format allows (``int8_x_applies``): faster, but it rounds x as well. panels: qweight and scales are
+    in the panel layout (``to_panels``).
     """
     n = qweight.shape[0]
     k = qweight.shape[1] * (1 if mode == "int8" else 2)
@@ -113,9 +119,12 @@ def _linear_kernel(
     if x.shape[-1] != k or scales.shape != (n, k // group_size) or k % group_size:
         raise ValueError(f"linear_{mode}: x {tuple(x.shape)} does not fit qweight {tuple(qweight.shape)} and "
                          f"scales {tuple(scales.shape)} with group size {group_size}")  # fmt: skip
+    if panels and not fits_panels(n, qweight.shape[1]):
+        raise ValueError(f"linear_{mode}: qweight {tuple(qweight.shape)} cannot be in panels (rows must be a multiple "
+                         f"of {PANEL_ROWS}, bytes a row of {QWEIGHT_WORD})")  # fmt: skip
     fns = kernels()
     if fns is None:
-        return F.linear(x, dequantize(qweight, scales, Scheme(mode, group_size), x.dtype))
+        return F.linear(x, dequantize_rows(qweight, scales, Scheme(mode, group_size), panels, x.dtype))
     # fp32 and bf16 inputs and outputs pass as they are (io flags); any other float dtype as fp32. Each aten
     # call costs microseconds, and a decode step makes over a hundred of these calls: only the needed ones.
     dtype = x.dtype if x.dtype in IO_FLAGS else torch.float32
@@ -123,7 +132,7 @@ def _linear_kernel(
     q = qweight if qweight.is_contiguous() else qweight.contiguous()
     s = scales if scales.is_contiguous() else scales.contiguous()
     y = torch.empty(*x.shape[:-1], n, dtype=dtype)
-    fn = product_kernel(fns, mode, group_size, int8_x)
+    fn = product_kernel(fns, mode, group_size, int8_x, panels)
     if fn(x2.data_ptr(), q.data_ptr(), s.data_ptr(), y.data_ptr(), x2.numel() // k, n, k, group_size, IO_FLAGS[dtype]):
         raise MemoryError(f"linear_{mode}: out of memory for the kernel's scratch ({x2.numel() // k} rows of {k})")
     return y if y.dtype == x.dtype else y.to(x.dtype)
@@ -132,10 +141,13 @@ def _linear_kernel(
 IO_FLAGS = {torch.float32: 0, torch.bfloat16: 1 | 2}  # gemv_quant.c's IO_X_BF16 | IO_Y_BF16, by activation dtype
 
 
-def product_kernel(fns: dict[str, ctypes._CFuncPtr], mode: str, group_size: int, int8_x: bool) -> ctypes._CFuncPtr:
+def product_kernel(
+    fns: dict[str, ctypes._CFuncPtr], mode: str, group_size: int, int8_x: bool, panels: bool = False
+) -> ctypes._CFuncPtr:
     """The C product for a format, of the built `fns` (``kernels()``): with int8 inputs where asked and the
-    format allows, else exact."""
-    return fns[f"{mode}_q8x"] if int8_x and int8_x_applies(mode, group_size) else fns[mode]
+    format allows, else exact; on weights in the panel layout where `panels` says so."""
+    layout = "_panels" if panels else ""
+    return fns[f"{mode}{layout}_q8x"] if int8_x and int8_x_applies(mode, group_size) else fns[f"{mode}{layout}"]
 
 
 def dequantize_cpu(
@@ -161,30 +173,37 @@ def dequantize_cpu(
     return out
 
 
-def linear_dequantized(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, scheme: Scheme) -> torch.Tensor:
+def linear_dequantized(
+    x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, scheme: Scheme, panels: bool = False
+) -> torch.Tensor:
     """``F.linear(x, dequantize(qweight, scales))`` on the CPU for many input rows: torch's fp32 GEMM over the
-    weight's rows dequantized a chunk at a time (``cpu_gemv.linear_in_fp32_chunks``), the result in x's dtype."""
+    weight's rows dequantized a chunk at a time (``cpu_gemv.linear_in_fp32_chunks``), the result in x's dtype.
+    panels: the weights are in the panel layout (each chunk's panels are put back in rows first)."""
 
     def rows(lo: int, hi: int, out: torch.Tensor) -> torch.Tensor:
-        return dequantize_cpu(qweight[lo:hi], scales[lo:hi], scheme, out=out)
+        if not panels:
+            return dequantize_cpu(qweight[lo:hi], scales[lo:hi], scheme, out=out)
+        first, last = lo - lo % PANEL_ROWS, -(-hi // PANEL_ROWS) * PANEL_ROWS  # the panels rows lo..hi lie in
+        q, s = from_panels(qweight[first:last], QWEIGHT_WORD), from_panels(scales[first:last], 1)
+        return dequantize_cpu(q[lo - first : hi - first], s[lo - first : hi - first], scheme, out=out)
 
     return cpu_gemv.linear_in_fp32_chunks(x, qweight.shape[0], rows)
 
 
 def linear_int8(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, group_size: int,
-                int8_x: bool = False) -> torch.Tensor:  # fmt: skip
+                int8_x: bool = False, panels: bool = False) -> torch.Tensor:  # fmt: skip
     """``F.linear(x, dequantize(...))`` for int8 weights through the C kernel (``torch.ops.llama.linear_int8``)."""
-    return _linear_kernel("int8", x, qweight, scales, group_size, int8_x)
+    return _linear_kernel("int8", x, qweight, scales, group_size, int8_x, panels)
 
 
 def linear_int4(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, group_size: int,
-                int8_x: bool = False) -> torch.Tensor:  # fmt: skip
+                int8_x: bool = False, panels: bool = False) -> torch.Tensor:  # fmt: skip
     """``F.linear(x, dequantize(...))`` for packed int4 weights through the C kernel (``llama::linear_int4``)."""
-    return _linear_kernel("int4", x, qweight, scales, group_size, int8_x)
+    return _linear_kernel("int4", x, qweight, scales, group_size, int8_x, panels)
 
 
 def _fake(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, group_size: int,
-          int8_x: bool = False) -> torch.Tensor:  # fmt: skip
+          int8_x: bool = False, panels: bool = False) -> torch.Tensor:  # fmt: skip
     return x.new_empty(*x.shape[:-1], qweight.shape[0])
 
 
@@ -194,14 +213,16 @@ for _mode, _fn in (("int8", linear_int8), ("int4", linear_int4)):
 
 
 def cpu_linear(
-    x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, scheme: Scheme, int8_x: bool = True
-) -> torch.Tensor:
-    """``F.linear(x, dequantize(qweight, scales))`` on a CPU whose kernels are built. With int8 inputs (where asked
-    and the format allows) the kernels take any number of rows (from 4 rows on, the panel product; past
-    KERNEL_MAX_ROWS only where it is vectorized: ``prefill_with_int8_inputs``). Otherwise the exact kernels up to
-    KERNEL_MAX_ROWS rows, and the exact fp32 GEMM on dequantized weights beyond."""
+    x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, scheme: Scheme, int8_x: bool = True,
+    panels: bool = False,
+) -> torch.Tensor:  # fmt: skip
+    """``F.linear(x, dequantize(qweight, scales))`` on a CPU whose kernels are built, for weights held as rows or
+    in panels (`panels`). With int8 inputs (where asked and the format allows) the kernels take any number of rows
+    (on rows, from 4 rows on the panel product; past KERNEL_MAX_ROWS only where it is vectorized:
+    ``prefill_with_int8_inputs``). Otherwise the exact kernels up to KERNEL_MAX_ROWS rows, and the exact fp32 GEMM
+    on dequantized weights beyond."""
     int8_x = int8_x and int8_x_applies(scheme.mode, scheme.group_size)
     if x.numel() > KERNEL_MAX_ROWS * x.shape[-1] and not (int8_x and prefill_with_int8_inputs()):
-        return linear_dequantized(x, qweight, scales, scheme)  # exact prefill: torch's fp32 GEMM
+        return linear_dequantized(x, qweight, scales, scheme, panels)  # exact prefill: torch's fp32 GEMM
     op = torch.ops.llama.linear_int8 if scheme.mode == "int8" else torch.ops.llama.linear_int4
-    return op(x, qweight, scales, scheme.group_size, int8_x)
+    return op(x, qweight, scales, scheme.group_size, int8_x, panels)

@@ -20,7 +20,7 @@ from torch import nn
 from llama.model.layers import LinearOperands, StackedLinear, split_dim_of, stack_rows
 from llama.quant.kernels import available, cpu_linear, kernels, product_kernel
 from llama.quant.scheme import SCALE_DTYPE, Scheme
-from llama.quant.tensor import dequantize, quantize
+from llama.quant.tensor import PANEL_ROWS, QWEIGHT_WORD, dequantize_rows, fits_panels, from_panels, quantize, to_panels
 
 
 class QuantizedLinear(nn.Module):
@@ -29,14 +29,24 @@ class QuantizedLinear(nn.Module):
     qweight and scales are this rank's slice, cut as the weight of the layer replaced: split_dim 0 (column-parallel:
     the output rows) or 1 (row-parallel: the inputs). Under model parallelism the layer talks to the other ranks as
     fairscale's layer it replaces does (copy/gather for column-parallel, reduce for row-parallel).
+
+    panels: whether qweight and scales are held in the panel layout that the CPU kernels read as it is
+    (``llama.quant.tensor.to_panels``); by default wherever they fit it (output rows a multiple of 16: every real
+    model's layers). ``state_dict()`` gives them as rows and loading takes rows (checkpoints hold rows): the layout
+    is this module's business (``weights_as_rows``).
     """
 
     def __init__(
         self, in_features: int, out_features: int, scheme: Scheme, split_dim: int = 0,
-        gather_output: bool = False, device: Optional[torch.device | str] = None,
+        gather_output: bool = False, device: Optional[torch.device | str] = None, panels: Optional[bool] = None,
     ):  # fmt: skip
         super().__init__()
         scheme.check_fits("QuantizedLinear", in_features)
+        fits = fits_panels(out_features, scheme.qweight_columns(in_features))
+        if panels and not fits:
+            raise ValueError(f"a QuantizedLinear of {out_features} outputs and {in_features} inputs cannot hold its "
+                             f"weights in panels of {PANEL_ROWS} rows; leave panels unset")  # fmt: skip
+        self.panels = fits if panels is None else panels
         self.in_features, self.out_features, self.scheme = in_features, out_features, scheme
         self.split_dims = {"qweight": split_dim, "scales": split_dim}  # both have the weight's rows and inputs
         self.input_is_parallel, self.gather_output = split_dim == 1, gather_output
@@ -65,19 +75,46 @@ class QuantizedLinear(nn.Module):
             raise ValueError(f"{name} has a bias; QuantizedLinear quantizes bias-free layers only")
         scheme.check_fits(name, linear.weight.shape[1], fs_init.get_model_parallel_world_size())
         layer = cls.empty_like(linear, scheme, "meta")
-        layer.qweight, layer.scales = quantize(linear.weight.detach(), scheme, name)
+        layer.qweight, layer.scales = layer.held(*quantize(linear.weight.detach(), scheme, name))
         return layer
 
     def extra_repr(self) -> str:
-        return f"{self.in_features}, {self.out_features}, {self.scheme.mode}, group_size={self.scheme.group_size}"
+        return (f"{self.in_features}, {self.out_features}, {self.scheme.mode}, group_size={self.scheme.group_size}, "
+                f"panels={self.panels}")  # fmt: skip
+
+    def held(self, qweight: torch.Tensor, scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """qweight and scales given as rows, as this layer holds them (in panels where it does)."""
+        if not self.panels:
+            return qweight, scales
+        return to_panels(qweight, QWEIGHT_WORD), to_panels(scales, 1)
+
+    def weights_as_rows(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """qweight and scales as rows (the checkpoints' layout; copies where the layer holds panels)."""
+        if not self.panels:
+            return self.qweight, self.scales
+        return from_panels(self.qweight, QWEIGHT_WORD), from_panels(self.scales, 1)
+
+    def _save_to_state_dict(self, destination: dict, prefix: str, keep_vars: bool) -> None:
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self.panels:
+            destination[prefix + "qweight"], destination[prefix + "scales"] = self.weights_as_rows()
+
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args) -> None:
+        # state_dict holds rows (load_state_dict gives the modules a copy of the caller's dict): into panels where
+        # they fit this layer; anything else is left as it is for the usual checks to report
+        q, s = state_dict.get(prefix + "qweight"), state_dict.get(prefix + "scales")
+        fit = q is not None and s is not None and q.shape == self.qweight.shape and s.shape == self.scales.shape
+        if self.panels and fit:
+            state_dict[prefix + "qweight"], state_dict[prefix + "scales"] = self.held(q, s)
+        super()._load_from_state_dict(state_dict, prefix, *args)
 
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        return dequantize(self.qweight, self.scales, self.scheme, dtype)
+        return dequantize_rows(self.qweight, self.scales, self.scheme, self.panels, dtype)
 
     def cpu_forward(self, x: torch.Tensor) -> torch.Tensor:
         """This rank's product on a CPU whose kernels are built (``available()``, which the caller checks: the
         fast path checks it once, outside its compiled step)."""
-        return cpu_linear(x, self.qweight, self.scales, self.scheme, self.int8_x)
+        return cpu_linear(x, self.qweight, self.scales, self.scheme, self.int8_x, self.panels)
 
     def kernel_operands(self) -> LinearOperands:
         """qweight and scales with their sizes, for a C kernel that reads them by address (the C step of
@@ -90,18 +127,19 @@ class QuantizedLinear(nn.Module):
         fns = kernels()
         if fns is None or self.scales.dtype != SCALE_DTYPE:
             return None
-        return product_kernel(fns, self.scheme.mode, self.scheme.group_size, self.int8_x)
+        return product_kernel(fns, self.scheme.mode, self.scheme.group_size, self.int8_x, self.panels)
 
     @classmethod
     def stack(cls, parts: Sequence[nn.Module]) -> Optional[StackedLinear]:
         """QuantizedLinears that read one input, as one whose qweight and scales are theirs stacked along the
-        outputs (one product instead of several); None unless they share scheme, int8-input switch and input
-        size. For one model-parallel rank. The parts' tensors become views of the stacked ones (nothing is held
-        twice; values and ``state_dict()`` unchanged). The stacked layer takes the int8-input switch the parts
-        have now: after ``use_int8_inputs``, stack them again (it makes no copy then)."""
+        outputs (one product instead of several); None unless they share scheme, int8-input switch, layout (panels
+        stack as rows do: each part's are whole panels) and input size. For one model-parallel rank. The parts'
+        tensors become views of the stacked ones (nothing is held twice; values and ``state_dict()`` unchanged).
+        The stacked layer takes the int8-input switch the parts have now: after ``use_int8_inputs``, stack them
+        again (it makes no copy then)."""
         first = parts[0]
         alike = all(isinstance(p, cls) and p.scheme == first.scheme and p.int8_x == first.int8_x
-                    and p.in_features == first.in_features for p in parts)  # fmt: skip
+                    and p.panels == first.panels and p.in_features == first.in_features for p in parts)  # fmt: skip
         if not alike:
             return None
         with torch.no_grad():
@@ -109,7 +147,7 @@ class QuantizedLinear(nn.Module):
         sizes = tuple(p.out_features for p in parts)
         for p, q, s in zip(parts, qweight.split(sizes), scales.split(sizes)):
             p.qweight, p.scales = q, s
-        layer = cls(first.in_features, sum(sizes), first.scheme, device="meta")
+        layer = cls(first.in_features, sum(sizes), first.scheme, device="meta", panels=first.panels)
         layer.qweight, layer.scales, layer.int8_x = qweight, scales, first.int8_x
         return StackedLinear(layer, tuple(parts), sizes)
 

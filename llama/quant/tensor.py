@@ -63,3 +63,38 @@ def dequantize(
     n, k = q.shape
     w = q.float().reshape(n, k // scheme.group_size, scheme.group_size) * scales.float()[..., None]
     return w.reshape(n, k).to(dtype)
+
+
+# The panel layout (gemv_quant.c's panel product reads it as it is): each PANEL_ROWS consecutive rows of a layer's
+# qweight hold their 4-byte words side by side, word 0 of each row, then word 1...; its scales likewise, scale by
+# scale. Same shape and bytes as the rows, reordered within each panel. Layers whose output rows are a multiple of
+# PANEL_ROWS keep their weights so in memory (``QuantizedLinear.panels``); checkpoints and state_dict() hold rows.
+PANEL_ROWS = 16
+QWEIGHT_WORD = 4  # bytes of qweight a lane of the C kernels holds; each scale is a word of its own
+
+
+def fits_panels(out_features: int, qweight_columns: int) -> bool:
+    """Whether a layer's weights can be laid out in panels: whole panels of rows, whole words of columns."""
+    return out_features % PANEL_ROWS == 0 and qweight_columns % QWEIGHT_WORD == 0 and out_features > 0
+
+
+def to_panels(t: torch.Tensor, word: int) -> torch.Tensor:
+    """A (n, c) tensor held as rows, in the panel layout (a new tensor of the same shape): per panel of PANEL_ROWS
+    rows, word (`word` elements) w of every row, for w = 0, 1, ..."""
+    n, c = t.shape
+    return t.reshape(n // PANEL_ROWS, PANEL_ROWS, c // word, word).transpose(1, 2).contiguous().view(n, c)
+
+
+def from_panels(t: torch.Tensor, word: int) -> torch.Tensor:
+    """The rows of a (n, c) tensor held in the panel layout; the inverse of to_panels."""
+    n, c = t.shape
+    return t.reshape(n // PANEL_ROWS, c // word, PANEL_ROWS, word).transpose(1, 2).contiguous().view(n, c)
+
+
+def dequantize_rows(
+    qweight: torch.Tensor, scales: torch.Tensor, scheme: Scheme, panels: bool, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    """``dequantize`` of weights held as rows, or in the panel layout where `panels` says so."""
+    if panels:
+        qweight, scales = from_panels(qweight, QWEIGHT_WORD), from_panels(scales, 1)
+    return dequantize(qweight, scales, scheme, dtype)
