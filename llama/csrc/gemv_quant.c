@@ -21,6 +21,8 @@
  *   result: it approximates the dequantized product. Groups must be multiples of 32 (int4: exactly 32). From four
  *   input rows on they hand over to the panel product (the last section), which sums the same integer products
  *   with 4-way byte dot products (vpdpbusd on AVX512-VNNI) over weights repacked once per call.
+ * - the same two on weights stored in panels (*_panels, *_panels_q8x: the layout of the last section), which
+ *   layers whose outputs are a multiple of 16 keep: the panel product for any number of rows, without repacking.
  *
  * Memory. Each thread walks a few weight rows side by side (BLOCK for the exact kernels, QROWS for those with
  * int8 inputs: as many streams) and, while it works on one block of rows, prefetches the next block (which
@@ -655,10 +657,14 @@ static int gemv_q8x(const void *x, const void *w, const uint16_t *s, void *y, in
  * int8 inputs), which starts the sum negated (corr). The AVX2 int8 loop instead keeps the weights signed and
  * moves their signs onto the inputs (as dot_lanes does): its pair sums must stay within int16.
  *
- * Memory. With TILE or more input rows the tiles are bound by the arithmetic, so the first tile of a panel asks
- * for the next panel block by block as it computes (prefetch_block), and the memory streams while the vector units
- * work (asked for all at once while packing, the two took turns: 8 rows 10% slower). With fewer rows the stored
- * panels are read as one stream, which the hardware prefetchers follow best (asking ahead made one row 5% slower).
+ * Memory. With several input rows the tiles are bound by the arithmetic, so the first tile of a panel asks for the
+ * next panel block by block as it computes (prefetch_block), and the memory streams while the vector units work
+ * (asked for all at once while packing, the two took turns: 8 rows 10% slower). With one or two rows the stored
+ * panels are read as one stream, which the hardware prefetchers follow best (STORED_AHEAD_ROWS).
+ *
+ * Measured (two threads on a Zen 4, the 0.85B shape's 64 layer products, weights in 2 MB pages, benchmarks/
+ * RESULTS.md): int8 1 / 4 / 8 rows 22.4 / 25.4 / 26.3 ms on stored panels against 24.5 / 34.0 / 41.6 ms on rows
+ * (the one-row loops, then the panel product packing per call); int4 12.0 / 13.4 / 19.5 against 13.7 / 24.3 / 31.5.
  */
 #define STORED 16 /* weight rows of a panel */
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
@@ -682,6 +688,11 @@ static int gemv_q8x(const void *x, const void *w, const uint16_t *s, void *y, in
  * they are, win below 3 rows and tie at 3 (two threads on a Zen 4, weights in 2 MB pages: int8 1 / 2 / 3 / 4 rows
  * 7.0 / 10.6 / 12.8 / 17.5 ms against 10.8 / 11.7 / 12.4 / 13.2 for this product, over 6 layers' weights). */
 #define GEMM_MIN_ROWS 4
+/* From this many input rows on, the products on stored panels ask for the next panel as they compute (below that
+ * the hardware prefetchers follow the one stream better: 1 and 2 rows 4-9% faster without; 3 rows 20% slower). */
+#ifndef STORED_AHEAD_ROWS
+#define STORED_AHEAD_ROWS 3
+#endif
 
 const char *llama_gemm_q8_loop(void) { return GEMM_LOOP; }
 
@@ -899,7 +910,7 @@ static void tile(const uint8_t *pw, const uint16_t *sp, int64_t per, InputRows i
 
 /* Every input row against one panel (pw, sp), into out (rows x STORED): TILE rows at a time over each LANES rows of
  * it. Full tiles take TILE as a constant, and so does each count of the last one (the switch), which keeps their
- * sums in registers. The first full tile asks for the next panel (ahead; NULL: none). */
+ * sums in registers. The first tile asks for the next panel (ahead; NULL: none). */
 static void panel_rows(const uint8_t *pw, const uint16_t *sp, int64_t per, InputRows in, int64_t rows, int64_t k,
                        int int4, const uint8_t *ahead, float *out) {
     for (int h = 0; h < STORED; h += LANES) {
@@ -908,7 +919,7 @@ static void panel_rows(const uint8_t *pw, const uint16_t *sp, int64_t per, Input
         int64_t r0 = 0;
         for (; r0 + TILE <= rows; r0 += TILE, ahead = NULL) tile(ph, sh, per, in, r0, TILE, k, int4, ahead, out + r0 * STORED + h);
         switch (rows - r0) { /* the last rows of the last tile, fewer than TILE */
-#define LAST_TILE(c) case c: tile(ph, sh, per, in, r0, c, k, int4, NULL, out + r0 * STORED + h); break;
+#define LAST_TILE(c) case c: tile(ph, sh, per, in, r0, c, k, int4, ahead, out + r0 * STORED + h); break;
 #if TILE > 7
             LAST_TILE(7) LAST_TILE(6) LAST_TILE(5) LAST_TILE(4)
 #endif
@@ -951,8 +962,8 @@ static int gemm_q8(const void *x, const void *w, const uint16_t *s, void *y, int
                 /* the next panel, with the static schedule this thread's next one */
                 const uint8_t *here = (const uint8_t *)w + first * row_bytes, *ahead = here + STORED * row_bytes;
                 if (stored) {
-                    panel_rows(here, s + first * groups, g / QBLOCK, in, rows, k, int4, rows >= TILE ? ahead : NULL,
-                               out);
+                    panel_rows(here, s + first * groups, g / QBLOCK, in, rows, k, int4,
+                               rows >= STORED_AHEAD_ROWS ? ahead : NULL, out);
                 } else {
                     pack_scales(s, first, count, groups, sp);
                     pack_panel((const uint8_t *)w, first, count, row_bytes, pw);

@@ -2,17 +2,18 @@
 
 ``QuantizedLinear(x)`` stands for ``x @ dequantize(W).T``. On a CPU it runs the kernels (torch operators
 ``llama::linear_int8`` and ``llama::linear_int4``, defined and registered here, once per process), which read the
-packed weights once per call. By default they work as llama.cpp does: each input row is rounded to int8 in blocks
-of 32, and each block's products are summed exactly as integers (byte multiply-adds: AVX512-VNNI's vpdpbusd, AVX2's
-vpmaddubsw), which is what lets them stream the weights at the memory's speed for one row and run prefill as
-integer arithmetic. Up to 3 rows take matrix-vector loops; 4 or more (a batch of decoding rows, a prompt) take the
-panel product, which repacks each panel of weight rows once per call for the vector units and serves every input
-row from it. Both compute the same fp32 operations in the same order (exact integer block sums, each scaled and
-added in turn), so a row's result is bitwise the same in a call of any number of rows: the continuous-batching
-engine's quantized requests do not depend on their batch. That
-rounding moves a result by about 0.5% of its norm on random data; on the demo model it moves perplexity by 0.03%
-or less (tests hold the bounds). ``use_int8_inputs(model, False)`` (``llama.quant.linear``) switches a model to the
-exact mode instead: products with the dequantized weights, exact in fp32 and summed in fp32, slower (for up to
+packed weights once per call. By default they work as llama.cpp does: each input row is rounded to int8 in blocks of
+32, and each block's products are summed exactly as integers (byte multiply-adds: AVX512-VNNI's vpdpbusd, AVX2's
+vpmaddubsw), which is what lets them stream the weights at the memory's speed for one row and run prefill as integer
+arithmetic. The weights of layers whose outputs are a multiple of 16 (every real model's) are held in panels
+(``llama.quant.tensor.to_panels``: 16 rows' 4-byte words side by side), which the panel product reads as they are
+for any number of rows. Weights held as rows take matrix-vector loops up to 3 rows, and from 4 (a batch of decoding
+rows, a prompt) the panel product over panels packed once per call. All compute the same fp32 operations in the same
+order (exact integer block sums, each scaled and added in turn), so a row's result is bitwise the same in a call of
+any number of rows: the continuous-batching engine's quantized requests do not depend on their batch. That rounding
+moves a result by about 0.5% of its norm on random data; on the demo model it moves perplexity by 0.03% or less
+(tests hold the bounds). ``use_int8_inputs(model, False)`` (``llama.quant.linear``) switches a model to the exact
+mode instead: products with the dequantized weights, exact in fp32 and summed in fp32, slower (for up to
 ``KERNEL_MAX_ROWS`` rows the exact kernels, beyond that a C loop dequantizes the weight to fp32 for torch's fp32
 GEMM). Group sizes the int8-input kernels do not serve (int8: not a multiple of 32; int4: other than 32) always take
 the exact mode, and so does prefill where the panel product has no vector loop (``prefill_with_int8_inputs``). On
