@@ -7,12 +7,20 @@ Two measurements, on the 0.85B shape of bench_decode.py (random weights, far mor
   torch's fp32 ``F.linear`` on fp32 copies of the weights (made beforehand, not timed: the best torch does with
   twice the bytes).
 - `step`: the one-call C decode step (llama/engine/cpu_decode.py's ``CpuDecoder``) with 1 row and with
-  --step_rows rows, each row at its own position and cache slot, as the engine calls it.
+  --step_rows rows, each row at its own position and cache slot, as the engine calls it. With `--llama_cpp`,
+  llama.cpp's batched decode step on the same weights beside it (benchmarks/llama_cpp_contender.py's
+  ``batch_stepper``): the same tokens at the same positions, one llama_batch of one sequence per row, each
+  sequence in its own KV stream holding its position's worth of tokens, logits for every row, as many threads;
+  bf16 runs the bf16 GGUF file, int8 and int4 the q8_0 and q4_0 files llama.cpp's quantizer makes from it (as
+  bench_decode.py's `--llama_cpp`), written to a temporary folder removed at the end.
 
     python benchmarks/bench_batch_decode.py                             # both, rows 1,2,4,8,16
     python benchmarks/bench_batch_decode.py --what gemv --flags=-mno-avx512f   # the AVX2 loop, on an AVX-512 CPU
     python benchmarks/bench_batch_decode.py --what step --step_rows 8
     python benchmarks/bench_batch_decode.py --what step --quantize int8,int4   # and the quantized C steps
+    PYTHONPATH=<llama-cpp-python> python benchmarks/bench_batch_decode.py --what step --quantize int8,int4 \
+        --step_rows 4,8,16 --llama_cpp                                  # and llama.cpp's batched step
+    python benchmarks/bench_batch_decode.py --what step --dim 512 --n_layers 2   # a smaller shape
     git show HEAD~1:llama/csrc/gemv_bf16.c > /tmp/old.c
     python benchmarks/bench_batch_decode.py --what gemv --other_source /tmp/old.c   # an older kernel beside ours
 
@@ -23,16 +31,18 @@ running once in each round; ratios are to the 1-row figure of the same column, m
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
 import functools
 import platform
+import tempfile
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
-from bench_decode import SHAPES, random_model, read_bandwidth
+from bench_decode import GGUF_TYPES, SHAPES, llama_cpp_files, random_model, read_bandwidth
 
 from llama.distributed import setup_model_parallel
 from llama.engine.cpu_decode import CpuDecoder, _products
@@ -125,27 +135,54 @@ def bench_gemv(model: Transformer, opts: argparse.Namespace) -> None:
         print(f"| {rows} | " + " | ".join(cells) + f" | {best[(rows, 'bf16')] / best[(rows, 'ours')]:.2f}x faster |")
 
 
-def bench_step(model: Transformer, opts: argparse.Namespace) -> None:
+def bench_step(model: Transformer, opts: argparse.Namespace, gguf: Optional[Path] = None, gguf_type: str = "") -> None:
+    """Time the C step at 1 and --step_rows rows; with gguf, llama.cpp's step on that file (of type gguf_type) at
+    the same rows, tokens and positions, interleaved with ours."""
     cos, sin = rope_cos_sin(model.freqs_cis)
     decoder = CpuDecoder.build(model, model.stack_projections(), cos, sin)
     if decoder is None:
         raise SystemExit("the C step does not serve this model here (kernels not built?)")
     max_rows = min(decoder.max_rows, model.params.max_batch_size)
     gen = torch.Generator().manual_seed(1)
-    contenders = {}
+    contenders, inputs = {}, {}
     for rows in sorted({1, *[r for r in opts.step_rows if r <= max_rows]}):
         tokens = torch.randint(3, model.params.vocab_size, (rows, 1), generator=gen)
         # the last cache rows in reverse order, positions spread over the second half of the cache
         slots = torch.arange(model.params.max_batch_size - 1, model.params.max_batch_size - 1 - rows, -1)
         pos = torch.randint(opts.context // 2, opts.context, (rows,), generator=gen)
-        contenders[rows] = lambda tokens=tokens, pos=pos, slots=slots: decoder(tokens, pos, slots)
-    best = interleaved(contenders, opts.repeat)
+        contenders[(rows, "ours")] = lambda tokens=tokens, pos=pos, slots=slots: decoder(tokens, pos, slots)
+        inputs[rows] = tokens, pos
+    with contextlib.ExitStack() as stack:
+        if gguf is not None:  # one model (its file memory-mapped), a context of `rows` sequences for each rows
+            import llama_cpp_contender as lcpp
+
+            theirs = stack.enter_context(lcpp.gguf_model(gguf))
+            for rows, (tokens, pos) in inputs.items():
+                contenders[(rows, "llama.cpp")] = stack.enter_context(
+                    lcpp.batch_stepper(theirs, pos.tolist(), tokens[:, 0].tolist(), opts.llama_cpp_flash_attn)
+                )
+        # side by side: our step and llama.cpp's both run their threads on the system's libgomp, one OpenMP pool
+        best = interleaved(contenders, opts.repeat)
     print(f"\nC step (CpuDecoder, max_rows {decoder.max_rows}): rows at their own positions ({opts.context // 2}-"
           f"{opts.context - 1}) and cache slots")  # fmt: skip
-    print("| rows | ms per step | x the 1-row step | ms per row |")
-    print("|---:|---:|---:|---:|")
-    for rows, t in best.items():
-        print(f"| {rows} | {t * 1e3:.1f} | {t / best[1]:.2f}x | {t * 1e3 / rows:.1f} |")
+    if gguf is None:
+        print("| rows | ms per step | x the 1-row step | ms per row |")
+        print("|---:|---:|---:|---:|")
+    else:
+        attention = "flash attention" if opts.llama_cpp_flash_attn else "no flash attention"
+        print(f"llama.cpp {gguf_type}: the same tokens and positions, one sequence (its own KV stream) per row, "
+              f"{attention}; interleaved with ours")  # fmt: skip
+        name = f"llama.cpp {gguf_type}"
+        print(f"| rows | ms per step | x the 1-row step | ms per row | {name} ms per step | {name} x the 1-row step "
+              f"| {name} ms per row | {name} time / ours |")  # fmt: skip
+        print("|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for rows in inputs:
+        t = best[(rows, "ours")]
+        line = f"| {rows} | {t * 1e3:.1f} | {t / best[(1, 'ours')]:.2f}x | {t * 1e3 / rows:.1f} |"
+        if gguf is not None:
+            u = best[(rows, "llama.cpp")]
+            line += f" {u * 1e3:.1f} | {u / best[(1, 'llama.cpp')]:.2f}x | {u * 1e3 / rows:.1f} | {u / t:.2f}x |"
+        print(line)
 
 
 def main() -> None:
@@ -162,12 +199,22 @@ def main() -> None:
     parser.add_argument("--no_bf16", dest="bf16", action="store_false", help="step: only the --quantize models")
     parser.add_argument("--small_pages", dest="huge_pages", action="store_false",
                         help="leave the weights in 4 KB pages (the fast path moves them to 2 MB pages)")
+    parser.add_argument("--llama_cpp", action="store_true",
+                        help="step: also llama.cpp's batched step on the same weights (bf16, and q8_0 / q4_0 for "
+                        "int8 / int4; needs llama-cpp-python and gguf, see benchmarks/llama_cpp_contender.py)")
+    parser.add_argument("--llama_cpp_flash_attn", action="store_true", help="llama.cpp's step with flash attention")
+    for key in SHAPES["cpu"]:
+        parser.add_argument(f"--{key}", type=int, default=None, help="override the 0.85B shape's")
     opts = parser.parse_args()
     opts.rows = [int(r) for r in opts.rows.split(",")]
     opts.step_rows = [int(r) for r in opts.step_rows.split(",")]
+    if opts.llama_cpp:
+        import llama_cpp_contender as lcpp
+
+        lcpp.require()  # before minutes of setup
     cpu = torch.device("cpu")
     setup_model_parallel(1, cpu)
-    shape = SHAPES["cpu"]
+    shape = {k: v if getattr(opts, k) is None else getattr(opts, k) for k, v in SHAPES["cpu"].items()}
     args = ModelArgs(**shape, max_batch_size=16, max_seq_len=opts.context + 1)
     model = random_model(args, cpu, torch.bfloat16)
     if opts.huge_pages:  # as FastDecoder does on CPUs (and stack_projections makes its stacks there)
@@ -177,15 +224,21 @@ def main() -> None:
     what = opts.what.split(",")
     if "gemv" in what:
         bench_gemv(model, opts)
-    if "step" in what and opts.bf16:
-        print("\nbf16 weights")
-        bench_step(model, opts)
-    for mode in [m for m in opts.quantize.split(",") if m] if "step" in what else []:
-        print(f"\n{mode} weights (llama.quant, groups of 32, int8 inputs: the default kernels)")
-        quantized = quantize_model(random_model(args, cpu, torch.bfloat16), Scheme(mode, 32))
-        if opts.huge_pages:
-            pages.move_to_huge_pages(quantized)
-        bench_step(quantized, opts)
+    modes = [m for m in opts.quantize.split(",") if m] if "step" in what else []
+    with tempfile.TemporaryDirectory(prefix="bench_batch_decode_") as folder:
+        gguf: dict[str, Path] = {}  # our weights (bf16, int8, int4) -> llama.cpp's file of them (bf16, q8_0, q4_0)
+        if opts.llama_cpp and "step" in what:
+            print(f"llama-cpp-python {lcpp.require().__version__}")
+            gguf = llama_cpp_files(model, modes, Path(folder))
+        if "step" in what and opts.bf16:
+            print("\nbf16 weights")
+            bench_step(model, opts, gguf.get("bf16"), "bf16")
+        for mode in modes:
+            print(f"\n{mode} weights (llama.quant, groups of 32, int8 inputs: the default kernels)")
+            quantized = quantize_model(random_model(args, cpu, torch.bfloat16), Scheme(mode, 32))
+            if opts.huge_pages:
+                pages.move_to_huge_pages(quantized)
+            bench_step(quantized, opts, gguf.get(mode), GGUF_TYPES.get(mode, ""))
 
 
 if __name__ == "__main__":

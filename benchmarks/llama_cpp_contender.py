@@ -14,6 +14,8 @@ llama.cpp the same greedy tokens as our faithful path.
 The quantized contenders (q8_0, q4_0) are made by llama.cpp itself from that file (``quantize_gguf``, as its
 ``llama-quantize`` tool does, with its default parameters: q4_0 keeps ``output.weight`` in q6_K, and
 ``file_summary`` shows the mix). ``prefiller`` evaluates a prompt in one batch on an emptied KV cache (prefill timing).
+``batch_stepper`` runs llama.cpp's batched decode step: one token for each of several sequences in one batch, each
+at its own position (bench_batch_decode.py's ``--what step --llama_cpp``).
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import os
 import sys
 import tempfile
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Optional
 
 import torch
 
@@ -212,6 +214,132 @@ def prefiller(llm, token: int = 100) -> Callable[[int], None]:
     return prefill
 
 
+@contextlib.contextmanager
+def gguf_model(path: Path) -> Iterator[object]:
+    """llama.cpp's model of the GGUF file (memory-mapped, on the CPU) through its C API, freed when the block ends."""
+    llama_cpp = require()
+    llama_cpp.llama_backend_init()
+    params = llama_cpp.llama_model_default_params()
+    params.n_gpu_layers = 0
+    params.load_mode = llama_cpp.LLAMA_LOAD_MODE_MMAP  # as Llama() loads it (load)
+    with quiet():
+        model = llama_cpp.llama_model_load_from_file(str(path).encode(), params)
+        if not model:
+            raise RuntimeError(f"llama.cpp could not load {path} (its log is above)")
+    try:
+        yield model
+    finally:
+        llama_cpp.llama_model_free(model)
+
+
+class BatchStep:
+    """Call it to run one llama.cpp decode step of len(positions) sequences in one batch (see batch_stepper)."""
+
+    def __init__(self, llama_cpp, ctx, positions: list[int], tokens: list[int]) -> None:
+        self.llama_cpp, self.ctx, self.positions = llama_cpp, ctx, positions
+        self.memory = llama_cpp.llama_get_memory(ctx)
+        self.n_vocab = llama_cpp.llama_vocab_n_tokens(llama_cpp.llama_model_get_vocab(llama_cpp.llama_get_model(ctx)))
+        self.batch = llama_cpp.llama_batch_init(len(positions), 0, 1)
+        self.batch.n_tokens = len(positions)
+        for s, (pos, token) in enumerate(zip(positions, tokens)):  # row s: sequence s, its own position
+            self.batch.token[s], self.batch.pos[s], self.batch.logits[s] = token, pos, 1
+            self.batch.n_seq_id[s], self.batch.seq_id[s][0] = 1, s
+
+    def __call__(self) -> None:
+        if (code := self.llama_cpp.llama_decode(self.ctx, self.batch)) != 0:
+            raise RuntimeError(f"llama_decode failed ({code}) on a step of {len(self.positions)} sequences")
+        self.llama_cpp.llama_synchronize(self.ctx)
+        # forget the position just written, so that the next call runs the same step on the same caches
+        for s, pos in enumerate(self.positions):
+            if not self.llama_cpp.llama_memory_seq_rm(self.memory, s, pos, -1):
+                raise RuntimeError(f"llama.cpp could not drop position {pos} of sequence {s}")
+
+    def logits(self) -> torch.Tensor:
+        """The last step's logits, (rows, vocabulary), fp32."""
+        import numpy as np
+
+        rows = []
+        for s in range(len(self.positions)):
+            ptr = self.llama_cpp.llama_get_logits_ith(self.ctx, s)
+            if not ptr:
+                raise RuntimeError(f"llama.cpp has no logits for row {s} of the step")
+            rows.append(torch.from_numpy(np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).copy()))
+        return torch.stack(rows)
+
+    def free(self) -> None:
+        self.llama_cpp.llama_batch_free(self.batch)
+
+
+@contextlib.contextmanager
+def batch_stepper(
+    model,
+    positions: list[int],
+    tokens: list[int],
+    flash_attn: bool = False,
+    kv_unified: bool = False,
+    prompt: Optional[list[int]] = None,
+) -> Iterator[BatchStep]:
+    """A BatchStep of llama.cpp's model (gguf_model): each call decodes tokens[s] at positions[s] for sequence s,
+    every row's logits, in one llama_batch, on as many threads as torch uses (as load does).
+
+    Its context holds one sequence per row. Before the first call, untimed, each sequence s is filled with the first
+    positions[s] tokens of `prompt` (default: random ids), so that every row attends to a cache of its own length,
+    and one step runs whose logits must be finite. After each step the position it wrote is dropped again, so that
+    every call measures the same step. kv_unified=False (llama.cpp's default) gives each sequence its own KV stream,
+    as its docs advise for sequences that share no prefix; flash_attn=False is load's (Llama()'s) default.
+    """
+    llama_cpp = require()
+    if len(positions) != len(tokens) or not positions:
+        raise ValueError(f"give one token per position ({len(tokens)} tokens, {len(positions)} positions)")
+    rows, longest = len(positions), max(positions) + 1
+    if prompt is not None and len(prompt) < longest - 1:
+        raise ValueError(f"a prompt of {len(prompt)} tokens cannot fill a cache to position {longest - 1}")
+    params = llama_cpp.llama_context_default_params()
+    per_seq = -(-longest // 256) * 256  # llama.cpp pads contexts to 256 positions
+    params.n_seq_max, params.kv_unified = rows, kv_unified
+    params.n_ctx = per_seq * rows  # one stream of per_seq positions per sequence, or one stream of them all
+    params.n_batch = params.n_ubatch = max(512, longest, rows)  # a sequence's prefill in one batch
+    params.n_threads = params.n_threads_batch = torch.get_num_threads()
+    attention = "ENABLED" if flash_attn else "DISABLED"
+    params.flash_attn_type = getattr(llama_cpp, f"LLAMA_FLASH_ATTN_TYPE_{attention}")
+    with quiet():
+        ctx = llama_cpp.llama_init_from_model(model, params)
+        if not ctx:
+            raise RuntimeError("llama.cpp could not make a context (its log is above)")
+    step = None
+    try:
+        n_ctx, n_ctx_seq = llama_cpp.llama_n_ctx(ctx), llama_cpp.llama_n_ctx_seq(ctx)
+        if n_ctx < rows * longest or n_ctx_seq < longest:
+            raise RuntimeError(f"llama.cpp's context ({n_ctx} positions, {n_ctx_seq} per sequence) is too short for "
+                               f"{rows} sequences of up to {longest}")  # fmt: skip
+        step = BatchStep(llama_cpp, ctx, positions, tokens)
+        prefill = llama_cpp.llama_batch_init(longest, 0, 1)
+        try:  # every sequence starts with the same tokens: a row's cache depends on its position alone
+            if prompt is None:
+                prompt = torch.randint(3, step.n_vocab, (longest,), generator=torch.Generator().manual_seed(0)).tolist()
+            for s, n in enumerate(positions):
+                if n == 0:
+                    continue
+                prefill.n_tokens = n
+                for i, token in enumerate(prompt[:n]):
+                    prefill.token[i], prefill.pos[i], prefill.logits[i] = token, i, int(i == n - 1)
+                    prefill.n_seq_id[i], prefill.seq_id[i][0] = 1, s
+                if (code := llama_cpp.llama_decode(ctx, prefill)) != 0:
+                    raise RuntimeError(f"llama_decode failed ({code}) on the {n}-token prefill of sequence {s}")
+        finally:
+            llama_cpp.llama_batch_free(prefill)
+        step()
+        logits = step.logits()
+        if not torch.isfinite(logits).all():
+            raise RuntimeError(f"llama.cpp's {rows}-row step gave logits that are not finite")
+        yield step
+    finally:
+        if step is not None:
+            step.free()
+        with quiet():
+            llama_cpp.llama_free(ctx)
+
+
 def contender(model: Transformer, prompt: list[int], folder: Path) -> Callable[[int], object]:
     """A function that greedily generates n tokens after `prompt` with llama.cpp on the same weights."""
     require()  # fail before writing the file
@@ -249,6 +377,16 @@ def main() -> None:
             print(f"{dtype}, scaled RoPE {args.use_scaled_rope}\n  ours:      {ours}\n  llama.cpp: {theirs}")
             if ours != theirs:
                 raise SystemExit(f"llama.cpp's greedy tokens differ from ours in {dtype}: the GGUF export is wrong")
+            # llama.cpp's batched step (bench_batch_decode.py): each row's next token is ours after its own prefix
+            long_prompt, positions, steps = prompt + list(range(310, 330)), [6, 25, 13], [400, 401, 402]
+            expected = [model.forward(torch.tensor([long_prompt[:p] + [t]]), 0)[0, -1].argmax().item()
+                        for p, t in zip(positions, steps)]  # fmt: skip
+            with gguf_model(Path(folder) / "model.gguf") as theirs_model:
+                with batch_stepper(theirs_model, positions, steps, prompt=long_prompt) as step:
+                    batched = step.logits().argmax(-1).tolist()
+            print(f"  a step of {len(positions)} rows at positions {positions}: ours {expected}, llama.cpp {batched}")
+            if batched != expected:
+                raise SystemExit(f"llama.cpp's batched step differs from ours in {dtype}: batch_stepper is wrong")
             if dtype == torch.bfloat16:  # smoke test of llama.cpp's quantizer and prompt evaluation on this file
                 for ftype in QUANT_FTYPES:
                     path = Path(folder) / f"model-{ftype}.gguf"
