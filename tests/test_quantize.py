@@ -290,7 +290,8 @@ def test_panel_layout_round_trips_and_reorders_words():
     assert torch.equal(panels.view(-1)[:4], q[0, :4]) and torch.equal(panels.view(-1)[64:68], q[0, 4:8])
     scales = torch.randn(48, 3).bfloat16()
     assert torch.equal(tensor.from_panels(tensor.to_panels(scales, 1), 1), scales)
-    assert tensor.fits_panels(32, 8) and not tensor.fits_panels(24, 8) and not tensor.fits_panels(32, 6)
+    assert tensor.fits_panels(32, Scheme("int8", 32)) and not tensor.fits_panels(24, Scheme("int8", 32))
+    assert tensor.fits_panels(32, Scheme("int8", 4)) and not tensor.fits_panels(32, Scheme("int4", 4))
 
 
 def stored_product(mode, x, qweight, scales, g, int8_x, extra_flags=()):
@@ -303,19 +304,24 @@ def stored_product(mode, x, qweight, scales, g, int8_x, extra_flags=()):
 
 
 @needs_kernel
-@pytest.mark.parametrize("mode,g", [("int8", 32), ("int8", 64), ("int4", 32), ("int8", 96), ("int4", 64)])
+@pytest.mark.parametrize("mode,g", [("int8", 32), ("int8", 64), ("int4", 32), ("int8", 96), ("int4", 64),
+                                    ("int4", 16), ("int8", 4)])  # fmt: skip
 def test_products_on_stored_panels_give_the_bits_of_the_products_on_rows(mode, g):
     """Weights kept in panels: the int8-input product (every build: native, AVX2, portable) gives bitwise what the
-    kernels on rows give (the one-row loops below 4 rows, the panel product from 4), and the exact product what the
-    exact kernels give, for 1 to 17 rows, odd block counts and two panels."""
+    kernels on rows give (the one-row loops below 4 rows, the panel product from 4), for 1 to 17 rows, odd block
+    counts and two panels. The exact product (every build) sums in its own order: within fp32 rounding of the
+    exact kernels on rows, and each row the same alone as in any call."""
     builds = [(), ("-mno-avx512f",), ("-march=x86-64",)] if platform.machine() in ("x86_64", "AMD64") else [()]
     k = 3 * g if g >= 64 else 160
     scheme = Scheme(mode, g)
     qweight, scales = tensor.quantize(weights(32, k, seed=g), scheme)
     for rows in (1, 2, 3, 4, 5, 8, 9, 17):
         x = torch.randn(rows, k, generator=torch.Generator().manual_seed(rows))
-        exact = panel_product(kernels.kernels()[mode], x, qweight, scales, g)
-        assert torch.equal(stored_product(mode, x, qweight, scales, g, int8_x=False), exact), (rows, "exact")
+        exact = exact_product(x, qweight, scales, scheme)
+        for flags in builds:
+            y = stored_product(mode, x, qweight, scales, g, False, flags)
+            assert_close(y.double(), exact, rtol=1e-5, atol=1e-5, msg=f"{rows} rows {flags}")
+            assert torch.equal(stored_product(mode, x[-1:], qweight, scales, g, False, flags)[0], y[-1])
         if not kernels.int8_x_applies(mode, g):
             continue
         on_rows = panel_product(kernels.kernels()[f"{mode}_q8x"], x, qweight, scales, g)

@@ -1021,48 +1021,92 @@ int llama_gemv_int4_panels_q8x(const void *x, const uint8_t *w, const uint16_t *
     return gemm_q8(x, w, s, y, rows, n, k, g, 1, io, 1);
 }
 
-/* The exact products on weights stored in panels: each panel copied back into rows (16 rows and their scales, in
- * each thread's cache), then the exact kernels' rows. Returns 0, or 1 if out of memory (nothing written). */
-static void unpack_panel(const uint8_t *pw, const uint16_t *sp, int64_t row_bytes, int64_t groups, uint8_t *w,
-                         uint16_t *s) {
-    for (int64_t d = 0; d < row_bytes / 4; d++)
-        for (int j = 0; j < STORED; j++) memcpy(w + j * row_bytes + d * 4, pw + (d * STORED + j) * 4, 4);
-    for (int64_t group = 0; group < groups; group++)
-        for (int j = 0; j < STORED; j++) s[j * groups + group] = sp[group * STORED + j];
+/* The exact products on weights stored in panels: per input row, each weight widened to fp32 (exactly) and
+ * multiplied with its input, the panel's rows in the lanes: a step's 4 weights of each row meet 4 inputs, summed per
+ * group into 4 partial sums (by the input's place in its word), which are added and scaled into the row's sum.
+ * Every row is summed in that order whatever the rows of the call (another order than the exact kernels' on rows:
+ * the two agree to fp32 rounding). */
+#if defined(__AVX512F__)
+static void exact_panel(const float *x, const uint8_t *pw, const uint16_t *sp, int64_t k, int64_t g, int int4,
+                        const uint8_t *next, float *out) {
+    const int64_t words = (int4 ? g / 2 : g) / 4; /* a group's (int4: weights w and w + g / 2 share a byte) */
+    const __m512i low4 = _mm512_set1_epi32(15), eight = _mm512_set1_epi32(8);
+    __m512 acc = _mm512_setzero_ps();
+    for (int64_t group = 0; group < k / g; group++) {
+        __m512 p[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+        const float *xg = x + group * g;
+        prefetch_stretch(next + group * words * STORED * 4, words * STORED * 4);
+        for (int64_t w = 0; w < words; w++) {
+            const __m512i v = _mm512_loadu_si512((const void *)(pw + (group * words + w) * STORED * 4));
+            for (int t = 0; t < 4; t++) {
+                if (int4) {
+                    const __m512i lo = _mm512_and_si512(_mm512_srli_epi32(v, 8 * t), low4);
+                    const __m512i hi = _mm512_and_si512(_mm512_srli_epi32(v, 8 * t + 4), low4);
+                    p[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(lo, eight)),
+                                           _mm512_set1_ps(xg[4 * w + t]), p[t]);
+                    p[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(hi, eight)),
+                                           _mm512_set1_ps(xg[g / 2 + 4 * w + t]), p[t]);
+                } else { /* byte t of each lane, sign-extended */
+                    const __m512i q = _mm512_srai_epi32(_mm512_slli_epi32(v, 24 - 8 * t), 24);
+                    p[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(q), _mm512_set1_ps(xg[4 * w + t]), p[t]);
+                }
+            }
+        }
+        const __m512 scale = _mm512_castsi512_ps(_mm512_slli_epi32(
+            _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(sp + group * STORED))), 16));
+        acc = _mm512_fmadd_ps(scale, _mm512_add_ps(_mm512_add_ps(p[0], p[1]), _mm512_add_ps(p[2], p[3])), acc);
+    }
+    _mm512_storeu_ps(out, acc);
 }
+#else
+/* The portable loop (AVX2's too: the compiler vectorizes it over the lanes): the same sums in the same order. */
+static void exact_panel(const float *x, const uint8_t *pw, const uint16_t *sp, int64_t k, int64_t g, int int4,
+                        const uint8_t *next, float *out) {
+    const int64_t words = (int4 ? g / 2 : g) / 4;
+    float acc[STORED] = {0};
+    for (int64_t group = 0; group < k / g; group++) {
+        float p[4][STORED] = {{0}};
+        const float *xg = x + group * g;
+        prefetch_stretch(next + group * words * STORED * 4, words * STORED * 4);
+        for (int64_t w = 0; w < words; w++) {
+            const uint8_t *v = pw + (group * words + w) * STORED * 4;
+            for (int t = 0; t < 4; t++)
+                for (int j = 0; j < STORED; j++) {
+                    const uint8_t byte = v[j * 4 + t];
+                    if (int4) {
+                        p[t][j] = fmaf((float)((byte & 15) - 8), xg[4 * w + t], p[t][j]);
+                        p[t][j] = fmaf((float)((byte >> 4) - 8), xg[g / 2 + 4 * w + t], p[t][j]);
+                    } else {
+                        p[t][j] = fmaf((float)(int8_t)byte, xg[4 * w + t], p[t][j]);
+                    }
+                }
+        }
+        for (int j = 0; j < STORED; j++)
+            acc[j] = fmaf(bf16_to_float(sp[group * STORED + j]), (p[0][j] + p[1][j]) + (p[2][j] + p[3][j]), acc[j]);
+    }
+    memcpy(out, acc, sizeof acc);
+}
+#endif
 
 static int exact_panels(const void *x, const void *w, const uint16_t *s, void *y, int64_t rows, int64_t n,
                         int64_t k, int64_t g, int int4, int64_t io) {
     const float *xf = float_rows(x, rows * k, io);
     if (xf == NULL) return 1;
     const int64_t row_bytes = int4 ? k / 2 : k, groups = k / g;
-    int failed = 0;
-#pragma omp parallel
-    {
-        uint8_t *wr = malloc((size_t)(STORED * row_bytes));
-        uint16_t *sr = malloc(sizeof(uint16_t) * (size_t)(STORED * groups));
-        if (wr == NULL || sr == NULL) {
-#pragma omp atomic write
-            failed = 1;
+#pragma omp parallel for schedule(static)
+    for (int64_t p = 0; p < n / STORED; p++) {
+        const uint8_t *pw = (const uint8_t *)w + p * STORED * row_bytes;
+        for (int64_t r = 0; r < rows; r++) {
+            float out[STORED];
+            /* the first row asks for the next panel (contiguous) group by group as it goes: the widening keeps the
+             * cores busy, the memory would wait */
+            exact_panel(xf + r * k, pw, s + p * STORED * groups, k, g, int4, r == 0 ? pw + STORED * row_bytes : pw,
+                        out);
+            store(y, r * n + p * STORED, out, STORED, io);
         }
-#pragma omp barrier
-#pragma omp for schedule(static)
-        for (int64_t p = 0; p < n / STORED; p++) {
-            if (failed) continue;
-            unpack_panel((const uint8_t *)w + p * STORED * row_bytes, s + p * STORED * groups, row_bytes, groups, wr,
-                         sr);
-            for (int64_t r = 0; r < rows; r++)
-                for (int h = 0; h < STORED; h += BLOCK) {
-                    float out[BLOCK];
-                    exact_rows(xf + r * k, wr + h * row_bytes, sr + h * groups, k, g, int4, BLOCK, out, wr);
-                    store(y, r * n + p * STORED + h, out, BLOCK, io);
-                }
-        }
-        free(wr);
-        free(sr);
     }
     if ((const void *)xf != x) free((void *)xf);
-    return failed;
+    return 0;
 }
 
 int llama_gemv_int8_panels(const void *x, const int8_t *w, const uint16_t *s, void *y, int64_t rows, int64_t n,

@@ -120,9 +120,9 @@ def _linear_kernel(
     if x.shape[-1] != k or scales.shape != (n, k // group_size) or k % group_size:
         raise ValueError(f"linear_{mode}: x {tuple(x.shape)} does not fit qweight {tuple(qweight.shape)} and "
                          f"scales {tuple(scales.shape)} with group size {group_size}")  # fmt: skip
-    if panels and not fits_panels(n, qweight.shape[1]):
-        raise ValueError(f"linear_{mode}: qweight {tuple(qweight.shape)} cannot be in panels (rows must be a multiple "
-                         f"of {PANEL_ROWS}, bytes a row of {QWEIGHT_WORD})")  # fmt: skip
+    if panels and not fits_panels(n, Scheme(mode, group_size)):
+        raise ValueError(f"linear_{mode}: qweight {tuple(qweight.shape)} with group size {group_size} cannot be in "
+                         f"panels (rows must be a multiple of {PANEL_ROWS}; see fits_panels)")  # fmt: skip
     fns = kernels()
     if fns is None:
         return F.linear(x, dequantize_rows(qweight, scales, Scheme(mode, group_size), panels, x.dtype))

@@ -42,7 +42,7 @@ class QuantizedLinear(nn.Module):
     ):  # fmt: skip
         super().__init__()
         scheme.check_fits("QuantizedLinear", in_features)
-        fits = fits_panels(out_features, scheme.qweight_columns(in_features))
+        fits = fits_panels(out_features, scheme)
         if panels and not fits:
             raise ValueError(f"a QuantizedLinear of {out_features} outputs and {in_features} inputs cannot hold its "
                              f"weights in panels of {PANEL_ROWS} rows; leave panels unset")  # fmt: skip

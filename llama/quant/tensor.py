@@ -73,9 +73,11 @@ PANEL_ROWS = 16
 QWEIGHT_WORD = 4  # bytes of qweight a lane of the C kernels holds; each scale is a word of its own
 
 
-def fits_panels(out_features: int, qweight_columns: int) -> bool:
-    """Whether a layer's weights can be laid out in panels: whole panels of rows, whole words of columns."""
-    return out_features % PANEL_ROWS == 0 and qweight_columns % QWEIGHT_WORD == 0 and out_features > 0
+def fits_panels(out_features: int, scheme: Scheme) -> bool:
+    """Whether a layer's weights can be laid out in panels: whole panels of rows, and groups of whole words (int8:
+    a multiple of 4 weights; int4, whose bytes hold weights w and w + g / 2: of 8)."""
+    words_of = 4 if scheme.mode == "int8" else 8
+    return out_features % PANEL_ROWS == 0 and out_features > 0 and scheme.group_size % words_of == 0
 
 
 def to_panels(t: torch.Tensor, word: int) -> torch.Tensor:
