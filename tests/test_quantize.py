@@ -339,9 +339,12 @@ def test_a_layer_holds_panels_and_shows_rows(mode):
     linear = torch.nn.Linear(96, 48, bias=False)
     linear.weight.data = weights(48, 96, seed=3)
     linear.split_dims = {"weight": 0}
-    layer = QuantizedLinear.from_linear(linear, scheme)
+    # by default where the kernels have vector loops for panels (x86 with AVX2), else rows
+    assert QuantizedLinear.from_linear(linear, scheme).panels == kernels.panels_pay()
     rows = QuantizedLinear(96, 48, scheme, panels=False)
     rows.qweight, rows.scales = tensor.quantize(linear.weight, scheme)
+    layer = QuantizedLinear(96, 48, scheme, panels=True)
+    layer.load_state_dict(rows.state_dict())
     assert layer.panels and not rows.panels and "panels=True" in repr(layer)
     assert not torch.equal(layer.qweight, rows.qweight)  # held otherwise...
     state = layer.state_dict()
@@ -353,14 +356,14 @@ def test_a_layer_holds_panels_and_shows_rows(mode):
             layer.int8_x = rows.int8_x = int8_x
             assert torch.equal(layer(x), rows(x)), (count, int8_x)
     # loading rows (a checkpoint's) into a layer that holds panels
-    fresh = QuantizedLinear(96, 48, scheme)
+    fresh = QuantizedLinear(96, 48, scheme, panels=True)
     fresh.load_state_dict(rows.state_dict())
     assert torch.equal(fresh.qweight, layer.qweight) and torch.equal(fresh.scales, layer.scales)
     fresh.load_state_dict({k: v.clone() for k, v in rows.state_dict().items()}, assign=True)
     assert torch.equal(fresh.qweight, layer.qweight)
     # stacked: panels stack as rows do, and each part still shows its rows
     layer.int8_x = rows.int8_x = True
-    other = QuantizedLinear(96, 16, scheme)
+    other = QuantizedLinear(96, 16, scheme, panels=True)
     other.load_state_dict({"qweight": rows.qweight[:16].clone(), "scales": rows.scales[:16].clone()})
     stacked = QuantizedLinear.stack([layer, other])
     assert stacked is not None and stacked.layer.panels

@@ -83,6 +83,13 @@ def prefill_with_int8_inputs() -> bool:
     return gemm_loop() in ("avx512vnni", "avx2")
 
 
+def panels_pay() -> bool:
+    """Whether quantized layers hold their weights in panels here (``QuantizedLinear``): where the kernels are built
+    with vector loops over them (AVX2, AVX512-VNNI). The portable loops read rows several times faster (one row on
+    a Zen 4: 78 against 403 ms over the 0.85B shape's int8 products)."""
+    return prefill_with_int8_inputs()
+
+
 def available() -> bool:
     """Whether the quantized GEMV kernels are built (or can be built now) and loaded."""
     return kernels() is not None

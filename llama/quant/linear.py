@@ -18,7 +18,7 @@ from fairscale.nn.model_parallel import mappings
 from torch import nn
 
 from llama.model.layers import LinearOperands, StackedLinear, split_dim_of, stack_rows
-from llama.quant.kernels import available, cpu_linear, kernels, product_kernel
+from llama.quant.kernels import available, cpu_linear, kernels, panels_pay, product_kernel
 from llama.quant.scheme import SCALE_DTYPE, Scheme
 from llama.quant.tensor import PANEL_ROWS, QWEIGHT_WORD, dequantize_rows, fits_panels, from_panels, quantize, to_panels
 
@@ -32,8 +32,8 @@ class QuantizedLinear(nn.Module):
 
     panels: whether qweight and scales are held in the panel layout that the CPU kernels read as it is
     (``llama.quant.tensor.to_panels``); by default wherever they fit it (output rows a multiple of 16: every real
-    model's layers). ``state_dict()`` gives them as rows and loading takes rows (checkpoints hold rows): the layout
-    is this module's business (``weights_as_rows``).
+    model's layers) and the kernels have vector loops for it (``panels_pay``). ``state_dict()`` gives them as rows
+    and loading takes rows (checkpoints hold rows): the layout is this module's business (``weights_as_rows``).
     """
 
     def __init__(
@@ -42,7 +42,7 @@ class QuantizedLinear(nn.Module):
     ):  # fmt: skip
         super().__init__()
         scheme.check_fits("QuantizedLinear", in_features)
-        fits = fits_panels(out_features, scheme)
+        fits = fits_panels(out_features, scheme) and panels_pay()
         if panels and not fits:
             raise ValueError(f"a QuantizedLinear of {out_features} outputs and {in_features} inputs cannot hold its "
                              f"weights in panels of {PANEL_ROWS} rows; leave panels unset")  # fmt: skip
