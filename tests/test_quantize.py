@@ -371,6 +371,10 @@ def test_a_layer_holds_panels_and_shows_rows(mode):
     assert torch.equal(stacked.layer(x), torch.cat([rows(x), rows(x)[:, :16]], dim=1))
     assert torch.equal(layer.state_dict()["qweight"], rows.qweight)
     assert QuantizedLinear.stack([layer, rows]) is None  # layouts differ
+    # weights loaded onto another device (a GPU's; here meta) stay rows: panels serve the CPU kernels only
+    elsewhere = QuantizedLinear(96, 48, scheme, panels=True)
+    elsewhere.load_state_dict({k: v.to("meta") for k, v in rows.state_dict().items()}, assign=True)
+    assert not elsewhere.panels and elsewhere.qweight.shape == rows.qweight.shape
     with pytest.raises(ValueError, match="panels"):
         QuantizedLinear(96, 24, scheme, panels=True)
 

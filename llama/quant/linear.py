@@ -104,6 +104,8 @@ class QuantizedLinear(nn.Module):
         # they fit this layer; anything else is left as it is for the usual checks to report
         q, s = state_dict.get(prefix + "qweight"), state_dict.get(prefix + "scales")
         fit = q is not None and s is not None and q.shape == self.qweight.shape and s.shape == self.scales.shape
+        if fit and q.device.type != "cpu":  # panels serve the CPU kernels; elsewhere rows dequantize without a copy
+            self.panels = False
         if self.panels and fit:
             state_dict[prefix + "qweight"], state_dict[prefix + "scales"] = self.held(q, s)
         super()._load_from_state_dict(state_dict, prefix, *args)
