@@ -51,6 +51,18 @@ static inline int omp_get_thread_num(void) { return 0; }
 #define QROWS 8
 #define QBLOCK 32 /* inputs per int8 block of the input row */
 
+/* The exported products come in pairs, for int8 and int4 weights (llama_gemv_int8_q8x and llama_gemv_int4_q8x...),
+ * each calling fn(x, w, s, y, rows, n, k, g, int4, io). They return 0, or 1 if out of memory. */
+#define EXPORT_PAIR(prefix, suffix, fn)                                                                          \
+    int prefix##int8##suffix(const void *x, const void *w, const uint16_t *s, void *y, int64_t rows, int64_t n,  \
+                             int64_t k, int64_t g, int64_t io) {                                                \
+        return fn(x, w, s, y, rows, n, k, g, 0, io);                                                           \
+    }                                                                                                           \
+    int prefix##int4##suffix(const void *x, const void *w, const uint16_t *s, void *y, int64_t rows, int64_t n,  \
+                             int64_t k, int64_t g, int64_t io) {                                                \
+        return fn(x, w, s, y, rows, n, k, g, 1, io);                                                           \
+    }
+
 /* Inputs and outputs are fp32, or bf16 where these bits of `io` say so (saves the caller two conversions). */
 #define IO_X_BF16 1
 #define IO_Y_BF16 2
@@ -255,15 +267,7 @@ static int exact_call(const void *x, const void *w, const uint16_t *s, void *y, 
     return 0;
 }
 
-int llama_gemv_int8(const void *x, const int8_t *w, const uint16_t *s, void *y, int64_t rows, int64_t n, int64_t k,
-                    int64_t g, int64_t io) {
-    return exact_call(x, w, s, y, rows, n, k, g, 0, io);
-}
-
-int llama_gemv_int4(const void *x, const uint8_t *w, const uint16_t *s, void *y, int64_t rows, int64_t n, int64_t k,
-                    int64_t g, int64_t io) {
-    return exact_call(x, w, s, y, rows, n, k, g, 1, io);
-}
+EXPORT_PAIR(llama_gemv_, , exact_call) /* llama_gemv_int8, llama_gemv_int4 */
 
 /* ---------------------------------------------------------------------------------------------------------
  * Kernels with int8 inputs. An input row is quantized once per call into xq (k int8), xs (k / 32 block scales) and
@@ -1007,41 +1011,28 @@ static int gemm_q8(const void *x, const void *w, const uint16_t *s, void *y, int
 /* The product with int8 inputs: the panels above from GEMM_MIN_ROWS input rows on, else gemv_q8x. Group sizes:
  * int8 a multiple of 32, int4 exactly 32 (checked by the caller, llama/quant/kernels.py). Return 0, or 1 if out of
  * memory (the caller falls back; y may be partly written). */
-int llama_gemv_int8_q8x(const void *x, const int8_t *w, const uint16_t *s, void *y, int64_t rows, int64_t n,
-                        int64_t k, int64_t g, int64_t io) {
-    if (rows >= GEMM_MIN_ROWS) return gemm_q8(x, w, s, y, rows, n, k, g, 0, io, 0);
-    return gemv_q8x(x, w, s, y, rows, n, k, g, 0, io);
+static int q8x_call(const void *x, const void *w, const uint16_t *s, void *y, int64_t rows, int64_t n, int64_t k,
+                    int64_t g, int int4, int64_t io) {
+    if (rows >= GEMM_MIN_ROWS) return gemm_q8(x, w, s, y, rows, n, k, g, int4, io, 0);
+    return gemv_q8x(x, w, s, y, rows, n, k, g, int4, io);
 }
-
-int llama_gemv_int4_q8x(const void *x, const uint8_t *w, const uint16_t *s, void *y, int64_t rows, int64_t n,
-                        int64_t k, int64_t g, int64_t io) {
-    if (rows >= GEMM_MIN_ROWS) return gemm_q8(x, w, s, y, rows, n, k, g, 1, io, 0);
-    return gemv_q8x(x, w, s, y, rows, n, k, g, 1, io);
-}
+EXPORT_PAIR(llama_gemv_, _q8x, q8x_call)
 
 /* The panel product at any row count on weights as rows (tests and benchmarks compare it with the one-row kernels
  * above). */
-int llama_gemm_int8_q8x(const void *x, const int8_t *w, const uint16_t *s, void *y, int64_t rows, int64_t n,
-                        int64_t k, int64_t g, int64_t io) {
-    return gemm_q8(x, w, s, y, rows, n, k, g, 0, io, 0);
+static int gemm_rows(const void *x, const void *w, const uint16_t *s, void *y, int64_t rows, int64_t n, int64_t k,
+                     int64_t g, int int4, int64_t io) {
+    return gemm_q8(x, w, s, y, rows, n, k, g, int4, io, 0);
 }
-
-int llama_gemm_int4_q8x(const void *x, const uint8_t *w, const uint16_t *s, void *y, int64_t rows, int64_t n,
-                        int64_t k, int64_t g, int64_t io) {
-    return gemm_q8(x, w, s, y, rows, n, k, g, 1, io, 0);
-}
+EXPORT_PAIR(llama_gemm_, _q8x, gemm_rows)
 
 /* The same products on weights stored in panels (n a multiple of STORED), for any number of rows: the same bits
  * as the products above on the weights as rows. */
-int llama_gemv_int8_panels_q8x(const void *x, const int8_t *w, const uint16_t *s, void *y, int64_t rows, int64_t n,
-                               int64_t k, int64_t g, int64_t io) {
-    return gemm_q8(x, w, s, y, rows, n, k, g, 0, io, 1);
+static int gemm_panels(const void *x, const void *w, const uint16_t *s, void *y, int64_t rows, int64_t n, int64_t k,
+                       int64_t g, int int4, int64_t io) {
+    return gemm_q8(x, w, s, y, rows, n, k, g, int4, io, 1);
 }
-
-int llama_gemv_int4_panels_q8x(const void *x, const uint8_t *w, const uint16_t *s, void *y, int64_t rows, int64_t n,
-                               int64_t k, int64_t g, int64_t io) {
-    return gemm_q8(x, w, s, y, rows, n, k, g, 1, io, 1);
-}
+EXPORT_PAIR(llama_gemv_, _panels_q8x, gemm_panels)
 
 /* The exact products on weights stored in panels: per input row, each weight widened to fp32 (exactly) and
  * multiplied with its input, the panel's rows in the lanes: a step's 4 weights of each row meet 4 inputs, summed per
@@ -1169,15 +1160,7 @@ static int exact_panels(const void *x, const void *w, const uint16_t *s, void *y
     return 0;
 }
 
-int llama_gemv_int8_panels(const void *x, const int8_t *w, const uint16_t *s, void *y, int64_t rows, int64_t n,
-                           int64_t k, int64_t g, int64_t io) {
-    return exact_panels(x, w, s, y, rows, n, k, g, 0, io);
-}
-
-int llama_gemv_int4_panels(const void *x, const uint8_t *w, const uint16_t *s, void *y, int64_t rows, int64_t n,
-                           int64_t k, int64_t g, int64_t io) {
-    return exact_panels(x, w, s, y, rows, n, k, g, 1, io);
-}
+EXPORT_PAIR(llama_gemv_, _panels, exact_panels)
 
 /* ---------------------------------------------------------------------------------------------------------
  * Dequantization to fp32, (n, k), for prefill: torch's fp32 GEMM on the result beats any of the kernels above
