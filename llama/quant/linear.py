@@ -34,6 +34,8 @@ class QuantizedLinear(nn.Module):
     (``llama.quant.tensor.to_panels``); by default wherever they fit it (output rows a multiple of 16: every real
     model's layers) and the kernels have vector loops for it (``panels_pay``). ``state_dict()`` gives them as rows
     and loading takes rows (checkpoints hold rows): the layout is this module's business (``weights_as_rows``).
+    Give a layer new weights through ``load_state_dict`` or ``layer.qweight, layer.scales = layer.held(q, s)``:
+    rows assigned straight to the buffers of a layer that holds panels would be read as panels.
     """
 
     def __init__(
