@@ -260,7 +260,10 @@ def load_weights(
     From a float checkpoint, the shards are mapped afresh for each block and no float tensor outlives its step
     (the unquantized ones are copied), so the pages of the float weights leave the process as it goes: memory
     stays near the quantized model's size. A quantized checkpoint's tensors are the mapped file itself, as
-    float checkpoints' are.
+    float checkpoints' are, except where the layers hold their weights in panels (``QuantizedLinear.panels``, on
+    CPUs with AVX2): those are copied into panels, and then every tensor is copied, so that the mapping goes once
+    loaded (the 0.85B shape in int8: 0.84 s instead of 0.17 s, peak RSS 2091 MB while loading, 1171 MB after a
+    forward either way).
     """
     float_layout = Layout.from_model(model, world_size)  # before the swap: what a float checkpoint holds
     checkpoint.release_parameters(model)
@@ -284,6 +287,10 @@ def load_weights(
     def rank_slice(shards: list[dict[str, torch.Tensor]], key: str) -> torch.Tensor:
         return model_layout.slice_from(written, shards, key, rank, world_size)
 
+    # A model whose layers hold panels (QuantizedLinear.panels) copies its quantized weights out of a quantized
+    # checkpoint as it loads them; then its other tensors are copied too, so that no view keeps the file's mapping,
+    # and with it the pages those copies were read from, alive (a float checkpoint's always are).
+    copy_all = not prequantized or any(model.get_submodule(name).panels for name in linears)
     state: dict[str, torch.Tensor] = {}
     block = None
     for key in [k for k in shards[0] if k not in checkpoint.IGNORED_KEYS]:
@@ -305,8 +312,8 @@ def load_weights(
         else:
             t = rank_slice(shards, key)
             out = t.to(device=device, dtype=dtype).contiguous()
-            if not prequantized and out.device.type == "cpu" and out.data_ptr() == t.data_ptr():
-                out = out.clone()  # no view may keep a float shard's mapping alive
+            if copy_all and out.device.type == "cpu" and out.data_ptr() == t.data_ptr():
+                out = out.clone()  # no view may keep a shard's mapping alive
             checkpoint.check_finite(key, out, shard_paths, shards)
             state[key] = out
     del shards
