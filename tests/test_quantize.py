@@ -4,9 +4,11 @@ match their dequantized twins, quantize-on-load, quantized checkpoints, and perp
 from __future__ import annotations
 
 import ctypes
+import gc
 import json
 import logging
 import math
+import os
 import platform
 
 import pytest
@@ -880,6 +882,28 @@ def test_model_parallel_ranks_match_one(
     tokens = torch.tensor([[1, 40, 41, 42, 43]])
     assert_close(torch.tensor(result["logits"]), one.model.forward(tokens, 0), rtol=1e-5, atol=1e-5)
     assert result["tokens"] == one.generate(tokens.tolist(), max_gen_len=8, temperature=0)[0]
+
+
+@needs_kernel
+@pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="reads /proc/self/maps (Linux)")
+def test_a_quantized_checkpoint_loaded_into_panels_leaves_no_mapping(make_checkpoint, tokenizer_path, tmp_path,
+                                                                     build_generator):  # fmt: skip
+    """Layers that hold panels copy their weights out of the file; every other tensor is copied too, so the file's
+    mapping (and the pages the copies were read from) goes once loaded; the model computes what rows would."""
+    quantize_cli.main(str(make_checkpoint("gqa")), str(tmp_path / "q8"), "int8", 32)
+    model = build_generator(tmp_path / "q8", tokenizer_path, **SIZE).model
+    held = [m.panels for m in model.modules() if isinstance(m, QuantizedLinear)]
+    assert any(held) == kernels.panels_pay()
+    gc.collect()
+    mapped = [line for line in open("/proc/self/maps") if str(tmp_path / "q8") in line]
+    assert mapped == [] or not any(held), mapped
+    tokens = torch.tensor([[1, 40, 41]])
+    rows = build_generator(tmp_path / "q8", tokenizer_path, **SIZE).model
+    for module in rows.modules():
+        if isinstance(module, QuantizedLinear) and module.panels:
+            module.qweight, module.scales = module.weights_as_rows()
+            module.panels = False
+    assert torch.equal(model.forward(tokens, 0), rows.forward(tokens, 0))
 
 
 def test_command_line_writes_a_checkpoint_that_build_loads(
