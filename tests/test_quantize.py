@@ -885,6 +885,23 @@ def test_model_parallel_ranks_match_one(
 
 
 @needs_kernel
+def test_where_panels_do_not_pay_layers_hold_rows_unless_asked(monkeypatch):
+    """Without vector loops for panels (the portable build), layers hold rows; asked for panels, one still computes
+    what rows do."""
+    import llama.quant.linear as quant_linear
+
+    monkeypatch.setattr(quant_linear, "panels_pay", lambda: False)
+    scheme = Scheme("int8", 32)
+    assert not QuantizedLinear(64, 32, scheme).panels
+    rows = QuantizedLinear(64, 32, scheme)
+    rows.qweight, rows.scales = tensor.quantize(weights(32, 64, seed=1), scheme)
+    asked = QuantizedLinear(64, 32, scheme, panels=True)
+    asked.load_state_dict(rows.state_dict())
+    x = torch.randn(3, 64)
+    assert asked.panels and torch.equal(asked(x), rows(x))
+
+
+@needs_kernel
 @pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="reads /proc/self/maps (Linux)")
 def test_a_quantized_checkpoint_loaded_into_panels_leaves_no_mapping(make_checkpoint, tokenizer_path, tmp_path,
                                                                      build_generator):  # fmt: skip

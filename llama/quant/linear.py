@@ -44,11 +44,11 @@ class QuantizedLinear(nn.Module):
     ):  # fmt: skip
         super().__init__()
         scheme.check_fits("QuantizedLinear", in_features)
-        fits = fits_panels(out_features, scheme) and panels_pay()
+        fits = fits_panels(out_features, scheme)
         if panels and not fits:
             raise ValueError(f"a QuantizedLinear of {out_features} outputs and {in_features} inputs cannot hold its "
                              f"weights in panels of {PANEL_ROWS} rows; leave panels unset")  # fmt: skip
-        self.panels = fits if panels is None else panels
+        self.panels = fits and panels_pay() if panels is None else panels
         self.in_features, self.out_features, self.scheme = in_features, out_features, scheme
         self.split_dims = {"qweight": split_dim, "scales": split_dim}  # both have the weight's rows and inputs
         self.input_is_parallel, self.gather_output = split_dim == 1, gather_output
