@@ -342,7 +342,7 @@ def test_a_layer_holds_panels_and_shows_rows(mode):
     linear.weight.data = weights(48, 96, seed=3)
     linear.split_dims = {"weight": 0}
     # by default where the kernels have vector loops for panels (x86 with AVX2), else rows
-    assert QuantizedLinear.from_linear(linear, scheme).panels == kernels.panels_pay()
+    assert QuantizedLinear.from_linear(linear, scheme).panels == kernels.vector_panel_loops()
     rows = QuantizedLinear(96, 48, scheme, panels=False)
     rows.qweight, rows.scales = tensor.quantize(linear.weight, scheme)
     layer = QuantizedLinear(96, 48, scheme, panels=True)
@@ -379,6 +379,28 @@ def test_a_layer_holds_panels_and_shows_rows(mode):
     assert not elsewhere.panels and elsewhere.qweight.shape == rows.qweight.shape
     with pytest.raises(ValueError, match="panels"):
         QuantizedLinear(96, 24, scheme, panels=True)
+    with pytest.raises(ValueError, match="cannot be in panels"):  # the operator checks the layout too
+        kernels._linear_kernel(mode, x, rows.qweight[:24], rows.scales[:24], 32, panels=True)
+    # weights of the wrong shape: the usual error, and the layer keeps its own
+    with pytest.raises(RuntimeError, match="size mismatch"):
+        layer.load_state_dict({"qweight": rows.qweight[:16], "scales": rows.scales[:16]})
+    assert torch.equal(layer.state_dict()["qweight"], rows.qweight)
+
+
+@needs_kernel
+@pytest.mark.parametrize("mode", MODES)
+def test_exact_prefill_on_panels_dequantizes_chunks_that_cut_panels(mode, monkeypatch):
+    """The exact mode's prefill (torch's fp32 GEMM over chunks of dequantized rows) on weights in panels, with
+    chunks of 20 rows that begin and end inside panels: the product on rows, bitwise."""
+    scheme = Scheme(mode, 32)
+    rows = QuantizedLinear(64, 48, scheme, panels=False)
+    rows.qweight, rows.scales = tensor.quantize(weights(48, 64, seed=2), scheme)
+    layer = QuantizedLinear(64, 48, scheme, panels=True)
+    layer.load_state_dict(rows.state_dict())
+    layer.int8_x = rows.int8_x = False
+    x = torch.randn(30, 64, generator=torch.Generator().manual_seed(5))  # past KERNEL_MAX_ROWS: the fp32 GEMM
+    monkeypatch.setattr(kernels.cpu_gemv, "FP32_CHUNK", 20 * 64)  # both in the same chunks: the same GEMMs
+    assert torch.equal(layer(x), rows(x))
 
 
 @needs_kernel
@@ -890,7 +912,7 @@ def test_where_panels_do_not_pay_layers_hold_rows_unless_asked(monkeypatch):
     what rows do."""
     import llama.quant.linear as quant_linear
 
-    monkeypatch.setattr(quant_linear, "panels_pay", lambda: False)
+    monkeypatch.setattr(quant_linear, "vector_panel_loops", lambda: False)
     scheme = Scheme("int8", 32)
     assert not QuantizedLinear(64, 32, scheme).panels
     rows = QuantizedLinear(64, 32, scheme)
@@ -910,7 +932,7 @@ def test_a_quantized_checkpoint_loaded_into_panels_leaves_no_mapping(make_checkp
     quantize_cli.main(str(make_checkpoint("gqa")), str(tmp_path / "q8"), "int8", 32)
     model = build_generator(tmp_path / "q8", tokenizer_path, **SIZE).model
     held = [m.panels for m in model.modules() if isinstance(m, QuantizedLinear)]
-    assert any(held) == kernels.panels_pay()
+    assert any(held) == kernels.vector_panel_loops()
     gc.collect()
     mapped = [line for line in open("/proc/self/maps") if str(tmp_path / "q8") in line]
     assert mapped == [] or not any(held), mapped

@@ -648,7 +648,7 @@ static int gemv_q8x(const void *x, const void *w, const uint16_t *s, void *y, in
  * transposed to (n / 16, row bytes / 4, 16, 4)); its scales likewise, each group's 16 scales side by side. A
  * block of 32 inputs is then 8 "steps" of 64 bytes for int8 (step t: weights 4t..4t+3 of the 16 rows) and 4 for
  * int4 (step t: the nibbles of weights 4t..4t+3 low and 16+4t..16+4t+3 high, as the rows hold them). Layers whose
- * rows are a multiple of 16 keep their weights in this layout (llama/quant/panels.py): the *_panels products read
+ * rows are a multiple of 16 keep their weights in this layout (llama/quant/tensor.py): the *_panels products read
  * them as they are. Other weights are copied into a panel per call (pack_panel: loads and 8 x 8 transposes of
  * 4-byte words), which costs about as much again as reading them.
  *
@@ -1038,7 +1038,7 @@ EXPORT_PAIR(llama_gemv_, _panels_q8x, gemm_panels)
  * multiplied with its input, the panel's rows in the lanes: a step's 4 weights of each row meet 4 inputs, summed per
  * group into 4 partial sums (by the input's place in its word), which are added and scaled into the row's sum.
  * Every row is summed in that order whatever the rows of the call (another order than the exact kernels' on rows:
- * the two agree to fp32 rounding). */
+ * the two agree to fp32 rounding). next: the panel to ask for as it goes (NULL: none). */
 #if defined(__AVX512F__)
 static void exact_panel(const float *x, const uint8_t *pw, const uint16_t *sp, int64_t k, int64_t g, int int4,
                         const uint8_t *next, float *out) {
@@ -1048,7 +1048,7 @@ static void exact_panel(const float *x, const uint8_t *pw, const uint16_t *sp, i
     for (int64_t group = 0; group < k / g; group++) {
         __m512 p[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
         const float *xg = x + group * g;
-        prefetch_stretch(next + group * words * STORED * 4, words * STORED * 4);
+        if (next != NULL) prefetch_stretch(next + group * words * STORED * 4, words * STORED * 4);
         for (int64_t w = 0; w < words; w++) {
             const __m512i v = _mm512_loadu_si512((const void *)(pw + (group * words + w) * STORED * 4));
             for (int t = 0; t < 4; t++) {
@@ -1082,10 +1082,11 @@ static void exact_panel(const float *x, const uint8_t *pw, const uint16_t *sp, i
         __m256 p[4][2];
         for (int t = 0; t < 4; t++) p[t][0] = p[t][1] = _mm256_setzero_ps();
         const float *xg = x + group * g;
-        prefetch_stretch(next + group * words * STORED * 4, words * STORED * 4);
+        if (next != NULL) prefetch_stretch(next + group * words * STORED * 4, words * STORED * 4);
         for (int64_t w = 0; w < words; w++)
             for (int h = 0; h < 2; h++) {
-                const __m256i v = _mm256_loadu_si256((const __m256i *)(pw + (group * words + w) * STORED * 4 + h * 32));
+                const uint8_t *step = pw + (group * words + w) * STORED * 4 + h * 32;
+                const __m256i v = _mm256_loadu_si256((const __m256i *)step);
                 for (int t = 0; t < 4; t++) {
                     if (int4) {
                         const __m256i lo = _mm256_and_si256(_mm256_srli_epi32(v, 8 * t), low4);
@@ -1102,8 +1103,8 @@ static void exact_panel(const float *x, const uint8_t *pw, const uint16_t *sp, i
             }
         for (int h = 0; h < 2; h++) {
             const __m256 scale = widen_scales(sp + group * STORED + h * 8);
-            acc[h] = _mm256_fmadd_ps(scale, _mm256_add_ps(_mm256_add_ps(p[0][h], p[1][h]), _mm256_add_ps(p[2][h], p[3][h])),
-                                     acc[h]);
+            const __m256 sum = _mm256_add_ps(_mm256_add_ps(p[0][h], p[1][h]), _mm256_add_ps(p[2][h], p[3][h]));
+            acc[h] = _mm256_fmadd_ps(scale, sum, acc[h]);
         }
     }
     _mm256_storeu_ps(out, acc[0]);
@@ -1118,7 +1119,7 @@ static void exact_panel(const float *x, const uint8_t *pw, const uint16_t *sp, i
     for (int64_t group = 0; group < k / g; group++) {
         float p[4][STORED] = {{0}};
         const float *xg = x + group * g;
-        prefetch_stretch(next + group * words * STORED * 4, words * STORED * 4);
+        if (next != NULL) prefetch_stretch(next + group * words * STORED * 4, words * STORED * 4);
         for (int64_t w = 0; w < words; w++) {
             const uint8_t *v = pw + (group * words + w) * STORED * 4;
             for (int t = 0; t < 4; t++)
@@ -1151,7 +1152,7 @@ static int exact_panels(const void *x, const void *w, const uint16_t *s, void *y
             float out[STORED];
             /* the first row asks for the next panel (contiguous) group by group as it goes: the widening keeps the
              * cores busy, the memory would wait */
-            exact_panel(xf + r * k, pw, s + p * STORED * groups, k, g, int4, r == 0 ? pw + STORED * row_bytes : pw,
+            exact_panel(xf + r * k, pw, s + p * STORED * groups, k, g, int4, r == 0 ? pw + STORED * row_bytes : NULL,
                         out);
             store(y, r * n + p * STORED, out, STORED, io);
         }

@@ -16,8 +16,8 @@ moves a result by about 0.5% of its norm on random data; on the demo model it mo
 mode instead: products with the dequantized weights, exact in fp32 and summed in fp32, slower (for up to
 ``KERNEL_MAX_ROWS`` rows the exact kernels, beyond that a C loop dequantizes the weight to fp32 for torch's fp32
 GEMM). Group sizes the int8-input kernels do not serve (int8: not a multiple of 32; int4: other than 32) always take
-the exact mode, and so does prefill where the panel product has no vector loop (``prefill_with_int8_inputs``). On
-CUDA, or without a C compiler, a layer dequantizes its weight to the model's dtype and calls ``F.linear`` (under
+the exact mode, and so does prefill where the panel product has no vector loop (``vector_panel_loops``). On CUDA,
+or without a C compiler, a layer dequantizes its weight to the model's dtype and calls ``F.linear`` (under
 ``torch.compile`` inductor fuses the dequantization into the product).
 """
 
@@ -77,17 +77,12 @@ def gemm_loop() -> Optional[str]:
     return _state.get("gemm_loop") if kernels() is not None else None  # type: ignore[return-value]
 
 
-def prefill_with_int8_inputs() -> bool:
-    """Whether many input rows (prefill) take the panel product with int8 inputs: built with vector instructions.
-    The portable build's loop is scalar, slower than dequantizing for torch's fp32 GEMM."""
+def vector_panel_loops() -> bool:
+    """Whether the built panel product runs vector loops (AVX2, AVX512-VNNI). Where it does, many input rows
+    (prefill) take it with int8 inputs, and quantized layers hold their weights in panels (``QuantizedLinear``).
+    The portable build's loop is scalar: slower than dequantizing for torch's fp32 GEMM, and reading panels
+    several times slower than rows (one row on a Zen 4: 403 against 78 ms over the 0.85B shape's int8 products)."""
     return gemm_loop() in ("avx512vnni", "avx2")
-
-
-def panels_pay() -> bool:
-    """Whether quantized layers hold their weights in panels here (``QuantizedLinear``): where the kernels are built
-    with vector loops over them (AVX2, AVX512-VNNI). The portable loops read rows several times faster (one row on
-    a Zen 4: 78 against 403 ms over the 0.85B shape's int8 products)."""
-    return prefill_with_int8_inputs()
 
 
 def available() -> bool:
@@ -227,10 +222,10 @@ def cpu_linear(
     """``F.linear(x, dequantize(qweight, scales))`` on a CPU whose kernels are built, for weights held as rows or
     in panels (`panels`). With int8 inputs (where asked and the format allows) the kernels take any number of rows
     (on rows, from 4 rows on the panel product; past KERNEL_MAX_ROWS only where it is vectorized:
-    ``prefill_with_int8_inputs``). Otherwise the exact kernels up to KERNEL_MAX_ROWS rows, and the exact fp32 GEMM
+    ``vector_panel_loops``). Otherwise the exact kernels up to KERNEL_MAX_ROWS rows, and the exact fp32 GEMM
     on dequantized weights beyond."""
     int8_x = int8_x and int8_x_applies(scheme.mode, scheme.group_size)
-    if x.numel() > KERNEL_MAX_ROWS * x.shape[-1] and not (int8_x and prefill_with_int8_inputs()):
+    if x.numel() > KERNEL_MAX_ROWS * x.shape[-1] and not (int8_x and vector_panel_loops()):
         return linear_dequantized(x, qweight, scales, scheme, panels)  # exact prefill: torch's fp32 GEMM
     op = torch.ops.llama.linear_int8 if scheme.mode == "int8" else torch.ops.llama.linear_int4
     return op(x, qweight, scales, scheme.group_size, int8_x, panels)

@@ -18,7 +18,7 @@ from fairscale.nn.model_parallel import mappings
 from torch import nn
 
 from llama.model.layers import LinearOperands, StackedLinear, split_dim_of, stack_rows
-from llama.quant.kernels import available, cpu_linear, kernels, panels_pay, product_kernel
+from llama.quant.kernels import available, cpu_linear, kernels, product_kernel, vector_panel_loops
 from llama.quant.scheme import SCALE_DTYPE, Scheme
 from llama.quant.tensor import PANEL_ROWS, QWEIGHT_WORD, dequantize_rows, fits_panels, from_panels, quantize, to_panels
 
@@ -32,8 +32,9 @@ class QuantizedLinear(nn.Module):
 
     panels: whether qweight and scales are held in the panel layout that the CPU kernels read as it is
     (``llama.quant.tensor.to_panels``); by default wherever they fit it (output rows a multiple of 16: every real
-    model's layers) and the kernels have vector loops for it (``panels_pay``). ``state_dict()`` gives them as rows
-    and loading takes rows (checkpoints hold rows): the layout is this module's business (``weights_as_rows``).
+    model's layers) and the kernels have vector loops for it (``vector_panel_loops``). ``state_dict()`` gives them
+    as rows and loading takes rows (checkpoints hold rows): the layout is this module's business
+    (``weights_as_rows``).
     Give a layer new weights through ``load_state_dict`` or ``layer.qweight, layer.scales = layer.held(q, s)``:
     rows assigned straight to the buffers of a layer that holds panels would be read as panels.
     """
@@ -48,7 +49,7 @@ class QuantizedLinear(nn.Module):
         if panels and not fits:
             raise ValueError(f"a QuantizedLinear of {out_features} outputs and {in_features} inputs cannot hold its "
                              f"weights in panels of {PANEL_ROWS} rows; leave panels unset")  # fmt: skip
-        self.panels = fits and panels_pay() if panels is None else panels
+        self.panels = fits and vector_panel_loops() if panels is None else panels
         self.in_features, self.out_features, self.scheme = in_features, out_features, scheme
         self.split_dims = {"qweight": split_dim, "scales": split_dim}  # both have the weight's rows and inputs
         self.input_is_parallel, self.gather_output = split_dim == 1, gather_output
