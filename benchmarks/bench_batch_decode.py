@@ -21,6 +21,7 @@ Two measurements, on the 0.85B shape of bench_decode.py (random weights, far mor
     PYTHONPATH=<llama-cpp-python> python benchmarks/bench_batch_decode.py --what step --quantize int8,int4 \
         --step_rows 4,8,16 --llama_cpp                                  # and llama.cpp's batched step
     python benchmarks/bench_batch_decode.py --what step --dim 512 --n_layers 2   # a smaller shape
+    python benchmarks/bench_batch_decode.py --what panels --rows 1,2,4,8,16   # quantized products: panels vs rows
     git show HEAD~1:llama/csrc/gemv_bf16.c > /tmp/old.c
     python benchmarks/bench_batch_decode.py --what gemv --other_source /tmp/old.c   # an older kernel beside ours
 
@@ -48,7 +49,8 @@ from llama.distributed import setup_model_parallel
 from llama.engine.cpu_decode import CpuDecoder, _products
 from llama.kernels import cpu_gemv, pages
 from llama.model import ModelArgs, Transformer, rope_cos_sin
-from llama.quant.linear import quantize_model
+from llama.quant import kernels as quant_kernels
+from llama.quant.linear import QuantizedLinear, quantize_model
 from llama.quant.scheme import Scheme
 
 
@@ -185,9 +187,52 @@ def bench_step(model: Transformer, opts: argparse.Namespace, gguf: Optional[Path
         print(line)
 
 
+def bench_panels(quantized: Transformer, mode: str, opts: argparse.Namespace) -> None:
+    """The quantized layer products of a C step (int8 inputs), on the weights as the layers hold them (panels,
+    where they do) and on the same weights as rows, side by side at each of --rows; --flags builds other loops
+    (``-mno-avx512f``: AVX2). A layer held as rows is timed the same way twice."""
+    symbols = {f"llama_gemv_{mode}{layout}_q8x": [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 5
+               for layout in ("", "_panels")}  # fmt: skip
+    fns = cpu_gemv.load_kernel(quant_kernels.SOURCE, symbols, "", ctypes.c_int, opts.flags.split())
+    if fns is None:
+        raise SystemExit("the quantized kernels could not be built here with these flags")
+    layers = [m for m in _products(quantized, quantized.stack_projections()) if isinstance(m, QuantizedLinear)]
+    as_rows = []  # each layer's weights as rows (copies where it holds panels), in 2 MB pages as the layers' are
+    for m in layers:
+        q, s = m.weights_as_rows()
+        as_rows.append((pages.huge_copy(q) if opts.huge_pages and m.panels else q, s))
+    gen = torch.Generator().manual_seed(0)
+    contenders, kept = {}, []
+    for rows in opts.rows:
+        xs = {m.in_features: torch.randn(rows, m.in_features, generator=gen).bfloat16() for m in layers}
+        ys = [torch.empty(rows, m.out_features, dtype=torch.bfloat16) for m in layers]
+        kept += [xs, ys]
+
+        def run(panels_where_held: bool, rows=rows, xs=xs, ys=ys) -> None:
+            for m, (qr, sr), y in zip(layers, as_rows, ys):
+                on_panels = m.panels and panels_where_held
+                fn = fns[f"llama_gemv_{mode}{'_panels' if on_panels else ''}_q8x"]
+                q, s = (m.qweight, m.scales) if on_panels else (qr, sr)
+                fn(xs[m.in_features].data_ptr(), q.data_ptr(), s.data_ptr(), y.data_ptr(), rows, m.out_features,
+                   m.in_features, m.scheme.group_size, quant_kernels.IO_FLAGS[torch.bfloat16])  # fmt: skip
+
+        contenders[(rows, "rows")] = functools.partial(run, False)
+        contenders[(rows, "panels")] = functools.partial(run, True)
+    best = interleaved(contenders, opts.repeat)
+    print(f"\n{mode} layer products of a C step ({len(layers)} calls, {sum(m.panels for m in layers)} held in "
+          f"panels; extra flags: {opts.flags or 'none'}): ms per pass, x the 1-row pass")  # fmt: skip
+    print("| rows | on rows | on panels | panels vs rows |")
+    print("|---:|---:|---:|---:|")
+    first = opts.rows[0]
+    for rows in opts.rows:
+        r, p = best[(rows, "rows")], best[(rows, "panels")]
+        print(f"| {rows} | {r * 1e3:.1f} ({r / best[(first, 'rows')]:.2f}x) | {p * 1e3:.1f} "
+              f"({p / best[(first, 'panels')]:.2f}x) | {r / p:.2f}x faster |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--what", default="gemv,step", help="gemv, step or both (comma-separated)")
+    parser.add_argument("--what", default="gemv,step", help="gemv, step, panels (comma-separated)")
     parser.add_argument("--rows", default="1,2,4,8,16", help="input rows of the GEMV passes")
     parser.add_argument("--step_rows", default="8,16", help="rows of the C steps (1 is always measured)")
     parser.add_argument("--context", type=int, default=256, help="positions the step's rows have cached (about)")
@@ -224,6 +269,12 @@ def main() -> None:
     what = opts.what.split(",")
     if "gemv" in what:
         bench_gemv(model, opts)
+    if "panels" in what:
+        for mode in [m for m in opts.quantize.split(",") if m] or ["int8", "int4"]:
+            quantized = quantize_model(random_model(args, cpu, torch.bfloat16), Scheme(mode, 32))
+            if opts.huge_pages:
+                pages.move_to_huge_pages(quantized)
+            bench_panels(quantized, mode, opts)
     modes = [m for m in opts.quantize.split(",") if m] if "step" in what else []
     with tempfile.TemporaryDirectory(prefix="bench_batch_decode_") as folder:
         gguf: dict[str, Path] = {}  # our weights (bf16, int8, int4) -> llama.cpp's file of them (bf16, q8_0, q4_0)
