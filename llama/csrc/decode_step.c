@@ -128,6 +128,31 @@ static inline float silu(float g) {
     return g >= 0.0f ? g / (1.0f + e) : g * e / (1.0f + e);
 }
 
+#define SWIGLU_CHUNK 1024 /* elements of a row that a thread takes at a time */
+
+/* mid = silu(gate) * up for each row of gu (rows, gate | up: 2 * hidden), silu rounded to the dtype first, as
+ * torch computes it in bf16. Threads take chunks of the elements, one row or several: a step's ~8K elements a row
+ * took 48 us a layer on one core as a loop over get/put, ~4 us vectorized over two (each element computed alone,
+ * so its bits do not depend on the chunks). */
+static void swiglu(const Model *m, const void *gu, void *mid, int64_t rows) {
+    const int64_t hidden = m->hidden, per_row = (hidden + SWIGLU_CHUNK - 1) / SWIGLU_CHUNK;
+#pragma omp parallel for schedule(static)
+    for (int64_t c = 0; c < rows * per_row; c++) {
+        const int64_t r = c / per_row, from = c % per_row * SWIGLU_CHUNK;
+        const int64_t to = from + SWIGLU_CHUNK < hidden ? from + SWIGLU_CHUNK : hidden;
+        if (m->bf16) { /* the dtype's loops apart, so that each is one vectorized loop */
+            const uint16_t *gate = (const uint16_t *)gu + r * 2 * hidden, *up = gate + hidden;
+            uint16_t *out = (uint16_t *)mid + r * hidden;
+            for (int64_t i = from; i < to; i++)
+                out[i] = float_to_bf16(rounded(silu(bf16_to_float(gate[i])), 1) * bf16_to_float(up[i]));
+        } else {
+            const float *gate = (const float *)gu + r * 2 * hidden, *up = gate + hidden;
+            float *out = (float *)mid + r * hidden;
+            for (int64_t i = from; i < to; i++) out[i] = silu(gate[i]) * up[i];
+        }
+    }
+}
+
 /* h (rows, dim) in the model's dtype holds the new tokens' embeddings and is updated in place; logits (rows,
  * vocab) in the model's dtype. pos: n_pos positions, 1 (every row at pos[0]) or rows (row b at pos[b]); slots: NULL
  * (row b in the cache's row b) or rows cache rows. Returns 0; 1 if out of memory; 2 if a position is outside
@@ -173,13 +198,7 @@ int llama_decode_step(const Model *m, void *h, int64_t rows, const int64_t *pos,
         add_residual(h, o, rows * dim, m->bf16);
         rms_norm(m, h, layer->ffn_norm, x, rows);
         if ((code = linear(&layer->w13, x, gu, rows))) break;
-#pragma omp parallel for if (rows > 1) schedule(static)
-        for (int64_t r = 0; r < rows; r++)
-            for (int64_t i = 0; i < m->hidden; i++) {
-                const float gate = get(gu, r * 2 * m->hidden + i, m->bf16);
-                const float up = get(gu, r * 2 * m->hidden + m->hidden + i, m->bf16);
-                put(mid, r * m->hidden + i, rounded(silu(gate), m->bf16) * up, m->bf16);
-            }
+        swiglu(m, gu, mid, rows);
         if ((code = linear(&layer->w2, mid, o, rows))) break;
         add_residual(h, o, rows * dim, m->bf16);
     }

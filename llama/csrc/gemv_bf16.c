@@ -6,7 +6,11 @@
  * memory. One core reads far below the machine's bandwidth if it follows a single stream: on the Xeon we
  * measured (benchmarks/RESULTS.md), walking one weight row at a time reached 18 GB/s on two cores, against 28
  * for a plain sum. So each thread walks several weight rows side by side (that many streams in flight); that
- * reached 27.5 GB/s. The blocks of weight rows are split among the OpenMP threads in contiguous runs.
+ * reached 27.5 GB/s. Each thread takes a contiguous run of the weight rows and cuts it into STREAMS stretches, one
+ * row of each at a time (one_row): every stretch is then one long stream rather than a short run of a row's 4 KB,
+ * which is what the hardware prefetchers follow best. On the Zen 4 of benchmarks/RESULTS.md that took the 0.85B
+ * shape's 1.57 GB from 30.2-31.7 ms (8 adjacent rows a block, the next block asked for as it went) to 27.6-28.6
+ * ms, the same bits.
  *
  * With several input rows (a batch of requests decoding together) the weights still stream from memory once per
  * call, but the arithmetic grows with the rows, and a loop that takes the input rows one at a time (as this one
@@ -26,17 +30,18 @@
  *   the bf16 activations and weights of a model are not in practice (a test pins it).
  * - "avx512", AVX-512 without them (Skylake to Ice Lake): the weights widened to 16 fp32 lanes (a zero-extension
  *   and a shift), fp32 FMAs.
- *   In both, one input row runs one pass over ONE_ROW_BLOCK weight rows a block, which asks for the next block
- *   into L2 as it goes (ONE_ROW_AHEAD), without the per-row prefetch into L1 that passes over several input rows
- *   make (there it helps). On a Zen 4, 1.57 GB of weights (the 0.85B shape) took 29.5-30.3 ms so, 32.5-33.4 ms
- *   in 1 x 4 tiles with both prefetches, against 25-26 ms for a plain read of as many bytes
- *   (benchmarks/RESULTS.md); asking ahead had itself streamed 15-20% faster than 8 rows with their own prefetch.
+ *   In both, one input row walks 12 streams, each asking for its next row's line into L2 as it reads one
+ *   (STREAMS_AHEAD; 8 streams, 16, or none asked ahead were slower: 28.6, 33.4 and 33.3 ms against 28.5), without
+ *   the per-row prefetch into L1 that passes over several input rows make (there it helps). (A plain read of as
+ *   many bytes: 25-26 ms. The "avx512" loop, built on the Zen 4 with -mno-avx512bf16: 33.7-33.8 ms against
+ *   33.1-33.2 for the blocks it walked before; not measured on a CPU that runs it natively.)
  * - "avx2", AVX2 and FMA without AVX-512 (Zen 2/3, Haswell to Alder Lake): 8 fp32 lanes per sum, the weights
  *   widened by two unpacks against zero, which put each bf16 in the top half of an fp32 lane. The unpacks take the
  *   weights of each 128-bit half in the order 0-3, 8-11 (low) and 4-7, 12-15 (high), so the input rows are widened
- *   and permuted once per call to match. One input row walks ONE_ROW_BLOCK weight rows side by side with no
- *   software prefetch, as before: on a Zen 3 prefetching the next block made that 13% slower than leaving the 8
- *   streams to the hardware prefetchers (and 16-lane sums for 8 rows spilled AVX2's 16 registers).
+ *   and permuted once per call to match. One input row walks 8 streams with no software prefetch: on a Zen 3
+ *   prefetching the next block made 8 adjacent rows 13% slower than leaving them to the hardware prefetchers (and
+ *   16-lane sums for 8 rows spilled AVX2's 16 registers). Built for AVX2 on the Zen 4, 8 streams read 1.57 GB in
+ *   34.1 ms against 35.4 for 8 adjacent rows.
  * - "plain": C that the compiler vectorizes (other architectures, x86 without AVX2): LANES partial sums per pair,
  *   and PREFETCH_BYTES of software prefetch ahead on each weight row.
  *
@@ -57,9 +62,6 @@
 #ifndef PREFETCH_BYTES
 #define PREFETCH_BYTES 512 /* how far ahead each weight row asks for its own bytes (not "avx2", not one AVX-512 row) */
 #endif
-#ifndef ONE_ROW_BLOCK
-#define ONE_ROW_BLOCK 8 /* weight rows side by side for one input row */
-#endif
 /* TILE_X input rows against TILE_W weight rows: the sums, the input rows' vectors and the weights' must fit in the
  * registers (32 with AVX-512, 16 with AVX2). Measured on a Zen 4 (benchmarks/RESULTS.md): with bf16 dot products
  * 6 x 4 beat 4 x 4, 4 x 5, 4 x 6 and 8 x 3 by a few percent at 8-16 rows; the "avx512" loop (built with
@@ -68,19 +70,29 @@
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512BF16__)
 #define TILE_X_DEFAULT 6
 #define TILE_W_DEFAULT 4
-#define ONE_ROW_AHEAD 1 /* one input row's pass asks for the next block of weight rows */
+#define STREAMS_DEFAULT 12
+#define STREAMS_AHEAD_DEFAULT 1
 #elif defined(__AVX512F__)
 #define TILE_X_DEFAULT 4
 #define TILE_W_DEFAULT 4
-#define ONE_ROW_AHEAD 1
+#define STREAMS_DEFAULT 12
+#define STREAMS_AHEAD_DEFAULT 1
 #elif defined(__AVX2__) && defined(__FMA__)
 #define TILE_X_DEFAULT 2
 #define TILE_W_DEFAULT 4
-#define ONE_ROW_AHEAD 0
+#define STREAMS_DEFAULT 8
+#define STREAMS_AHEAD_DEFAULT 0
 #else
 #define TILE_X_DEFAULT 2
 #define TILE_W_DEFAULT 2
-#define ONE_ROW_AHEAD 0
+#define STREAMS_DEFAULT 8
+#define STREAMS_AHEAD_DEFAULT 0
+#endif
+#ifndef STREAMS
+#define STREAMS STREAMS_DEFAULT /* one input row: weight rows side by side, each from its own stream */
+#endif
+#ifndef STREAMS_AHEAD
+#define STREAMS_AHEAD STREAMS_AHEAD_DEFAULT /* one input row: each stream asks for its next row as it goes */
 #endif
 #ifndef TILE_X
 #define TILE_X TILE_X_DEFAULT
@@ -88,10 +100,10 @@
 #ifndef TILE_W
 #define TILE_W TILE_W_DEFAULT
 #endif
-#if TILE_X < 1 || TILE_X > 8 || TILE_W < 1
-#error "TILE_X must be 1 to 8, TILE_W at least 1"
+#if TILE_X < 1 || TILE_X > 8 || TILE_W < 1 || STREAMS < 1
+#error "TILE_X must be 1 to 8, TILE_W and STREAMS at least 1"
 #endif
-#define MAX_TILE_W (ONE_ROW_BLOCK > TILE_W ? ONE_ROW_BLOCK : TILE_W)
+#define MAX_TILE_W (STREAMS > TILE_W ? STREAMS : TILE_W)
 
 #define NOINLINE __attribute__((noinline, noclone))
 #define INLINE static inline __attribute__((always_inline))
@@ -110,6 +122,10 @@ INLINE void fetch_ahead(Ahead *a) {
         if (a->at < a->end) __builtin_prefetch(a->at, 0, 2);
 }
 
+/* One input row: the line of a stream's next weight row (k further on) that the current step reads, into L2 (past
+ * the stream's end it asks for a line the call may not need: prefetches never fault). */
+INLINE void fetch_next_row(const uint16_t *at, int64_t k) { __builtin_prefetch((const char *)(at + k), 0, 2); }
+
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512BF16__)
 #include <immintrin.h>
 #define INPUT uint16_t /* the input rows as the loop reads them: bf16 as given */
@@ -124,8 +140,8 @@ static NOINLINE uint16_t finish(__m512 acc) {
 }
 
 /* y[r * n + j] for the nx input rows at x and the nw weight rows at w (k each): 32 columns a step. */
-INLINE void tile(const uint16_t *x, int64_t k, int nx, const uint16_t *w, int nw, uint16_t *y, int64_t n,
-                 Ahead ahead) {
+INLINE void tile(const uint16_t *x, int64_t k, int nx, const uint16_t *w, int64_t ws, int nw, uint16_t *y, int64_t n,
+                 int64_t ys, Ahead ahead) {
     __m512 acc[TILE_X][MAX_TILE_W];
     for (int r = 0; r < nx; r++)
         for (int j = 0; j < nw; j++) acc[r][j] = _mm512_setzero_ps();
@@ -135,7 +151,8 @@ INLINE void tile(const uint16_t *x, int64_t k, int nx, const uint16_t *w, int nw
         fetch_ahead(&ahead);
         for (int j = 0; j < nw; j++) {
             if (nx > 1) __builtin_prefetch((const char *)(w + j * k + i) + PREFETCH_BYTES, 0, 3);
-            wv[j] = _mm512_loadu_si512(w + j * k + i);
+            if (nx == 1 && STREAMS_AHEAD) fetch_next_row(w + j * ws + i, k);
+            wv[j] = _mm512_loadu_si512(w + j * ws + i);
         }
         for (int r = 0; r < nx; r++) {
             const __m512i xv = _mm512_loadu_si512(x + r * k + i);
@@ -147,13 +164,13 @@ INLINE void tile(const uint16_t *x, int64_t k, int nx, const uint16_t *w, int nw
         for (int r = 0; r < nx; r++) {
             const __m512i xv = _mm512_maskz_loadu_epi16(mask, x + r * k + i);
             for (int j = 0; j < nw; j++) {
-                const __m512i wv = _mm512_maskz_loadu_epi16(mask, w + j * k + i);
+                const __m512i wv = _mm512_maskz_loadu_epi16(mask, w + j * ws + i);
                 acc[r][j] = _mm512_dpbf16_ps(acc[r][j], (__m512bh)xv, (__m512bh)wv);
             }
         }
     }
     for (int r = 0; r < nx; r++)
-        for (int j = 0; j < nw; j++) y[r * n + j] = finish(acc[r][j]);
+        for (int j = 0; j < nw; j++) y[r * n + j * ys] = finish(acc[r][j]);
 }
 
 static const INPUT *prepare(const uint16_t *x, int64_t rows, int64_t k) {
@@ -180,8 +197,8 @@ INLINE __m512 widen16(const uint16_t *w) {
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)w)), 16));
 }
 
-INLINE void tile(const float *xf, int64_t k, int nx, const uint16_t *w, int nw, uint16_t *y, int64_t n,
-                 Ahead ahead) {
+INLINE void tile(const float *xf, int64_t k, int nx, const uint16_t *w, int64_t ws, int nw, uint16_t *y, int64_t n,
+                 int64_t ys, Ahead ahead) {
     const int64_t k16 = k / 16 * 16;
     __m512 acc[TILE_X][MAX_TILE_W];
     for (int r = 0; r < nx; r++)
@@ -192,12 +209,14 @@ INLINE void tile(const float *xf, int64_t k, int nx, const uint16_t *w, int nw, 
         for (int r = 0; r < nx; r++) xv[r] = _mm512_loadu_ps(xf + r * k + i);
         for (int j = 0; j < nw; j++) {
             if (nx > 1 && i % 32 == 0) __builtin_prefetch((const char *)(w + j * k + i) + PREFETCH_BYTES, 0, 3);
-            const __m512 wv = widen16(w + j * k + i);
+            if (nx == 1 && STREAMS_AHEAD && i % 32 == 0) fetch_next_row(w + j * ws + i, k);
+            const __m512 wv = widen16(w + j * ws + i);
             for (int r = 0; r < nx; r++) acc[r][j] = _mm512_fmadd_ps(wv, xv[r], acc[r][j]);
         }
     }
     for (int r = 0; r < nx; r++)
-        for (int j = 0; j < nw; j++) y[r * n + j] = finish(acc[r][j], xf + r * k + k16, w + j * k + k16, k - k16);
+        for (int j = 0; j < nw; j++)
+            y[r * n + j * ys] = finish(acc[r][j], xf + r * k + k16, w + j * ws + k16, k - k16);
 }
 
 static const INPUT *prepare(const uint16_t *x, int64_t rows, int64_t k) { return widened_copy(x, rows * k); }
@@ -217,8 +236,8 @@ static NOINLINE uint16_t finish(__m256 acc, const float *xp, const uint16_t *w, 
     return float_to_bf16(sum);
 }
 
-INLINE void tile(const float *xp, int64_t k, int nx, const uint16_t *w, int nw, uint16_t *y, int64_t n,
-                 Ahead ahead) {
+INLINE void tile(const float *xp, int64_t k, int nx, const uint16_t *w, int64_t ws, int nw, uint16_t *y, int64_t n,
+                 int64_t ys, Ahead ahead) {
     const int64_t k16 = k / 16 * 16;
     const __m256i zero = _mm256_setzero_si256();
     __m256 acc[TILE_X][MAX_TILE_W];
@@ -234,7 +253,8 @@ INLINE void tile(const float *xp, int64_t k, int nx, const uint16_t *w, int nw, 
             if (nx > 1) __asm__("" : "+x"(x0[r]), "+x"(x1[r]));
         }
         for (int j = 0; j < nw; j++) {
-            __m256i v = _mm256_loadu_si256((const __m256i *)(w + j * k + i));
+            if (nx == 1 && STREAMS_AHEAD && i % 32 == 0) fetch_next_row(w + j * ws + i, k);
+            __m256i v = _mm256_loadu_si256((const __m256i *)(w + j * ws + i));
             if (nx > 1) __asm__("" : "+x"(v)); /* one load, not one per unpack */
             const __m256 lo = _mm256_castsi256_ps(_mm256_unpacklo_epi16(zero, v));
             const __m256 hi = _mm256_castsi256_ps(_mm256_unpackhi_epi16(zero, v));
@@ -245,7 +265,8 @@ INLINE void tile(const float *xp, int64_t k, int nx, const uint16_t *w, int nw, 
         }
     }
     for (int r = 0; r < nx; r++)
-        for (int j = 0; j < nw; j++) y[r * n + j] = finish(acc[r][j], xp + r * k + k16, w + j * k + k16, k - k16);
+        for (int j = 0; j < nw; j++)
+            y[r * n + j * ys] = finish(acc[r][j], xp + r * k + k16, w + j * ws + k16, k - k16);
 }
 
 /* The input rows in fp32, each run of 16 columns in the order of the unpacks: 0-3, 8-11, then 4-7, 12-15. */
@@ -281,8 +302,8 @@ static NOINLINE uint16_t finish(const float *acc, const float *xf, const uint16_
     return float_to_bf16(sum);
 }
 
-INLINE void tile(const float *xf, int64_t k, int nx, const uint16_t *w, int nw, uint16_t *y, int64_t n,
-                 Ahead ahead) {
+INLINE void tile(const float *xf, int64_t k, int nx, const uint16_t *w, int64_t ws, int nw, uint16_t *y, int64_t n,
+                 int64_t ys, Ahead ahead) {
     float acc[TILE_X][MAX_TILE_W][LANES];
     for (int r = 0; r < nx; r++)
         for (int j = 0; j < nw; j++)
@@ -290,13 +311,13 @@ INLINE void tile(const float *xf, int64_t k, int nx, const uint16_t *w, int nw, 
     int64_t i = 0;
     for (; i + LANES <= k; i += LANES) {
         if (i % 32 == 0) fetch_ahead(&ahead);
-        for (int j = 0; j < nw; j++) __builtin_prefetch((const char *)(w + j * k + i) + PREFETCH_BYTES, 0, 3);
+        for (int j = 0; j < nw; j++) __builtin_prefetch((const char *)(w + j * ws + i) + PREFETCH_BYTES, 0, 3);
         for (int r = 0; r < nx; r++)
             for (int j = 0; j < nw; j++)
-                for (int l = 0; l < LANES; l++) acc[r][j][l] += xf[r * k + i + l] * bf16_to_float(w[j * k + i + l]);
+                for (int l = 0; l < LANES; l++) acc[r][j][l] += xf[r * k + i + l] * bf16_to_float(w[j * ws + i + l]);
     }
     for (int r = 0; r < nx; r++)
-        for (int j = 0; j < nw; j++) y[r * n + j] = finish(acc[r][j], xf + r * k + i, w + j * k + i, k - i);
+        for (int j = 0; j < nw; j++) y[r * n + j * ys] = finish(acc[r][j], xf + r * k + i, w + j * ws + i, k - i);
 }
 
 static const INPUT *prepare(const uint16_t *x, int64_t rows, int64_t k) { return widened_copy(x, rows * k); }
@@ -306,9 +327,8 @@ static const INPUT *prepare(const uint16_t *x, int64_t rows, int64_t k) { return
  * sizes (the last, short block of weight rows). */
 #define TILE_FN(name, nx, nw)                                                                                     \
     static NOINLINE void name(const INPUT *x, int64_t k, const uint16_t *w, uint16_t *y, int64_t n, Ahead ahead) { \
-        tile(x, k, nx, w, nw, y, n, ahead);                                                                       \
+        tile(x, k, nx, w, k, nw, y, n, 1, ahead);                                                                 \
     }
-TILE_FN(tile_one_row, 1, ONE_ROW_BLOCK)
 /* One per count of input rows, 1..8; counts past TILE_X (never called: a pass has at most TILE_X rows) are built
  * as TILE_X, so that the table needs no conditions. */
 #define ROWS_UP_TO_TILE_X(r) ((r) < TILE_X ? (r) : TILE_X)
@@ -325,12 +345,16 @@ static const TileFn TILES[8] = {tile_1, tile_2, tile_3, tile_4, tile_5, tile_6, 
 
 static NOINLINE void tile_any(const INPUT *x, int64_t k, int nx, const uint16_t *w, int nw, uint16_t *y, int64_t n,
                               Ahead ahead) {
-    tile(x, k, nx, w, nw, y, n, ahead);
+    tile(x, k, nx, w, k, nw, y, n, 1, ahead);
 }
 
-/* One block of `count` weight rows (first: its first row) against every input row, in passes of up to TILE_X
- * input rows that ask for the next block (next_bytes from next) as they go. One input row: one pass over its
- * ONE_ROW_BLOCK weight rows side by side, which asks for the next block only where ONE_ROW_AHEAD says so. */
+/* One input row against STREAMS weight rows `apart` rows apart (a row of each stream), into y[j * apart]. */
+static NOINLINE void tile_streams(const INPUT *x, int64_t k, const uint16_t *w, int64_t apart, uint16_t *y) {
+    tile(x, k, 1, w, apart * k, STREAMS, y, 1, apart, (Ahead){NULL, NULL, 0});
+}
+
+/* One block of `count` weight rows (first: its first row) against every input row (two or more), in passes of up
+ * to TILE_X input rows that ask for the next block (next_bytes from next) as they go. */
 static void block(const INPUT *xp, const uint16_t *w, uint16_t *y, int64_t rows, int64_t n, int64_t k,
                   int64_t first, int count, const char *next, int64_t next_bytes) {
     const uint16_t *wb = w + first * k;
@@ -345,16 +369,27 @@ static void block(const INPUT *xp, const uint16_t *w, uint16_t *y, int64_t rows,
          * streamed 8 rows 6% faster than one in proportion to the passes' rows, 6 + 2, on the Zen 4) */
         const int64_t from = t * lines / passes, to = (t + 1) * lines / passes;
         const Ahead ahead = {next + 64 * from, next + 64 * to, (int)((to - from + steps - 1) / steps)};
-        if (rows == 1) {
-            const Ahead one_row = ONE_ROW_AHEAD ? ahead : (Ahead){NULL, NULL, 0};
-            if (count == ONE_ROW_BLOCK)
-                tile_one_row(xr, k, wb, yr, n, one_row);
-            else
-                tile_any(xr, k, 1, wb, count, yr, n, one_row);
-        } else if (count != TILE_W) {
+        if (count != TILE_W) {
             tile_any(xr, k, nx, wb, count, yr, n, ahead);
         } else {
             TILES[nx - 1](xr, k, wb, yr, n, ahead);
+        }
+    }
+}
+
+/* One input row: each thread takes a contiguous run of the weight rows (the runs in thread order, as a static
+ * schedule would give them) and cuts it into STREAMS stretches of equal length, which it walks side by side, row i
+ * of every stretch at a time: each stretch is one long stream through memory, followed by the hardware prefetchers
+ * and asked one row ahead (STREAMS_AHEAD). The rows left over (fewer than STREAMS) come after, in blocks. */
+static void one_row(const INPUT *x, const uint16_t *w, uint16_t *y, int64_t n, int64_t k) {
+#pragma omp parallel
+    {
+        const int64_t threads = omp_get_num_threads(), t = omp_get_thread_num();
+        const int64_t first = n * t / threads, last = n * (t + 1) / threads, per = (last - first) / STREAMS;
+        for (int64_t i = 0; i < per; i++) tile_streams(x, k, w + (first + i) * k, per, y + first + i);
+        for (int64_t r = first + per * STREAMS; r < last; r += MAX_TILE_W) {
+            const int count = last - r < MAX_TILE_W ? (int)(last - r) : MAX_TILE_W;
+            tile_any(x, k, 1, w + r * k, count, y + r, n, (Ahead){NULL, NULL, 0});
         }
     }
 }
@@ -371,14 +406,17 @@ int llama_gemv_bf16(const uint16_t *x, const uint16_t *w, uint16_t *y, int64_t r
     }
     const INPUT *xp = prepare(x, rows, k);
     if (xp == NULL) return 1;
-    const int size = rows == 1 ? ONE_ROW_BLOCK : TILE_W;
-    const int64_t blocks = (n + size - 1) / size;
+    if (rows == 1) {
+        one_row(xp, w, y, n, k);
+    } else {
+        const int64_t blocks = (n + TILE_W - 1) / TILE_W;
 #pragma omp parallel for schedule(static)
-    for (int64_t b = 0; b < blocks; b++) {
-        const int64_t first = b * size;
-        const int count = first + size <= n ? size : (int)(n - first);
-        const int64_t after = first + count, next_rows = n - after < size ? n - after : size;
-        block(xp, w, y, rows, n, k, first, count, (const char *)(w + after * k), next_rows * k * 2);
+        for (int64_t b = 0; b < blocks; b++) {
+            const int64_t first = b * TILE_W;
+            const int count = first + TILE_W <= n ? TILE_W : (int)(n - first);
+            const int64_t after = first + count, next_rows = n - after < TILE_W ? n - after : TILE_W;
+            block(xp, w, y, rows, n, k, first, count, (const char *)(w + after * k), next_rows * k * 2);
+        }
     }
     if ((const void *)xp != (const void *)x) free((void *)xp);
     return 0;
