@@ -22,8 +22,14 @@ Two measurements, on the 0.85B shape of bench_decode.py (random weights, far mor
         --step_rows 4,8,16 --llama_cpp                                  # and llama.cpp's batched step
     python benchmarks/bench_batch_decode.py --what step --dim 512 --n_layers 2   # a smaller shape
     python benchmarks/bench_batch_decode.py --what panels --rows 1,2,4,8,16   # quantized products: panels vs rows
+    python benchmarks/bench_batch_decode.py --what step,bound --quantize int8,int4 --step_rows 8   # and the floor
     git show HEAD~1:llama/csrc/gemv_bf16.c > /tmp/old.c
     python benchmarks/bench_batch_decode.py --what gemv --other_source /tmp/old.c   # an older kernel beside ours
+
+- `bound`: the arithmetic floor of a step's products at --step_rows rows: the multiply-adds a second this CPU's
+  vector units do with the kernels' instructions (benchmarks/dot_peak.c: byte dot products for int8 and int4 weights
+  with int8 inputs, bf16 dot products or fp32 FMAs for bf16 weights; every thread, operands in registers), and the
+  time the step's multiply-adds take at that rate; with `step`, what the steps measured in the same run.
 
 Times are the best of --repeat rounds (the least disturbed by other work on a shared machine), every contender
 running once in each round; ratios are to the 1-row figure of the same column, measured in the same run.
@@ -137,9 +143,11 @@ def bench_gemv(model: Transformer, opts: argparse.Namespace) -> None:
         print(f"| {rows} | " + " | ".join(cells) + f" | {best[(rows, 'bf16')] / best[(rows, 'ours')]:.2f}x faster |")
 
 
-def bench_step(model: Transformer, opts: argparse.Namespace, gguf: Optional[Path] = None, gguf_type: str = "") -> None:
+def bench_step(
+    model: Transformer, opts: argparse.Namespace, gguf: Optional[Path] = None, gguf_type: str = ""
+) -> dict[int, float]:
     """Time the C step at 1 and --step_rows rows; with gguf, llama.cpp's step on that file (of type gguf_type) at
-    the same rows, tokens and positions, interleaved with ours."""
+    the same rows, tokens and positions, interleaved with ours. Returns our best seconds per step by rows."""
     cos, sin = rope_cos_sin(model.freqs_cis)
     decoder = CpuDecoder.build(model, model.stack_projections(), cos, sin)
     if decoder is None:
@@ -185,6 +193,39 @@ def bench_step(model: Transformer, opts: argparse.Namespace, gguf: Optional[Path
             u = best[(rows, "llama.cpp")]
             line += f" {u * 1e3:.1f} | {u / best[(1, 'llama.cpp')]:.2f}x | {u * 1e3 / rows:.1f} | {u / t:.2f}x |"
         print(line)
+    return {rows: best[(rows, "ours")] for rows in inputs}
+
+
+PEAK_SOURCE = Path(__file__).parent / "dot_peak.c"
+
+
+def dot_peaks() -> dict[str, float]:
+    """Multiply-adds a second on every thread by the kernels' instructions (dot_peak.c), by weight type."""
+    fns = cpu_gemv.load_kernel(PEAK_SOURCE, {"llama_dot_peak": [ctypes.c_int, ctypes.c_int64]}, "", ctypes.c_double)
+    if fns is None:
+        raise SystemExit(f"could not build {PEAK_SOURCE}")
+    peak = fns["llama_dot_peak"]
+    peak(0, 1_000_000)  # warm-up (threads started, clocks up)
+    int8, bf16 = (max(peak(kind, 20_000_000) for _ in range(3)) for kind in (0, 1))
+    return {"bf16": bf16, "int8": int8, "int4": int8}  # int4 weights meet int8 inputs by the same instructions
+
+
+def bench_bound(model: Transformer, opts: argparse.Namespace, steps: dict[str, dict[int, float]]) -> None:
+    """The step's products at --step_rows rows if the vector units did nothing else (dot_peaks), against the steps
+    measured in this run (steps: weight type -> rows -> seconds)."""
+    peaks = dot_peaks()
+    per_row = sum(w.numel() for w in step_weights(model))  # multiply-adds of one row's products
+    print(f"\nArithmetic floor: {per_row / 1e6:.0f} M multiply-adds a row in the step's products; "
+          f"{torch.get_num_threads()} threads")  # fmt: skip
+    print("| weights | multiply-adds a second | rows | floor, ms | measured step, ms | floor / measured 1-row step |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for kind in ["bf16", *[m for m in opts.quantize.split(",") if m]]:
+        for rows in opts.step_rows:
+            floor = rows * per_row / peaks[kind]
+            measured = steps.get(kind, {})
+            step = f"{measured[rows] * 1e3:.1f}" if rows in measured else "-"
+            ratio = f"{floor / measured[1]:.2f}x" if 1 in measured else "-"
+            print(f"| {kind} | {peaks[kind] / 1e9:.0f} G | {rows} | {floor * 1e3:.1f} | {step} | {ratio} |")
 
 
 def bench_panels(quantized: Transformer, mode: str, opts: argparse.Namespace) -> None:
@@ -232,7 +273,7 @@ def bench_panels(quantized: Transformer, mode: str, opts: argparse.Namespace) ->
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--what", default="gemv,step", help="gemv, step, panels (comma-separated)")
+    parser.add_argument("--what", default="gemv,step", help="gemv, step, panels, bound (comma-separated)")
     parser.add_argument("--rows", default="1,2,4,8,16", help="input rows of the GEMV passes")
     parser.add_argument("--step_rows", default="8,16", help="rows of the C steps (1 is always measured)")
     parser.add_argument("--context", type=int, default=256, help="positions the step's rows have cached (about)")
@@ -281,15 +322,18 @@ def main() -> None:
         if opts.llama_cpp and "step" in what:
             print(f"llama-cpp-python {lcpp.require().__version__}")
             gguf = llama_cpp_files(model, modes, Path(folder))
+        steps: dict[str, dict[int, float]] = {}
         if "step" in what and opts.bf16:
             print("\nbf16 weights")
-            bench_step(model, opts, gguf.get("bf16"), "bf16")
+            steps["bf16"] = bench_step(model, opts, gguf.get("bf16"), "bf16")
         for mode in modes:
             print(f"\n{mode} weights (llama.quant, groups of 32, int8 inputs: the default kernels)")
             quantized = quantize_model(random_model(args, cpu, torch.bfloat16), Scheme(mode, 32))
             if opts.huge_pages:
                 pages.move_to_huge_pages(quantized)
-            bench_step(quantized, opts, gguf.get(mode), GGUF_TYPES.get(mode, ""))
+            steps[mode] = bench_step(quantized, opts, gguf.get(mode), GGUF_TYPES.get(mode, ""))
+    if "bound" in what:
+        bench_bound(model, opts, steps)
 
 
 if __name__ == "__main__":

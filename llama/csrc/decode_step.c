@@ -19,8 +19,9 @@
  *
  * and after the layers, logits = norm(h) * norm @ output, in the model's dtype.
  *
- * With several rows, OpenMP threads take the rows of the glue between the products (norms, RoPE, SiLU), which
- * would otherwise grow with the rows on one core while the products do not.
+ * With several rows, OpenMP threads take the rows of the glue between the products (norms, RoPE), which would
+ * otherwise grow with the rows on one core while the products do not; SwiGLU, the largest, is cut into chunks of
+ * elements for every thread even for one row.
  *
  * Row b of a step sits at position pos[b] in the cache's row slot[b] (a continuous batch), or every row at one
  * position in cache rows 0..rows-1 (a static batch). Each row is computed on its own: the norms, RoPE and
