@@ -14,6 +14,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -78,6 +79,17 @@ def params_json(args: ModelArgs) -> dict:
     params = {k: v for k, v in dataclasses.asdict(args).items() if k in keep and v is not None}
     params["vocab_size"] = -1
     return params
+
+
+def on_threads(n: int, fn: Callable[..., object], *args) -> object:
+    """fn(*args) with n threads in torch's OpenMP runtime, which the C kernels share (the tests run on one:
+    conftest), then the thread count as it was."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        return fn(*args)
+    finally:
+        torch.set_num_threads(before)
 
 
 def build_kernels_portably(monkeypatch, tmp_path, module) -> None:

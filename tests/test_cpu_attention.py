@@ -5,7 +5,7 @@ import math
 
 import pytest
 import torch
-from helpers import build_kernels_portably, random_model
+from helpers import build_kernels_portably, on_threads, random_model
 from torch.testing import assert_close
 
 from llama.engine.fast import FastDecoder
@@ -91,6 +91,17 @@ def test_rows_at_their_own_positions_and_slots(bsz, n_kv, n_rep, head_dim, max_l
     assert torch.equal(cpu_attention.attend_one(q, k, v, pos), cpu_attention.attend_one(q, k[:bsz], v[:bsz], pos))
     assert_close(cpu_attention.attend_one(q, k, v, pos).double(),
                  rows_reference(q, k, v, pos.tolist(), range(bsz)), **tolerances)  # fmt: skip
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_threads_share_the_pairs_without_changing_a_bit(dtype):
+    """Threads take the (row, KV head) pairs as they come free: two or three instead of one, not a bit changes."""
+    q, k, v = case(5, 2, 4, 64, 40, dtype, seed=3)
+    pos, slots = torch.tensor([39, 3, 17, 0, 25]), torch.tensor([4, 0, 2, 1, 3])
+    alone = cpu_attention.attend_one(q, k, v, pos, slots)
+    for threads in (2, 3):
+        assert torch.equal(on_threads(threads, cpu_attention.attend_one, q, k, v, pos, slots), alone)
 
 
 @needs_kernel

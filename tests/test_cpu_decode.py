@@ -7,7 +7,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from helpers import random_model
+from helpers import on_threads, random_model
 from torch.testing import assert_close
 
 from llama.engine import cpu_decode
@@ -59,6 +59,29 @@ def test_bf16_steps_equal_the_compiled_step(tiny_args, mode):
         # the same kernels and the same roundings; the norms' fp32 sums run in another order, which can move
         # a bf16 rounding by one step
         assert_close(got, compiled(step, p), rtol=0.02, atol=0.02)
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_hidden_size_past_one_swiglu_chunk(tiny_args, dtype):
+    """The step's SwiGLU runs in chunks of 1024 elements on every thread (csrc/decode_step.c): a hidden size of
+    1056 ends each row in a short chunk, and two rows share the chunks among the threads, whose number does not
+    change a bit of the step (nor do the norms' and the attention's, shared by rows)."""
+    model = model_of(tiny_args, "int8", dtype, exact=dtype == torch.float32, multiple_of=1056)
+    assert model.layers[0].feed_forward.w2.in_features == 1056
+    fast = FastDecoder(model, compile=False)
+    assert fast.cpu_step is not None
+    expected = model.forward(TOKENS, 0)
+    compiled = FastDecoder(model, compile=False, use_cpu_step=False)
+    model.forward(TOKENS[:, :5], 0)
+    for p in range(5, 8):
+        step = TOKENS[:, p : p + 1]
+        got = fast(step, p)
+        assert torch.equal(on_threads(3, fast, step, p), got)  # (writes the same keys and values again)
+        if dtype == torch.float32:  # the reference's forward, to fp32 rounding
+            assert_close(got, expected[:, p : p + 1])
+        else:  # the compiled step's kernels and roundings
+            assert_close(got, compiled(step, p), rtol=0.02, atol=0.02)
 
 
 @needs_kernels

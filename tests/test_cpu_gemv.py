@@ -9,7 +9,7 @@ import threading
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import random_model
+from helpers import on_threads, random_model
 from torch.testing import assert_close
 
 from llama.engine.fast import FastDecoder, FastOps
@@ -70,10 +70,11 @@ def test_several_rows_equal_the_exact_products_rounded_to_bf16(loop, monkeypatch
     assert_close(y.double(), x.double() @ w.double().T, rtol=2**-8, atol=1e-6 * k)  # within one bf16 rounding
 
 
-@pytest.mark.parametrize("n,k", [(45, 300), (8, 4096), (13, 33)])
+@pytest.mark.parametrize("n,k", [(45, 300), (8, 4096), (13, 33), (101, 40)])
 def test_a_row_of_several_is_bitwise_that_row_alone(loop, monkeypatch, n, k):
     """Every (input row, weight row) pair is summed in the same order whatever the rows of the call, so a batched
-    decode step gives each row the numbers it would get alone."""
+    decode step gives each row the numbers it would get alone. (One row walks each thread's weight rows in
+    stretches, several rows deep at n = 101, then the rows left over: the same sums.)"""
     with_loop(loop, monkeypatch)
     x, w = bf16(16, k, seed=k), bf16(n, k, seed=n)
     # Large terms that cancel (x = 1 against +-2^24 in the first, a middle and the last column): the fp32 sums then
@@ -85,6 +86,17 @@ def test_a_row_of_several_is_bitwise_that_row_alone(loop, monkeypatch, n, k):
         assert torch.equal(cpu_gemv.linear_bf16(x[r : r + 1], w), y[r : r + 1])
     for lo, hi in ((3, 5), (5, 12), (0, 7)):  # tiles cut elsewhere
         assert torch.equal(cpu_gemv.linear_bf16(x[lo:hi], w), y[lo:hi])
+
+
+@pytest.mark.parametrize("rows", [1, 3, 8])
+def test_the_threads_split_the_weight_rows_without_changing_a_bit(loop, monkeypatch, rows):
+    """The threads take the weight rows in contiguous runs (one input row: each run cut into stretches walked side
+    by side); two or three threads instead of one change the split, not a bit of the result."""
+    with_loop(loop, monkeypatch)
+    x, w = bf16(rows, 300, seed=3), bf16(101, 300, seed=4)
+    alone = cpu_gemv.linear_bf16(x, w)
+    for threads in (2, 3):
+        assert torch.equal(on_threads(threads, cpu_gemv.linear_bf16, x, w), alone)
 
 
 def test_empty_inputs_give_empty_or_zero_outputs(loop, monkeypatch):

@@ -14,7 +14,7 @@ import platform
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import build_kernels_portably, random_model
+from helpers import build_kernels_portably, on_threads, random_model
 from torch.testing import assert_close
 
 from llama import Llama, Tokenizer
@@ -329,6 +329,26 @@ def test_products_on_stored_panels_give_the_bits_of_the_products_on_rows(mode, g
         on_rows = panel_product(kernels.kernels()[f"{mode}_q8x"], x, qweight, scales, g)
         for flags in builds:
             assert torch.equal(stored_product(mode, x, qweight, scales, g, True, flags), on_rows), (rows, flags)
+
+
+@needs_kernel
+@pytest.mark.parametrize("mode", MODES)
+def test_the_threads_split_the_panels_without_changing_a_bit(mode):
+    """The products' threads take the panels (or weight rows) in contiguous runs; two or three of them instead of
+    one change the split, not a bit: int8 inputs and exact, on panels and on rows, one row (the one-row loops)
+    and several (the panel product), 9 panels (shared unevenly)."""
+    scheme = Scheme(mode, 32)
+    qweight, scales = tensor.quantize(weights(9 * 16, 96, seed=9), scheme)
+    for rows in (1, 3, 8):
+        x = torch.randn(rows, 96, generator=torch.Generator().manual_seed(rows))
+        for int8_x in (True, False):
+            on_rows = kernels.product_kernel(kernels.kernels(), mode, 32, int8_x)
+            calls = [(stored_product, mode, x, qweight, scales, 32, int8_x), (panel_product, on_rows, x, qweight,
+                     scales, 32)]  # fmt: skip
+            for fn, *args in calls:
+                alone = fn(*args)
+                for threads in (2, 3):
+                    assert torch.equal(on_threads(threads, fn, *args), alone), (rows, int8_x, threads)
 
 
 @needs_kernel
