@@ -207,6 +207,8 @@ def dot_peaks() -> dict[str, float]:
     peak = fns["llama_dot_peak"]
     peak(0, 1_000_000)  # warm-up (threads started, clocks up)
     int8, bf16 = (max(peak(kind, 20_000_000) for _ in range(3)) for kind in (0, 1))
+    if int8 <= 0 or bf16 <= 0:
+        raise SystemExit(f"{PEAK_SOURCE.name} has no vector loop for this CPU (it measures AVX2 and AVX-512 ones)")
     return {"bf16": bf16, "int8": int8, "int4": int8}  # int4 weights meet int8 inputs by the same instructions
 
 

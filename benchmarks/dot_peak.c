@@ -25,26 +25,28 @@ static double seconds(void) {
 
 /* iters rounds of CHAINS instructions on one thread; returns the multiply-adds done and adds a checksum into *sink
  * (so that the sums are used). */
-static double int8_dots(int64_t iters, int32_t *sink) {
+static double int8_dots(int64_t iters, uint32_t *sink) {
 #if defined(__AVX512F__) && defined(__AVX512VNNI__)
     __m512i acc[CHAINS];
     const __m512i a = _mm512_set1_epi8(3), b = _mm512_set1_epi8(5);
     for (int c = 0; c < CHAINS; c++) acc[c] = _mm512_set1_epi32(c);
     for (int64_t i = 0; i < iters; i++)
         for (int c = 0; c < CHAINS; c++) acc[c] = _mm512_dpbusd_epi32(acc[c], a, b);
-    for (int c = 0; c < CHAINS; c++) *sink += _mm512_reduce_add_epi32(acc[c]);
+    for (int c = 0; c < CHAINS; c++) *sink += (uint32_t)_mm512_reduce_add_epi32(acc[c]);
     return (double)iters * CHAINS * 64;
 #elif defined(__AVX2__)
     __m256i acc[CHAINS];
-    const __m256i a = _mm256_set1_epi8(3), b = _mm256_set1_epi8(5), ones = _mm256_set1_epi16(1);
+    const __m256i b = _mm256_set1_epi8(5), ones = _mm256_set1_epi16(1);
     for (int c = 0; c < CHAINS; c++) acc[c] = _mm256_set1_epi32(c);
+    /* each chain's sum is also its next byte operand, so that the products cannot be computed once outside the
+     * loop (the values wrap around; only the instructions count) */
     for (int64_t i = 0; i < iters; i++)
         for (int c = 0; c < CHAINS; c++)
-            acc[c] = _mm256_add_epi32(acc[c], _mm256_madd_epi16(_mm256_maddubs_epi16(a, b), ones));
+            acc[c] = _mm256_add_epi32(acc[c], _mm256_madd_epi16(_mm256_maddubs_epi16(acc[c], b), ones));
     int32_t lanes[8];
     for (int c = 0; c < CHAINS; c++) {
         _mm256_storeu_si256((__m256i *)lanes, acc[c]);
-        for (int l = 0; l < 8; l++) *sink += lanes[l];
+        for (int l = 0; l < 8; l++) *sink += (uint32_t)lanes[l];
     }
     return (double)iters * CHAINS * 32;
 #else
@@ -53,7 +55,7 @@ static double int8_dots(int64_t iters, int32_t *sink) {
 #endif
 }
 
-static double bf16_dots(int64_t iters, int32_t *sink) {
+static double bf16_dots(int64_t iters, uint32_t *sink) {
     float lanes[16] = {0};
 #if defined(__AVX512F__) && defined(__AVX512BF16__)
     __m512 acc[CHAINS];
@@ -62,7 +64,7 @@ static double bf16_dots(int64_t iters, int32_t *sink) {
     for (int64_t i = 0; i < iters; i++)
         for (int c = 0; c < CHAINS; c++) acc[c] = _mm512_dpbf16_ps(acc[c], a, b);
     for (int c = 0; c < CHAINS; c++) _mm512_storeu_ps(lanes, _mm512_add_ps(_mm512_loadu_ps(lanes), acc[c]));
-    *sink += (int32_t)lanes[0];
+    *sink += (uint32_t)lanes[0];
     return (double)iters * CHAINS * 32;
 #elif defined(__AVX512F__)
     __m512 acc[CHAINS];
@@ -71,7 +73,7 @@ static double bf16_dots(int64_t iters, int32_t *sink) {
     for (int64_t i = 0; i < iters; i++)
         for (int c = 0; c < CHAINS; c++) acc[c] = _mm512_fmadd_ps(a, b, acc[c]);
     for (int c = 0; c < CHAINS; c++) _mm512_storeu_ps(lanes, _mm512_add_ps(_mm512_loadu_ps(lanes), acc[c]));
-    *sink += (int32_t)lanes[0];
+    *sink += (uint32_t)lanes[0];
     return (double)iters * CHAINS * 16;
 #elif defined(__AVX2__) && defined(__FMA__)
     __m256 acc[CHAINS];
@@ -80,7 +82,7 @@ static double bf16_dots(int64_t iters, int32_t *sink) {
     for (int64_t i = 0; i < iters; i++)
         for (int c = 0; c < CHAINS; c++) acc[c] = _mm256_fmadd_ps(a, b, acc[c]);
     for (int c = 0; c < CHAINS; c++) _mm256_storeu_ps(lanes, _mm256_add_ps(_mm256_loadu_ps(lanes), acc[c]));
-    *sink += (int32_t)lanes[0];
+    *sink += (uint32_t)lanes[0];
     return (double)iters * CHAINS * 8;
 #else
     (void)iters, (void)sink, (void)lanes;
@@ -88,13 +90,13 @@ static double bf16_dots(int64_t iters, int32_t *sink) {
 #endif
 }
 
-volatile int32_t llama_dot_checksum; /* where the sums go, so that the compiler keeps them */
+volatile uint32_t llama_dot_checksum; /* where the sums go, so that the compiler keeps them */
 
 /* Multiply-adds a second over all threads, kind 0 (int8) or 1 (bf16); 0 where this build has no vector loop for
  * it. iters rounds per thread. */
 double llama_dot_peak(int kind, int64_t iters) {
     double done = 0.0;
-    int32_t sink = 0;
+    uint32_t sink = 0;
     const double start = seconds();
 #pragma omp parallel reduction(+ : done, sink)
     done += kind == 0 ? int8_dots(iters, &sink) : bf16_dots(iters, &sink);

@@ -16,8 +16,8 @@
  * dtype. Only the order of the sums differs from torch's kernels. NaN in the inputs gives NaN outputs. A row's
  * result depends on its own query, slot and position only (not on the other rows of the call).
  *
- * Threads (OpenMP) take the (row, KV head) pairs: the n_rep query heads of a pair read each cached key and
- * value once, while they are in cache.
+ * Threads (OpenMP) take the (row, KV head) pairs: the n_rep query heads of a pair read each cached key once,
+ * while it is in cache, and each cached value once per WEIGHED of them (weigh_values).
  */
 #include <math.h>
 #include <stdint.h>
@@ -177,7 +177,9 @@ static inline float exp_shifted(float *s, int64_t length, float top) {
 }
 #endif
 
-/* acc[r] += sum_jj p[r * stride + jj] * values[jj] for the n_rep queries and `count` values (fp32). */
+/* acc[r] += p[r * stride + jj] * values[jj] for jj < count in order, one fused multiply-add a term (as
+ * weigh_values16 sums them), for the n_rep queries (fp32 values): the sums of values where head_dim is not a
+ * multiple of 16 or the build has no AVX2. */
 static inline void values_in_order(const float *p, int64_t stride, const float *values, int count, int64_t n_rep,
                                    int64_t head_dim, float *acc) {
     for (int64_t r = 0; r < n_rep; r++)

@@ -139,9 +139,11 @@ static NOINLINE uint16_t finish(__m512 acc) {
     return float_to_bf16(sum);
 }
 
-/* y[r * n + j] for the nx input rows at x and the nw weight rows at w (k each): 32 columns a step. */
+/* y[r * n + j * ys] for the nx input rows at x (k each) and the nw weight rows at w, ws elements apart (k: side by
+ * side; one row of each stream: further), 32 columns a step. streams: one input row against STREAMS streams, each
+ * weight row asking for its stream's next row (STREAMS_AHEAD). The tiles of the other loops take the same. */
 INLINE void tile(const uint16_t *x, int64_t k, int nx, const uint16_t *w, int64_t ws, int nw, uint16_t *y, int64_t n,
-                 int64_t ys, Ahead ahead) {
+                 int64_t ys, Ahead ahead, int streams) {
     __m512 acc[TILE_X][MAX_TILE_W];
     for (int r = 0; r < nx; r++)
         for (int j = 0; j < nw; j++) acc[r][j] = _mm512_setzero_ps();
@@ -150,8 +152,8 @@ INLINE void tile(const uint16_t *x, int64_t k, int nx, const uint16_t *w, int64_
         __m512i wv[MAX_TILE_W];
         fetch_ahead(&ahead);
         for (int j = 0; j < nw; j++) {
-            if (nx > 1) __builtin_prefetch((const char *)(w + j * k + i) + PREFETCH_BYTES, 0, 3);
-            if (nx == 1 && STREAMS_AHEAD) fetch_next_row(w + j * ws + i, k);
+            if (nx > 1) __builtin_prefetch((const char *)(w + j * ws + i) + PREFETCH_BYTES, 0, 3);
+            if (streams && STREAMS_AHEAD) fetch_next_row(w + j * ws + i, k);
             wv[j] = _mm512_loadu_si512(w + j * ws + i);
         }
         for (int r = 0; r < nx; r++) {
@@ -198,7 +200,7 @@ INLINE __m512 widen16(const uint16_t *w) {
 }
 
 INLINE void tile(const float *xf, int64_t k, int nx, const uint16_t *w, int64_t ws, int nw, uint16_t *y, int64_t n,
-                 int64_t ys, Ahead ahead) {
+                 int64_t ys, Ahead ahead, int streams) {
     const int64_t k16 = k / 16 * 16;
     __m512 acc[TILE_X][MAX_TILE_W];
     for (int r = 0; r < nx; r++)
@@ -208,8 +210,8 @@ INLINE void tile(const float *xf, int64_t k, int nx, const uint16_t *w, int64_t 
         __m512 xv[TILE_X];
         for (int r = 0; r < nx; r++) xv[r] = _mm512_loadu_ps(xf + r * k + i);
         for (int j = 0; j < nw; j++) {
-            if (nx > 1 && i % 32 == 0) __builtin_prefetch((const char *)(w + j * k + i) + PREFETCH_BYTES, 0, 3);
-            if (nx == 1 && STREAMS_AHEAD && i % 32 == 0) fetch_next_row(w + j * ws + i, k);
+            if (nx > 1 && i % 32 == 0) __builtin_prefetch((const char *)(w + j * ws + i) + PREFETCH_BYTES, 0, 3);
+            if (streams && STREAMS_AHEAD && i % 32 == 0) fetch_next_row(w + j * ws + i, k);
             const __m512 wv = widen16(w + j * ws + i);
             for (int r = 0; r < nx; r++) acc[r][j] = _mm512_fmadd_ps(wv, xv[r], acc[r][j]);
         }
@@ -237,7 +239,7 @@ static NOINLINE uint16_t finish(__m256 acc, const float *xp, const uint16_t *w, 
 }
 
 INLINE void tile(const float *xp, int64_t k, int nx, const uint16_t *w, int64_t ws, int nw, uint16_t *y, int64_t n,
-                 int64_t ys, Ahead ahead) {
+                 int64_t ys, Ahead ahead, int streams) {
     const int64_t k16 = k / 16 * 16;
     const __m256i zero = _mm256_setzero_si256();
     __m256 acc[TILE_X][MAX_TILE_W];
@@ -253,7 +255,7 @@ INLINE void tile(const float *xp, int64_t k, int nx, const uint16_t *w, int64_t 
             if (nx > 1) __asm__("" : "+x"(x0[r]), "+x"(x1[r]));
         }
         for (int j = 0; j < nw; j++) {
-            if (nx == 1 && STREAMS_AHEAD && i % 32 == 0) fetch_next_row(w + j * ws + i, k);
+            if (streams && STREAMS_AHEAD && i % 32 == 0) fetch_next_row(w + j * ws + i, k);
             __m256i v = _mm256_loadu_si256((const __m256i *)(w + j * ws + i));
             if (nx > 1) __asm__("" : "+x"(v)); /* one load, not one per unpack */
             const __m256 lo = _mm256_castsi256_ps(_mm256_unpacklo_epi16(zero, v));
@@ -303,7 +305,8 @@ static NOINLINE uint16_t finish(const float *acc, const float *xf, const uint16_
 }
 
 INLINE void tile(const float *xf, int64_t k, int nx, const uint16_t *w, int64_t ws, int nw, uint16_t *y, int64_t n,
-                 int64_t ys, Ahead ahead) {
+                 int64_t ys, Ahead ahead, int streams) {
+    (void)streams; /* each weight row asks for its own bytes ahead (PREFETCH_BYTES) */
     float acc[TILE_X][MAX_TILE_W][LANES];
     for (int r = 0; r < nx; r++)
         for (int j = 0; j < nw; j++)
@@ -324,10 +327,10 @@ static const INPUT *prepare(const uint16_t *x, int64_t rows, int64_t k) { return
 #endif
 
 /* The tiles, each its own function with constant sizes (so that its sums stay in registers), and one for any
- * sizes (the last, short block of weight rows). */
+ * sizes (the last, short block of weight rows; one input row's rows left over after its streams). */
 #define TILE_FN(name, nx, nw)                                                                                     \
     static NOINLINE void name(const INPUT *x, int64_t k, const uint16_t *w, uint16_t *y, int64_t n, Ahead ahead) { \
-        tile(x, k, nx, w, k, nw, y, n, 1, ahead);                                                                 \
+        tile(x, k, nx, w, k, nw, y, n, 1, ahead, 0);                                                              \
     }
 /* One per count of input rows, 1..8; counts past TILE_X (never called: a pass has at most TILE_X rows) are built
  * as TILE_X, so that the table needs no conditions. */
@@ -345,12 +348,12 @@ static const TileFn TILES[8] = {tile_1, tile_2, tile_3, tile_4, tile_5, tile_6, 
 
 static NOINLINE void tile_any(const INPUT *x, int64_t k, int nx, const uint16_t *w, int nw, uint16_t *y, int64_t n,
                               Ahead ahead) {
-    tile(x, k, nx, w, k, nw, y, n, 1, ahead);
+    tile(x, k, nx, w, k, nw, y, n, 1, ahead, 0);
 }
 
 /* One input row against STREAMS weight rows `apart` rows apart (a row of each stream), into y[j * apart]. */
 static NOINLINE void tile_streams(const INPUT *x, int64_t k, const uint16_t *w, int64_t apart, uint16_t *y) {
-    tile(x, k, 1, w, apart * k, STREAMS, y, 1, apart, (Ahead){NULL, NULL, 0});
+    tile(x, k, 1, w, apart * k, STREAMS, y, 1, apart, (Ahead){NULL, NULL, 0}, 1);
 }
 
 /* One block of `count` weight rows (first: its first row) against every input row (two or more), in passes of up
@@ -380,7 +383,7 @@ static void block(const INPUT *xp, const uint16_t *w, uint16_t *y, int64_t rows,
 /* One input row: each thread takes a contiguous run of the weight rows (the runs in thread order, as a static
  * schedule would give them) and cuts it into STREAMS stretches of equal length, which it walks side by side, row i
  * of every stretch at a time: each stretch is one long stream through memory, followed by the hardware prefetchers
- * and asked one row ahead (STREAMS_AHEAD). The rows left over (fewer than STREAMS) come after, in blocks. */
+ * and asked one row ahead (STREAMS_AHEAD). The rows left over (fewer than STREAMS) come after, as one block. */
 static void one_row(const INPUT *x, const uint16_t *w, uint16_t *y, int64_t n, int64_t k) {
 #pragma omp parallel
     {

@@ -703,14 +703,13 @@ const char *llama_gemm_q8_loop(void) { return GEMM_LOOP; }
  * (quantize_inputs by_block). The tiles read block b of all their rows together, which lie side by side so: with the
  * rows k bytes apart (a power of 2 for most layers) the VNNI tile's byte dot products ran at 0.57 a cycle on a Zen
  * 4, 0.76-0.79 so (a synthetic loop of the tile's instructions, 8 rows, in L1); the products over panels streamed
- * from memory, 8 and 16 rows, 4-7% faster. */
+ * from memory, 8 and 16 rows, 0-7% faster. */
 typedef struct {
     int8_t *q;
     float *s;
     int32_t *corr;
     int64_t rows;
 } InputRows;
-
 
 /* The weights' offset as the tiles read them: what each block sum overshoots by, per unit of the inputs' sum. */
 static inline int32_t packed_offset(int int4) {
