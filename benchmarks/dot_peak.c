@@ -66,24 +66,31 @@ static double bf16_dots(int64_t iters, uint32_t *sink) {
     for (int c = 0; c < CHAINS; c++) _mm512_storeu_ps(lanes, _mm512_add_ps(_mm512_loadu_ps(lanes), acc[c]));
     *sink += (uint32_t)lanes[0];
     return (double)iters * CHAINS * 32;
-#elif defined(__AVX512F__)
-    __m512 acc[CHAINS];
-    const __m512 a = _mm512_set1_ps(1e-3f), b = _mm512_set1_ps(0.5f);
-    for (int c = 0; c < CHAINS; c++) acc[c] = _mm512_setzero_ps();
+#elif defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
+#ifdef __AVX512F__ /* fp32 FMAs as wide as the build's vectors */
+#define FMA_LANES 16
+    typedef __m512 Fvec;
+#define fvec_set1 _mm512_set1_ps
+#define fvec_fma _mm512_fmadd_ps
+#define fvec_store _mm512_storeu_ps
+#else
+#define FMA_LANES 8
+    typedef __m256 Fvec;
+#define fvec_set1 _mm256_set1_ps
+#define fvec_fma _mm256_fmadd_ps
+#define fvec_store _mm256_storeu_ps
+#endif
+    Fvec acc[CHAINS];
+    const Fvec a = fvec_set1(1e-3f), b = fvec_set1(0.5f);
+    for (int c = 0; c < CHAINS; c++) acc[c] = fvec_set1((float)c);
+    /* acc * 0.5 + 0.001: each sum is an operand of its next product (nothing to compute once outside the loop) */
     for (int64_t i = 0; i < iters; i++)
-        for (int c = 0; c < CHAINS; c++) acc[c] = _mm512_fmadd_ps(a, b, acc[c]);
-    for (int c = 0; c < CHAINS; c++) _mm512_storeu_ps(lanes, _mm512_add_ps(_mm512_loadu_ps(lanes), acc[c]));
-    *sink += (uint32_t)lanes[0];
-    return (double)iters * CHAINS * 16;
-#elif defined(__AVX2__) && defined(__FMA__)
-    __m256 acc[CHAINS];
-    const __m256 a = _mm256_set1_ps(1e-3f), b = _mm256_set1_ps(0.5f);
-    for (int c = 0; c < CHAINS; c++) acc[c] = _mm256_setzero_ps();
-    for (int64_t i = 0; i < iters; i++)
-        for (int c = 0; c < CHAINS; c++) acc[c] = _mm256_fmadd_ps(a, b, acc[c]);
-    for (int c = 0; c < CHAINS; c++) _mm256_storeu_ps(lanes, _mm256_add_ps(_mm256_loadu_ps(lanes), acc[c]));
-    *sink += (uint32_t)lanes[0];
-    return (double)iters * CHAINS * 8;
+        for (int c = 0; c < CHAINS; c++) acc[c] = fvec_fma(acc[c], b, a);
+    for (int c = 0; c < CHAINS; c++) {
+        fvec_store(lanes, acc[c]);
+        *sink += (uint32_t)(1000.0f * lanes[0]);
+    }
+    return (double)iters * CHAINS * FMA_LANES;
 #else
     (void)iters, (void)sink, (void)lanes;
     return 0.0;

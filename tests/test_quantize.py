@@ -301,7 +301,7 @@ def stored_product(mode, x, qweight, scales, g, int8_x, extra_flags=()):
     name = f"llama_gemv_{mode}_panels{'_q8x' if int8_x else ''}"
     fns = kernels.cpu_gemv.load_kernel(kernels.SOURCE, {name: [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 5},
                                        "no such build", ctypes.c_int, list(extra_flags))  # fmt: skip
-    q, s = tensor.to_panels(qweight, tensor.QWEIGHT_WORD), tensor.to_panels(scales, 1)
+    q, s = tensor.weights_to_panels(qweight, scales)
     return panel_product(fns[name], x, q, s, g)
 
 

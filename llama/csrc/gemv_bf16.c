@@ -390,10 +390,8 @@ static void one_row(const INPUT *x, const uint16_t *w, uint16_t *y, int64_t n, i
         const int64_t threads = omp_get_num_threads(), t = omp_get_thread_num();
         const int64_t first = n * t / threads, last = n * (t + 1) / threads, per = (last - first) / STREAMS;
         for (int64_t i = 0; i < per; i++) tile_streams(x, k, w + (first + i) * k, per, y + first + i);
-        for (int64_t r = first + per * STREAMS; r < last; r += MAX_TILE_W) {
-            const int count = last - r < MAX_TILE_W ? (int)(last - r) : MAX_TILE_W;
-            tile_any(x, k, 1, w + r * k, count, y + r, n, (Ahead){NULL, NULL, 0});
-        }
+        const int64_t rest = first + per * STREAMS; /* fewer than STREAMS rows left: MAX_TILE_W holds them */
+        if (rest < last) tile_any(x, k, 1, w + rest * k, (int)(last - rest), y + rest, n, (Ahead){NULL, NULL, 0});
     }
 }
 

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 
 from llama.kernels import cpu_gemv
 from llama.quant.scheme import MODES, SCALE_DTYPE, Scheme
-from llama.quant.tensor import PANEL_ROWS, QWEIGHT_WORD, dequantize, dequantize_rows, fits_panels, from_panels
+from llama.quant.tensor import PANEL_ROWS, dequantize, dequantize_rows, fits_panels, weights_from_panels
 
 SOURCE = Path(__file__).parent.parent / "csrc" / "gemv_quant.c"
 
@@ -187,7 +187,7 @@ def linear_dequantized(
         if not panels:
             return dequantize_cpu(qweight[lo:hi], scales[lo:hi], scheme, out=out)
         first, last = lo - lo % PANEL_ROWS, -(-hi // PANEL_ROWS) * PANEL_ROWS  # the panels rows lo..hi lie in
-        q, s = from_panels(qweight[first:last], QWEIGHT_WORD), from_panels(scales[first:last], 1)
+        q, s = weights_from_panels(qweight[first:last], scales[first:last])
         return dequantize_cpu(q[lo - first : hi - first], s[lo - first : hi - first], scheme, out=out)
 
     return cpu_gemv.linear_in_fp32_chunks(x, qweight.shape[0], rows)

@@ -20,7 +20,14 @@ from torch import nn
 from llama.model.layers import LinearOperands, StackedLinear, split_dim_of, stack_rows
 from llama.quant.kernels import available, cpu_linear, kernels, product_kernel, vector_panel_loops
 from llama.quant.scheme import SCALE_DTYPE, Scheme
-from llama.quant.tensor import PANEL_ROWS, QWEIGHT_WORD, dequantize_rows, fits_panels, from_panels, quantize, to_panels
+from llama.quant.tensor import (
+    PANEL_ROWS,
+    dequantize_rows,
+    fits_panels,
+    quantize,
+    weights_from_panels,
+    weights_to_panels,
+)
 
 
 class QuantizedLinear(nn.Module):
@@ -87,15 +94,11 @@ class QuantizedLinear(nn.Module):
 
     def held(self, qweight: torch.Tensor, scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """qweight and scales given as rows, as this layer holds them (in panels where it does)."""
-        if not self.panels:
-            return qweight, scales
-        return to_panels(qweight, QWEIGHT_WORD), to_panels(scales, 1)
+        return weights_to_panels(qweight, scales) if self.panels else (qweight, scales)
 
     def weights_as_rows(self) -> tuple[torch.Tensor, torch.Tensor]:
         """qweight and scales as rows (the checkpoints' layout; copies where the layer holds panels)."""
-        if not self.panels:
-            return self.qweight, self.scales
-        return from_panels(self.qweight, QWEIGHT_WORD), from_panels(self.scales, 1)
+        return weights_from_panels(self.qweight, self.scales) if self.panels else (self.qweight, self.scales)
 
     def _save_to_state_dict(self, destination: dict, prefix: str, keep_vars: bool) -> None:
         super()._save_to_state_dict(destination, prefix, keep_vars)

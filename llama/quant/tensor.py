@@ -93,10 +93,20 @@ def from_panels(t: torch.Tensor, word: int) -> torch.Tensor:
     return t.reshape(n // PANEL_ROWS, c // word, PANEL_ROWS, word).transpose(1, 2).contiguous().view(n, c)
 
 
+def weights_to_panels(qweight: torch.Tensor, scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A layer's qweight and scales held as rows, in the panel layout (each scale a word of its own)."""
+    return to_panels(qweight, QWEIGHT_WORD), to_panels(scales, 1)
+
+
+def weights_from_panels(qweight: torch.Tensor, scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rows of a layer's qweight and scales held in the panel layout; the inverse of weights_to_panels."""
+    return from_panels(qweight, QWEIGHT_WORD), from_panels(scales, 1)
+
+
 def dequantize_rows(
     qweight: torch.Tensor, scales: torch.Tensor, scheme: Scheme, panels: bool, dtype: torch.dtype = torch.float32
 ) -> torch.Tensor:
     """``dequantize`` of weights held as rows, or in the panel layout where `panels` says so."""
     if panels:
-        qweight, scales = from_panels(qweight, QWEIGHT_WORD), from_panels(scales, 1)
+        qweight, scales = weights_from_panels(qweight, scales)
     return dequantize(qweight, scales, scheme, dtype)
